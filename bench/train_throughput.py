@@ -1,0 +1,271 @@
+"""Training throughput: rag-lightning vs the plain Hugging Face RAG loop vs a no-retrieval floor.
+
+One synthetic knowledge base, QA set and word-level tokenizer (made with the baseline's own
+`synthetic` and `word_tokenizer`) feed three trainings of the same model sizes (dim 128,
+2 layers, 4 heads, batch 8, n_docs 5, contexts of at most 128 tokens), each for RAG-Sequence
+and RAG-Token:
+
+  ours      RagModule under a Lightning Trainer, retrieving from the Ray service
+            (HNSW32 index, 2 shards x 1 replica) at every step;
+  floor     the same module, seed and batches, but module.retriever replaced by an in-memory
+            replay of search results fetched from the service before timing: the cost of
+            training alone, no retrieval and no Ray call;
+  baseline  ../shared/bench/hf_baseline.py (RagRetriever over a `datasets` HNSW index), run as
+            a subprocess on the same files.
+
+Ours and floor are timed by wall clock from the end of the 3rd (warm-up) step to the end of
+the last, so a step's data loading and Lightning's overhead count. The baseline times all of
+its steps, its first one included, and gets the same --steps. Building the knowledge base is
+not timed. The last stdout line is one JSON object with the steps/s of each, ratio_* =
+ours / baseline (target >= 1.2) and floor_fraction_* = ours / floor (target >= 0.95;
+floor_fraction is the smaller of the two). Targets are reported, not asserted.
+
+    python bench/train_throughput.py                          # the measurement: 20,000 passages, 30 steps
+    python bench/train_throughput.py --passages 2000 --steps 8   # a quick check that it runs
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import itertools
+import json
+import logging
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import ray
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from rag_lightning.build_kb import build_knowledge_base
+from rag_lightning.config import (EncoderConfig, GeneratorConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig,
+                                  ModelConfig, OptimConfig)
+from rag_lightning.datamodule import QADataModule
+from rag_lightning.encoders import load_encoder_tokenizer
+from rag_lightning.rag_module import RagModule
+from retrieval_workers.ray_runtime import connect
+from retrieval_workers.service import launch_service, shutdown_service
+from retrieval_workers.types import SearchResult, ServiceSpec
+
+log = logging.getLogger("train_throughput")
+
+DIM, LAYERS, HEADS = 128, 2, 4
+BATCH, N_DOCS, MAX_CONTEXT_TOKENS, MAX_QUESTION_TOKENS = 8, 5, 128, 32
+SHARDS, REPLICAS, INDEX_FACTORY = 2, 1, "HNSW32"
+LR, WARMUP_STEPS, SEED = 1e-4, 3, 0
+KINDS = {"sequence": "rag_sequence", "token": "rag_token"}
+TARGET_RATIO, TARGET_FLOOR_FRACTION = 1.2, 0.95
+DEFAULT_BASELINE = Path(__file__).resolve().parents[2] / "shared/bench/hf_baseline.py"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--passages", type=int, default=20000, help="knowledge base size")
+    p.add_argument("--steps", type=int, default=30, help=f"training steps per run (the first {WARMUP_STEPS} of ours "
+                                                         "and floor are warm-up, not timed)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every training")
+    p.add_argument("--work-dir", type=Path, help="where data, tokenizer and KB go (default: a new temp dir)")
+    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help="path of hf_baseline.py")
+    a = p.parse_args()
+    if a.steps <= WARMUP_STEPS:
+        p.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
+    return a
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+def load_baseline(path: Path):
+    """The baseline script as a module (for its `synthetic` and `word_tokenizer`)."""
+    spec = importlib.util.spec_from_file_location("hf_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_data(baseline, work: Path, passages: int, steps: int) -> tuple[Path, Path]:
+    """kb.tsv, a data dir (train/val/test.jsonl) and a tokenizer dir; returns (kb.tsv, tokenizer dir).
+
+    train.jsonl repeats the QA set whole until one epoch covers every step, so the floor's
+    batches can be fetched beforehand (a second epoch's order depends on the training).
+    """
+    kb, qa = baseline.synthetic(passages, random.Random(SEED))
+    kb_file, data_dir, tok_dir = work / "kb.tsv", work / "data", work / "tokenizer"
+    with open(kb_file, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["title", "text"])
+        writer.writerows(kb)
+    data_dir.mkdir(exist_ok=True)
+    copies = -(-steps * BATCH // len(qa))
+    lines = [json.dumps({"question": q, "answers": [a]}) + "\n" for q, a in qa]
+    (data_dir / "train.jsonl").write_text("".join(lines * copies))
+    for split in ("val", "test"):
+        (data_dir / f"{split}.jsonl").write_text("".join(lines[:BATCH]))
+    tokenizer = baseline.word_tokenizer([text for _, text in kb] + [q for q, _ in qa] + [a for _, a in qa])
+    tokenizer.save_pretrained(str(tok_dir))
+    return kb_file, tok_dir
+
+
+def encoder_config(tok_dir: Path) -> EncoderConfig:
+    return EncoderConfig(pretrained=None, tokenizer=str(tok_dir), hidden_size=DIM, num_layers=LAYERS,
+                         num_heads=HEADS, pooling="cls")
+
+
+def build_kb(kb_file: Path, tok_dir: Path, kb_dir: Path) -> None:
+    kb = KBConfig(source=str(kb_file), dir=str(kb_dir), words_per_passage=100,   # 60-word passages stay whole
+                  context_encoder=encoder_config(tok_dir), generator_tokenizer=GeneratorTokenizerConfig(path=str(tok_dir)))
+    build_knowledge_base(kb, IndexConfig(factory=INDEX_FACTORY, shards=SHARDS, replicas=REPLICAS))
+
+
+# --- ours and floor -----------------------------------------------------------------------------------------
+
+class StepTimer(Callback):
+    """Wall-clock steps/s from the end of the last warm-up step to the end of the last step."""
+
+    def __init__(self):
+        self.start = self.end = None
+        self.timed_steps = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if batch_idx == WARMUP_STEPS - 1:
+            self.start = now
+        elif batch_idx >= WARMUP_STEPS:
+            self.end, self.timed_steps = now, self.timed_steps + 1
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.timed_steps / (self.end - self.start)
+
+
+class ReplayRetriever(Callback):
+    """Stands in for module.retriever: search() returns the result fetched beforehand for the current step."""
+
+    def __init__(self, batches: list[dict], results: list[SearchResult]):
+        self.batches, self.results = batches, results
+        self.step = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if not torch.equal(batch["question_ids"], self.batches[batch_idx]["question_ids"]):
+            raise RuntimeError(f"floor: batch {batch_idx} is not the one whose results were fetched")
+        self.step = batch_idx
+
+    def search(self, queries, k: int) -> SearchResult:
+        return self.results[self.step]
+
+
+def new_module(kind: str, tok_dir: Path, spec: ServiceSpec, ray_address: str) -> RagModule:
+    """A freshly seeded RagModule, so ours and floor start from the same weights."""
+    L.seed_everything(SEED, verbose=False)
+    model = ModelConfig(kind=KINDS[kind], n_docs=N_DOCS, question_encoder=encoder_config(tok_dir),
+                        generator=GeneratorConfig(d_model=DIM, layers=LAYERS, heads=HEADS, ffn_dim=4 * DIM, dropout=0.1),
+                        max_question_tokens=MAX_QUESTION_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS)
+    optim = OptimConfig(lr=LR, question_encoder_lr=LR, warmup_steps=0)
+    return RagModule(model=asdict(model), optim=asdict(optim), service=asdict(spec), ray_address=ray_address)
+
+
+def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:
+    return QADataModule(str(data_dir), load_encoder_tokenizer(module.model_cfg.question_encoder),
+                        module.generator_tokenizer, batch_size=BATCH, max_question_tokens=MAX_QUESTION_TOKENS)
+
+
+def timed_fit(module: RagModule, datamodule: QADataModule, steps: int, callbacks: list[Callback]) -> float:
+    """Train for `steps` steps from the fixed seed (hence the same batch order every time); returns steps/s."""
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[*callbacks, timer])
+    L.seed_everything(SEED, verbose=False)
+    trainer.fit(module, datamodule=datamodule)
+    return timer.steps_per_s
+
+
+def prefetch(module: RagModule, datamodule: QADataModule, steps: int) -> ReplayRetriever:
+    """The batches timed_fit will draw (same seed, same order) and their search results from the real service."""
+    module.setup("fit")
+    datamodule.setup("fit")
+    L.seed_everything(SEED, verbose=False)
+    batches = list(itertools.islice(datamodule.train_dataloader(), steps))
+    with torch.no_grad():
+        results = [module.retrieve(batch)[3] for batch in batches]
+    return ReplayRetriever(batches, results)
+
+
+def run_ours(kind: str, steps: int, tok_dir: Path, data_dir: Path, spec: ServiceSpec, ray_address: str) -> float:
+    module = new_module(kind, tok_dir, spec, ray_address)
+    return timed_fit(module, new_datamodule(module, data_dir), steps, [])
+
+
+def run_floor(kind: str, steps: int, tok_dir: Path, data_dir: Path, spec: ServiceSpec, ray_address: str) -> float:
+    module = new_module(kind, tok_dir, spec, ray_address)
+    datamodule = new_datamodule(module, data_dir)
+    replay = prefetch(module, datamodule, steps)
+    module.retriever = replay
+    return timed_fit(module, datamodule, steps, [replay])
+
+
+# --- baseline -----------------------------------------------------------------------------------------------
+
+def run_baseline(path: Path, kind: str, steps: int, threads: int, kb_file: Path, data_dir: Path,
+                 tok_dir: Path) -> float:
+    command = [sys.executable, str(path), "--kb", str(kb_file), "--qa", str(data_dir / "train.jsonl"),
+               "--tokenizer", str(tok_dir), "--dim", str(DIM), "--layers", str(LAYERS), "--heads", str(HEADS),
+               "--batch", str(BATCH), "--n_docs", str(N_DOCS), "--max_combined_length", str(MAX_CONTEXT_TOKENS),
+               "--steps", str(steps), "--model", kind, "--threads", str(threads)]
+    out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["steps_per_s"]
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+def summarize(rates: dict[str, float], args: argparse.Namespace) -> dict:
+    summary = {"passages": args.passages, "steps": args.steps, "warmup_steps": WARMUP_STEPS, "threads": args.threads,
+               **{name: round(value, 4) for name, value in rates.items()}}
+    for kind in KINDS:
+        summary[f"ratio_{kind}"] = round(rates[f"ours_{kind}"] / rates[f"baseline_{kind}"], 4)
+        summary[f"floor_fraction_{kind}"] = round(rates[f"ours_{kind}"] / rates[f"floor_{kind}"], 4)
+    summary["floor_fraction"] = min(summary[f"floor_fraction_{kind}"] for kind in KINDS)
+    summary["meets_targets"] = (min(summary[f"ratio_{kind}"] for kind in KINDS) >= TARGET_RATIO
+                                and summary["floor_fraction"] >= TARGET_FLOOR_FRACTION)
+    return summary
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="rag_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    data_dir, kb_dir = work / "data", (work / "kb").resolve()
+    log.info("work dir %s", work)
+
+    kb_file, tok_dir = write_data(load_baseline(args.baseline), work, args.passages, args.steps)
+    build_kb(kb_file, tok_dir, kb_dir)
+    spec = ServiceSpec(kb_dir=str(kb_dir), num_shards=SHARDS, num_replicas=REPLICAS)
+    ray_address = connect(namespace=spec.namespace)
+    rates = {}
+    try:
+        launch_service(spec)
+        for kind in KINDS:
+            for system, run in (("ours", run_ours), ("floor", run_floor)):
+                log.info("%s, RAG-%s: %d steps", system, kind, args.steps)
+                rates[f"{system}_{kind}"] = run(kind, args.steps, tok_dir, data_dir, spec, ray_address)
+                log.info("%s, RAG-%s: %.3f steps/s", system, kind, rates[f"{system}_{kind}"])
+            log.info("baseline, RAG-%s: %d steps", kind, args.steps)
+            rates[f"baseline_{kind}"] = run_baseline(args.baseline, kind, args.steps, args.threads, kb_file,
+                                                     data_dir, tok_dir)
+            log.info("baseline, RAG-%s: %.3f steps/s", kind, rates[f"baseline_{kind}"])
+    finally:
+        shutdown_service(spec)
+        ray.shutdown()
+    print(json.dumps(summarize(rates, args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Structured configs: the schema behind conf/, so a mistyped key or a wrong type is refused at once.
+
+`register_configs()` puts the schemas in Hydra's ConfigStore; conf/train.yaml and
+conf/build_kb.yaml start their defaults lists with them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class EncoderConfig:
+    pretrained: Optional[str] = "minilm"   # "minilm" (bundled), a model folder, or null for a random model
+    tokenizer: Optional[str] = None        # a tokenizer folder; null: the pretrained model's (MiniLM's if random)
+    pooling: str = "mean"                  # mean | cls
+    num_layers: int = 0                    # keep only the first N layers of a pretrained model (0 = all)
+    hidden_size: int = 128                 # sizes of a random model (pretrained: null)
+    num_heads: int = 4
+    max_length: int = 128
+
+
+@dataclass
+class GeneratorConfig:
+    """A BART generator built from these sizes (trained from scratch)."""
+
+    d_model: int = 128
+    layers: int = 2
+    heads: int = 4
+    ffn_dim: int = 512
+    dropout: float = 0.1
+    max_positions: int = 512
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "rag_sequence"              # rag_sequence | rag_token
+    n_docs: int = 5
+    question_encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    train_question_encoder: bool = True
+    label_smoothing: float = 0.0
+    max_question_tokens: int = 32
+    max_answer_tokens: int = 24
+    max_context_tokens: int = 256           # passage + question, per retrieved document
+    num_beams: int = 2                      # beam search at validation and test
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4                        # generator
+    question_encoder_lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 100                 # then linear decay to 0 at the last step
+
+
+@dataclass
+class GeneratorTokenizerConfig:
+    path: Optional[str] = None              # a saved Hugging Face tokenizer; else one is trained
+    kind: str = "wordlevel"                 # trained tokenizer: wordlevel | bpe
+    vocab_size: int = 30000
+    extra_texts: list[str] = field(default_factory=list)   # more files (QA JSONL) to train it on
+
+
+@dataclass
+class KBConfig:
+    source: Optional[str] = None            # TSV/CSV (title, text columns) or JSONL
+    dir: str = "kb"
+    words_per_passage: int = 100
+    max_passage_tokens: int = 192
+    context_encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    generator_tokenizer: GeneratorTokenizerConfig = field(default_factory=GeneratorTokenizerConfig)
+    encode_batch_size: int = 64
+    rebuild: bool = False                   # rebuild even when an identical build exists
+
+
+@dataclass
+class IndexConfig:
+    factory: str = "Flat"                   # a faiss.index_factory string, inner product
+    shards: int = 2
+    replicas: int = 1
+    search_params: str = ""                 # e.g. "efSearch=128" or "nprobe=16"
+    omp_threads: int = 1
+
+
+@dataclass
+class RetrievalConfig:
+    ray_address: Optional[str] = None       # null starts a local Ray
+    namespace: str = "rag_lightning"
+    host: str = "127.0.0.1"
+    dashboard: bool = False
+    num_cpus: Optional[int] = None
+    actor_cpus: float = 0.0
+    attach_timeout_s: float = 120.0
+
+
+@dataclass
+class DataConfig:
+    prepare: Optional[str] = None           # demo | nq_open | null (files already in dir)
+    source: Optional[str] = None            # input of prepare (nq_open: the .jsonl.gz file)
+    dir: str = "data"                       # train/val/test .jsonl or .source/.target files
+    demo_entities: int = 1200
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    max_eval_examples: int = 0              # 0 = all
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 1000
+    max_epochs: int = -1
+    val_check_interval: Optional[int] = 250
+    check_val_every_n_epoch: Optional[int] = None
+    log_every_n_steps: int = 25
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    num_sanity_val_steps: int = 0
+    threads: int = 0                        # torch threads per process (0 = leave as is)
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "csv"                       # csv | wandb | none
+    project: str = "rag-lightning"
+    offline: bool = False                   # wandb: also when WANDB_MODE=offline or no API key
+
+
+@dataclass
+class PathsConfig:
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    kb: KBConfig = field(default_factory=KBConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    evaluate_before_training: bool = True
+    ckpt_path: Optional[str] = None
+
+
+@dataclass
+class BuildKBConfig:
+    kb: KBConfig = field(default_factory=KBConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="build_kb_schema", node=BuildKBConfig)

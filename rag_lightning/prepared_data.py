@@ -1,0 +1,57 @@
+"""Data sets the framework can prepare itself: the embedded demo, and NQ-open with gold passages.
+
+Each writes `kb.jsonl` and `train/val/test.jsonl` into data.dir; the rest of the pipeline
+reads those files like any user's own.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from pathlib import Path
+
+from rag_lightning.config import DataConfig
+from rag_lightning.demo_data import write_demo_data, write_jsonl
+from rag_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data(cfg: DataConfig) -> None:
+    if cfg.prepare is None:
+        return
+    if cfg.prepare == "demo":
+        write_demo_data(cfg.dir, num_entities=cfg.demo_entities)
+    elif cfg.prepare == "nq_open":
+        write_nq_open(cfg.source, cfg.dir)
+    else:
+        raise UserError(f"data.prepare: {cfg.prepare!r} is not one of demo, nq_open, null")
+    log.info("prepared %s data in %s", cfg.prepare, cfg.dir)
+
+
+def write_nq_open(source: str | None, out_dir: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                  seed: int = 0) -> None:
+    """NQ-open questions with their gold passages: the passages form the KB, the questions a fixed split."""
+    if source is None or not Path(source).is_file():
+        raise UserError(f"data.source: NQ-open file not found: {source}")
+    passages: dict[tuple[str, str], None] = {}
+    questions = []
+    with gzip.open(source, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                gold = [c for c in row["ctxs"] if c.get("isgold")] or row["ctxs"][:1]
+                questions.append({"question": row["question"], "answers": row["answers"]})
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{source}:{number}: not an NQ-open oracle row ({e})") from None
+            for ctx in gold:
+                passages[(ctx["title"], ctx["text"])] = None
+    random.Random(seed).shuffle(questions)
+    n_val, n_test = round(len(questions) * val_fraction), round(len(questions) * test_fraction)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "kb.jsonl", [{"title": t, "text": x} for t, x in passages])
+    write_jsonl(out / "test.jsonl", questions[:n_test])
+    write_jsonl(out / "val.jsonl", questions[n_test:n_test + n_val])
+    write_jsonl(out / "train.jsonl", questions[n_test + n_val:])

@@ -1,0 +1,80 @@
+"""Reading question-answer files, checked line by line.
+
+Two formats per split: `{split}.jsonl` with {"question": str, "answers": [str, ...]} a line,
+or transformers' RAG example pair `{split}.source` (one question a line) and
+`{split}.target` (its answer; several separated by tabs).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rag_lightning.errors import UserError
+
+
+@dataclass
+class QAExample:
+    question: str
+    answers: list[str]
+
+
+def find_split(data_dir: str | Path, split: str) -> Path:
+    """The file holding a split: `{split}.jsonl`, else `{split}.source` (with its .target)."""
+    data_dir = Path(data_dir)
+    for candidate in (data_dir / f"{split}.jsonl", data_dir / f"{split}.source"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"data.dir: no {split}.jsonl or {split}.source in {data_dir}")
+
+
+def read_split(data_dir: str | Path, split: str) -> list[QAExample]:
+    path = find_split(data_dir, split)
+    examples = _read_jsonl(path) if path.suffix == ".jsonl" else _read_source_target(path, path.with_suffix(".target"))
+    if not examples:
+        raise UserError(f"{path}: no examples")
+    return examples
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> list[QAExample]:
+    examples = []
+    for number, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise UserError(f"{path}:{number}: needs a non-empty string 'question'")
+        answers = row.get("answers")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise UserError(f"{path}:{number}: needs 'answers', a non-empty list of non-empty strings")
+        examples.append(QAExample(row["question"].strip(), [a.strip() for a in answers]))
+    return examples
+
+
+def _read_source_target(source: Path, target: Path) -> list[QAExample]:
+    if not target.is_file():
+        raise UserError(f"{target}: missing (every .source file needs its .target)")
+    questions, answers = _lines(source), _lines(target)
+    if len(questions) != len(answers):
+        raise UserError(f"{source} has {len(questions)} lines but {target} has {len(answers)}; "
+                        "they must pair line by line")
+    examples = []
+    for number, (question, answer) in enumerate(zip(questions, answers), 1):
+        golds = [a.strip() for a in answer.split("\t") if a.strip()]
+        if not question.strip():
+            raise UserError(f"{source}:{number}: empty question")
+        if not golds:
+            raise UserError(f"{target}:{number}: no answer")
+        examples.append(QAExample(question.strip(), golds))
+    return examples

@@ -1,0 +1,156 @@
+"""RagModule: Hugging Face RAG-Sequence / RAG-Token trained with Lightning over our retrieval service.
+
+One training step: encode the questions (gradients flow), ONE search call per shard for
+the top-k passages with their embeddings and token ids, doc_scores = q . doc embeddings,
+contexts = stored passage ids + question ids, then the RAG marginal NLL. Validation and
+test generate answers and report exact match, F1 and retrieval recall@k.
+"""
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from transformers import BartConfig, BartForConditionalGeneration, RagConfig, RagSequenceForGeneration, \
+    RagTokenForGeneration
+
+from rag_lightning.config import ModelConfig, OptimConfig
+from rag_lightning.contexts import join_contexts
+from rag_lightning.encoders import TextEncoder, build_encoder, load_encoder_tokenizer
+from rag_lightning.generator_tokenizer import load_generator_tokenizer
+from rag_lightning.metrics import answer_in_passages, exact_match, f1_score
+from retrieval_workers.kb_store import PassageTable, read_manifest
+from retrieval_workers.ray_runtime import connect
+from retrieval_workers.service import RetrievalClient
+from retrieval_workers.types import SearchResult, ServiceSpec
+
+RAG_CLASSES = {"rag_sequence": RagSequenceForGeneration, "rag_token": RagTokenForGeneration}
+
+
+class RagModule(L.LightningModule):
+    """model, optim and service are plain dicts (of ModelConfig, OptimConfig, ServiceSpec) so checkpoints
+    hold no custom classes; the generator tokenizer is the one saved in the knowledge base."""
+
+    def __init__(self, model: dict, optim: dict, service: dict, ray_address: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg: ModelConfig = _structured(ModelConfig, model)
+        self.optim_cfg: OptimConfig = _structured(OptimConfig, optim)
+        self.service_spec = ServiceSpec(**service)
+        manifest = read_manifest(self.service_spec.kb_dir)
+        self.generator_tokenizer = load_generator_tokenizer(
+            f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}")
+        encoder_tokenizer = load_encoder_tokenizer(self.model_cfg.question_encoder)
+        self.encoder_pad_id = encoder_tokenizer.pad_token_id
+        self.question_encoder = build_encoder(self.model_cfg.question_encoder, len(encoder_tokenizer))
+        self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
+        self.question_encoder.requires_grad_(self.model_cfg.train_question_encoder)
+        self.retriever: RetrievalClient | None = None
+        self.passages: PassageTable | None = None
+
+    # --- retrieval ---------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Attach to the job's shard actors (started by the launching process) and open the passage table."""
+        if self.retriever is None:
+            connect(self.hparams.ray_address, namespace=self.service_spec.namespace)
+            self.retriever = RetrievalClient(self.service_spec, replica_offset=self.global_rank)
+            manifest = read_manifest(self.service_spec.kb_dir)
+            self.passages = PassageTable(f"{self.service_spec.kb_dir}/{manifest.passages_file}")
+
+    def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SearchResult]:
+        """doc_scores [B, k] (differentiable in the question encoder), contexts [B*k, L] and their mask."""
+        question_ids = batch["question_ids"]
+        q = self.question_encoder(question_ids, (question_ids != self.encoder_pad_id).long())
+        result = self.retriever.search(q.detach().float().cpu().numpy(), self.model_cfg.n_docs)
+        doc_embeddings = torch.from_numpy(result.embeddings).to(q)
+        doc_scores = torch.einsum("bd,bkd->bk", q, doc_embeddings)
+        context_ids, context_mask = join_contexts(result.token_ids, result.lengths, batch["question_generator_ids"],
+                                                  self.generator_tokenizer.eos_token_id,
+                                                  self.generator_tokenizer.pad_token_id,
+                                                  self.model_cfg.max_context_tokens)
+        return doc_scores, context_ids.to(self.device), context_mask.to(self.device), result
+
+    # --- training -----------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        doc_scores, context_ids, context_mask, _ = self.retrieve(batch)
+        out = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask, doc_scores=doc_scores,
+                       labels=batch["labels"], n_docs=self.model_cfg.n_docs, reduce_loss=False)
+        loss = out.loss.mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["answers"]))
+        return loss
+
+    def configure_optimizers(self):
+        encoder_params = [p for p in self.question_encoder.parameters() if p.requires_grad]
+        encoder_ids = {id(p) for p in self.question_encoder.parameters()}
+        generator_params = [p for p in self.rag.parameters() if p.requires_grad and id(p) not in encoder_ids]
+        groups = [{"params": generator_params, "lr": self.optim_cfg.lr}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": self.optim_cfg.question_encoder_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.optim_cfg.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = self.optim_cfg.warmup_steps
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(total - warmup, 1))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_answers(self, batch: dict) -> tuple[list[str], SearchResult]:
+        doc_scores, context_ids, context_mask, result = self.retrieve(batch)
+        generated = self.rag.generate(context_input_ids=context_ids, context_attention_mask=context_mask,
+                                      doc_scores=doc_scores, n_docs=self.model_cfg.n_docs,
+                                      num_beams=self.model_cfg.num_beams,
+                                      max_new_tokens=self.model_cfg.max_answer_tokens)
+        return self.generator_tokenizer.batch_decode(generated, skip_special_tokens=True), result
+
+    def _evaluate(self, batch: dict, prefix: str) -> None:
+        predictions, result = self.predict_answers(batch)
+        k = self.model_cfg.n_docs
+        texts = self.passages.titles_and_texts(result.ids)
+        scores = {"em": [], "f1": [], f"recall@{k}": []}
+        for i, (prediction, answers) in enumerate(zip(predictions, batch["answers"])):
+            scores["em"].append(exact_match(prediction, answers))
+            scores["f1"].append(f1_score(prediction, answers))
+            scores[f"recall@{k}"].append(answer_in_passages([t for _, t in texts[i * k:(i + 1) * k]], answers))
+        for name, values in scores.items():
+            self.log(f"{prefix}/{name}", float(np.mean(values)), batch_size=len(values), sync_dist=True,
+                     prog_bar=name == "em")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+
+def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) -> RagSequenceForGeneration:
+    """The Hugging Face RAG model: our question encoder and a BART generator built from the config's sizes."""
+    generator_cfg = model_cfg.generator
+    bart_config = BartConfig(
+        vocab_size=len(tokenizer), d_model=generator_cfg.d_model, encoder_layers=generator_cfg.layers,
+        decoder_layers=generator_cfg.layers, encoder_attention_heads=generator_cfg.heads,
+        decoder_attention_heads=generator_cfg.heads, encoder_ffn_dim=generator_cfg.ffn_dim,
+        decoder_ffn_dim=generator_cfg.ffn_dim, dropout=generator_cfg.dropout,
+        max_position_embeddings=generator_cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None,
+        forced_bos_token_id=None)
+    generator = BartForConditionalGeneration(bart_config)
+    rag_config = RagConfig.from_question_encoder_generator_configs(
+        question_encoder.model.config, bart_config, n_docs=model_cfg.n_docs,
+        label_smoothing=model_cfg.label_smoothing, retrieval_vector_size=question_encoder.dim,
+        max_combined_length=model_cfg.max_context_tokens)
+    return RAG_CLASSES[model_cfg.kind](config=rag_config, question_encoder=question_encoder.model, generator=generator)
+
+
+def _structured(schema, values: dict):
+    """A config dataclass from a plain dict, checked against the schema."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))

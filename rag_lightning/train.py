@@ -1,0 +1,130 @@
+"""Train a RAG model: `python -m rag_lightning.train [overrides]`.
+
+With no arguments it runs the embedded demo: made-up facts, a knowledge base built from
+them, a local Ray hosting two index shards, evaluation before and after training on
+the CPU. The run directory receives the composed config, checkpoints, logs and
+results.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import lightning as L
+import ray
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from rag_lightning.build_kb import build_knowledge_base
+from rag_lightning.config import TrainConfig, register_configs
+from rag_lightning.datamodule import QADataModule
+from rag_lightning.encoders import load_encoder_tokenizer
+from rag_lightning.errors import UserError, exit_on_user_error
+from rag_lightning.loggers import build_logger
+from rag_lightning.prepared_data import prepare_data
+from rag_lightning.qa_files import read_split
+from rag_lightning.rag_module import RagModule
+from retrieval_workers.kb_store import atomic_write_bytes
+from retrieval_workers.ray_runtime import connect
+from retrieval_workers.service import launch_service, shutdown_service
+from retrieval_workers.types import ServiceSpec
+
+log = logging.getLogger(__name__)
+MODEL_KINDS = ("rag_sequence", "rag_token")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Value checks that the schema's types cannot express; each names its key."""
+    if cfg.model.kind not in MODEL_KINDS:
+        raise UserError(f"model.kind: {cfg.model.kind!r} is not one of {', '.join(MODEL_KINDS)}")
+    if cfg.model.n_docs < 1:
+        raise UserError(f"model.n_docs must be >= 1 (got {cfg.model.n_docs})")
+    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
+        raise UserError("data.batch_size and data.eval_batch_size must be >= 1")
+    if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0:
+        raise UserError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """The whole job: data, knowledge base, retrieval service, evaluate, fit, test. Returns the results."""
+    started = time.time()
+    run_dir = Path(cfg.paths.run_dir)
+    check_config(cfg)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    L.seed_everything(cfg.seed, workers=True)
+
+    prepare_data(cfg.data)
+    for split in ("train", "val", "test"):
+        read_split(cfg.data.dir, split)          # every QA file checked before the expensive work
+    manifest = build_knowledge_base(cfg.kb, cfg.index)
+    if cfg.model.n_docs > manifest.num_passages:
+        raise UserError(f"model.n_docs={cfg.model.n_docs} is larger than the knowledge base "
+                        f"({manifest.num_passages} passages in {cfg.kb.dir})")
+
+    spec = ServiceSpec(kb_dir=str(Path(cfg.kb.dir).resolve()), num_shards=cfg.index.shards,
+                       num_replicas=cfg.index.replicas, namespace=cfg.retrieval.namespace,
+                       omp_threads=cfg.index.omp_threads, actor_cpus=cfg.retrieval.actor_cpus,
+                       search_params=cfg.index.search_params)
+    ray_address = connect(cfg.retrieval.ray_address, namespace=spec.namespace, host=cfg.retrieval.host,
+                          dashboard=cfg.retrieval.dashboard, num_cpus=cfg.retrieval.num_cpus)
+    launch_service(spec)
+    try:
+        module = RagModule(model=asdict(cfg.model), optim=asdict(cfg.optim), service=asdict(spec),
+                           ray_address=ray_address)
+        datamodule = QADataModule(cfg.data.dir, load_encoder_tokenizer(cfg.model.question_encoder),
+                                  module.generator_tokenizer, batch_size=cfg.data.batch_size,
+                                  eval_batch_size=cfg.data.eval_batch_size,
+                                  max_question_tokens=cfg.model.max_question_tokens,
+                                  max_answer_tokens=cfg.model.max_answer_tokens,
+                                  max_eval_examples=cfg.data.max_eval_examples)
+        checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{step}", monitor="val/em",
+                                      mode="max", save_last=True)
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+            strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, max_steps=cfg.trainer.max_steps,
+            max_epochs=cfg.trainer.max_epochs, val_check_interval=cfg.trainer.val_check_interval,
+            check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
+            log_every_n_steps=cfg.trainer.log_every_n_steps, gradient_clip_val=cfg.trainer.gradient_clip_val,
+            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+            num_sanity_val_steps=cfg.trainer.num_sanity_val_steps, default_root_dir=run_dir,
+            logger=build_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg))),
+            callbacks=[checkpoints])
+
+        results: dict = {}
+        if cfg.evaluate_before_training:
+            initial = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+            results.update({key.replace("test/", "initial/"): value for key, value in initial.items()})
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        final = trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoints.best_model_path else None,
+                             verbose=False)[0]
+        results.update(final)
+        results.update({"train/steps": trainer.global_step, "best_checkpoint": checkpoints.best_model_path,
+                        "kb/num_passages": manifest.num_passages, "kb/index_version": manifest.active_version,
+                        "wall_time_s": round(time.time() - started, 1)})
+        if trainer.is_global_zero:
+            atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
+            log.info("results: %s", json.dumps(results))
+        return results
+    finally:
+        shutdown_service(spec)
+        if not cfg.retrieval.ray_address:
+            ray.shutdown()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    train(OmegaConf.to_object(cfg))
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

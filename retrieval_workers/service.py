@@ -1,0 +1,98 @@
+"""The sharded, replicated retrieval service: S shards x R replicas of named IndexShard actors.
+
+`launch_service` creates the actors once per job (idempotently); `RetrievalClient` attaches
+to them by name from any process of the job and makes ONE batched call per shard per
+search, merging the shard top-k lists into the exact global top-k.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+
+from retrieval_workers.index_shard import IndexShard
+from retrieval_workers.kb_store import read_manifest
+from retrieval_workers.types import PAD_TOKEN, SearchResult, ServiceSpec
+
+RemoteIndexShard = ray.remote(IndexShard)
+
+
+def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
+    """Create every shard replica actor (existing ones are reused) and wait until all are loaded."""
+    manifest = read_manifest(spec.kb_dir)
+    if len(manifest.shards) != spec.num_shards:
+        raise ValueError(f"index.shards={spec.num_shards} but the knowledge base in {spec.kb_dir} "
+                         f"has {len(manifest.shards)} shards; rebuild it or change index.shards")
+    actors = [
+        RemoteIndexShard.options(
+            name=spec.actor_name(shard, replica), namespace=spec.namespace, get_if_exists=True,
+            lifetime="detached", num_cpus=spec.actor_cpus, max_restarts=-1,
+        ).remote(spec.kb_dir, shard, spec.omp_threads, spec.search_params)
+        for shard in range(spec.num_shards) for replica in range(spec.num_replicas)
+    ]
+    ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
+
+
+def shutdown_service(spec: ServiceSpec) -> None:
+    """Kill every shard replica actor of the spec that is alive."""
+    for shard in range(spec.num_shards):
+        for replica in range(spec.num_replicas):
+            try:
+                ray.kill(ray.get_actor(spec.actor_name(shard, replica), namespace=spec.namespace))
+            except ValueError:
+                pass
+
+
+class RetrievalClient:
+    """Searches all shards of a running service; one instance per training process."""
+
+    def __init__(self, spec: ServiceSpec, replica_offset: int = 0, attach_timeout_s: float = 60.0):
+        self.spec = spec
+        replicas = [(replica_offset + shard) % spec.num_replicas for shard in range(spec.num_shards)]
+        self.shards = [_get_actor_with_retry(spec.actor_name(shard, replica), spec.namespace, attach_timeout_s)
+                       for shard, replica in enumerate(replicas)]
+
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        """Exact global top-k over all shards for float32 queries [B, D]."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        parts = ray.get([shard.search.remote(queries, k) for shard in self.shards])
+        return merge_top_k(parts, k)
+
+
+def merge_top_k(parts: list[SearchResult], k: int) -> SearchResult:
+    """Merge per-shard top-k results into the global top-k by descending score."""
+    if len(parts) == 1:
+        return parts[0]
+    versions = {p.version for p in parts}
+    if len(versions) != 1:
+        raise RuntimeError(f"shards answered from different index versions {sorted(versions)}")
+    scores = np.concatenate([p.scores for p in parts], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    rows = np.arange(scores.shape[0])[:, None]
+    width = max(p.token_ids.shape[2] for p in parts)
+    token_ids = np.concatenate(
+        [np.pad(p.token_ids, ((0, 0), (0, 0), (0, width - p.token_ids.shape[2])), constant_values=PAD_TOKEN)
+         for p in parts], axis=1)[rows, order]
+    lengths = np.concatenate([p.lengths for p in parts], axis=1)[rows, order]
+    return SearchResult(
+        ids=np.concatenate([p.ids for p in parts], axis=1)[rows, order],
+        scores=scores[rows, order],
+        embeddings=np.concatenate([p.embeddings for p in parts], axis=1)[rows, order],
+        token_ids=token_ids[..., :max(int(lengths.max(initial=0)), 1)],
+        lengths=lengths,
+        version=versions.pop(),
+    )
+
+
+def _get_actor_with_retry(name: str, namespace: str, timeout_s: float):
+    """Look a named actor up, retrying while the launching process may still be creating it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"retrieval actor {name!r} not found in Ray namespace {namespace!r} "
+                                   f"after {timeout_s:.0f}s; was the service launched?") from None
+            time.sleep(0.5)

@@ -1,0 +1,42 @@
+"""The typed boundary between the training side and the retrieval service."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ServiceSpec:
+    """Where the shard actors live and how many there are; enough for any process to attach."""
+
+    kb_dir: str
+    num_shards: int
+    num_replicas: int
+    namespace: str = "rag_lightning"
+    name_prefix: str = "kb"
+    omp_threads: int = 1          # FAISS threads per actor
+    actor_cpus: float = 0.0       # CPUs Ray reserves per actor
+    search_params: str = ""       # faiss.ParameterSpace string, e.g. "efSearch=64" or "nprobe=16"
+
+    def actor_name(self, shard: int, replica: int) -> str:
+        return f"{self.name_prefix}-shard{shard}-replica{replica}"
+
+
+@dataclass
+class SearchResult:
+    """Top-k passages for a batch of B queries.
+
+    token_ids holds each passage's generator token ids, right-padded with -1 to the longest
+    of the batch; lengths gives each passage's true length.
+    """
+
+    ids: np.ndarray           # int64 [B, k], global passage ids
+    scores: np.ndarray        # float32 [B, k], inner products, best first
+    embeddings: np.ndarray    # float32 [B, k, D], the stored passage embeddings
+    token_ids: np.ndarray     # int32 [B, k, L]
+    lengths: np.ndarray       # int32 [B, k]
+    version: int              # the index version that answered
+
+
+PAD_TOKEN = -1
