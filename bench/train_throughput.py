@@ -71,7 +71,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help=f"training steps per run (the first {WARMUP_STEPS} of ours "
                                                          "and floor are warm-up, not timed)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every training")
-    p.add_argument("--work-dir", type=Path, help="where data, tokenizer and KB go (default: a new temp dir)")
+    p.add_argument("--work-dir", type=Path,
+                   help="where data, tokenizer and KB go, kept (default: a temp dir, removed at the end)")
     p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help="path of hf_baseline.py")
     a = p.parse_args()
     if a.steps <= WARMUP_STEPS:
@@ -119,7 +120,8 @@ def encoder_config(tok_dir: Path) -> EncoderConfig:
 
 def build_kb(kb_file: Path, tok_dir: Path, kb_dir: Path) -> None:
     kb = KBConfig(source=str(kb_file), dir=str(kb_dir), words_per_passage=100,   # 60-word passages stay whole
-                  context_encoder=encoder_config(tok_dir), generator_tokenizer=GeneratorTokenizerConfig(path=str(tok_dir)))
+                  context_encoder=encoder_config(tok_dir),
+                  generator_tokenizer=GeneratorTokenizerConfig(path=str(tok_dir)))
     build_knowledge_base(kb, IndexConfig(factory=INDEX_FACTORY, shards=SHARDS, replicas=REPLICAS))
 
 
@@ -163,8 +165,8 @@ class ReplayRetriever(Callback):
 def new_module(kind: str, tok_dir: Path, spec: ServiceSpec, ray_address: str) -> RagModule:
     """A freshly seeded RagModule, so ours and floor start from the same weights."""
     L.seed_everything(SEED, verbose=False)
-    model = ModelConfig(kind=KINDS[kind], n_docs=N_DOCS, question_encoder=encoder_config(tok_dir),
-                        generator=GeneratorConfig(d_model=DIM, layers=LAYERS, heads=HEADS, ffn_dim=4 * DIM, dropout=0.1),
+    generator = GeneratorConfig(d_model=DIM, layers=LAYERS, heads=HEADS, ffn_dim=4 * DIM, dropout=0.1)
+    model = ModelConfig(kind=KINDS[kind], n_docs=N_DOCS, question_encoder=encoder_config(tok_dir), generator=generator,
                         max_question_tokens=MAX_QUESTION_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS)
     optim = OptimConfig(lr=LR, question_encoder_lr=LR, warmup_steps=0)
     return RagModule(model=asdict(model), optim=asdict(optim), service=asdict(spec), ray_address=ray_address)
@@ -236,15 +238,9 @@ def summarize(rates: dict[str, float], args: argparse.Namespace) -> dict:
     return summary
 
 
-def main() -> None:
-    args = parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="rag_bench_"))
-    work.mkdir(parents=True, exist_ok=True)
+def measure(args: argparse.Namespace, work: Path) -> dict:
+    """Make the data, build the KB, start the service, run everything; returns the summary."""
     data_dir, kb_dir = work / "data", (work / "kb").resolve()
-    log.info("work dir %s", work)
-
     kb_file, tok_dir = write_data(load_baseline(args.baseline), work, args.passages, args.steps)
     build_kb(kb_file, tok_dir, kb_dir)
     spec = ServiceSpec(kb_dir=str(kb_dir), num_shards=SHARDS, num_replicas=REPLICAS)
@@ -264,7 +260,20 @@ def main() -> None:
     finally:
         shutdown_service(spec)
         ray.shutdown()
-    print(json.dumps(summarize(rates, args)))
+    return summarize(rates, args)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.work_dir:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        summary = measure(args, args.work_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="rag_bench_") as work:
+            summary = measure(args, Path(work))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -35,21 +35,24 @@ log = logging.getLogger(__name__)
 TITLE_SEP, DOC_SEP = " / ", " // "   # as transformers' RagConfig: title / text // question
 
 
-def check_index_config(index: IndexConfig, dim: int, shard_size: int) -> None:
+def check_index_config(index: IndexConfig, dim: int, num_passages: int) -> None:
     """Refuse a bad index config before any encoding, naming the key."""
     if index.shards < 1 or index.replicas < 1:
         raise UserError(f"index.shards and index.replicas must be >= 1 (got {index.shards}, {index.replicas})")
+    shard_size = num_passages // index.shards
     if shard_size < 1:
-        raise UserError(f"index.shards={index.shards} is more than the {shard_size * index.shards} passages")
+        raise UserError(f"index.shards={index.shards} is more than the {num_passages} passages")
     try:
         probe = faiss.index_factory(dim, index.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         first_line = str(e).strip().splitlines()[-1]
         raise UserError(f"index.factory: {index.factory!r} is not a FAISS index factory string ({first_line})") from None
-    nlist = getattr(faiss.extract_index_ivf(probe), "nlist", 0) if "IVF" in index.factory else 0
-    if nlist and shard_size < nlist:
-        raise UserError(f"index.factory: {index.factory!r} needs at least {nlist} passages per shard to train, "
-                        f"the smallest shard has {shard_size}; lower the IVF list count or index.shards")
+    ivf = faiss.try_extract_index_ivf(probe)
+    pq = getattr(faiss.downcast_index(ivf if ivf is not None else probe), "pq", None)
+    needed = max(ivf.nlist if ivf is not None else 0, pq.ksub if pq is not None else 0)
+    if needed and shard_size < needed:
+        raise UserError(f"index.factory: {index.factory!r} needs at least {needed} passages per shard to train, "
+                        f"the smallest shard has {shard_size}; use a smaller index or fewer index.shards")
 
 
 def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
@@ -63,7 +66,7 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
     passages = split_into_passages(read_documents(kb.source), kb.words_per_passage)
     encoder_tokenizer = load_encoder_tokenizer(kb.context_encoder)
     encoder = build_encoder(kb.context_encoder, len(encoder_tokenizer)).eval()
-    check_index_config(index, encoder.dim, len(passages) // index.shards)
+    check_index_config(index, encoder.dim, len(passages))
 
     fingerprint = _fingerprint(kb, index)
     previous = _existing_manifest(kb_dir)
@@ -74,7 +77,7 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
     tag = fingerprint[:12]
     generator_tokenizer = (load_generator_tokenizer(kb.generator_tokenizer.path) if kb.generator_tokenizer.path
                            else train_tokenizer(kb.generator_tokenizer,
-                                                [p.title + TITLE_SEP + p.text for p in passages]
+                                                [p.title + TITLE_SEP + p.text + DOC_SEP for p in passages]
                                                 + list(extra_texts(kb.generator_tokenizer.extra_texts))))
     tokenizer_dir = f"generator_tokenizer-{tag}"
     _save_dir_atomically(kb_dir / tokenizer_dir, generator_tokenizer.save_pretrained)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 
 @dataclass
@@ -53,7 +54,8 @@ class OptimConfig:
     lr: float = 5e-4                        # generator
     question_encoder_lr: float = 2e-5
     weight_decay: float = 0.01
-    warmup_steps: int = 100                 # then linear decay to 0 at the last step
+    warmup_steps: int = 100                 # linear warm-up, then the schedule
+    schedule: str = "linear"                # linear (decay to 0 at the last step) | constant
 
 
 @dataclass
@@ -100,7 +102,7 @@ class RetrievalConfig:
 class DataConfig:
     prepare: Optional[str] = None           # demo | nq_open | null (files already in dir)
     source: Optional[str] = None            # input of prepare (nq_open: the .jsonl.gz file)
-    dir: str = "data"                       # train/val/test .jsonl or .source/.target files
+    dir: str = MISSING                      # train/val/test .jsonl or .source/.target files
     demo_entities: int = 1200
     batch_size: int = 8
     eval_batch_size: int = 32

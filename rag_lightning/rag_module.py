@@ -95,6 +95,8 @@ class RagModule(L.LightningModule):
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
+            if self.optim_cfg.schedule == "constant":
+                return 1.0
             return max(0.0, (total - step) / max(total - warmup, 1))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

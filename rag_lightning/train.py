@@ -49,6 +49,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("data.batch_size and data.eval_batch_size must be >= 1")
     if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0:
         raise UserError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+    if cfg.optim.schedule not in ("linear", "constant"):
+        raise UserError(f"optim.schedule: {cfg.optim.schedule!r} is not one of linear, constant")
 
 
 def train(cfg: TrainConfig) -> dict:
