@@ -42,6 +42,7 @@ class ModelConfig:
     question_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     train_question_encoder: bool = True
+    freeze_question_embeddings: bool = True  # keep the token embedding table fixed (most of the optimizer's work)
     label_smoothing: float = 0.0
     max_question_tokens: int = 32
     max_answer_tokens: int = 24
@@ -103,7 +104,7 @@ class DataConfig:
     prepare: Optional[str] = None           # demo | nq_open | null (files already in dir)
     source: Optional[str] = None            # input of prepare (nq_open: the .jsonl.gz file)
     dir: str = MISSING                      # train/val/test .jsonl or .source/.target files
-    demo_entities: int = 1200
+    demo_entities: int = 3600
     batch_size: int = 8
     eval_batch_size: int = 32
     max_eval_examples: int = 0              # 0 = all

@@ -2,9 +2,8 @@
 
 Every fact is random, so an answer can only be found by reading the retrieved passage:
 a model that answers the test questions has learned to retrieve and copy, not to recall.
-Each person has one passage per fact, all facts phrased with the value at the same word
-position, so a small generator trained from scratch learns to copy within minutes; the
-retriever has to tell the person's three passages apart by the question's wording.
+Each person has one fact, in a passage of its own; all facts put the value at the same
+word position, so a small generator trained from scratch learns to copy within minutes.
 """
 import json
 import random
@@ -32,7 +31,7 @@ def _distinct_words(rng: random.Random, count: int, syllables: int) -> list[str]
     return sorted(words)
 
 
-def write_demo_data(out_dir: str | Path, num_entities: int = 1200, num_values: int = 300,
+def write_demo_data(out_dir: str | Path, num_entities: int = 3600, num_values: int = 300,
                     val_size: int = 100, test_size: int = 200, seed: int = 0) -> Path:
     """Write `kb.jsonl` (title, text) and `train/val/test.jsonl` (question, answers) into out_dir.
 
@@ -49,10 +48,10 @@ def write_demo_data(out_dir: str | Path, num_entities: int = 1200, num_values: i
     passages, questions = [], []
     for first_name, last_name in zip(first, last):
         name = f"{first_name} {last_name}"
-        for (sentence, question), pool in zip(FACTS, values):
-            value = rng.choice(pool)
-            passages.append({"title": name, "text": sentence.format(name=name, value=value)})
-            questions.append({"question": question.format(name=name), "answers": [value]})
+        fact = rng.randrange(len(FACTS))
+        (sentence, question), value = FACTS[fact], rng.choice(values[fact])
+        passages.append({"title": name, "text": sentence.format(name=name, value=value)})
+        questions.append({"question": question.format(name=name), "answers": [value]})
 
     rng.shuffle(questions)
     test_size, val_size = min(test_size, len(questions) // 10), min(val_size, len(questions) // 10)

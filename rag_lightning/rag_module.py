@@ -45,6 +45,8 @@ class RagModule(L.LightningModule):
         self.question_encoder = build_encoder(self.model_cfg.question_encoder, len(encoder_tokenizer))
         self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
         self.question_encoder.requires_grad_(self.model_cfg.train_question_encoder)
+        if self.model_cfg.freeze_question_embeddings:
+            self.question_encoder.model.get_input_embeddings().requires_grad_(False)
         self.retriever: RetrievalClient | None = None
         self.passages: PassageTable | None = None
 
@@ -88,7 +90,7 @@ class RagModule(L.LightningModule):
         groups = [{"params": generator_params, "lr": self.optim_cfg.lr}]
         if encoder_params:
             groups.append({"params": encoder_params, "lr": self.optim_cfg.question_encoder_lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.optim_cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.optim_cfg.weight_decay, fused=True)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = self.optim_cfg.warmup_steps
 

@@ -103,11 +103,13 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.evaluate_before_training:
             initial = trainer.test(module, datamodule=datamodule, verbose=False)[0]
             results.update({key.replace("test/", "initial/"): value for key, value in initial.items()})
+        fit_started = time.time()
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        fit_s = time.time() - fit_started
         final = trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoints.best_model_path else None,
                              verbose=False)[0]
         results.update(final)
-        results.update({"train/steps": trainer.global_step, "best_checkpoint": checkpoints.best_model_path,
+        results.update({"train/steps": trainer.global_step, "train/fit_s": round(fit_s, 1), "best_checkpoint": checkpoints.best_model_path,
                         "kb/num_passages": manifest.num_passages, "kb/index_version": manifest.active_version,
                         "wall_time_s": round(time.time() - started, 1)})
         if trainer.is_global_zero:
