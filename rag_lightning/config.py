@@ -6,10 +6,11 @@ conf/build_kb.yaml start their defaults lists with them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -165,6 +166,9 @@ class BuildKBConfig:
 
 
 def register_configs() -> None:
+    """Register the schemas, and the `${repo_root:}` resolver (the checkout holding conf/)."""
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(Path(__file__).resolve().parents[1]))
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="build_kb_schema", node=BuildKBConfig)

@@ -7,12 +7,12 @@ problem is reported with the file and line number before any encoding starts.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from rag_lightning.errors import UserError
+from rag_lightning.text_files import jsonl_rows, read_utf8
 
 
 @dataclass
@@ -26,14 +26,9 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"kb.source: file not found: {path}")
-    try:
-        raw = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {e.object[e.start]:#04x})") from None
-    lines = raw.splitlines()
+    raw = read_utf8(path)
     if path.suffix == ".jsonl":
-        documents = list(_read_jsonl(path, lines))
+        documents = [_checked(path, number, *_title_and_text(row)) for number, row in jsonl_rows(path, raw)]
     elif path.suffix in (".tsv", ".csv"):
         documents = list(_read_delimited(path, raw, "\t" if path.suffix == ".tsv" else ","))
     else:
@@ -43,16 +38,8 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
     return documents
 
 
-def _read_jsonl(path: Path, lines: list[str]) -> Iterator[tuple[str, str]]:
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        yield _checked(path, number, row.get("title") if isinstance(row, dict) else None,
-                       row.get("text") if isinstance(row, dict) else None)
+def _title_and_text(row) -> tuple:
+    return (row.get("title"), row.get("text")) if isinstance(row, dict) else (None, None)
 
 
 def _read_delimited(path: Path, raw: str, delimiter: str) -> Iterator[tuple[str, str]]:

@@ -6,11 +6,11 @@ or transformers' RAG example pair `{split}.source` (one question a line) and
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rag_lightning.errors import UserError
+from rag_lightning.text_files import jsonl_rows, read_utf8
 
 
 @dataclass
@@ -36,23 +36,9 @@ def read_split(data_dir: str | Path, split: str) -> list[QAExample]:
     return examples
 
 
-def _lines(path: Path) -> list[str]:
-    try:
-        return path.read_bytes().decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8") from None
-
-
 def _read_jsonl(path: Path) -> list[QAExample]:
     examples = []
-    for number, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for number, row in jsonl_rows(path, read_utf8(path)):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
             raise UserError(f"{path}:{number}: needs a non-empty string 'question'")
         answers = row.get("answers")
@@ -65,7 +51,7 @@ def _read_jsonl(path: Path) -> list[QAExample]:
 def _read_source_target(source: Path, target: Path) -> list[QAExample]:
     if not target.is_file():
         raise UserError(f"{target}: missing (every .source file needs its .target)")
-    questions, answers = _lines(source), _lines(target)
+    questions, answers = read_utf8(source).splitlines(), read_utf8(target).splitlines()
     if len(questions) != len(answers):
         raise UserError(f"{source} has {len(questions)} lines but {target} has {len(answers)}; "
                         "they must pair line by line")
