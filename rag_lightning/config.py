@@ -97,7 +97,6 @@ class RetrievalConfig:
     dashboard: bool = False
     num_cpus: Optional[int] = None
     actor_cpus: float = 0.0
-    attach_timeout_s: float = 120.0
 
 
 @dataclass

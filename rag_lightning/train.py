@@ -80,6 +80,9 @@ def train(cfg: TrainConfig) -> dict:
     try:
         module = RagModule(model=asdict(cfg.model), optim=asdict(cfg.optim), service=asdict(spec),
                            ray_address=ray_address)
+        if module.question_encoder.dim != manifest.dim:
+            raise UserError(f"model.question_encoder: its dimension {module.question_encoder.dim} differs from the "
+                            f"knowledge base's {manifest.dim} (kb.context_encoder); use encoders of one size")
         datamodule = QADataModule(cfg.data.dir, load_encoder_tokenizer(cfg.model.question_encoder),
                                   module.generator_tokenizer, batch_size=cfg.data.batch_size,
                                   eval_batch_size=cfg.data.eval_batch_size,

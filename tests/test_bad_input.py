@@ -189,3 +189,10 @@ def test_unknown_key_or_wrong_type(tmp_path, subprocess_env, override, fragments
     proc = _train(["data=files", f"data.dir={data}", override], tmp_path, subprocess_env)
     _assert_config_error(proc, *fragments)
     assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
+
+
+def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, subprocess_env):
+    data = _qa_dir(tmp_path)
+    proc = _train(["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
+                   *TINY_MODEL, "model.question_encoder.hidden_size=48"], tmp_path, subprocess_env)
+    _assert_user_error(proc, "model.question_encoder", "48", "32")
