@@ -38,6 +38,7 @@ class RagModule(L.LightningModule):
         self.optim_cfg: OptimConfig = _structured(OptimConfig, optim)
         self.service_spec = ServiceSpec(**service)
         manifest = read_manifest(self.service_spec.kb_dir)
+        self.passages_file = manifest.passages_file
         self.generator_tokenizer = load_generator_tokenizer(
             f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}")
         encoder_tokenizer = load_encoder_tokenizer(self.model_cfg.question_encoder)
@@ -57,8 +58,7 @@ class RagModule(L.LightningModule):
         if self.retriever is None:
             connect(self.hparams.ray_address, namespace=self.service_spec.namespace)
             self.retriever = RetrievalClient(self.service_spec, replica_offset=self.global_rank)
-            manifest = read_manifest(self.service_spec.kb_dir)
-            self.passages = PassageTable(f"{self.service_spec.kb_dir}/{manifest.passages_file}")
+            self.passages = PassageTable(f"{self.service_spec.kb_dir}/{self.passages_file}")
 
     def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SearchResult]:
         """doc_scores [B, k] (differentiable in the question encoder), contexts [B*k, L] and their mask."""
