@@ -28,7 +28,7 @@ from rag_lightning.encoders import TextEncoder, build_encoder, load_encoder_toke
 from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.generator_tokenizer import extra_texts, load_generator_tokenizer, train_tokenizer
 from rag_lightning.kb_source import read_documents, split_into_passages
-from retrieval_workers.kb_store import (KnowledgeBaseError, Manifest, atomic_write_bytes, read_manifest,
+from retrieval_workers.kb_store import (KnowledgeBaseError, Manifest, read_manifest, staged_directory,
                                         sha256_file, shard_ranges, write_manifest, write_passage_table)
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
                                                 [p.title + TITLE_SEP + p.text + DOC_SEP for p in passages]
                                                 + list(extra_texts(kb.generator_tokenizer.extra_texts))))
     tokenizer_dir = f"generator_tokenizer-{tag}"
-    _save_dir_atomically(kb_dir / tokenizer_dir, generator_tokenizer.save_pretrained)
+    with staged_directory(kb_dir / tokenizer_dir) as staging:
+        generator_tokenizer.save_pretrained(str(staging))
 
     log.info("tokenizing %d passages", len(passages))
     generator_ids = generator_tokenizer([p.title + TITLE_SEP + p.text + DOC_SEP for p in passages],
@@ -127,21 +128,15 @@ def encode_passages(encoder: TextEncoder, token_ids: list[list[int]], pad_id: in
 def write_index_version(kb_dir: Path, manifest: Manifest, embeddings: np.ndarray, version: int) -> None:
     """Write v<version>/ (embeddings + one index per shard) under a temp name, then rename it into place."""
     final = kb_dir / manifest.version_dir(version)
-    staging = kb_dir / f".{final.name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)   # our own leftover from an interrupted build
-    staging.mkdir(parents=True)
-    np.save(staging / "embeddings.npy", embeddings)
-    for shard, (start, end) in enumerate(tqdm(manifest.shards, desc="building shard indexes", unit="shard")):
-        shard_index = faiss.index_factory(manifest.dim, manifest.index_factory, faiss.METRIC_INNER_PRODUCT)
-        vectors = np.ascontiguousarray(embeddings[start:end])
-        if not shard_index.is_trained:
-            shard_index.train(vectors)
-        shard_index.add(vectors)
-        atomic_write_bytes(staging / f"shard_{shard:03d}.faiss", faiss.serialize_index(shard_index).tobytes())
-    if final.exists():
-        shutil.rmtree(final)     # an uncommitted version dir of ours, never the active one
-    staging.rename(final)
+    with staged_directory(final) as staging:
+        np.save(staging / "embeddings.npy", embeddings)
+        for shard, (start, end) in enumerate(tqdm(manifest.shards, desc="building shard indexes", unit="shard")):
+            shard_index = faiss.index_factory(manifest.dim, manifest.index_factory, faiss.METRIC_INNER_PRODUCT)
+            vectors = np.ascontiguousarray(embeddings[start:end])
+            if not shard_index.is_trained:
+                shard_index.train(vectors)
+            shard_index.add(vectors)
+            faiss.write_index(shard_index, str(staging / f"shard_{shard:03d}.faiss"))
     for path in sorted(final.iterdir()):
         manifest.files[f"{final.name}/{path.name}"] = sha256_file(path)
 
@@ -170,16 +165,6 @@ def _check_writable(kb_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"kb.dir: {kb_dir} is not writable ({e.strerror})") from None
-
-
-def _save_dir_atomically(final: Path, save) -> None:
-    staging = final.with_name(f".{final.name}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    save(str(staging))
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
 
 
 def _remove_unreferenced(kb_dir: Path, old: Manifest, new: Manifest) -> None:

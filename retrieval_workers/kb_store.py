@@ -16,9 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -57,19 +60,42 @@ class Manifest:
         return f"{self.version_dir(version)}/embeddings.npy"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write data to path through a temp file in the same folder, fsync, then rename over it."""
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; once the caller has written it, fsync it and rename it over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_directory(final: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside `final`; once filled, it replaces `final` in one rename.
+
+    Only for folders this package owns (a KB's version or tokenizer folder), never a user's path.
+    """
+    final = Path(final)
+    staging = final.with_name(f".{final.name}.staging")
+    if staging.exists():
+        shutil.rmtree(staging)       # our own leftover from an interrupted build
+    staging.mkdir(parents=True)
+    yield staging
+    if final.exists():
+        shutil.rmtree(final)         # an uncommitted folder of ours, never one the manifest points to
+    staging.rename(final)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -145,17 +171,8 @@ def write_passage_table(path: str | Path, columns: dict[str, list]) -> None:
         "generator_ids": pa.array(columns["generator_ids"], pa.list_(pa.int32())),
         "encoder_ids": pa.array(columns["encoder_ids"], pa.list_(pa.int32())),
     })
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with pa.OSFile(tmp, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=65536)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=65536)
 
 
 def shard_ranges(num_passages: int, num_shards: int) -> list[tuple[int, int]]:

@@ -129,21 +129,25 @@ def test_qa_line_without_answers(tmp_path, subprocess_env):
     _assert_user_error(proc, f"{data / 'train.jsonl'}:3:", "answers")
 
 
-def test_source_and_target_of_different_lengths(tmp_path, subprocess_env):
+def _train_with_test_pair(tmp_path, env, source: str, target: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run training on a data dir whose test split is a .source/.target pair with the given contents."""
     data = _qa_dir(tmp_path)
     (data / "test.jsonl").unlink()
-    (data / "test.source").write_text("where does ana live ?\nwhere does bo live ?\nwhere does cy live ?\n")
-    (data / "test.target").write_text("paris\nrome\n")
-    proc = _train(["data=files", f"data.dir={data}", *TINY_KB_ENCODER], tmp_path, subprocess_env)
+    (data / "test.source").write_text(source)
+    (data / "test.target").write_text(target)
+    return data, _train(["data=files", f"data.dir={data}", *TINY_KB_ENCODER], tmp_path, env)
+
+
+def test_source_and_target_of_different_lengths(tmp_path, subprocess_env):
+    data, proc = _train_with_test_pair(tmp_path, subprocess_env,
+                                       "where does ana live ?\nwhere does bo live ?\nwhere does cy live ?\n",
+                                       "paris\nrome\n")
     _assert_user_error(proc, str(data / "test.source"), str(data / "test.target"), "3 lines", "2")
 
 
 def test_target_line_without_answer(tmp_path, subprocess_env):
-    data = _qa_dir(tmp_path)
-    (data / "test.jsonl").unlink()
-    (data / "test.source").write_text("where does ana live ?\nwhere does bo live ?\n")
-    (data / "test.target").write_text("paris\n\t\n")
-    proc = _train(["data=files", f"data.dir={data}", *TINY_KB_ENCODER], tmp_path, subprocess_env)
+    data, proc = _train_with_test_pair(tmp_path, subprocess_env, "where does ana live ?\nwhere does bo live ?\n",
+                                       "paris\n\t\n")
     _assert_user_error(proc, f"{data / 'test.target'}:2:", "no answer")
 
 

@@ -194,20 +194,20 @@ def test_crashed_rebuild_leaves_the_previous_kb_whole_and_a_later_build_replaces
     def crash(*args, **kwargs):
         raise SimulatedCrash(crash_at)
 
-    real_atomic_write = build_kb_module.atomic_write_bytes
+    real_write_index = build_kb_module.faiss.write_index
     shard_writes = []
 
-    def crash_on_second_shard(path, data):
+    def crash_on_second_shard(shard_index, path):
         shard_writes.append(path)
         if len(shard_writes) == 2:
             raise SimulatedCrash(crash_at)
-        real_atomic_write(path, data)
+        real_write_index(shard_index, path)
 
     with monkeypatch.context() as patch:
         if crash_at == "encode_passages":
             patch.setattr(build_kb_module, "encode_passages", crash)
         elif crash_at == "shard_index_write":
-            patch.setattr(build_kb_module, "atomic_write_bytes", crash_on_second_shard)
+            patch.setattr(build_kb_module.faiss, "write_index", crash_on_second_shard)
         else:
             patch.setattr(build_kb_module, "write_manifest", crash)
         with pytest.raises(SimulatedCrash):
