@@ -46,7 +46,7 @@ from lightning.pytorch.callbacks import Callback
 
 from rag_lightning.build_kb import build_knowledge_base
 from rag_lightning.config import (EncoderConfig, GeneratorConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig,
-                                  ModelConfig, OptimConfig)
+                                  ModelConfig, OptimConfig, RetrieverConfig)
 from rag_lightning.datamodule import QADataModule
 from rag_lightning.encoders import load_encoder_tokenizer
 from rag_lightning.rag_module import RagModule
@@ -169,7 +169,8 @@ def new_module(kind: str, tok_dir: Path, spec: ServiceSpec, ray_address: str) ->
     model = ModelConfig(kind=KINDS[kind], n_docs=N_DOCS, question_encoder=encoder_config(tok_dir), generator=generator,
                         max_question_tokens=MAX_QUESTION_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS)
     optim = OptimConfig(lr=LR, question_encoder_lr=LR, warmup_steps=0)
-    return RagModule(model=asdict(model), optim=asdict(optim), service=asdict(spec), ray_address=ray_address)
+    return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig()), optim=asdict(optim),
+                     service=asdict(spec), ray_address=ray_address)
 
 
 def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:

@@ -18,18 +18,30 @@ from pathlib import Path
 
 import faiss
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from rag_lightning.config import IndexConfig, KBConfig, register_configs
-from rag_lightning.encoders import TextEncoder, build_encoder, load_encoder_tokenizer
+from rag_lightning.encoders import build_encoder, load_encoder_tokenizer
 from rag_lightning.errors import UserError, exit_on_user_error
-from rag_lightning.generator_tokenizer import extra_texts, load_generator_tokenizer, train_tokenizer
+from rag_lightning.generator_tokenizer import (
+    extra_texts,
+    load_generator_tokenizer,
+    train_tokenizer,
+)
 from rag_lightning.kb_source import read_documents, split_into_passages
-from retrieval_workers.kb_store import (KnowledgeBaseError, Manifest, read_manifest, staged_directory,
-                                        sha256_file, shard_ranges, write_manifest, write_passage_table)
+from retrieval_workers.kb_store import (
+    KnowledgeBaseError,
+    Manifest,
+    PassageTable,
+    commit_version,
+    read_manifest,
+    sha256_file,
+    shard_ranges,
+    staged_directory,
+    write_passage_table,
+    write_version_info,
+)
+from retrieval_workers.shard_build import build_shard
 
 log = logging.getLogger(__name__)
 TITLE_SEP, DOC_SEP = " / ", " // "   # as transformers' RagConfig: title / text // question
@@ -65,7 +77,7 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
     _check_writable(kb_dir)
     passages = split_into_passages(read_documents(kb.source), kb.words_per_passage)
     encoder_tokenizer = load_encoder_tokenizer(kb.context_encoder)
-    encoder = build_encoder(kb.context_encoder, len(encoder_tokenizer)).eval()
+    encoder = build_encoder(kb.context_encoder, encoder_tokenizer).eval()
     check_index_config(index, encoder.dim, len(passages))
 
     fingerprint = _fingerprint(kb, index)
@@ -94,51 +106,23 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
         "id": list(range(len(passages))), "title": [p.title for p in passages], "text": [p.text for p in passages],
         "generator_ids": generator_ids, "encoder_ids": encoder_ids})
 
-    embeddings = encode_passages(encoder, encoder_ids, encoder_tokenizer.pad_token_id, kb.encode_batch_size)
-    version = previous.active_version + 1 if previous is not None else 0
+    version = previous.next_version() if previous is not None else 0
     manifest = Manifest(num_passages=len(passages), dim=encoder.dim, shards=shard_ranges(len(passages), index.shards),
                         active_version=version, index_factory=index.factory, passages_file=passages_file,
                         encoder={**asdict(kb.context_encoder), "generator_tokenizer": tokenizer_dir},
                         fingerprint=fingerprint)
-    write_index_version(kb_dir, manifest, embeddings, version)
+    table = PassageTable(kb_dir / passages_file)
+    with staged_directory(kb_dir / manifest.version_dir(version)) as staging:
+        for shard, (start, end) in enumerate(manifest.shards):
+            build_shard(encoder, table, shard, start, end, index.factory, staging, kb.encode_batch_size)
+        write_version_info(staging, version, global_step=0)
     manifest.files[passages_file] = sha256_file(kb_dir / passages_file)
-    write_manifest(kb_dir, manifest)
+    commit_version(kb_dir, manifest, version, keep=1)
     if previous is not None:
         _remove_unreferenced(kb_dir, previous, manifest)
     log.info("knowledge base ready in %s: %d passages, %d shards, index %s, version %d",
              kb_dir, len(passages), index.shards, index.factory, version)
     return manifest
-
-
-@torch.no_grad()
-def encode_passages(encoder: TextEncoder, token_ids: list[list[int]], pad_id: int, batch_size: int) -> np.ndarray:
-    """Embed passages in batches of similar length (little padding), with a progress bar."""
-    order = np.argsort([len(ids) for ids in token_ids], kind="stable")
-    out = np.empty((len(token_ids), encoder.dim), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc="encoding passages", unit="batch"):
-        rows = order[start:start + batch_size]
-        width = max(len(token_ids[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        for j, i in enumerate(rows):
-            ids[j, :len(token_ids[i])] = torch.tensor(token_ids[i])
-        out[rows] = encoder(ids, (ids != pad_id).long()).float().numpy()
-    return out
-
-
-def write_index_version(kb_dir: Path, manifest: Manifest, embeddings: np.ndarray, version: int) -> None:
-    """Write v<version>/ (embeddings + one index per shard) under a temp name, then rename it into place."""
-    final = kb_dir / manifest.version_dir(version)
-    with staged_directory(final) as staging:
-        np.save(staging / "embeddings.npy", embeddings)
-        for shard, (start, end) in enumerate(tqdm(manifest.shards, desc="building shard indexes", unit="shard")):
-            shard_index = faiss.index_factory(manifest.dim, manifest.index_factory, faiss.METRIC_INNER_PRODUCT)
-            vectors = np.ascontiguousarray(embeddings[start:end])
-            if not shard_index.is_trained:
-                shard_index.train(vectors)
-            shard_index.add(vectors)
-            faiss.write_index(shard_index, str(staging / f"shard_{shard:03d}.faiss"))
-    for path in sorted(final.iterdir()):
-        manifest.files[f"{final.name}/{path.name}"] = sha256_file(path)
 
 
 def _fingerprint(kb: KBConfig, index: IndexConfig) -> str:

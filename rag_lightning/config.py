@@ -42,8 +42,6 @@ class ModelConfig:
     n_docs: int = 5
     question_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    train_question_encoder: bool = True
-    freeze_question_embeddings: bool = True  # keep the token embedding table fixed (most of the optimizer's work)
     label_smoothing: float = 0.0
     max_question_tokens: int = 32
     max_answer_tokens: int = 24
@@ -52,9 +50,32 @@ class ModelConfig:
 
 
 @dataclass
+class RetrieverConfig:
+    """Which encoders learn. The context encoder is the knowledge base's (kb.context_encoder)."""
+
+    train_question_encoder: bool = True
+    train_ctx_encoder: bool = False         # re-embed retrieved passages in the step, so gradients reach it
+    freeze_embeddings: bool = True          # keep the encoders' token embedding tables fixed (most optimizer work)
+
+
+@dataclass
+class RefreshConfig:
+    """Re-encoding the knowledge base with the current context encoder while training goes on."""
+
+    every_n_steps: Optional[int] = None     # global optimizer steps between refreshes; null = never
+    workers: int = 1                        # encoder actors
+    worker_cpus: float = 1.0                # CPUs (and torch threads) per encoder actor
+    worker_gpus: float = 0.0                # GPUs per encoder actor
+    batch_size: int = 64
+    keep_versions: int = 2                  # index versions kept on disk
+    blocking: bool = False                  # stop training until each refresh is done (for comparison)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 5e-4                        # generator
     question_encoder_lr: float = 2e-5
+    ctx_encoder_lr: float = 2e-5
     weight_decay: float = 0.01
     warmup_steps: int = 100                 # linear warm-up, then the schedule
     schedule: str = "linear"                # linear (decay to 0 at the last step) | constant
@@ -97,6 +118,7 @@ class RetrievalConfig:
     dashboard: bool = False
     num_cpus: Optional[int] = None
     actor_cpus: float = 0.0
+    entropy_window: int = 100               # training steps over which the retrieved-id entropy is measured
 
 
 @dataclass
@@ -143,6 +165,8 @@ class PathsConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     kb: KBConfig = field(default_factory=KBConfig)

@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
 from rag_lightning.config import EncoderConfig
 from rag_lightning.errors import UserError
+from retrieval_workers.text_encoder import TextEncoder
+
+RANDOM_INIT_SEED = 0
 
 
 def pretrained_path(name: str | None) -> Path:
@@ -35,35 +37,19 @@ def load_encoder_tokenizer(cfg: EncoderConfig) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-class TextEncoder(nn.Module):
-    """Maps token ids [B, T] to one vector per text [B, D] (mean or [CLS] pooling)."""
-
-    def __init__(self, model: BertModel, pooling: str):
-        super().__init__()
-        self.model = model
-        self.pooling = pooling
-
-    @property
-    def dim(self) -> int:
-        return self.model.config.hidden_size
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
-def build_encoder(cfg: EncoderConfig, vocab_size: int) -> TextEncoder:
+def build_encoder(cfg: EncoderConfig, tokenizer: PreTrainedTokenizerBase) -> TextEncoder:
+    """The encoder cfg describes. A random one is initialised from a fixed seed, so the knowledge-base build
+    and the trainer's context encoder start from the same weights."""
     if cfg.pretrained is None:
-        config = BertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                             num_attention_heads=cfg.num_heads, intermediate_size=4 * cfg.hidden_size,
                             max_position_embeddings=512)
-        model = BertModel(config, add_pooling_layer=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = BertModel(config, add_pooling_layer=False)
     else:
         model = AutoModel.from_pretrained(str(pretrained_path(cfg.pretrained)), add_pooling_layer=False)
         if cfg.num_layers and cfg.num_layers < model.config.num_hidden_layers:
             model.encoder.layer = model.encoder.layer[:cfg.num_layers]
             model.config.num_hidden_layers = cfg.num_layers
-    return TextEncoder(model, cfg.pooling)
+    return TextEncoder(model, cfg.pooling, tokenizer.pad_token_id)

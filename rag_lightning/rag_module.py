@@ -2,10 +2,19 @@
 
 One training step: encode the questions (gradients flow), ONE search call per shard for
 the top-k passages with their embeddings and token ids, doc_scores = q . doc embeddings,
-contexts = stored passage ids + question ids, then the RAG marginal NLL. Validation and
-test generate answers and report exact match, F1 and retrieval recall@k.
+contexts = stored passage ids + question ids, then the RAG marginal NLL. With
+retriever.train_ctx_encoder the retrieved passages are re-embedded by the current context
+encoder, so gradients reach it too. Validation and test generate answers and report
+exact match, F1 and retrieval recall@k.
+
+A checkpoint records the index version it trained against; loading it makes that
+version active again (if it is still on disk).
 """
 from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -14,42 +23,57 @@ from omegaconf import OmegaConf
 from transformers import BartConfig, BartForConditionalGeneration, RagConfig, RagSequenceForGeneration, \
     RagTokenForGeneration
 
-from rag_lightning.config import ModelConfig, OptimConfig
+from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, RetrieverConfig
 from rag_lightning.contexts import join_contexts
-from rag_lightning.encoders import TextEncoder, build_encoder, load_encoder_tokenizer
+from rag_lightning.encoders import build_encoder, load_encoder_tokenizer
 from rag_lightning.generator_tokenizer import load_generator_tokenizer
 from rag_lightning.metrics import answer_in_passages, exact_match, f1_score
-from retrieval_workers.kb_store import PassageTable, read_manifest
+from retrieval_workers.kb_store import KnowledgeBaseError, PassageTable, activate_kept_version, read_manifest, \
+    staged_directory
 from retrieval_workers.ray_runtime import connect
-from retrieval_workers.service import RetrievalClient
+from retrieval_workers.service import RetrievalClient, switch_version
+from retrieval_workers.text_encoder import TextEncoder
 from retrieval_workers.types import SearchResult, ServiceSpec
+
+log = logging.getLogger(__name__)
 
 RAG_CLASSES = {"rag_sequence": RagSequenceForGeneration, "rag_token": RagTokenForGeneration}
 
 
 class RagModule(L.LightningModule):
-    """model, optim and service are plain dicts (of ModelConfig, OptimConfig, ServiceSpec) so checkpoints
-    hold no custom classes; the generator tokenizer is the one saved in the knowledge base."""
+    """model, retriever, optim and service are plain dicts (of ModelConfig, RetrieverConfig, OptimConfig,
+    ServiceSpec) so checkpoints hold no custom classes; the generator tokenizer is the one saved in the
+    knowledge base."""
 
-    def __init__(self, model: dict, optim: dict, service: dict, ray_address: str | None = None):
+    def __init__(self, model: dict, retriever: dict, optim: dict, service: dict, ray_address: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg: ModelConfig = _structured(ModelConfig, model)
+        self.retriever_cfg: RetrieverConfig = _structured(RetrieverConfig, retriever)
         self.optim_cfg: OptimConfig = _structured(OptimConfig, optim)
         self.service_spec = ServiceSpec(**service)
         manifest = read_manifest(self.service_spec.kb_dir)
         self.passages_file = manifest.passages_file
+        self.index_version = manifest.active_version
         self.generator_tokenizer = load_generator_tokenizer(
             f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}")
-        encoder_tokenizer = load_encoder_tokenizer(self.model_cfg.question_encoder)
-        self.encoder_pad_id = encoder_tokenizer.pad_token_id
-        self.question_encoder = build_encoder(self.model_cfg.question_encoder, len(encoder_tokenizer))
+        self.question_encoder = build_encoder(self.model_cfg.question_encoder,
+                                              load_encoder_tokenizer(self.model_cfg.question_encoder))
         self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
-        self.question_encoder.requires_grad_(self.model_cfg.train_question_encoder)
-        if self.model_cfg.freeze_question_embeddings:
-            self.question_encoder.model.get_input_embeddings().requires_grad_(False)
+        self.question_encoder.requires_grad_(self.retriever_cfg.train_question_encoder)
+        self.context_encoder: TextEncoder | None = None
+        if self.retriever_cfg.train_ctx_encoder:
+            self.context_encoder_cfg = _structured(EncoderConfig, {f.name: manifest.encoder[f.name]
+                                                                   for f in fields(EncoderConfig)})
+            self.context_encoder = build_encoder(self.context_encoder_cfg,
+                                                 load_encoder_tokenizer(self.context_encoder_cfg))
+        for encoder in (self.question_encoder, self.context_encoder):
+            if encoder is not None and self.retriever_cfg.freeze_embeddings:
+                encoder.model.get_input_embeddings().requires_grad_(False)
         self.retriever: RetrievalClient | None = None
         self.passages: PassageTable | None = None
+        self.version_to_restore: int | None = None
+        self.saved_context_encoder_step = -1
 
     # --- retrieval ---------------------------------------------------------------------------------------
 
@@ -62,10 +86,11 @@ class RagModule(L.LightningModule):
 
     def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SearchResult]:
         """doc_scores [B, k] (differentiable in the question encoder), contexts [B*k, L] and their mask."""
-        question_ids = batch["question_ids"]
-        q = self.question_encoder(question_ids, (question_ids != self.encoder_pad_id).long())
+        q = self.question_encoder(batch["question_ids"])
         result = self.retriever.search(q.detach().float().cpu().numpy(), self.model_cfg.n_docs)
-        doc_embeddings = torch.from_numpy(result.embeddings).to(q)
+        self.index_version = result.version
+        doc_embeddings = self.embed_passages(result.ids).to(q) if self.context_encoder is not None \
+            else torch.from_numpy(result.embeddings).to(q)
         doc_scores = torch.einsum("bd,bkd->bk", q, doc_embeddings)
         context_ids, context_mask = join_contexts(result.token_ids, result.lengths, batch["question_generator_ids"],
                                                   self.generator_tokenizer.eos_token_id,
@@ -73,23 +98,71 @@ class RagModule(L.LightningModule):
                                                   self.model_cfg.max_context_tokens)
         return doc_scores, context_ids.to(self.device), context_mask.to(self.device), result
 
+    def embed_passages(self, ids: np.ndarray) -> torch.Tensor:
+        """Embed the passages with these ids [B, k] by the current context encoder: [B, k, D], with gradients."""
+        token_ids = self.passages.padded_token_ids("encoder_ids", ids, self.context_encoder.pad_token_id)
+        return self.context_encoder(torch.from_numpy(token_ids).to(self.device)).view(*ids.shape, -1)
+
+    def on_train_start(self) -> None:
+        self._restore_index_version()
+
+    def on_test_start(self) -> None:
+        self._restore_index_version()
+
+    def _restore_index_version(self) -> None:
+        """After a checkpoint was loaded, serve the index version it trained against (rank 0 switches)."""
+        version, self.version_to_restore = self.version_to_restore, None
+        if version is None or version == read_manifest(self.service_spec.kb_dir).active_version:
+            return
+        if self.trainer.is_global_zero:
+            try:
+                activate_kept_version(self.service_spec.kb_dir, version)
+                switch_version(self.service_spec, version)
+                log.info("index version %d, which the checkpoint trained against, is active again", version)
+            except KnowledgeBaseError as e:
+                log.warning("%s; going on with the active version", e)
+        self.trainer.strategy.barrier()
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["index_version"] = self.index_version
+        if self.context_encoder is not None and self.trainer.is_global_zero \
+                and self.global_step != self.saved_context_encoder_step:
+            self._save_context_encoder()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.version_to_restore = checkpoint.get("index_version")
+
+    def _save_context_encoder(self) -> None:
+        """The trained context encoder in Hugging Face format (with its tokenizer) beside the checkpoints."""
+        folder = Path(self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback
+                      else self.trainer.default_root_dir) / "context_encoder"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with staged_directory(folder) as staging:
+            self.context_encoder.model.save_pretrained(str(staging))
+            load_encoder_tokenizer(self.context_encoder_cfg).save_pretrained(str(staging))
+        self.saved_context_encoder_step = self.global_step
+
     # --- training -----------------------------------------------------------------------------------------
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        doc_scores, context_ids, context_mask, _ = self.retrieve(batch)
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        doc_scores, context_ids, context_mask, result = self.retrieve(batch)
         out = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask, doc_scores=doc_scores,
                        labels=batch["labels"], n_docs=self.model_cfg.n_docs, reduce_loss=False)
         loss = out.loss.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["answers"]))
-        return loss
+        return {"loss": loss, "retrieved_ids": result.ids, "index_version": result.version}
 
     def configure_optimizers(self):
-        encoder_params = [p for p in self.question_encoder.parameters() if p.requires_grad]
         encoder_ids = {id(p) for p in self.question_encoder.parameters()}
         generator_params = [p for p in self.rag.parameters() if p.requires_grad and id(p) not in encoder_ids]
         groups = [{"params": generator_params, "lr": self.optim_cfg.lr}]
-        if encoder_params:
-            groups.append({"params": encoder_params, "lr": self.optim_cfg.question_encoder_lr})
+        for encoder, lr in ((self.question_encoder, self.optim_cfg.question_encoder_lr),
+                            (self.context_encoder, self.optim_cfg.ctx_encoder_lr)):
+            params = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
+            if params:
+                groups.append({"params": params, "lr": lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=self.optim_cfg.weight_decay, fused=True)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = self.optim_cfg.warmup_steps

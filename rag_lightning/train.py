@@ -28,11 +28,14 @@ from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.loggers import build_logger
 from rag_lightning.prepared_data import prepare_data
 from rag_lightning.qa_files import read_split
+from rag_lightning.index_refresh import IndexRefresh
 from rag_lightning.rag_module import RagModule
-from retrieval_workers.kb_store import atomic_write_bytes
+from rag_lightning.retrieval_monitor import RetrievalMonitor
+from retrieval_workers.kb_store import atomic_write_bytes, read_manifest
 from retrieval_workers.ray_runtime import connect
+from retrieval_workers.refresh import launch_refresher, shutdown_refresher
 from retrieval_workers.service import launch_service, shutdown_service
-from retrieval_workers.types import ServiceSpec
+from retrieval_workers.types import RefreshSpec, ServiceSpec
 
 log = logging.getLogger(__name__)
 MODEL_KINDS = ("rag_sequence", "rag_token")
@@ -50,6 +53,17 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("optim.lr must be > 0 and optim.warmup_steps >= 0")
     if cfg.optim.schedule not in ("linear", "constant"):
         raise UserError(f"optim.schedule: {cfg.optim.schedule!r} is not one of linear, constant")
+    if cfg.retrieval.entropy_window < 1:
+        raise UserError(f"retrieval.entropy_window must be >= 1 (got {cfg.retrieval.entropy_window})")
+    refresh = cfg.refresh
+    if refresh.every_n_steps is not None:
+        if refresh.every_n_steps < 1:
+            raise UserError(f"refresh.every_n_steps must be >= 1, or null for no refresh (got {refresh.every_n_steps})")
+        if not cfg.retriever.train_ctx_encoder:
+            raise UserError("refresh.every_n_steps is set but retriever.train_ctx_encoder=false: the passage "
+                            "embeddings would never change; train the context encoder or set refresh=disabled")
+        if refresh.workers < 1 or refresh.keep_versions < 1 or refresh.batch_size < 1:
+            raise UserError("refresh.workers, refresh.keep_versions and refresh.batch_size must be >= 1")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -76,9 +90,15 @@ def train(cfg: TrainConfig) -> dict:
     ray_address = connect(cfg.retrieval.ray_address, namespace=spec.namespace, host=cfg.retrieval.host,
                           dashboard=cfg.retrieval.dashboard, num_cpus=cfg.retrieval.num_cpus)
     launch_service(spec)
+    callbacks: list[L.Callback] = [RetrievalMonitor(spec.kb_dir, cfg.retrieval.entropy_window)]
+    if cfg.refresh.every_n_steps is not None:
+        launch_refresher(spec, RefreshSpec(num_workers=cfg.refresh.workers, worker_cpus=cfg.refresh.worker_cpus,
+                                           worker_gpus=cfg.refresh.worker_gpus, batch_size=cfg.refresh.batch_size,
+                                           keep_versions=cfg.refresh.keep_versions))
+        callbacks.append(IndexRefresh(spec, cfg.refresh.every_n_steps, blocking=cfg.refresh.blocking))
     try:
-        module = RagModule(model=asdict(cfg.model), optim=asdict(cfg.optim), service=asdict(spec),
-                           ray_address=ray_address)
+        module = RagModule(model=asdict(cfg.model), retriever=asdict(cfg.retriever), optim=asdict(cfg.optim),
+                           service=asdict(spec), ray_address=ray_address)
         if module.question_encoder.dim != manifest.dim:
             raise UserError(f"model.question_encoder: its dimension {module.question_encoder.dim} differs from the "
                             f"knowledge base's {manifest.dim} (kb.context_encoder); use encoders of one size")
@@ -99,7 +119,7 @@ def train(cfg: TrainConfig) -> dict:
             accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
             num_sanity_val_steps=cfg.trainer.num_sanity_val_steps, default_root_dir=run_dir,
             logger=build_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg))),
-            callbacks=[checkpoints])
+            callbacks=[checkpoints, *callbacks])
 
         results: dict = {}
         if cfg.evaluate_before_training:
@@ -112,13 +132,15 @@ def train(cfg: TrainConfig) -> dict:
                              verbose=False)[0]
         results.update(final)
         results.update({"train/steps": trainer.global_step, "train/fit_s": round(fit_s, 1), "best_checkpoint": checkpoints.best_model_path,
-                        "kb/num_passages": manifest.num_passages, "kb/index_version": manifest.active_version,
+                        "kb/num_passages": manifest.num_passages,
+                        "kb/index_version": read_manifest(spec.kb_dir).active_version,
                         "wall_time_s": round(time.time() - started, 1)})
         if trainer.is_global_zero:
             atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
             log.info("results: %s", json.dumps(results))
         return results
     finally:
+        shutdown_refresher(spec)
         shutdown_service(spec)
         if not cfg.retrieval.ray_address:
             ray.shutdown()

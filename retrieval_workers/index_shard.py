@@ -1,11 +1,18 @@
 """IndexShard: one contiguous range of passages with its FAISS index, served as a Ray actor.
 
 The class is plain Python (tests and benchmarks can use it in-process); `service.py`
-wraps it with `ray.remote`. A restarted actor re-runs __init__, which reloads the
-active version from disk.
+wraps it with `ray.remote` as a threaded actor, so a new version loads while searches
+go on. A restarted actor re-runs __init__, which reloads the active version from disk.
+
+A shard holds one version, or two during a switch: `load_version` reads the new one
+beside the active one, `activate` makes it the one served and drops the others. A
+search may ask for a version; it is answered from that version while the shard still
+holds it, so all shards of one query answer from the same version.
 """
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -15,6 +22,14 @@ from retrieval_workers.kb_store import PassageTable, read_manifest, verify_file
 from retrieval_workers.types import PAD_TOKEN, SearchResult
 
 
+@dataclass
+class ShardVersion:
+    """The data of one shard in one index version."""
+
+    index: faiss.Index
+    embeddings: np.ndarray    # [shard size, D], memory-mapped
+
+
 class IndexShard:
     """Top-k inner-product search over passage ids [start, end) of a knowledge base."""
 
@@ -22,28 +37,53 @@ class IndexShard:
         faiss.omp_set_num_threads(omp_threads)
         self.kb_dir = Path(kb_dir)
         self.shard = shard
+        self.search_params = search_params
         manifest = read_manifest(kb_dir)
         self.start, self.end = manifest.shards[shard]
-        self.version = manifest.active_version
-        index_path = verify_file(kb_dir, manifest, manifest.shard_index_file(shard))
-        self.index = faiss.read_index(str(index_path))
-        if search_params:
-            faiss.ParameterSpace().set_index_parameters(self.index, search_params)
-        embeddings = np.load(verify_file(kb_dir, manifest, manifest.embeddings_file()), mmap_mode="r")
-        self.embeddings = embeddings[self.start:self.end]
         passages = PassageTable(verify_file(kb_dir, manifest, manifest.passages_file))
         self.token_values, self.token_offsets = passages.token_ids("generator_ids", self.start, self.end)
+        self._lock = threading.Lock()
+        self._versions: dict[int, ShardVersion] = {}
+        self.active = self.load_version(manifest.active_version)
 
     def ready(self) -> int:
         """Answers once the shard is loaded; returns the version it serves."""
-        return self.version
+        return self.active
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """Top-k of this shard for float32 queries [B, D]; ids are global, missing hits have id -1."""
-        scores, local = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    def load_version(self, version: int) -> int:
+        """Read a committed version from disk beside the active one (checksums verified); returns it."""
+        manifest = read_manifest(self.kb_dir)
+        index = faiss.read_index(str(verify_file(self.kb_dir, manifest, manifest.shard_index_file(self.shard, version))))
+        if self.search_params:
+            faiss.ParameterSpace().set_index_parameters(index, self.search_params)
+        embeddings = np.load(verify_file(self.kb_dir, manifest, manifest.embeddings_file(self.shard, version)),
+                             mmap_mode="r")
+        with self._lock:
+            self._versions[version] = ShardVersion(index, embeddings)
+        return version
+
+    def activate(self, version: int) -> int:
+        """Serve `version` (already loaded) by default from now on and drop every other version."""
+        with self._lock:
+            if version not in self._versions:
+                raise ValueError(f"shard {self.shard}: version {version} is not loaded")
+            self.active = version
+            self._versions = {version: self._versions[version]}
+        return version
+
+    def search(self, queries: np.ndarray, k: int, version: int | None = None) -> SearchResult:
+        """Top-k of this shard for float32 queries [B, D]; ids are global, missing hits have id -1.
+
+        Answers from `version` if this shard holds it, else from the active version; the
+        result says which, and which version is active.
+        """
+        with self._lock:
+            answered = version if version in self._versions else self.active
+            data, active = self._versions[answered], self.active
+        scores, local = data.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         found = local >= 0
         safe = np.where(found, local, 0)
-        embeddings = np.where(found[..., None], self.embeddings[safe.ravel()].reshape(*safe.shape, -1), 0.0)
+        embeddings = np.where(found[..., None], data.embeddings[safe.ravel()].reshape(*safe.shape, -1), 0.0)
         starts, ends = self.token_offsets[safe], self.token_offsets[safe + 1]
         lengths = np.where(found, ends - starts, 0).astype(np.int32)
         token_ids = np.full((*safe.shape, max(int(lengths.max(initial=0)), 1)), PAD_TOKEN, dtype=np.int32)
@@ -55,5 +95,6 @@ class IndexShard:
             embeddings=embeddings.astype(np.float32),
             token_ids=token_ids,
             lengths=lengths,
-            version=self.version,
+            version=answered,
+            active_version=active,
         )

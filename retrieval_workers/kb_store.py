@@ -5,11 +5,13 @@ Layout of a KB directory:
     manifest.json                 the commit point: everything else is reachable from it
     passages-<hash>.arrow         id, title, text, generator token ids, context-encoder token ids
     generator_tokenizer/          the tokenizer that made the generator token ids
-    v<N>/embeddings.npy           float32 [num_passages, dim], one row per passage id
     v<N>/shard_<s>.faiss          one FAISS index per shard over its contiguous id range
+    v<N>/shard_<s>.embeddings.npy float32 [shard size, dim], the shard's passage embeddings
+    v<N>/version.json             the global training step of the encoder weights that made v<N>
 
-A build writes new files beside the old ones and then replaces manifest.json in one
-rename, so a crash at any point leaves the previous knowledge base whole.
+A build or a refresh writes a new version folder beside the old ones and then replaces
+manifest.json in one rename, so a crash at any point leaves the previous knowledge base
+whole. The manifest lists the files (with checksums) of every version kept on disk.
 """
 from __future__ import annotations
 
@@ -18,17 +20,17 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
+from pyarrow import ipc
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class KnowledgeBaseError(Exception):
@@ -54,10 +56,33 @@ class Manifest:
         return f"v{self.active_version if version is None else version}"
 
     def shard_index_file(self, shard: int, version: int | None = None) -> str:
-        return f"{self.version_dir(version)}/shard_{shard:03d}.faiss"
+        return f"{self.version_dir(version)}/{shard_index_name(shard)}"
 
-    def embeddings_file(self, version: int | None = None) -> str:
-        return f"{self.version_dir(version)}/embeddings.npy"
+    def embeddings_file(self, shard: int, version: int | None = None) -> str:
+        return f"{self.version_dir(version)}/{shard_embeddings_name(shard)}"
+
+    def version_info_file(self, version: int | None = None) -> str:
+        return f"{self.version_dir(version)}/{VERSION_INFO}"
+
+    def kept_versions(self) -> list[int]:
+        """The index versions whose files this manifest lists, oldest first."""
+        return sorted({int(relative.split("/")[0][1:]) for relative in self.files if relative.startswith("v")
+                       and "/" in relative})
+
+    def next_version(self) -> int:
+        """The number a new version gets: above every version this manifest has made."""
+        return max([self.active_version, *self.kept_versions()]) + 1
+
+
+def shard_index_name(shard: int) -> str:
+    return f"shard_{shard:03d}.faiss"
+
+
+def shard_embeddings_name(shard: int) -> str:
+    return f"shard_{shard:03d}.embeddings.npy"
+
+
+VERSION_INFO = "version.json"
 
 
 @contextmanager
@@ -91,6 +116,54 @@ def staged_directory(final: str | Path) -> Iterator[Path]:
     if final.exists():
         shutil.rmtree(final)         # an uncommitted folder of ours, never one the manifest points to
     staging.rename(final)
+
+
+def write_version_info(version_dir: Path, version: int, global_step: int) -> None:
+    (version_dir / VERSION_INFO).write_text(json.dumps({"version": version, "global_step": global_step}))
+
+
+def read_version_step(kb_dir: str | Path, manifest: Manifest, version: int) -> int:
+    """The global step of the encoder weights that made a kept version (0 for the initial build)."""
+    path = verify_file(kb_dir, manifest, manifest.version_info_file(version))
+    return int(json.loads(path.read_text())["global_step"])
+
+
+def load_embeddings(kb_dir: str | Path, manifest: Manifest, version: int | None = None) -> np.ndarray:
+    """All passage embeddings of a version, float32 [num_passages, dim], one row per passage id."""
+    return np.concatenate([np.load(verify_file(kb_dir, manifest, manifest.embeddings_file(shard, version)))
+                           for shard in range(len(manifest.shards))])
+
+
+def commit_version(kb_dir: str | Path, manifest: Manifest, version: int, keep: int) -> list[int]:
+    """Make the written folder v<version> the active version; keep the newest `keep` versions.
+
+    Records the checksums of the folder's files, writes the manifest (the commit point), then
+    deletes the folders of the versions dropped. Returns the versions dropped.
+    """
+    kb_dir = Path(kb_dir)
+    folder = kb_dir / manifest.version_dir(version)
+    for path in sorted(folder.iterdir()):
+        manifest.files[f"{folder.name}/{path.name}"] = sha256_file(path)
+    manifest.active_version = version
+    dropped = [v for v in manifest.kept_versions() if v != version][:max(len(manifest.kept_versions()) - keep, 0)]
+    manifest.files = {rel: digest for rel, digest in manifest.files.items()
+                      if rel.split("/")[0] not in {manifest.version_dir(v) for v in dropped}}
+    write_manifest(kb_dir, manifest)
+    for v in dropped:
+        shutil.rmtree(kb_dir / manifest.version_dir(v), ignore_errors=True)
+    return dropped
+
+
+def activate_kept_version(kb_dir: str | Path, version: int) -> Manifest:
+    """Make an already committed, still kept version the active one again (resuming a checkpoint)."""
+    manifest = read_manifest(kb_dir)
+    if version not in manifest.kept_versions():
+        raise KnowledgeBaseError(f"{Path(kb_dir) / MANIFEST}: index version {version} is no longer on disk "
+                                 f"(kept: {manifest.kept_versions()})")
+    if manifest.active_version != version:
+        manifest.active_version = version
+        write_manifest(kb_dir, manifest)
+    return manifest
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -151,6 +224,14 @@ class PassageTable:
     def titles_and_texts(self, ids) -> list[tuple[str, str]]:
         rows = self._table.take(pa.array(np.asarray(ids, dtype=np.int64).ravel()))
         return list(zip(rows.column("title").to_pylist(), rows.column("text").to_pylist()))
+
+    def padded_token_ids(self, column: str, ids, pad_id: int) -> np.ndarray:
+        """Token ids of the given rows, right-padded with pad_id to the longest: int64 [len(ids), L]."""
+        rows = self._table.column(column).take(pa.array(np.asarray(ids, dtype=np.int64).ravel())).to_pylist()
+        out = np.full((len(rows), max(map(len, rows), default=1) or 1), pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = row
+        return out
 
     def token_ids(self, column: str, start: int = 0, end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of rows [start, end) as (flat values, offsets), zero-copy from the mapped file."""

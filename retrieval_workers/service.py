@@ -2,7 +2,8 @@
 
 `launch_service` creates the actors once per job (idempotently); `RetrievalClient` attaches
 to them by name from any process of the job and makes ONE batched call per shard per
-search, merging the shard top-k lists into the exact global top-k.
+search, merging the shard top-k lists into the exact global top-k. `switch_version`
+moves every replica to a committed index version without mixing versions in any result.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from retrieval_workers.kb_store import read_manifest
 from retrieval_workers.types import PAD_TOKEN, SearchResult, ServiceSpec
 
 RemoteIndexShard = ray.remote(IndexShard)
+SHARD_THREADS = 4     # concurrent calls per shard actor: searches go on while a new version loads
 
 
 def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
@@ -27,11 +29,24 @@ def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
     actors = [
         RemoteIndexShard.options(
             name=spec.actor_name(shard, replica), namespace=spec.namespace, get_if_exists=True,
-            lifetime="detached", num_cpus=spec.actor_cpus, max_restarts=-1,
+            lifetime="detached", num_cpus=spec.actor_cpus, max_restarts=-1, max_concurrency=SHARD_THREADS,
         ).remote(spec.kb_dir, shard, spec.omp_threads, spec.search_params)
         for shard in range(spec.num_shards) for replica in range(spec.num_replicas)
     ]
     ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
+
+
+def switch_version(spec: ServiceSpec, version: int, timeout_s: float = 600.0) -> None:
+    """Move every replica to `version`, which the manifest must already list.
+
+    Two phases: every replica loads the version beside the one it serves, then every
+    replica activates it. A client whose query meets shards on both sides of the switch
+    re-asks for the newer version, which every replica holds by then.
+    """
+    actors = [ray.get_actor(spec.actor_name(shard, replica), namespace=spec.namespace)
+              for shard in range(spec.num_shards) for replica in range(spec.num_replicas)]
+    ray.get([a.load_version.remote(version) for a in actors], timeout=timeout_s)
+    ray.get([a.activate.remote(version) for a in actors], timeout=timeout_s)
 
 
 def shutdown_service(spec: ServiceSpec) -> None:
@@ -82,6 +97,7 @@ def merge_top_k(parts: list[SearchResult], k: int) -> SearchResult:
         token_ids=token_ids[..., :max(int(lengths.max(initial=0)), 1)],
         lengths=lengths,
         version=versions.pop(),
+        active_version=max(p.active_version for p in parts),
     )
 
 

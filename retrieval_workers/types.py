@@ -37,6 +37,35 @@ class SearchResult:
     token_ids: np.ndarray     # int32 [B, k, L]
     lengths: np.ndarray       # int32 [B, k]
     version: int              # the index version that answered
+    active_version: int       # the version the shards serve by default now (newer during a switch)
 
 
 PAD_TOKEN = -1
+
+
+@dataclass
+class RefreshSpec:
+    """The encoder actors that re-encode the knowledge base, and how many versions stay on disk."""
+
+    num_workers: int = 1          # encoder actors; shards are handed out to them in turn
+    worker_cpus: float = 1.0      # CPUs Ray reserves per encoder actor (also its torch threads)
+    worker_gpus: float = 0.0      # GPUs per encoder actor (bf16 encoding on a GPU)
+    batch_size: int = 64
+    keep_versions: int = 2
+    cpu_affinity: tuple[int, ...] = ()   # pin the encoder actors to these cores (benchmarks)
+
+
+@dataclass
+class RefreshReport:
+    """The outcome of one refresh; error is None when the new version was committed and switched to."""
+
+    version: int
+    global_step: int
+    wall_s: float
+    passages: int
+    encode_s: float
+    error: str | None = None
+
+    @property
+    def passages_per_s(self) -> float:
+        return self.passages / self.wall_s if self.wall_s > 0 else 0.0

@@ -11,15 +11,17 @@ import pytest
 import torch
 
 import rag_lightning.build_kb as build_kb_module
+import retrieval_workers.kb_store as kb_store
 from conftest import tiny_kb_config, write_documents
-from rag_lightning.build_kb import DOC_SEP, TITLE_SEP, build_knowledge_base, encode_passages
+from rag_lightning.build_kb import DOC_SEP, TITLE_SEP, build_knowledge_base
 from rag_lightning.config import IndexConfig
 from rag_lightning.encoders import build_encoder, load_encoder_tokenizer
 from rag_lightning.errors import UserError
 from rag_lightning.generator_tokenizer import load_generator_tokenizer
 from rag_lightning.kb_source import read_documents, split_into_passages
 from retrieval_workers.index_shard import IndexShard
-from retrieval_workers.kb_store import MANIFEST, PassageTable, read_manifest, sha256_file, verify_file
+from retrieval_workers.kb_store import MANIFEST, PassageTable, load_embeddings, read_manifest, sha256_file, verify_file
+from retrieval_workers.text_encoder import encode_token_ids
 
 
 def _assert_kb_whole(kb_dir: Path):
@@ -34,8 +36,8 @@ def _assert_kb_whole(kb_dir: Path):
     load_generator_tokenizer(kb_dir / manifest.encoder["generator_tokenizer"])
     for shard, (start, end) in enumerate(manifest.shards):
         index_shard = IndexShard(str(kb_dir), shard)
-        assert index_shard.version == manifest.active_version
-        assert index_shard.index.ntotal == end - start
+        assert index_shard.active == manifest.active_version
+        assert faiss.read_index(str(kb_dir / manifest.shard_index_file(shard))).ntotal == end - start
         result = index_shard.search(np.ones((1, manifest.dim), np.float32), 2)
         assert np.all((result.ids >= start) & (result.ids < end))
     return manifest
@@ -94,15 +96,12 @@ def test_build_round_trip(tmp_path):
     assert [enc_values[enc_offsets[i]:enc_offsets[i + 1]].tolist() for i in range(18)] == want_encoder
 
     # embeddings: the same random encoder (same seed), run directly
-    embeddings = np.load(kb_dir / manifest.embeddings_file())
+    embeddings = load_embeddings(kb_dir, manifest)
     assert embeddings.dtype == np.float32 and embeddings.shape == (18, 32)
-    torch.manual_seed(1234)
-    encoder = build_encoder(kb.context_encoder, len(encoder_tokenizer)).eval()
-    np.testing.assert_allclose(encode_passages(encoder, want_encoder, encoder_tokenizer.pad_token_id, 4),
-                               embeddings, rtol=1e-5, atol=1e-5)
+    encoder = build_encoder(kb.context_encoder, encoder_tokenizer).eval()
+    np.testing.assert_allclose(encode_token_ids(encoder, enc_values, enc_offsets, 4), embeddings, rtol=1e-5, atol=1e-5)
     with torch.no_grad():       # one passage at a time, no padding: the batching must not change any row
-        one_by_one = np.stack([encoder(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0].numpy()
-                               for ids in want_encoder])
+        one_by_one = np.stack([encoder(torch.tensor([ids]))[0].numpy() for ids in want_encoder])
     np.testing.assert_allclose(one_by_one, embeddings, rtol=1e-4, atol=1e-5)
     assert len({tuple(np.round(row, 5)) for row in embeddings}) == 18
 
@@ -116,8 +115,8 @@ def test_build_round_trip(tmp_path):
         assert sorted(ids[0].tolist()) == list(range(end - start))
 
     # the manifest lists exactly the passage table and the version's files, with their checksums
-    assert set(manifest.files) == {manifest.passages_file, "v0/embeddings.npy", "v0/shard_000.faiss",
-                                   "v0/shard_001.faiss"}
+    assert set(manifest.files) == {manifest.passages_file, "v0/version.json", "v0/shard_000.faiss",
+                                   "v0/shard_000.embeddings.npy", "v0/shard_001.faiss", "v0/shard_001.embeddings.npy"}
     assert all(sha256_file(kb_dir / f) == digest for f, digest in manifest.files.items())
     assert json.loads(_manifest_bytes(kb_dir))["active_version"] == 0
 
@@ -153,7 +152,7 @@ def test_identical_rebuild_is_reused(tmp_path, monkeypatch):
     def must_not_encode(*args, **kwargs):
         raise AssertionError("an identical build must be reused, not encoded again")
     with monkeypatch.context() as patch:
-        patch.setattr(build_kb_module, "encode_passages", must_not_encode)
+        patch.setattr(build_kb_module, "build_shard", must_not_encode)
         again = build_knowledge_base(replace(kb, encode_batch_size=3), index)   # batch size is not an input
     assert again == first
     assert _manifest_bytes(Path(kb.dir)) == before
@@ -173,7 +172,7 @@ def test_identical_rebuild_is_reused(tmp_path, monkeypatch):
     _assert_kb_whole(Path(kb.dir))
 
 
-CRASH_POINTS = ["encode_passages", "shard_index_write", "manifest_write"]
+CRASH_POINTS = ["encode_shard", "shard_index_write", "manifest_write"]
 
 
 @pytest.mark.parametrize("crash_at", CRASH_POINTS)
@@ -185,7 +184,7 @@ def test_crashed_rebuild_leaves_the_previous_kb_whole_and_a_later_build_replaces
     index = IndexConfig(factory="Flat", shards=2)
     first = build_knowledge_base(tiny_kb_config(source_a, kb_dir), index)
     first_bytes = _manifest_bytes(kb_dir)
-    first_embeddings = np.load(kb_dir / first.embeddings_file())
+    first_embeddings = load_embeddings(kb_dir, first)
     first_texts = PassageTable(kb_dir / first.passages_file).titles_and_texts(range(first.num_passages))
 
     class SimulatedCrash(Exception):
@@ -204,12 +203,12 @@ def test_crashed_rebuild_leaves_the_previous_kb_whole_and_a_later_build_replaces
         real_write_index(shard_index, path)
 
     with monkeypatch.context() as patch:
-        if crash_at == "encode_passages":
-            patch.setattr(build_kb_module, "encode_passages", crash)
+        if crash_at == "encode_shard":
+            patch.setattr(build_kb_module, "build_shard", crash)
         elif crash_at == "shard_index_write":
             patch.setattr(build_kb_module.faiss, "write_index", crash_on_second_shard)
         else:
-            patch.setattr(build_kb_module, "write_manifest", crash)
+            patch.setattr(kb_store, "write_manifest", crash)
         with pytest.raises(SimulatedCrash):
             build_knowledge_base(tiny_kb_config(source_b, kb_dir), index)
 
@@ -217,7 +216,7 @@ def test_crashed_rebuild_leaves_the_previous_kb_whole_and_a_later_build_replaces
     assert _manifest_bytes(kb_dir) == first_bytes
     manifest = _assert_kb_whole(kb_dir)
     assert manifest == first
-    np.testing.assert_array_equal(np.load(kb_dir / manifest.embeddings_file()), first_embeddings)
+    np.testing.assert_array_equal(load_embeddings(kb_dir, manifest), first_embeddings)
     assert PassageTable(kb_dir / manifest.passages_file).titles_and_texts(range(first.num_passages)) == first_texts
 
     # a successful build of the new source replaces it, and the old version's files are pruned
@@ -252,7 +251,7 @@ def test_approximate_index_factories_build_and_search(tmp_path, factory, index_t
     manifest = build_knowledge_base(kb, IndexConfig(factory=factory, shards=shards))
     assert manifest.index_factory == factory and len(manifest.shards) == shards
     _assert_kb_whole(Path(kb.dir))
-    embeddings = np.load(Path(kb.dir) / manifest.embeddings_file())
+    embeddings = load_embeddings(Path(kb.dir), manifest)
     queries = embeddings[::7][:8] - embeddings.mean(0)
     for shard, (start, end) in enumerate(manifest.shards):
         index = faiss.read_index(str(Path(kb.dir) / manifest.shard_index_file(shard)))   # already the concrete type

@@ -11,7 +11,7 @@ import ray
 from conftest import tiny_kb_config, unique_spec, write_documents
 from rag_lightning.build_kb import build_knowledge_base
 from rag_lightning.config import IndexConfig
-from retrieval_workers.kb_store import PassageTable, read_manifest
+from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.types import PAD_TOKEN
 
@@ -47,7 +47,7 @@ def _queries(embeddings: np.ndarray, n: int = 6) -> np.ndarray:
 
 def _stored(kb_dir: Path):
     manifest = read_manifest(kb_dir)
-    embeddings = np.load(kb_dir / manifest.embeddings_file())
+    embeddings = load_embeddings(kb_dir, manifest)
     values, offsets = PassageTable(kb_dir / manifest.passages_file).token_ids("generator_ids")
     return manifest, embeddings, values, offsets
 

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_encoder_config, unique_spec
 from rag_lightning.build_kb import build_knowledge_base
 from rag_lightning.config import GeneratorConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig, ModelConfig, \
-    OptimConfig
+    OptimConfig, RetrieverConfig
 from rag_lightning.datamodule import QADataModule
 from rag_lightning.demo_data import write_demo_data
 from rag_lightning.encoders import load_encoder_tokenizer
@@ -46,12 +46,12 @@ def _model_config(kind: str, **overrides) -> ModelConfig:
                        max_context_tokens=64, max_answer_tokens=8, num_beams=2, **overrides)
 
 
-def _module_and_batch(service, kind: str, **model_overrides):
+def _module_and_batch(service, kind: str, **retriever_overrides):
     data_dir, spec = service
     torch.manual_seed(0)
-    model_cfg = _model_config(kind, **model_overrides)
-    module = RagModule(model=asdict(model_cfg), optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)),
-                       service=asdict(spec))
+    model_cfg = _model_config(kind)
+    module = RagModule(model=asdict(model_cfg), retriever=asdict(RetrieverConfig(**retriever_overrides)),
+                       optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
     module.setup("fit")
     datamodule = QADataModule(str(data_dir), load_encoder_tokenizer(model_cfg.question_encoder),
                               module.generator_tokenizer, batch_size=BATCH, eval_batch_size=BATCH,
@@ -92,12 +92,12 @@ def test_training_lowers_the_loss_and_trains_the_question_encoder(service, kind)
     module.train()
     for step in range(30):
         optimizer.zero_grad()
-        loss = module.training_step(batch, step)
+        loss = module.training_step(batch, step)["loss"]
         assert loss.ndim == 0 and math.isfinite(loss.item())
         loss.backward()
         if step == 0:
             # the gradient reaches every trainable encoder weight through doc_scores = q . d; the token
-            # embedding table is frozen by default (model.freeze_question_embeddings)
+            # embedding table is frozen by default (retriever.freeze_embeddings)
             word_embeddings = module.question_encoder.model.embeddings.word_embeddings.weight
             assert not word_embeddings.requires_grad and word_embeddings.grad is None
             grads = [p.grad for p in question_encoder_params if p.requires_grad]
@@ -111,9 +111,30 @@ def test_training_lowers_the_loss_and_trains_the_question_encoder(service, kind)
 
 def test_frozen_question_encoder_gets_no_gradient(service):
     module, _, batch = _module_and_batch(service, "rag_sequence", train_question_encoder=False)
-    module.training_step(batch, 0).backward()
+    module.training_step(batch, 0)["loss"].backward()
     assert all(not p.requires_grad and p.grad is None for p in module.question_encoder.parameters())
     assert sum(float(p.grad.abs().sum()) for p in module.rag.generator.parameters() if p.grad is not None) > 0
+
+
+def test_context_encoder_gets_gradients_only_when_trained(service):
+    # train_ctx_encoder=false: the stored embeddings are used and there is no context encoder to update
+    module, _, batch = _module_and_batch(service, "rag_sequence")
+    assert module.context_encoder is None
+    assert not any("context_encoder" in name for name, _ in module.named_parameters())
+    module.training_step(batch, 0)["loss"].backward()
+
+    module, _, batch = _module_and_batch(service, "rag_sequence", train_ctx_encoder=True)
+    # it starts from the knowledge base's encoder: re-embedding the retrieved passages gives the stored rows
+    module.eval()          # no dropout
+    _, _, _, result = module.retrieve(batch)
+    with torch.no_grad():
+        np.testing.assert_allclose(module.embed_passages(result.ids).numpy(), result.embeddings, rtol=1e-4, atol=1e-5)
+    module.train()
+    module.training_step(batch, 0)["loss"].backward()
+    trainable = [p for p in module.context_encoder.parameters() if p.requires_grad]
+    assert len(trainable) > 1 and all(p.grad is not None for p in trainable)
+    assert sum(float(p.grad.abs().sum()) for p in trainable) > 0, "the context encoder's gradients are all zero"
+    assert not module.context_encoder.model.get_input_embeddings().weight.requires_grad   # frozen by default
 
 
 @pytest.mark.parametrize("kind", ["rag_sequence", "rag_token"])

@@ -1,0 +1,38 @@
+"""Embed one shard's passages and write its files into a version folder.
+
+The knowledge-base build (in the trainer's process) and the refresh encoder actors (in Ray)
+both make a version this way, from the context-encoder token ids stored in the passage
+table: the raw source is never read again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retrieval_workers.kb_store import (
+    PassageTable,
+    shard_embeddings_name,
+    shard_index_name,
+)
+from retrieval_workers.text_encoder import TextEncoder, encode_token_ids
+
+
+def build_shard(encoder: TextEncoder, passages: PassageTable, shard: int, start: int, end: int, factory: str,
+                version_dir: Path, batch_size: int) -> None:
+    """Encode passages [start, end) and write shard `shard`'s index and embeddings into version_dir."""
+    values, offsets = passages.token_ids("encoder_ids", start, end)
+    embeddings = encode_token_ids(encoder, values, offsets, batch_size, desc=f"encoding shard {shard}")
+    write_shard(version_dir, shard, embeddings, factory)
+
+
+def write_shard(version_dir: Path, shard: int, embeddings: np.ndarray, factory: str) -> None:
+    """Build a FAISS inner-product index of the given type over the embeddings and save both."""
+    index = faiss.index_factory(embeddings.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    faiss.write_index(index, str(version_dir / shard_index_name(shard)))
+    np.save(version_dir / shard_embeddings_name(shard), vectors)

@@ -1,0 +1,81 @@
+"""TextEncoder, the dense encoder of questions and passages, and how passages are embedded with it.
+
+Both sides use this module: the trainer builds and trains encoders (rag_lightning/encoders.py
+makes them from a config), the knowledge-base build and the refresh encoder actors embed
+passages with `encode_token_ids`. An `EncoderSnapshot` is what the trainer publishes in the
+Ray object store for a refresh: the architecture, the weights and the global step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import BertConfig, BertModel
+
+
+class TextEncoder(nn.Module):
+    """Maps token ids [B, T] to one vector per text [B, D] (mean or [CLS] pooling over a BERT-style model)."""
+
+    def __init__(self, model: BertModel, pooling: str, pad_token_id: int):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+        self.pad_token_id = pad_token_id
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        attention_mask = (input_ids != self.pad_token_id).long()
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def snapshot(self, global_step: int) -> EncoderSnapshot:
+        """A CPU copy of the architecture and weights, to publish for a refresh."""
+        weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
+        return EncoderSnapshot(self.model.config.to_dict(), self.pooling, self.pad_token_id, weights, global_step)
+
+
+@dataclass
+class EncoderSnapshot:
+    """A context encoder at one global step, as the refresh encoder actors receive it."""
+
+    bert_config: dict
+    pooling: str
+    pad_token_id: int
+    weights: dict[str, torch.Tensor]
+    global_step: int
+
+    def build(self) -> TextEncoder:
+        model = BertModel(BertConfig.from_dict(self.bert_config), add_pooling_layer=False)
+        model.load_state_dict(self.weights)
+        return TextEncoder(model, self.pooling, self.pad_token_id).eval()
+
+
+@torch.no_grad()
+def encode_token_ids(encoder: TextEncoder, values: np.ndarray, offsets: np.ndarray, batch_size: int,
+                     desc: str = "encoding passages") -> np.ndarray:
+    """Embed the texts whose token ids are values[offsets[i]:offsets[i+1]], as float32 [n, D].
+
+    Texts are batched by similar length (little padding), with a progress bar; on a GPU the
+    forward pass runs in bfloat16.
+    """
+    lengths = np.diff(offsets)
+    order = np.argsort(lengths, kind="stable")
+    device = next(encoder.parameters()).device
+    out = np.empty((len(lengths), encoder.dim), dtype=np.float32)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=2.0):
+        rows = order[start:start + batch_size]
+        ids = np.full((len(rows), max(int(lengths[rows].max()), 1)), encoder.pad_token_id, dtype=np.int64)
+        for j, i in enumerate(rows):
+            ids[j, :lengths[i]] = values[offsets[i]:offsets[i + 1]]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out[rows] = encoder(torch.from_numpy(ids).to(device)).float().cpu().numpy()
+    return out
