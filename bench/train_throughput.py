@@ -118,11 +118,11 @@ def encoder_config(tok_dir: Path) -> EncoderConfig:
                          num_heads=HEADS, pooling="cls")
 
 
-def build_kb(kb_file: Path, tok_dir: Path, kb_dir: Path) -> None:
+def build_kb(kb_file: Path, tok_dir: Path, kb_dir: Path, factory: str = INDEX_FACTORY) -> None:
     kb = KBConfig(source=str(kb_file), dir=str(kb_dir), words_per_passage=100,   # 60-word passages stay whole
                   context_encoder=encoder_config(tok_dir),
                   generator_tokenizer=GeneratorTokenizerConfig(path=str(tok_dir)))
-    build_knowledge_base(kb, IndexConfig(factory=INDEX_FACTORY, shards=SHARDS, replicas=REPLICAS))
+    build_knowledge_base(kb, IndexConfig(factory=factory, shards=SHARDS, replicas=REPLICAS))
 
 
 # --- ours and floor -----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from retrieval_workers.text_encoder import EncoderSnapshot, TextEncoder
 from retrieval_workers.types import RefreshReport, RefreshSpec, ServiceSpec
 
 STRAGGLER_TIMEOUT_S = 600.0
+WORKER_RESTART_TIMEOUT_S = 120.0
 
 
 class EncoderWorker:
@@ -39,6 +40,9 @@ class EncoderWorker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # Ray sets the visible GPUs
         self._passages: PassageTable | None = None
         self._encoder: tuple[int, TextEncoder] | None = None
+
+    def ready(self) -> bool:
+        return True
 
     def encode_shard(self, snapshot: EncoderSnapshot, shard: int, version_dir: str, batch_size: int) -> float:
         """Write shard `shard` of a new version into version_dir; returns the seconds it took."""
@@ -69,9 +73,11 @@ class RefreshCoordinator:
         self.service = service
         self.refresh_spec = refresh
         self.workers = [
-            RemoteEncoderWorker.options(num_cpus=refresh.worker_cpus, num_gpus=refresh.worker_gpus, max_restarts=-1)
+            RemoteEncoderWorker.options(name=encoder_name(service, i), namespace=service.namespace,
+                                        get_if_exists=True, num_cpus=refresh.worker_cpus,
+                                        num_gpus=refresh.worker_gpus, max_restarts=-1)
             .remote(service.kb_dir, int(refresh.worker_cpus), refresh.cpu_affinity)
-            for _ in range(refresh.num_workers)
+            for i in range(refresh.num_workers)
         ]
 
     def refresh(self, snapshot: list[ray.ObjectRef], global_step: int) -> RefreshReport:
@@ -90,6 +96,7 @@ class RefreshCoordinator:
 
     def _encode_version(self, snapshot: ray.ObjectRef, manifest: Manifest, version: int, global_step: int) -> float:
         """Write folder v<version> with every shard, each shard on the next free encoder actor."""
+        self._wait_until_workers_ready()
         todo = list(range(len(manifest.shards)))
         free = list(self.workers)
         running: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
@@ -112,12 +119,29 @@ class RefreshCoordinator:
             write_version_info(staging, version, global_step)
         return encode_s
 
+    def _wait_until_workers_ready(self) -> None:
+        """Wait for encoder actors that Ray is restarting (after a crash) to come back."""
+        deadline = time.monotonic() + WORKER_RESTART_TIMEOUT_S
+        for worker in self.workers:
+            while True:
+                try:
+                    ray.get(worker.ready.remote())
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+
 
 RemoteRefreshCoordinator = ray.remote(RefreshCoordinator)
 
 
 def coordinator_name(service: ServiceSpec) -> str:
     return f"{service.name_prefix}-refresh"
+
+
+def encoder_name(service: ServiceSpec, worker: int) -> str:
+    return f"{service.name_prefix}-encoder{worker}"
 
 
 def launch_refresher(service: ServiceSpec, refresh: RefreshSpec) -> ray.actor.ActorHandle:

@@ -67,12 +67,25 @@ class RetrievalClient:
         replicas = [(replica_offset + shard) % spec.num_replicas for shard in range(spec.num_shards)]
         self.shards = [_get_actor_with_retry(spec.actor_name(shard, replica), spec.namespace, attach_timeout_s)
                        for shard, replica in enumerate(replicas)]
+        self.version: int | None = None     # the index version asked for; follows the service's switches
+        self.switch_retries = 0
+        self.switch_retry_s = 0.0
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """Exact global top-k over all shards for float32 queries [B, D]."""
+        """Exact global top-k over all shards for float32 queries [B, D], all from one index version."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        parts = ray.get([shard.search.remote(queries, k) for shard in self.shards])
-        return merge_top_k(parts, k)
+        parts = self._search_shards(queries, k, self.version)
+        if len({p.version for p in parts}) > 1:        # a switch landed between the shards' answers
+            started = time.perf_counter()
+            parts = self._search_shards(queries, k, max(p.version for p in parts))
+            self.switch_retries += 1
+            self.switch_retry_s += time.perf_counter() - started
+        result = merge_top_k(parts, k)
+        self.version = result.active_version
+        return result
+
+    def _search_shards(self, queries: np.ndarray, k: int, version: int | None) -> list[SearchResult]:
+        return ray.get([shard.search.remote(queries, k, version) for shard in self.shards])
 
 
 def merge_top_k(parts: list[SearchResult], k: int) -> SearchResult:

@@ -200,3 +200,17 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, su
     proc = _train(["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
                    *TINY_MODEL, "model.question_encoder.hidden_size=48"], tmp_path, subprocess_env)
     _assert_user_error(proc, "model.question_encoder", "48", "32")
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["retriever.train_ctx_encoder=true", "refresh=background", "refresh.every_n_steps=0"],
+     ["refresh.every_n_steps", ">= 1", "got 0"]),
+    (["retriever.train_ctx_encoder=true", "refresh=background", "refresh.every_n_steps=-5"],
+     ["refresh.every_n_steps", "got -5"]),
+    (["refresh=background"], ["refresh.every_n_steps", "retriever.train_ctx_encoder=false"]),
+])
+def test_bad_refresh_settings(tmp_path, subprocess_env, overrides, fragments):
+    data = _qa_dir(tmp_path)
+    proc = _train(["data=files", f"data.dir={data}", *overrides], tmp_path, subprocess_env)
+    _assert_user_error(proc, *fragments)
+    assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"

@@ -28,6 +28,38 @@ def test_tiny_training_run_writes_its_run_dir(tmp_path, subprocess_env, override
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert results["best_checkpoint"].startswith(str(run_dir / "checkpoints"))
-    assert (run_dir / "logs" / "metrics.csv").read_text().startswith("epoch,step")
+    header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "step", "train/loss", "val/em", "retrieval/id_entropy", "index/version"} <= set(header)
     manifest = json.loads((run_dir / "kb" / "manifest.json").read_text())
     assert len(manifest["shards"]) == (3 if "index.shards=3" in overrides else 2)
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_path, subprocess_env):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny",
+                           "retriever.train_ctx_encoder=true", "refresh=background", "refresh.every_n_steps=2",
+                           "refresh.blocking=true", f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=subprocess_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # refreshes after steps 2, 4 and 6 (blocking here, so none is skipped): versions 1, 2, 3; two kept
+    results = json.loads((run_dir / "results.json").read_text())
+    manifest = json.loads((run_dir / "kb" / "manifest.json").read_text())
+    assert manifest["active_version"] in (1, 2, 3)     # the best checkpoint's version is served for the test
+    assert sorted({name.split("/")[0] for name in manifest["files"] if name.startswith("v")}) == ["v2", "v3"]
+    assert results["kb/index_version"] == manifest["active_version"]
+    assert json.loads((run_dir / "kb" / "v3" / "version.json").read_text())["global_step"] == 6
+    assert (run_dir / "checkpoints" / "context_encoder" / "config.json").is_file()
+
+    header, *rows = (run_dir / "logs" / "metrics.csv").read_text().splitlines()
+    columns = header.split(",")
+    for key in ("index/version", "index/staleness", "retrieval/id_entropy", "refresh/version", "refresh/wall_s",
+                "refresh/passages_per_s", "refresh/completed", "refresh/skipped", "refresh/failed"):
+        assert key in columns, key
+    values = [dict(zip(columns, row.split(","))) for row in rows]
+    entropies = [float(v["retrieval/id_entropy"]) for v in values if v["retrieval/id_entropy"]]
+    assert entropies and all(0.0 <= e <= 1.0 for e in entropies)
+    assert max(float(v["refresh/completed"]) for v in values if v["refresh/completed"]) == 3
+    staleness = [float(v["index/staleness"]) for v in values if v["index/staleness"]]
+    assert staleness and min(staleness) >= 0 and max(staleness) <= 2
