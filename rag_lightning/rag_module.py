@@ -27,6 +27,7 @@ from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, Retrie
 from rag_lightning.contexts import join_contexts
 from rag_lightning.encoders import build_encoder, load_encoder_tokenizer
 from rag_lightning.generator_tokenizer import load_generator_tokenizer
+from rag_lightning.index_refresh import IndexRefresh
 from rag_lightning.metrics import answer_in_passages, exact_match, f1_score
 from retrieval_workers.kb_store import KnowledgeBaseError, PassageTable, activate_kept_version, read_manifest, \
     staged_directory
@@ -54,7 +55,7 @@ class RagModule(L.LightningModule):
         self.service_spec = ServiceSpec(**service)
         manifest = read_manifest(self.service_spec.kb_dir)
         self.passages_file = manifest.passages_file
-        self.index_version = manifest.active_version
+        self.index_version = manifest.active_version     # the index version the last training step used
         self.generator_tokenizer = load_generator_tokenizer(
             f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}")
         self.question_encoder = build_encoder(self.model_cfg.question_encoder,
@@ -88,7 +89,6 @@ class RagModule(L.LightningModule):
         """doc_scores [B, k] (differentiable in the question encoder), contexts [B*k, L] and their mask."""
         q = self.question_encoder(batch["question_ids"])
         result = self.retriever.search(q.detach().float().cpu().numpy(), self.model_cfg.n_docs)
-        self.index_version = result.version
         doc_embeddings = self.embed_passages(result.ids).to(q) if self.context_encoder is not None \
             else torch.from_numpy(result.embeddings).to(q)
         doc_scores = torch.einsum("bd,bkd->bk", q, doc_embeddings)
@@ -110,7 +110,12 @@ class RagModule(L.LightningModule):
         self._restore_index_version()
 
     def _restore_index_version(self) -> None:
-        """After a checkpoint was loaded, serve the index version it trained against (rank 0 switches)."""
+        """After a checkpoint was loaded, serve the index version it trained against (rank 0 switches).
+
+        If that version was pruned meanwhile and the checkpoint holds a trained context encoder, the
+        knowledge base is re-encoded with it (when the job has an IndexRefresh); else the active version
+        stays, with a warning.
+        """
         version, self.version_to_restore = self.version_to_restore, None
         if version is None or version == read_manifest(self.service_spec.kb_dir).active_version:
             return
@@ -120,7 +125,12 @@ class RagModule(L.LightningModule):
                 switch_version(self.service_spec, version)
                 log.info("index version %d, which the checkpoint trained against, is active again", version)
             except KnowledgeBaseError as e:
-                log.warning("%s; going on with the active version", e)
+                refresh = next((c for c in self.trainer.callbacks if isinstance(c, IndexRefresh)), None)
+                if self.context_encoder is not None and refresh is not None:
+                    log.warning("%s; re-encoding the knowledge base with the checkpoint's context encoder", e)
+                    refresh.refresh_now(self)
+                else:
+                    log.warning("%s; going on with the active version", e)
         self.trainer.strategy.barrier()
 
     # --- checkpoints --------------------------------------------------------------------------------------
@@ -148,6 +158,7 @@ class RagModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         doc_scores, context_ids, context_mask, result = self.retrieve(batch)
+        self.index_version = result.version       # what a checkpoint records: the version training used last
         out = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask, doc_scores=doc_scores,
                        labels=batch["labels"], n_docs=self.model_cfg.n_docs, reduce_loss=False)
         loss = out.loss.mean()

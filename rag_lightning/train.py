@@ -61,7 +61,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise UserError(f"refresh.every_n_steps must be >= 1, or null for no refresh (got {refresh.every_n_steps})")
         if not cfg.retriever.train_ctx_encoder:
             raise UserError("refresh.every_n_steps is set but retriever.train_ctx_encoder=false: the passage "
-                            "embeddings would never change; train the context encoder or set refresh=disabled")
+                            "embeddings would never change; train the context encoder or set "
+                            "refresh.every_n_steps=null")
         if refresh.workers < 1 or refresh.keep_versions < 1 or refresh.batch_size < 1:
             raise UserError("refresh.workers, refresh.keep_versions and refresh.batch_size must be >= 1")
 
@@ -91,11 +92,13 @@ def train(cfg: TrainConfig) -> dict:
                           dashboard=cfg.retrieval.dashboard, num_cpus=cfg.retrieval.num_cpus)
     launch_service(spec)
     callbacks: list[L.Callback] = [RetrievalMonitor(spec.kb_dir, cfg.retrieval.entropy_window)]
+    refresh: IndexRefresh | None = None
     if cfg.refresh.every_n_steps is not None:
         launch_refresher(spec, RefreshSpec(num_workers=cfg.refresh.workers, worker_cpus=cfg.refresh.worker_cpus,
                                            worker_gpus=cfg.refresh.worker_gpus, batch_size=cfg.refresh.batch_size,
                                            keep_versions=cfg.refresh.keep_versions))
-        callbacks.append(IndexRefresh(spec, cfg.refresh.every_n_steps, blocking=cfg.refresh.blocking))
+        refresh = IndexRefresh(spec, cfg.refresh.every_n_steps, blocking=cfg.refresh.blocking)
+        callbacks.append(refresh)
     try:
         module = RagModule(model=asdict(cfg.model), retriever=asdict(cfg.retriever), optim=asdict(cfg.optim),
                            service=asdict(spec), ray_address=ray_address)
@@ -131,10 +134,14 @@ def train(cfg: TrainConfig) -> dict:
         final = trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoints.best_model_path else None,
                              verbose=False)[0]
         results.update(final)
-        results.update({"train/steps": trainer.global_step, "train/fit_s": round(fit_s, 1), "best_checkpoint": checkpoints.best_model_path,
+        results.update({"train/steps": trainer.global_step, "train/fit_s": round(fit_s, 1),
+                        "best_checkpoint": checkpoints.best_model_path,
                         "kb/num_passages": manifest.num_passages,
                         "kb/index_version": read_manifest(spec.kb_dir).active_version,
                         "wall_time_s": round(time.time() - started, 1)})
+        if refresh is not None:
+            results.update({"refresh/completed": refresh.completed, "refresh/skipped": refresh.skipped,
+                            "refresh/failed": refresh.failed})
         if trainer.is_global_zero:
             atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
             log.info("results: %s", json.dumps(results))

@@ -53,7 +53,8 @@ class IndexShard:
     def load_version(self, version: int) -> int:
         """Read a committed version from disk beside the active one (checksums verified); returns it."""
         manifest = read_manifest(self.kb_dir)
-        index = faiss.read_index(str(verify_file(self.kb_dir, manifest, manifest.shard_index_file(self.shard, version))))
+        index_file = verify_file(self.kb_dir, manifest, manifest.shard_index_file(self.shard, version))
+        index = faiss.read_index(str(index_file))
         if self.search_params:
             faiss.ParameterSpace().set_index_parameters(index, self.search_params)
         embeddings = np.load(verify_file(self.kb_dir, manifest, manifest.embeddings_file(self.shard, version)),

@@ -252,3 +252,12 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
                     ckpt_path=tmp_path / "checkpoints" / "step=2.ckpt")
     assert "index version 0 is no longer on disk" in caplog.text
     assert read_manifest(spec.kb_dir).active_version == 1
+
+    # ... unless the job refreshes: then that version is made again from the checkpoint's context encoder
+    refresh = IndexRefresh(spec, every_n_steps=100)
+    trainer = _trainer(tmp_path, max_steps=3, callbacks=[refresh])
+    module = _tiny_module(spec.kb_dir, spec)
+    trainer.fit(module, datamodule=_datamodule(data_dir, module), ckpt_path=tmp_path / "checkpoints" / "step=2.ckpt")
+    manifest = read_manifest(spec.kb_dir)
+    assert manifest.active_version == 3 and read_version_step(spec.kb_dir, manifest, 3) == 2
+    assert [r.global_step for r in refresh.reports] == [2] and module.index_version == 3

@@ -49,6 +49,7 @@ def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_p
     assert manifest["active_version"] in (1, 2, 3)     # the best checkpoint's version is served for the test
     assert sorted({name.split("/")[0] for name in manifest["files"] if name.startswith("v")}) == ["v2", "v3"]
     assert results["kb/index_version"] == manifest["active_version"]
+    assert (results["refresh/completed"], results["refresh/skipped"], results["refresh/failed"]) == (3, 0, 0)
     assert json.loads((run_dir / "kb" / "v3" / "version.json").read_text())["global_step"] == 6
     assert (run_dir / "checkpoints" / "context_encoder" / "config.json").is_file()
 
