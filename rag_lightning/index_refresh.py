@@ -63,11 +63,11 @@ class IndexRefresh(L.Callback):
             if report is not None and trainer.logger is not None:
                 trainer.logger.log_metrics(report_metrics(report), step=trainer.global_step)
 
-    def refresh_now(self, pl_module: L.LightningModule) -> RefreshReport | None:
-        """Make a version from the module's current context encoder and wait for it (e.g. after loading a
-        checkpoint whose index version was pruned); None if it failed."""
+    def refresh_now(self, pl_module: L.LightningModule, step: int) -> RefreshReport | None:
+        """Make a version from the module's current context encoder (the weights of global step `step`) and
+        wait for it, e.g. after loading a checkpoint whose index version was pruned; None if it failed."""
         self._collect(wait=True)
-        self._start(pl_module, pl_module.global_step)
+        self._start(pl_module, step)
         return self._collect(wait=True)
 
     def _start(self, pl_module: L.LightningModule, step: int) -> None:

@@ -73,7 +73,7 @@ class RagModule(L.LightningModule):
                 encoder.model.get_input_embeddings().requires_grad_(False)
         self.retriever: RetrievalClient | None = None
         self.passages: PassageTable | None = None
-        self.version_to_restore: int | None = None
+        self.version_to_restore: tuple[int, int] | None = None    # (index version, global step) of a checkpoint
         self.saved_context_encoder_step = -1
 
     # --- retrieval ---------------------------------------------------------------------------------------
@@ -116,9 +116,10 @@ class RagModule(L.LightningModule):
         knowledge base is re-encoded with it (when the job has an IndexRefresh); else the active version
         stays, with a warning.
         """
-        version, self.version_to_restore = self.version_to_restore, None
-        if version is None or version == read_manifest(self.service_spec.kb_dir).active_version:
+        restore, self.version_to_restore = self.version_to_restore, None
+        if restore is None or restore[0] == read_manifest(self.service_spec.kb_dir).active_version:
             return
+        version, checkpoint_step = restore
         if self.trainer.is_global_zero:
             try:
                 activate_kept_version(self.service_spec.kb_dir, version)
@@ -128,7 +129,7 @@ class RagModule(L.LightningModule):
                 refresh = next((c for c in self.trainer.callbacks if isinstance(c, IndexRefresh)), None)
                 if self.context_encoder is not None and refresh is not None:
                     log.warning("%s; re-encoding the knowledge base with the checkpoint's context encoder", e)
-                    refresh.refresh_now(self)
+                    refresh.refresh_now(self, checkpoint_step)
                 else:
                     log.warning("%s; going on with the active version", e)
         self.trainer.strategy.barrier()
@@ -142,7 +143,8 @@ class RagModule(L.LightningModule):
             self._save_context_encoder()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.version_to_restore = checkpoint.get("index_version")
+        if "index_version" in checkpoint:
+            self.version_to_restore = (checkpoint["index_version"], checkpoint["global_step"])
 
     def _save_context_encoder(self) -> None:
         """The trained context encoder in Hugging Face format (with its tokenizer) beside the checkpoints."""
