@@ -23,24 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from rag_lightning.config import IndexConfig, KBConfig, register_configs
 from rag_lightning.encoders import build_encoder, load_encoder_tokenizer
 from rag_lightning.errors import UserError, exit_on_user_error
-from rag_lightning.generator_tokenizer import (
-    extra_texts,
-    load_generator_tokenizer,
-    train_tokenizer,
-)
+from rag_lightning.generator_tokenizer import extra_texts, load_generator_tokenizer, train_tokenizer
 from rag_lightning.kb_source import read_documents, split_into_passages
-from retrieval_workers.kb_store import (
-    KnowledgeBaseError,
-    Manifest,
-    PassageTable,
-    commit_version,
-    read_manifest,
-    sha256_file,
-    shard_ranges,
-    staged_directory,
-    write_passage_table,
-    write_version_info,
-)
+from retrieval_workers.kb_store import (KnowledgeBaseError, Manifest, PassageTable, commit_version, read_manifest,
+                                        sha256_file, shard_ranges, staged_directory, write_passage_table,
+                                        write_version_info)
 from retrieval_workers.shard_build import build_shard
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 
 import lightning as L
 import numpy as np
@@ -21,8 +21,7 @@ def normalized_entropy(ids: np.ndarray) -> float:
     ids = ids[ids >= 0]
     if len(ids) < 2:
         return 1.0
-    counts = np.fromiter(Counter(ids.tolist()).values(), dtype=np.float64)
-    p = counts / counts.sum()
+    p = np.unique(ids, return_counts=True)[1] / len(ids)
     return float(-(p * np.log(p)).sum() / np.log(len(ids)))
 
 

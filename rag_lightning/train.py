@@ -25,10 +25,10 @@ from rag_lightning.config import TrainConfig, register_configs
 from rag_lightning.datamodule import QADataModule
 from rag_lightning.encoders import load_encoder_tokenizer
 from rag_lightning.errors import UserError, exit_on_user_error
+from rag_lightning.index_refresh import IndexRefresh
 from rag_lightning.loggers import build_logger
 from rag_lightning.prepared_data import prepare_data
 from rag_lightning.qa_files import read_split
-from rag_lightning.index_refresh import IndexRefresh
 from rag_lightning.rag_module import RagModule
 from rag_lightning.retrieval_monitor import RetrievalMonitor
 from retrieval_workers.kb_store import atomic_write_bytes, read_manifest
@@ -93,13 +93,13 @@ def train(cfg: TrainConfig) -> dict:
     launch_service(spec)
     callbacks: list[L.Callback] = [RetrievalMonitor(spec.kb_dir, cfg.retrieval.entropy_window)]
     refresh: IndexRefresh | None = None
-    if cfg.refresh.every_n_steps is not None:
-        launch_refresher(spec, RefreshSpec(num_workers=cfg.refresh.workers, worker_cpus=cfg.refresh.worker_cpus,
-                                           worker_gpus=cfg.refresh.worker_gpus, batch_size=cfg.refresh.batch_size,
-                                           keep_versions=cfg.refresh.keep_versions))
-        refresh = IndexRefresh(spec, cfg.refresh.every_n_steps, blocking=cfg.refresh.blocking)
-        callbacks.append(refresh)
     try:
+        if cfg.refresh.every_n_steps is not None:
+            launch_refresher(spec, RefreshSpec(num_workers=cfg.refresh.workers, worker_cpus=cfg.refresh.worker_cpus,
+                                               worker_gpus=cfg.refresh.worker_gpus, batch_size=cfg.refresh.batch_size,
+                                               keep_versions=cfg.refresh.keep_versions))
+            refresh = IndexRefresh(spec, cfg.refresh.every_n_steps, blocking=cfg.refresh.blocking)
+            callbacks.append(refresh)
         module = RagModule(model=asdict(cfg.model), retriever=asdict(cfg.retriever), optim=asdict(cfg.optim),
                            service=asdict(spec), ray_address=ray_address)
         if module.question_encoder.dim != manifest.dim:

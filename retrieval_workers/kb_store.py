@@ -145,7 +145,8 @@ def commit_version(kb_dir: str | Path, manifest: Manifest, version: int, keep: i
     for path in sorted(folder.iterdir()):
         manifest.files[f"{folder.name}/{path.name}"] = sha256_file(path)
     manifest.active_version = version
-    dropped = [v for v in manifest.kept_versions() if v != version][:max(len(manifest.kept_versions()) - keep, 0)]
+    older = [v for v in manifest.kept_versions() if v != version]
+    dropped = older[:max(len(older) + 1 - keep, 0)]
     manifest.files = {rel: digest for rel, digest in manifest.files.items()
                       if rel.split("/")[0] not in {manifest.version_dir(v) for v in dropped}}
     write_manifest(kb_dir, manifest)
