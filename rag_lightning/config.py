@@ -118,6 +118,7 @@ class RetrievalConfig:
     dashboard: bool = False
     num_cpus: Optional[int] = None
     actor_cpus: float = 0.0
+    temp_dir: Optional[str] = None          # a local Ray's session files; null: /tmp/ray_<SLURM job id or pid>
     entropy_window: int = 100               # training steps over which the retrieved-id entropy is measured
 
 
@@ -148,6 +149,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     num_sanity_val_steps: int = 0
     threads: int = 0                        # torch threads per process (0 = leave as is)
+    checkpoint_every_n_steps: Optional[int] = 500   # also checkpoint every N steps (resume point); null: at val only
 
 
 @dataclass
@@ -177,7 +179,8 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     evaluate_before_training: bool = True
-    ckpt_path: Optional[str] = None
+    ckpt_path: Optional[str] = None         # resume from it; null: from the run dir's newest checkpoint, if any
+    prepare_only: bool = False              # data, KB and shard actors ready on retrieval.ray_address, then exit
 
 
 @dataclass

@@ -1,9 +1,17 @@
-"""QADataModule: question-answer splits, tokenized once, padded per batch to the longest."""
+"""QADataModule: question-answer splits, tokenized once, padded per batch to the longest.
+
+Batches do not depend on the number of processes: training batches are slices of seeded
+global batches (GlobalBatchSampler) and each process evaluates its own share of a split,
+without the repeated examples a DistributedSampler pads with, so the metrics summed over
+processes are those of the whole split.
+"""
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rag_lightning.qa_files import QAExample, read_split
 
@@ -30,12 +38,44 @@ class TokenizedQA(Dataset):
         return i
 
 
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This process's part of each training batch, the same global batches for any number of processes.
+
+    Every epoch, one permutation seeded by (seed, epoch) is cut into global batches of
+    batch_size x world_size examples, and the process of rank r takes every world_size-th
+    example of each from the r-th. Two processes with batch 4 thus train on the same
+    examples, step by step, as one process with batch 8. A last global batch too small to
+    give every process an example is dropped.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:       # called by Lightning at the start of every epoch
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        global_batch = self.batch_size * self.world_size
+        for start in range(0, len(order) - self.world_size + 1, global_batch):
+            yield order[start:start + global_batch][self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        global_batch = self.batch_size * self.world_size
+        full, rest = divmod(self.num_examples, global_batch)
+        return full + int(rest >= self.world_size)
+
+
 class QADataModule(L.LightningDataModule):
     def __init__(self, data_dir: str, encoder_tokenizer, generator_tokenizer, batch_size: int = 8,
                  eval_batch_size: int = 32, max_question_tokens: int = 32, max_answer_tokens: int = 24,
-                 max_eval_examples: int = 0):
+                 max_eval_examples: int = 0, seed: int = 0):
         super().__init__()
         self.data_dir = data_dir
+        self.seed = seed
         self.encoder_tokenizer = encoder_tokenizer
         self.generator_tokenizer = generator_tokenizer
         self.batch_size = batch_size
@@ -63,18 +103,25 @@ class QADataModule(L.LightningDataModule):
         return self.splits[split]
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        dataset = self._load("train")
+        sampler = GlobalBatchSampler(len(dataset), self.batch_size, *self._rank_and_world_size(), seed=self.seed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda rows: self.collate(dataset, rows))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("test")
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Every world_size-th example from this process's rank on: each example is evaluated exactly once."""
         dataset = self._load(split)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False,
+        rank, world_size = self._rank_and_world_size()
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=range(rank, len(dataset), world_size),
                           collate_fn=lambda rows: self.collate(dataset, rows))
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def collate(self, dataset: TokenizedQA, rows: list[int]) -> dict:
         return {

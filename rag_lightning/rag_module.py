@@ -5,7 +5,8 @@ the top-k passages with their embeddings and token ids, doc_scores = q . doc emb
 contexts = stored passage ids + question ids, then the RAG marginal NLL. With
 retriever.train_ctx_encoder the retrieved passages are re-embedded by the current context
 encoder, so gradients reach it too. Validation and test generate answers and report
-exact match, F1 and retrieval recall@k.
+exact match, F1, retrieval recall@k and the answers' NLL, summed over every process's
+share of the split, so the figures are the whole split's.
 
 A checkpoint records the index version it trained against; loading it makes that
 version active again (if it is still on disk).
@@ -13,6 +14,7 @@ version active again (if it is still on disk).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -75,6 +77,9 @@ class RagModule(L.LightningModule):
         self.passages: PassageTable | None = None
         self.version_to_restore: tuple[int, int] | None = None    # (index version, global step) of a checkpoint
         self.saved_context_encoder_step = -1
+        self.last_search_ms = 0.0                  # wall time of the last search call
+        self.eval_sums: dict[str, float] = {}     # per-metric sums over this process's evaluated examples
+        self.eval_examples = 0
 
     # --- retrieval ---------------------------------------------------------------------------------------
 
@@ -88,7 +93,9 @@ class RagModule(L.LightningModule):
     def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SearchResult]:
         """doc_scores [B, k] (differentiable in the question encoder), contexts [B*k, L] and their mask."""
         q = self.question_encoder(batch["question_ids"])
+        started = time.perf_counter()
         result = self.retriever.search(q.detach().float().cpu().numpy(), self.model_cfg.n_docs)
+        self.last_search_ms = 1000 * (time.perf_counter() - started)
         doc_embeddings = self.embed_passages(result.ids).to(q) if self.context_encoder is not None \
             else torch.from_numpy(result.embeddings).to(q)
         doc_scores = torch.einsum("bd,bkd->bk", q, doc_embeddings)
@@ -165,6 +172,7 @@ class RagModule(L.LightningModule):
                        labels=batch["labels"], n_docs=self.model_cfg.n_docs, reduce_loss=False)
         loss = out.loss.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["answers"]))
+        self.log("retrieval/latency_ms", self.last_search_ms, batch_size=1)
         return {"loss": loss, "retrieved_ids": result.ids, "index_version": result.version}
 
     def configure_optimizers(self):
@@ -195,30 +203,60 @@ class RagModule(L.LightningModule):
     @torch.no_grad()
     def predict_answers(self, batch: dict) -> tuple[list[str], SearchResult]:
         doc_scores, context_ids, context_mask, result = self.retrieve(batch)
+        return self.generate_answers(doc_scores, context_ids, context_mask), result
+
+    def generate_answers(self, doc_scores: torch.Tensor, context_ids: torch.Tensor,
+                         context_mask: torch.Tensor) -> list[str]:
         generated = self.rag.generate(context_input_ids=context_ids, context_attention_mask=context_mask,
                                       doc_scores=doc_scores, n_docs=self.model_cfg.n_docs,
                                       num_beams=self.model_cfg.num_beams,
                                       max_new_tokens=self.model_cfg.max_answer_tokens)
-        return self.generator_tokenizer.batch_decode(generated, skip_special_tokens=True), result
+        return self.generator_tokenizer.batch_decode(generated, skip_special_tokens=True)
 
-    def _evaluate(self, batch: dict, prefix: str) -> None:
-        predictions, result = self.predict_answers(batch)
+    def _evaluate(self, batch: dict) -> None:
+        """Add this batch's per-example scores (EM, F1, recall@k, answer NLL) to the epoch's sums."""
+        doc_scores, context_ids, context_mask, result = self.retrieve(batch)
+        predictions = self.generate_answers(doc_scores, context_ids, context_mask)
+        nll = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask, doc_scores=doc_scores,
+                       labels=batch["labels"], n_docs=self.model_cfg.n_docs, reduce_loss=False).loss
         k = self.model_cfg.n_docs
         texts = self.passages.titles_and_texts(result.ids)
-        scores = {"em": [], "f1": [], f"recall@{k}": []}
         for i, (prediction, answers) in enumerate(zip(predictions, batch["answers"])):
-            scores["em"].append(exact_match(prediction, answers))
-            scores["f1"].append(f1_score(prediction, answers))
-            scores[f"recall@{k}"].append(answer_in_passages([t for _, t in texts[i * k:(i + 1) * k]], answers))
-        for name, values in scores.items():
-            self.log(f"{prefix}/{name}", float(np.mean(values)), batch_size=len(values), sync_dist=True,
-                     prog_bar=name == "em")
+            scores = {"em": exact_match(prediction, answers), "f1": f1_score(prediction, answers),
+                      f"recall@{k}": answer_in_passages([t for _, t in texts[i * k:(i + 1) * k]], answers),
+                      "loss": float(nll[i])}
+            for name, value in scores.items():
+                self.eval_sums[name] = self.eval_sums.get(name, 0.0) + value
+        self.eval_examples += len(predictions)
+
+    def _log_evaluation(self, prefix: str) -> None:
+        """Metrics over the whole split: every process's sums added up, then divided by the example count."""
+        names = sorted(self.eval_sums)
+        totals = torch.tensor([self.eval_sums[n] for n in names] + [self.eval_examples], dtype=torch.float64)
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        count = max(float(totals[-1]), 1.0)
+        metrics = {f"{prefix}/{name}": float(total) / count for name, total in zip(names, totals)}
+        metrics[f"{prefix}/examples"] = float(totals[-1])
+        # the values are equal on every rank already; sync_dist only keeps Lightning from warning otherwise
+        self.log_dict(metrics, sync_dist=True)
+        self.eval_sums, self.eval_examples = {}, 0
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_sums, self.eval_examples = {}, 0
+
+    on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
 
 
 def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) -> RagSequenceForGeneration:

@@ -73,3 +73,33 @@ def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_p
     assert max(float(v["refresh/completed"]) for v in values if v["refresh/completed"]) == 3
     staleness = [float(v["index/staleness"]) for v in values if v["index/staleness"]]
     assert staleness and min(staleness) >= 0 and max(staleness) <= 2
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_env):
+    """2 CPU processes (gloo) with batch 4 each train on the same global batches as 1 process with batch 8.
+
+    Tolerance: the test loss (answer NLL over the whole split, after 12 steps at a high learning rate)
+    within 1e-4 relative, so only float summation order may differ; EM, F1 and recall exactly equal.
+    The 9 test examples split 5 + 4 over the ranks: the metrics must be over all 9, not rank 0's 5.
+    """
+    common = ["experiment=tiny", "model.generator.dropout=0", "data.demo_entities=100", "data.max_eval_examples=9",
+              "trainer.max_steps=12", "trainer.val_check_interval=6", "optim.lr=3e-3"]
+    results = {}
+    for name, overrides in (("single", ["data.batch_size=8"]),
+                            ("ddp", ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=4"])):
+        run_dir = tmp_path / name
+        proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", *common, *overrides,
+                               f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=subprocess_env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((run_dir / "results.json").read_text())
+    assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
+
+    single, ddp = results["single"], results["ddp"]
+    assert single["test/examples"] == ddp["test/examples"] == 9
+    assert single["train/steps"] == ddp["train/steps"] == 12
+    assert ddp["test/loss"] < ddp["initial/loss"] - 0.1          # it trained
+    assert ddp["test/loss"] == pytest.approx(single["test/loss"], rel=1e-4)
+    for key in ("test/em", "test/f1", "test/recall@2", "initial/loss", "initial/recall@2"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-6), key
