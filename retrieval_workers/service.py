@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 import ray
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from retrieval_workers.index_shard import IndexShard
 from retrieval_workers.kb_store import read_manifest
@@ -21,19 +23,40 @@ SHARD_THREADS = 4     # concurrent calls per shard actor: searches go on while a
 
 
 def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
-    """Create every shard replica actor (existing ones are reused) and wait until all are loaded."""
+    """Create every shard replica actor (existing ones are reused) and wait until all are loaded.
+
+    The actors sit in one placement group of S x R bundles with the SPREAD strategy, so on a
+    cluster of several nodes the replicas land on different nodes where they can.
+    """
     manifest = read_manifest(spec.kb_dir)
     if len(manifest.shards) != spec.num_shards:
         raise ValueError(f"index.shards={spec.num_shards} but the knowledge base in {spec.kb_dir} "
                          f"has {len(manifest.shards)} shards; rebuild it or change index.shards")
+    group = _placement_group(spec, timeout_s)
     actors = [
         RemoteIndexShard.options(
             name=spec.actor_name(shard, replica), namespace=spec.namespace, get_if_exists=True,
             lifetime="detached", num_cpus=spec.actor_cpus, max_restarts=-1, max_concurrency=SHARD_THREADS,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=replica * spec.num_shards + shard),
         ).remote(spec.kb_dir, shard, spec.omp_threads, spec.search_params)
         for shard in range(spec.num_shards) for replica in range(spec.num_replicas)
     ]
     ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
+
+
+def _placement_group(spec: ServiceSpec, timeout_s: float) -> PlacementGroup:
+    """The service's named placement group, created on first use."""
+    try:
+        group = ray.util.get_placement_group(spec.placement_group_name())
+    except ValueError:
+        bundle = {"CPU": max(spec.actor_cpus, 0.001)}        # Ray refuses empty bundles
+        group = ray.util.placement_group([bundle] * (spec.num_shards * spec.num_replicas), strategy="SPREAD",
+                                         name=spec.placement_group_name(), lifetime="detached")
+    if not group.wait(timeout_s):
+        raise RuntimeError(f"placement group {spec.placement_group_name()!r} for {spec.num_shards} x "
+                           f"{spec.num_replicas} shard actors was not placed within {timeout_s:.0f}s")
+    return group
 
 
 def switch_version(spec: ServiceSpec, version: int, timeout_s: float = 600.0) -> None:
@@ -50,13 +73,17 @@ def switch_version(spec: ServiceSpec, version: int, timeout_s: float = 600.0) ->
 
 
 def shutdown_service(spec: ServiceSpec) -> None:
-    """Kill every shard replica actor of the spec that is alive."""
+    """Kill every shard replica actor of the spec that is alive, and remove their placement group."""
     for shard in range(spec.num_shards):
         for replica in range(spec.num_replicas):
             try:
                 ray.kill(ray.get_actor(spec.actor_name(shard, replica), namespace=spec.namespace))
             except ValueError:
                 pass
+    try:
+        ray.util.remove_placement_group(ray.util.get_placement_group(spec.placement_group_name()))
+    except ValueError:
+        pass
 
 
 class RetrievalClient:
