@@ -40,6 +40,7 @@ from retrieval_workers.types import SearchResult, ServiceSpec
 
 log = logging.getLogger(__name__)
 
+SAMPLES_KEPT = 16
 RAG_CLASSES = {"rag_sequence": RagSequenceForGeneration, "rag_token": RagTokenForGeneration}
 
 
@@ -80,6 +81,7 @@ class RagModule(L.LightningModule):
         self.last_search_ms = 0.0                  # wall time of the last search call
         self.eval_sums: dict[str, float] = {}     # per-metric sums over this process's evaluated examples
         self.eval_examples = 0
+        self.eval_samples: list[dict] = []         # the first evaluated examples, for a logger's sample table
 
     # --- retrieval ---------------------------------------------------------------------------------------
 
@@ -222,6 +224,11 @@ class RagModule(L.LightningModule):
         k = self.model_cfg.n_docs
         texts = self.passages.titles_and_texts(result.ids)
         for i, (prediction, answers) in enumerate(zip(predictions, batch["answers"])):
+            if len(self.eval_samples) < SAMPLES_KEPT:
+                self.eval_samples.append({"question": batch["questions"][i], "prediction": prediction,
+                                          "answers": " | ".join(answers),
+                                          "retrieved": " | ".join(title for title, _ in texts[i * k:(i + 1) * k]),
+                                          "top_score": float(result.scores[i, 0])})
             scores = {"em": exact_match(prediction, answers), "f1": f1_score(prediction, answers),
                       f"recall@{k}": answer_in_passages([t for _, t in texts[i * k:(i + 1) * k]], answers),
                       "loss": float(nll[i])}
@@ -242,7 +249,7 @@ class RagModule(L.LightningModule):
         self.eval_sums, self.eval_examples = {}, 0
 
     def on_validation_epoch_start(self) -> None:
-        self.eval_sums, self.eval_examples = {}, 0
+        self.eval_sums, self.eval_examples, self.eval_samples = {}, 0, []
 
     on_test_epoch_start = on_validation_epoch_start
 

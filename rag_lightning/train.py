@@ -18,6 +18,7 @@ import hydra
 import lightning as L
 import ray
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from rag_lightning.build_kb import build_knowledge_base
@@ -27,7 +28,7 @@ from rag_lightning.datamodule import QADataModule
 from rag_lightning.encoders import load_encoder_tokenizer
 from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.index_refresh import IndexRefresh
-from rag_lightning.loggers import build_logger
+from rag_lightning.loggers import SampleTable, build_logger
 from rag_lightning.prepared_data import prepare_data
 from rag_lightning.qa_files import read_split
 from rag_lightning.rag_module import RagModule
@@ -163,6 +164,9 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
         if cfg.refresh.every_n_steps is not None else None
     if refresh is not None:
         callbacks.append(refresh)
+    logger = build_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
+    if isinstance(logger, WandbLogger):
+        callbacks.append(SampleTable())
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, max_steps=cfg.trainer.max_steps,
@@ -172,8 +176,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         num_sanity_val_steps=cfg.trainer.num_sanity_val_steps, default_root_dir=run_dir,
         use_distributed_sampler=False,          # QADataModule shards every split itself
-        logger=build_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg))),
-        callbacks=callbacks)
+        logger=logger, callbacks=callbacks)
 
     results: dict = {}
     if cfg.evaluate_before_training and resume_from is None:
