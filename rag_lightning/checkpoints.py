@@ -1,7 +1,7 @@
 """Where a job's checkpoints go and which one a restarted job resumes from.
 
 A run directory holds `checkpoints/best-step=N.ckpt` (best validation EM), `last.ckpt`
-(written with it), `checkpoints/step-N.ckpt` (every trainer.checkpoint_every_n_steps
+(written with it), `checkpoints/step=N.ckpt` (every trainer.checkpoint_every_n_steps
 steps, the newest kept) and, after a SLURM pre-emption signal, Lightning's
 `hpc_ckpt_K.ckpt`. A job started again on the same run directory (a requeued SLURM job:
 its run directory is keyed on the job id) resumes from the newest of them. Lightning writes
@@ -21,7 +21,7 @@ def checkpoint_callbacks(run_dir: Path, every_n_steps: int | None) -> list[Model
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{step}", monitor="val/em",
                                  mode="max", save_last=True)]
     if every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step}", save_top_k=1,
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="{step}", save_top_k=1,
                                          every_n_train_steps=every_n_steps))
     return callbacks
 

@@ -180,7 +180,7 @@ class TrainConfig:
     seed: int = 0
     evaluate_before_training: bool = True
     ckpt_path: Optional[str] = None         # resume from it; null: from the run dir's newest checkpoint, if any
-    prepare_only: bool = False              # data, KB and shard actors ready on retrieval.ray_address, then exit
+    stage: str = "all"                      # all | prepare (data, KB, shard actors, then exit) | train (attach to them)
 
 
 @dataclass

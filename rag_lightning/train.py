@@ -19,6 +19,7 @@ import lightning as L
 import ray
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from rag_lightning.build_kb import build_knowledge_base
@@ -41,6 +42,7 @@ from retrieval_workers.types import RefreshSpec, ServiceSpec
 
 log = logging.getLogger(__name__)
 MODEL_KINDS = ("rag_sequence", "rag_token")
+STAGES = ("all", "prepare", "train")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -57,8 +59,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"optim.schedule: {cfg.optim.schedule!r} is not one of linear, constant")
     if cfg.retrieval.entropy_window < 1:
         raise UserError(f"retrieval.entropy_window must be >= 1 (got {cfg.retrieval.entropy_window})")
-    if cfg.prepare_only and not cfg.retrieval.ray_address:
-        raise UserError("prepare_only=true needs retrieval.ray_address: the shard actors must outlive this process")
+    if cfg.stage not in STAGES:
+        raise UserError(f"stage: {cfg.stage!r} is not one of {', '.join(STAGES)}")
+    if cfg.stage != "all" and not cfg.retrieval.ray_address:
+        raise UserError(f"stage={cfg.stage} needs retrieval.ray_address: the shard actors live on a Ray cluster "
+                        "that outlives each stage's processes")
     if cfg.trainer.checkpoint_every_n_steps is not None and cfg.trainer.checkpoint_every_n_steps < 1:
         raise UserError("trainer.checkpoint_every_n_steps must be >= 1, or null for checkpoints at validation only")
     refresh = cfg.refresh
@@ -92,10 +97,10 @@ def service_spec(cfg: TrainConfig) -> ServiceSpec:
 def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
     """Data and knowledge base checked or built, and the job's Ray cluster attached or started.
 
-    Only the first process prepares and launches the shard actors (idempotently); every other
-    rank reads what it made and attaches to the cluster, whose address it finds in the environment.
+    Only the first process of `stage=all` (and `stage=prepare`) prepares and launches the shard
+    actors (idempotently); every other process reads what it made and attaches to the cluster.
     """
-    first = process_rank() == 0
+    first = cfg.stage != "train" and process_rank() == 0
     if first:
         prepare_data(cfg.data)
     for split in ("train", "val", "test"):
@@ -119,8 +124,9 @@ def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
 def train(cfg: TrainConfig) -> dict:
     """The whole job: data, knowledge base, retrieval service, evaluate, fit, test. Returns the results.
 
-    With `prepare_only`, it stops once the data, the knowledge base and the shard actors are
-    ready (SLURM scripts do that once before `srun` starts the training processes).
+    `stage=prepare` stops once the data, the knowledge base and the shard actors are ready;
+    `stage=train` skips that and attaches to them. slurm/train.sbatch runs the first once, then
+    the second in every process `srun` starts.
     """
     started = time.time()
     run_dir = Path(cfg.paths.run_dir)
@@ -133,12 +139,12 @@ def train(cfg: TrainConfig) -> dict:
     owns_ray = not (cfg.retrieval.ray_address or os.environ.get(RAY_ADDRESS_ENV))
     try:
         manifest = prepare(cfg, spec)
-        if cfg.prepare_only:
+        if cfg.stage == "prepare":
             log.info("data, knowledge base and %d x %d shard actors ready", spec.num_shards, spec.num_replicas)
             return {}
         return fit_and_test(cfg, run_dir, manifest, spec, resume_from, started)
     finally:
-        if owns_ray and not cfg.prepare_only:
+        if owns_ray:
             shutdown_refresher(spec)
             shutdown_service(spec)
             ray.shutdown()
@@ -176,6 +182,8 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         num_sanity_val_steps=cfg.trainer.num_sanity_val_steps, default_root_dir=run_dir,
         use_distributed_sampler=False,          # QADataModule shards every split itself
+        # submitit (hydra/launcher=slurm) handles the pre-emption signal and the resubmission itself
+        plugins=[SLURMEnvironment(auto_requeue=False)] if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else None,
         logger=logger, callbacks=callbacks)
 
     results: dict = {}

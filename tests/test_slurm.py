@@ -1,0 +1,114 @@
+"""slurm/train.sbatch on a real one-node SLURM cluster (Debian's slurmctld, slurmd, munge), started by the test.
+
+Marked `slurm`. Without root or the SLURM packages these tests are skipped, unless
+RAG_LIGHTNING_REQUIRE_SLURM=1 (set by .ci/run, which installs the packages): then they fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
+    reason = f"no SLURM here: missing {missing}" if missing else "SLURM tests need root" if os.getuid() else None
+    if reason:
+        if os.environ.get("RAG_LIGHTNING_REQUIRE_SLURM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    proc = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "local_cluster.sh")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _submit(run_dir: Path, env: dict, *overrides: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={run_dir}.out", "--cpus-per-task=2",
+                           str(REPO_ROOT / "slurm" / "train.sbatch"), "experiment=tiny", *overrides],
+                          cwd=REPO_ROOT, env={**env, "RUN_DIR": str(run_dir)}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def _job_field(job: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return next((word.split("=", 1)[1] for word in out.split() if word.startswith(f"{field}=")), "")
+
+
+def _wait_until(condition, timeout_s: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-3000:] if log.is_file() else "(no job output)"
+            raise AssertionError(f"timed out waiting for {what}; job output:\n{tail}")
+        time.sleep(1)
+
+
+def test_sbatch_trains_and_writes_results(slurm_cluster, tmp_path, subprocess_env):
+    run_dir = tmp_path / "run"
+    job = _submit(run_dir, subprocess_env)
+    log = Path(f"{run_dir}.out")
+    _wait_until(lambda: _job_field(job, "JobState") not in ("PENDING", "RUNNING", "COMPLETING"), 300,
+                "the job to end", log)
+    assert _job_field(job, "JobState") == "COMPLETED", log.read_text()[-3000:]
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["train/steps"] == 6 and results["train/resumed_from"] is None
+    assert 0.0 <= results["test/em"] <= 1.0 and results["test/examples"] == 4
+    assert f"job {job} (restart 0)" in log.read_text()
+    assert "SLURM auto-requeueing enabled" in log.read_text()     # Lightning saw the srun task as a SLURM rank
+
+
+def test_usr1_saves_requeues_and_the_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path, subprocess_env):
+    """USR1 (what --signal=USR1@... sends before the time limit) to the job's steps: the trainer saves an HPC
+    checkpoint and requeues the job; the requeued job resumes from it in the same run dir and finishes."""
+    run_dir, steps = tmp_path / "run", 400
+    job = _submit(run_dir, subprocess_env, f"trainer.max_steps={steps}", "trainer.val_check_interval=200",
+                  "trainer.checkpoint_every_n_steps=20", "trainer.log_every_n_steps=5")
+    log = Path(f"{run_dir}.out")
+    _wait_until(lambda: any((run_dir / "checkpoints").glob("step=*.ckpt")), 300, "a periodic checkpoint", log)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    _wait_until(lambda: any(run_dir.glob("hpc_ckpt_*.ckpt")), 120, "the HPC checkpoint", log)
+    _wait_until(lambda: _job_field(job, "Restarts") == "1" and _job_field(job, "JobState") == "PENDING", 120,
+                "the requeue", log)
+    # a requeued job waits about 2 minutes before it may start again; let it start now
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    _wait_until(lambda: _job_field(job, "JobState") == "COMPLETED", 400, "the requeued job to finish", log)
+
+    hpc = next(run_dir.glob("hpc_ckpt_*.ckpt"))
+    saved_step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < saved_step < steps
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["train/resumed_from"] == str(hpc)
+    assert results["train/steps"] == steps
+    assert "initial/em" not in results, "a resumed job does not evaluate an untrained model again"
+    output = log.read_text()
+    assert f"job {job} (restart 0)" in output and f"job {job} (restart 1)" in output
+    assert "Restoring states from the checkpoint path at " + str(hpc) in output
+
+
+def test_hydra_submitit_sweep_runs_one_slurm_job_per_run(slurm_cluster, tmp_path, subprocess_env):
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "-m", "hydra/launcher=slurm", "experiment=tiny",
+                           "seed=0,1", f"hydra.sweep.dir={sweep_dir}", "hydra.launcher.mem_gb=2",
+                           "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20"],
+                          cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in ("0", "1"):
+        results = json.loads((sweep_dir / run / "results.json").read_text())
+        assert results["train/steps"] == 6
+    job_logs = list((sweep_dir / ".submitit").glob("*/*_log.out"))
+    assert len(job_logs) == 2, "one SLURM job per run"
