@@ -82,12 +82,14 @@ def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_en
     Tolerance: the test loss (answer NLL over the whole split, after 12 steps at a high learning rate)
     within 1e-4 relative, so only float summation order may differ; EM, F1 and recall exactly equal.
     The 9 test examples split 5 + 4 over the ranks: the metrics must be over all 9, not rank 0's 5.
+    The DDP run logs to W&B (offline), from rank 0 only.
     """
     common = ["experiment=tiny", "model.generator.dropout=0", "data.demo_entities=100", "data.max_eval_examples=9",
               "trainer.max_steps=12", "trainer.val_check_interval=6", "optim.lr=3e-3"]
     results = {}
     for name, overrides in (("single", ["data.batch_size=8"]),
-                            ("ddp", ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=4"])):
+                            ("ddp", ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=4",
+                                     "logger=wandb"])):
         run_dir = tmp_path / name
         proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", *common, *overrides,
                                f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=subprocess_env, capture_output=True,
@@ -95,6 +97,7 @@ def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_en
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads((run_dir / "results.json").read_text())
     assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
+    assert len(list((tmp_path / "ddp" / "wandb").glob("offline-run-*"))) == 1, "only rank 0 logs to W&B"
 
     single, ddp = results["single"], results["ddp"]
     assert single["test/examples"] == ddp["test/examples"] == 9
