@@ -7,6 +7,7 @@ moves every replica to a committed index version without mixing versions in any 
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -19,6 +20,9 @@ from retrieval_workers.kb_store import read_manifest
 from retrieval_workers.types import PAD_TOKEN, SearchResult, ServiceSpec
 
 RemoteIndexShard = ray.remote(IndexShard)
+# Ray warns for every restartable detached actor in a placement group, since removing the group kills it
+# for good; the service removes its group only when it shuts down, so the warning says nothing here.
+logging.getLogger("ray.actor").addFilter(lambda record: "restartable detached actor" not in record.getMessage())
 SHARD_THREADS = 4     # concurrent calls per shard actor: searches go on while a new version loads
 
 
