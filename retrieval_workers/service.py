@@ -19,11 +19,14 @@ from retrieval_workers.index_shard import IndexShard
 from retrieval_workers.kb_store import read_manifest
 from retrieval_workers.types import PAD_TOKEN, SearchResult, ServiceSpec
 
-RemoteIndexShard = ray.remote(IndexShard)
 # Ray warns for every restartable detached actor in a placement group, since removing the group kills it
 # for good; the service removes its group only when it shuts down, so the warning says nothing here.
 logging.getLogger("ray.actor").addFilter(lambda record: "restartable detached actor" not in record.getMessage())
-SHARD_THREADS = 4     # concurrent calls per shard actor: searches go on while a new version loads
+# A shard actor answers one search at a time, on its own omp_threads: a replica's CPU use stays what Ray
+# reserved for it, and replicas, not threads, add search capacity. Version switches run in a separate
+# "control" group of threads, so searches go on while a new version loads.
+CONTROL = "control"
+RemoteIndexShard = ray.remote(concurrency_groups={CONTROL: 2})(IndexShard)
 
 
 def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
@@ -40,7 +43,7 @@ def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
     actors = [
         RemoteIndexShard.options(
             name=spec.actor_name(shard, replica), namespace=spec.namespace, get_if_exists=True,
-            lifetime="detached", num_cpus=spec.actor_cpus, max_restarts=-1, max_concurrency=SHARD_THREADS,
+            lifetime="detached", num_cpus=spec.actor_cpus, max_restarts=-1, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=replica * spec.num_shards + shard),
         ).remote(spec.kb_dir, shard, spec.omp_threads, spec.search_params)
@@ -72,8 +75,8 @@ def switch_version(spec: ServiceSpec, version: int, timeout_s: float = 600.0) ->
     """
     actors = [ray.get_actor(spec.actor_name(shard, replica), namespace=spec.namespace)
               for shard in range(spec.num_shards) for replica in range(spec.num_replicas)]
-    ray.get([a.load_version.remote(version) for a in actors], timeout=timeout_s)
-    ray.get([a.activate.remote(version) for a in actors], timeout=timeout_s)
+    ray.get([a.load_version.options(concurrency_group=CONTROL).remote(version) for a in actors], timeout=timeout_s)
+    ray.get([a.activate.options(concurrency_group=CONTROL).remote(version) for a in actors], timeout=timeout_s)
 
 
 def shutdown_service(spec: ServiceSpec) -> None:
