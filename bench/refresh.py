@@ -27,11 +27,9 @@ The last stdout line is one JSON object with the figures. Targets are reported, 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +41,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import measure_and_print  # noqa: E402
 from train_throughput import (DEFAULT_BASELINE, DIM, HEADS, LAYERS, MAX_CONTEXT_TOKENS,  # noqa: E402
                               MAX_QUESTION_TOKENS, N_DOCS, SEED, build_kb, encoder_config, load_baseline,
                               new_datamodule, write_data)
@@ -191,13 +190,7 @@ def main() -> None:
     args = parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("bench/refresh.py needs two cores (one for training, one for the encoder actor)")
-    if args.work_dir:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-        figures = measure(args, args.work_dir)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            figures = measure(args, Path(tmp))
-    print(json.dumps(figures))
+    measure_and_print(measure, args)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
 import logging
 import multiprocessing as mp
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +43,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import ray
+from common import measure_and_print
 
 from retrieval_workers.kb_store import (Manifest, commit_version, sha256_file, shard_ranges, staged_directory,
                                         write_passage_table, write_version_info)
@@ -320,13 +319,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    if args.work_dir:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-        summary = measure(args, args.work_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="rag_bench_") as work:
-            summary = measure(args, Path(work))
-    print(json.dumps(summary))
+    measure_and_print(measure, args)
 
 
 if __name__ == "__main__":

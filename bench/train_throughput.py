@@ -34,7 +34,6 @@ import logging
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +42,7 @@ import lightning as L
 import ray
 import torch
 from lightning.pytorch.callbacks import Callback
+from common import measure_and_print
 
 from rag_lightning.build_kb import build_knowledge_base
 from rag_lightning.config import (EncoderConfig, GeneratorConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig,
@@ -268,13 +268,7 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    if args.work_dir:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-        summary = measure(args, args.work_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="rag_bench_") as work:
-            summary = measure(args, Path(work))
-    print(json.dumps(summary))
+    measure_and_print(measure, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """QADataModule: question-answer splits, tokenized once, padded per batch to the longest.
 
-Batches do not depend on the number of processes: training batches are slices of seeded
-global batches (GlobalBatchSampler) and each process evaluates its own share of a split,
+Batches do not depend on the number of processes: training batches are slices of global
+batches shared by every process (GlobalBatchSampler) and each process evaluates its own share of a split,
 without the repeated examples a DistributedSampler pads with, so the metrics summed over
 processes are those of the whole split.
 """
@@ -41,24 +41,24 @@ class TokenizedQA(Dataset):
 class GlobalBatchSampler(Sampler[list[int]]):
     """This process's part of each training batch, the same global batches for any number of processes.
 
-    Every epoch, one permutation seeded by (seed, epoch) is cut into global batches of
-    batch_size x world_size examples, and the process of rank r takes every world_size-th
-    example of each from the r-th. Two processes with batch 4 thus train on the same
-    examples, step by step, as one process with batch 8. A last global batch too small to
-    give every process an example is dropped.
+    Every epoch, one permutation is cut into global batches of batch_size x world_size
+    examples, and the process of rank r takes every world_size-th example of each from the
+    r-th. The permutation's seed is drawn from torch's global generator exactly as a
+    shuffling DataLoader draws it (so one process keeps PyTorch's usual order) and rank 0's
+    draw is sent to every rank. Two processes with batch 4 thus train on the same examples,
+    step by step, as one process with batch 8. A last global batch too small to give every
+    process an example is dropped.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(self, num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1):
         self.num_examples, self.batch_size = num_examples, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:       # called by Lightning at the start of every epoch
-        self.epoch = epoch
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        seed = [int(torch.empty((), dtype=torch.int64).random_().item())]
+        if self.world_size > 1:
+            torch.distributed.broadcast_object_list(seed, src=0)
+        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(seed[0])).tolist()
         global_batch = self.batch_size * self.world_size
         for start in range(0, len(order) - self.world_size + 1, global_batch):
             yield order[start:start + global_batch][self.rank::self.world_size]
@@ -72,10 +72,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
 class QADataModule(L.LightningDataModule):
     def __init__(self, data_dir: str, encoder_tokenizer, generator_tokenizer, batch_size: int = 8,
                  eval_batch_size: int = 32, max_question_tokens: int = 32, max_answer_tokens: int = 24,
-                 max_eval_examples: int = 0, seed: int = 0):
+                 max_eval_examples: int = 0):
         super().__init__()
         self.data_dir = data_dir
-        self.seed = seed
         self.encoder_tokenizer = encoder_tokenizer
         self.generator_tokenizer = generator_tokenizer
         self.batch_size = batch_size
@@ -104,7 +103,7 @@ class QADataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._load("train")
-        sampler = GlobalBatchSampler(len(dataset), self.batch_size, *self._rank_and_world_size(), seed=self.seed)
+        sampler = GlobalBatchSampler(len(dataset), self.batch_size, *self._rank_and_world_size())
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda rows: self.collate(dataset, rows))
 
     def val_dataloader(self) -> DataLoader:

@@ -163,7 +163,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
                               eval_batch_size=cfg.data.eval_batch_size,
                               max_question_tokens=cfg.model.max_question_tokens,
                               max_answer_tokens=cfg.model.max_answer_tokens,
-                              max_eval_examples=cfg.data.max_eval_examples, seed=cfg.seed)
+                              max_eval_examples=cfg.data.max_eval_examples)
     callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir, cfg.trainer.checkpoint_every_n_steps),
                                    RetrievalMonitor(spec.kb_dir, cfg.retrieval.entropy_window)]
     refresh = IndexRefresh(spec, cfg.refresh.every_n_steps, blocking=cfg.refresh.blocking) \
