@@ -238,8 +238,9 @@ class RagModule(L.LightningModule):
 
     def _log_evaluation(self, prefix: str) -> None:
         """Metrics over the whole split: every process's sums added up, then divided by the example count."""
-        names = sorted(self.eval_sums)
-        totals = torch.tensor([self.eval_sums[n] for n in names] + [self.eval_examples], dtype=torch.float64)
+        names = ("em", "f1", f"recall@{self.model_cfg.n_docs}", "loss")   # every rank, even one without examples
+        totals = torch.tensor([self.eval_sums.get(n, 0.0) for n in names] + [self.eval_examples], dtype=torch.float64,
+                              device=self.device)          # nccl reduces GPU tensors only
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         count = max(float(totals[-1]), 1.0)
         metrics = {f"{prefix}/{name}": float(total) / count for name, total in zip(names, totals)}

@@ -2,7 +2,8 @@
 
 The class is plain Python (tests and benchmarks can use it in-process); `service.py`
 wraps it with `ray.remote`: searches one at a time, and version loads and switches on
-threads of their own, so a new version loads while searches go on. A restarted actor re-runs __init__, which reloads the active version from disk.
+threads of their own, so a new version loads while searches go on. A restarted actor
+re-runs __init__, which reloads the active version from disk.
 
 A shard holds one version, or two during a switch: `load_version` reads the new one
 beside the active one, `activate` makes it the one served and drops the others. A
