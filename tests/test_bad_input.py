@@ -208,21 +208,12 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, su
     (["retriever.train_ctx_encoder=true", "refresh=background", "refresh.every_n_steps=-5"],
      ["refresh.every_n_steps", "got -5"]),
     (["refresh=background"], ["refresh.every_n_steps", "retriever.train_ctx_encoder=false"]),
-])
-def test_bad_refresh_settings(tmp_path, subprocess_env, overrides, fragments):
-    data = _qa_dir(tmp_path)
-    proc = _train(["data=files", f"data.dir={data}", *overrides], tmp_path, subprocess_env)
-    _assert_user_error(proc, *fragments)
-    assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
-
-
-@pytest.mark.parametrize("overrides, fragments", [
     (["stage=launch"], ["stage", "'launch'", "all, prepare, train"]),
     (["stage=train"], ["stage=train", "retrieval.ray_address"]),
     (["trainer.checkpoint_every_n_steps=0"], ["trainer.checkpoint_every_n_steps", ">= 1"]),
     (["ckpt_path=/nowhere/last.ckpt"], ["ckpt_path", "/nowhere/last.ckpt"]),
 ])
-def test_bad_job_settings(tmp_path, subprocess_env, overrides, fragments):
+def test_bad_settings_are_refused_before_anything_is_built(tmp_path, subprocess_env, overrides, fragments):
     data = _qa_dir(tmp_path)
     proc = _train(["data=files", f"data.dir={data}", *overrides], tmp_path, subprocess_env)
     _assert_user_error(proc, *fragments)
