@@ -118,6 +118,7 @@ class RetrievalConfig:
     dashboard: bool = False
     num_cpus: Optional[int] = None
     actor_cpus: float = 0.0
+    failover_timeout_s: float = 120.0       # a search waits this long for some replica of a dead shard actor
     temp_dir: Optional[str] = None          # a local Ray's session files; null: /tmp/ray_<SLURM job id or pid>
     entropy_window: int = 100               # training steps over which the retrieved-id entropy is measured
 

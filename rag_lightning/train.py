@@ -57,6 +57,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("optim.lr must be > 0 and optim.warmup_steps >= 0")
     if cfg.optim.schedule not in ("linear", "constant"):
         raise UserError(f"optim.schedule: {cfg.optim.schedule!r} is not one of linear, constant")
+    if cfg.retrieval.failover_timeout_s <= 0:
+        raise UserError(f"retrieval.failover_timeout_s must be > 0 (got {cfg.retrieval.failover_timeout_s})")
     if cfg.retrieval.entropy_window < 1:
         raise UserError(f"retrieval.entropy_window must be >= 1 (got {cfg.retrieval.entropy_window})")
     if cfg.stage not in STAGES:
@@ -91,7 +93,8 @@ def service_spec(cfg: TrainConfig) -> ServiceSpec:
     return ServiceSpec(kb_dir=str(Path(cfg.kb.dir).resolve()), num_shards=cfg.index.shards,
                        num_replicas=cfg.index.replicas, namespace=cfg.retrieval.namespace,
                        omp_threads=cfg.index.omp_threads, actor_cpus=cfg.retrieval.actor_cpus,
-                       search_params=cfg.index.search_params)
+                       search_params=cfg.index.search_params,
+                       failover_timeout_s=cfg.retrieval.failover_timeout_s)
 
 
 def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:

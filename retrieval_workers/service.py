@@ -7,6 +7,7 @@ moves every replica to a committed index version without mixing versions in any 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -94,16 +95,30 @@ def shutdown_service(spec: ServiceSpec) -> None:
 
 
 class RetrievalClient:
-    """Searches all shards of a running service; one instance per training process."""
+    """Searches all shards of a running service; one instance per training process.
+
+    Each shard is asked at its preferred replica (chosen by `replica_offset`, e.g. the rank).
+    When that replica's actor dies, the same query goes to the shard's other replicas in turn,
+    within the same search, while Ray restarts the dead one from disk. With one replica the
+    search waits for that restart. A shard that no replica answers within the spec's
+    `failover_timeout_s` raises ShardUnavailable, naming the shard and its replicas.
+    """
 
     def __init__(self, spec: ServiceSpec, replica_offset: int = 0, attach_timeout_s: float = 60.0):
         self.spec = spec
-        replicas = [(replica_offset + shard) % spec.num_replicas for shard in range(spec.num_shards)]
-        self.shards = [_get_actor_with_retry(spec.actor_name(shard, replica), spec.namespace, attach_timeout_s)
-                       for shard, replica in enumerate(replicas)]
+        order = [[(replica_offset + shard + i) % spec.num_replicas for i in range(spec.num_replicas)]
+                 for shard in range(spec.num_shards)]            # per shard: the preferred replica first
+        self.replicas = [[_get_actor_with_retry(spec.actor_name(shard, r), spec.namespace, attach_timeout_s)
+                          for r in replicas] for shard, replicas in enumerate(order)]
         self.version: int | None = None     # the index version asked for; follows the service's switches
         self.switch_retries = 0
         self.switch_retry_s = 0.0
+        self.failovers = 0                  # searches answered by another replica after an actor died
+
+    @property
+    def shards(self) -> list:
+        """The preferred replica of each shard."""
+        return [replicas[0] for replicas in self.replicas]
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Exact global top-k over all shards for float32 queries [B, D], all from one index version."""
@@ -119,7 +134,39 @@ class RetrievalClient:
         return result
 
     def _search_shards(self, queries: np.ndarray, k: int, version: int | None) -> list[SearchResult]:
-        return ray.get([shard.search.remote(queries, k, version) for shard in self.shards])
+        pending = [replicas[0].search.remote(queries, k, version) for replicas in self.replicas]
+        return [self._answer(shard, ref, queries, k, version) for shard, ref in enumerate(pending)]
+
+    def _answer(self, shard: int, ref: ray.ObjectRef, queries: np.ndarray, k: int,
+                version: int | None) -> SearchResult:
+        """The shard's answer from its preferred replica, else from the next replica that answers."""
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass
+        deadline = time.monotonic() + self.spec.failover_timeout_s
+        replicas = self.replicas[shard]
+        for attempt in itertools.count(1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                result = ray.get(replicas[attempt % len(replicas)].search.remote(queries, k, version),
+                                 timeout=remaining)
+                self.failovers += 1
+                return result
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                time.sleep(min(0.2, max(remaining, 0.0)))
+            except ray.exceptions.GetTimeoutError:
+                break
+        names = ", ".join(self.spec.actor_name(shard, r) for r in range(self.spec.num_replicas))
+        raise ShardUnavailable(f"index shard {shard}: no replica ({names}) answered within "
+                               f"{self.spec.failover_timeout_s:.0f}s after its actor died; raise "
+                               f"retrieval.failover_timeout_s or index.replicas, or check the Ray logs")
+
+
+class ShardUnavailable(RuntimeError):
+    """No replica of an index shard answered within the failover timeout."""
 
 
 def merge_top_k(parts: list[SearchResult], k: int) -> SearchResult:

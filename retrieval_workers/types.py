@@ -18,6 +18,7 @@ class ServiceSpec:
     omp_threads: int = 1          # FAISS threads per actor
     actor_cpus: float = 0.0       # CPUs Ray reserves per actor
     search_params: str = ""       # faiss.ParameterSpace string, e.g. "efSearch=64" or "nprobe=16"
+    failover_timeout_s: float = 120.0   # how long a search waits for some replica of a shard to answer
 
     def actor_name(self, shard: int, replica: int) -> str:
         return f"{self.name_prefix}-shard{shard}-replica{replica}"

@@ -7,6 +7,7 @@ from dataclasses import asdict
 import lightning as L
 import numpy as np
 import pytest
+import ray
 import torch
 
 from conftest import tiny_encoder_config, unique_spec
@@ -164,3 +165,25 @@ def test_lightning_fit_and_test(service, tmp_path):
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("test/em", "test/f1", f"test/recall@{N_DOCS}"))
     assert metrics["test/loss"] > 0
     assert metrics["test/examples"] == len(datamodule.splits["test"])
+
+
+class KillShardActor(L.Callback):
+    """Kills the module's shard-0 actor (Ray restarts it) after the given training step."""
+
+    def __init__(self, after_step: int):
+        self.after_step = after_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.after_step:
+            ray.kill(pl_module.retriever.replicas[0][0], no_restart=False)
+
+
+def test_training_goes_on_when_a_shard_actor_dies_mid_training(service, tmp_path):
+    """One replica per shard: the next step's search waits for Ray's restart, and no step fails."""
+    module, datamodule, _ = _module_and_batch(service, "rag_sequence")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[KillShardActor(after_step=2)])
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 4
+    assert module.retriever.failovers == 1
