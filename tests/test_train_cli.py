@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -110,3 +113,32 @@ def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_en
     assert ddp["test/loss"] == pytest.approx(single["test/loss"], rel=1e-4)
     for key in ("test/em", "test/f1", "test/recall@2", "initial/loss", "initial/recall@2"):
         assert ddp[key] == pytest.approx(single[key], rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, subprocess_env):
+    run_dir, steps = tmp_path / "run", 400
+    command = [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", f"trainer.max_steps={steps}",
+               "trainer.val_check_interval=200", "trainer.checkpoint_every_n_steps=20", f"hydra.run.dir={run_dir}"]
+    first = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run_dir / "checkpoints").glob("step=*.ckpt")):
+            assert first.poll() is None and time.monotonic() < deadline, "no periodic checkpoint appeared"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)          # the local Ray the killed trainer had started
+    saved = sorted(int(re.search(r"step=(\d+)", p.name).group(1))
+                   for p in (run_dir / "checkpoints").glob("step=*.ckpt"))
+    assert not (run_dir / "results.json").exists() and saved and saved[-1] < steps
+
+    second = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    resumed = re.search(r"step=(\d+)\.ckpt$", results["train/resumed_from"])
+    assert resumed and int(resumed.group(1)) >= saved[-1], "resumed from the newest checkpoint, not from step 0"
+    assert results["train/steps"] == steps
+    assert "initial/em" not in results
