@@ -196,11 +196,11 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     fit_started = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     fit_s = time.time() - fit_started
     best = trainer.checkpoint_callback.best_model_path
     results.update(trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None,
-                                verbose=False)[0])
+                                verbose=False, weights_only=True)[0])
     results.update({"train/steps": trainer.global_step, "train/fit_s": round(fit_s, 1),
                     "train/resumed_from": resume_from, "best_checkpoint": best,
                     "kb/num_passages": manifest.num_passages,
