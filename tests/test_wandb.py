@@ -11,12 +11,14 @@ from conftest import REPO_ROOT
 from wandb_log import config_values, history_keys, read_records
 
 
+SECRET = "0123456789abcdef0123456789abcdef01234567"      # a made-up API key (40 hex digits, as W&B's)
+
+
 @pytest.mark.slow
-def test_offline_wandb_run_logs_config_metrics_and_samples(tmp_path, subprocess_env):
+def test_offline_wandb_run_logs_config_metrics_and_samples_and_never_the_key(tmp_path, subprocess_env):
     run_dir = tmp_path / "run"
-    env = {**subprocess_env, "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"}   # as in a requeued job
-    env.pop("WANDB_API_KEY", None)
-    env.pop("WANDB_MODE", None)                 # offline because no API key is set
+    env = {**subprocess_env, "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1",    # as in a requeued job
+           "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"}                     # a key, but WANDB_MODE honoured
     proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny", "logger=wandb",
                            "retriever.train_ctx_encoder=true", "refresh=background", "refresh.every_n_steps=3",
                            f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -41,3 +43,7 @@ def test_offline_wandb_run_logs_config_metrics_and_samples(tmp_path, subprocess_
     assert config["model"]["kind"] == "rag_sequence" and config["refresh"]["every_n_steps"] == 3
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert (run.run_group, run.display_name) == ("4242", "4242-restart1")
+
+    leaks = [str(p) for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaks, f"the W&B API key was written to {leaks}"
+    assert SECRET not in proc.stdout + proc.stderr
