@@ -1,7 +1,8 @@
-"""Shard replica actors that die: the client fails over within the search and Ray restarts them from disk."""
+"""Shard replica actors that die: the client fails over within the search, and Ray restarts them from disk."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -29,39 +30,48 @@ def queries(kb_dir):
 
 
 def _pid(actor) -> int:
-    return ray.get(actor.__ray_call__.remote(lambda shard: os.getpid()), timeout=120)
+    """The actor's process id, once it answers (calls that meet a restart fail, so they are repeated)."""
+    for _ in range(300):
+        try:
+            return ray.get(actor.__ray_call__.remote(lambda shard: os.getpid()), timeout=120)
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.2)
+    raise AssertionError("the actor did not come back")
 
 
-def test_a_killed_replica_fails_over_within_the_search_and_restarts_from_disk(ray_cluster, kb_dir, queries):
+def test_a_dead_replica_fails_over_to_another_within_the_search(ray_cluster, kb_dir, queries):
+    """A replica whose actor is gone (a lost node, or a call in flight when it died) fails the call at once:
+    the client asks the shard's other replica in the same search. (A call made while Ray restarts an actor
+    waits for the restart instead: see the next test.)"""
     spec = unique_spec(kb_dir, shards=2, replicas=2)
     launch_service(spec)
     try:
         client = RetrievalClient(spec)
         before = client.search(queries, 4)
-        victim = client.replicas[0][0]
-        pid = _pid(victim)
-        ray.kill(victim, no_restart=False)
+        ray.kill(client.replicas[0][0], no_restart=True)
 
         after = client.search(queries, 4)
         assert client.failovers == 1, "shard 0's answer came from its other replica"
         np.testing.assert_array_equal(after.ids, before.ids)
         np.testing.assert_array_equal(after.scores, before.scores)
-        assert _pid(victim) != pid, "Ray restarted the dead replica in a new process"
-        np.testing.assert_array_equal(ray.get(victim.search.remote(queries, 4, None)).ids,
-                                      ray.get(client.replicas[0][1].search.remote(queries, 4, None)).ids)
+        client.search(queries, 4)
+        assert client.failovers == 2
     finally:
         shutdown_service(spec)
 
 
-def test_with_one_replica_the_search_waits_for_the_restart(ray_cluster, kb_dir, queries):
+def test_a_killed_actor_restarts_from_disk_and_the_search_waits_for_it(ray_cluster, kb_dir, queries):
     spec = unique_spec(kb_dir, shards=2, replicas=1)
     launch_service(spec)
     try:
         client = RetrievalClient(spec)
         before = client.search(queries, 4)
-        ray.kill(client.replicas[1][0], no_restart=False)
+        victim = client.replicas[1][0]
+        pid = _pid(victim)
+        ray.kill(victim, no_restart=False)
+        # answered by the restarted actor: through the client's retry, or by Ray holding the call until then
         np.testing.assert_array_equal(client.search(queries, 4).ids, before.ids)
-        assert client.failovers == 1
+        assert _pid(victim) != pid
     finally:
         shutdown_service(spec)
 
