@@ -10,12 +10,14 @@ import itertools
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
 import ray
 
-from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, KBConfig
+from rag_lightning.build_kb import build_knowledge_base
+from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
 from retrieval_workers.types import ServiceSpec
 
@@ -53,6 +55,26 @@ def unique_spec(kb_dir: Path, shards: int, replicas: int, **kwargs) -> ServiceSp
     """A ServiceSpec whose actor names no other test (or a job running beside the tests) uses."""
     return ServiceSpec(kb_dir=str(Path(kb_dir).resolve()), num_shards=shards, num_replicas=replicas,
                        namespace=TEST_NAMESPACE, name_prefix=f"t{os.getpid()}-{next(_prefixes)}", **kwargs)
+
+
+def actor_pid(actor) -> int:
+    """The actor's process id, once it answers (calls that meet a restart fail, so they are repeated)."""
+    for _ in range(300):
+        try:
+            return ray.get(actor.__ray_call__.remote(lambda instance: os.getpid()), timeout=120)
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.2)
+    raise AssertionError("the actor did not come back")
+
+
+@pytest.fixture(scope="module")
+def two_shard_kb(tmp_path_factory) -> Path:
+    """A Flat knowledge base of 30 passages (10 made-up documents) in 2 shards, built once per test module."""
+    source = tmp_path_factory.mktemp("source") / "kb.jsonl"
+    write_documents(source, 10)
+    kb_dir = tmp_path_factory.mktemp("kb")
+    build_knowledge_base(tiny_kb_config(source, kb_dir), IndexConfig(factory="Flat", shards=2))
+    return kb_dir
 
 
 @pytest.fixture(scope="session")

@@ -9,20 +9,9 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import REPO_ROOT, TEST_NAMESPACE, tiny_kb_config, unique_spec, write_documents
-from rag_lightning.build_kb import build_knowledge_base
-from rag_lightning.config import IndexConfig
+from conftest import REPO_ROOT, TEST_NAMESPACE, unique_spec
 from retrieval_workers.kb_store import load_embeddings, read_manifest
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
-
-
-@pytest.fixture(scope="module")
-def kb_dir(tmp_path_factory):
-    source = tmp_path_factory.mktemp("source") / "kb.jsonl"
-    write_documents(source, 10)
-    kb_dir = tmp_path_factory.mktemp("kb")
-    build_knowledge_base(tiny_kb_config(source, kb_dir), IndexConfig(factory="Flat", shards=2))
-    return kb_dir
 
 
 def _launch(address: str, spec, *extra: str, env=None) -> subprocess.CompletedProcess:
@@ -37,8 +26,8 @@ def _actor_ids(spec) -> list:
             for s in range(spec.num_shards) for r in range(spec.num_replicas)]
 
 
-def test_launcher_is_idempotent_places_a_group_and_tears_down(ray_cluster, kb_dir, subprocess_env):
-    spec = unique_spec(kb_dir, shards=2, replicas=2)
+def test_launcher_is_idempotent_places_a_group_and_tears_down(ray_cluster, two_shard_kb, subprocess_env):
+    spec = unique_spec(two_shard_kb, shards=2, replicas=2)
     first = _launch(ray_cluster, spec, env=subprocess_env)
     assert first.returncode == 0, first.stderr[-2000:]
     ids = _actor_ids(spec)
@@ -85,9 +74,9 @@ print(json.dumps({"address": address, "session_dir": ray._private.worker.global_
 """
 
 
-def test_a_second_job_on_the_node_gets_its_own_ray(ray_cluster, kb_dir, subprocess_env):
+def test_a_second_job_on_the_node_gets_its_own_ray(ray_cluster, two_shard_kb, subprocess_env):
     """A job beside a running one starts its own Ray (own ports and temp dir); equal actor names do not clash."""
-    spec = unique_spec(kb_dir, shards=2, replicas=1)
+    spec = unique_spec(two_shard_kb, shards=2, replicas=1)
     launch_service(spec)
     try:
         env = {**subprocess_env, "SPEC": json.dumps(spec.__dict__)}

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import time
 from dataclasses import asdict
 
 import lightning as L
@@ -12,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from conftest import tiny_encoder_config, unique_spec
+from conftest import actor_pid, tiny_encoder_config, unique_spec
 from rag_lightning.build_kb import build_knowledge_base
 from rag_lightning.config import GeneratorConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig, ModelConfig, \
     OptimConfig, RetrieverConfig
@@ -179,18 +177,8 @@ class KillShardActor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.after_step:
             actor = pl_module.retriever.replicas[0][0]
-            self.killed_pid = _actor_pid(actor)
+            self.killed_pid = actor_pid(actor)
             ray.kill(actor, no_restart=False)
-
-
-def _actor_pid(actor) -> int:
-    """The actor's process id, once it answers (calls that meet a restart fail, so they are repeated)."""
-    for _ in range(300):
-        try:
-            return ray.get(actor.__ray_call__.remote(lambda shard: os.getpid()), timeout=120)
-        except ray.exceptions.ActorUnavailableError:
-            time.sleep(0.2)
-    raise AssertionError("the actor did not come back")
 
 
 def test_training_goes_on_when_a_shard_actor_dies_mid_training(service, tmp_path):
@@ -201,4 +189,4 @@ def test_training_goes_on_when_a_shard_actor_dies_mid_training(service, tmp_path
                         num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[killer := KillShardActor(2)])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 4
-    assert killer.killed_pid is not None and _actor_pid(module.retriever.replicas[0][0]) != killer.killed_pid
+    assert killer.killed_pid is not None and actor_pid(module.retriever.replicas[0][0]) != killer.killed_pid
