@@ -2,6 +2,11 @@
 
     python -m rag_lightning.build_kb kb.source=passages.tsv kb.dir=my_kb index.factory=HNSW32 index.shards=4
 
+`kb.source` may also be a knowledge base in transformers' RAG format (a `datasets` folder
+with title, text and embeddings, e.g. from its use_own_knowledge_dataset.py, with
+`kb.source_index` its FAISS index file): its passages and embeddings are imported as they
+are and re-indexed into shards; kb.context_encoder must be the encoder that made them.
+
 Nothing is encoded before the source file and the config have been checked. The build
 writes new files beside any existing ones and commits by replacing manifest.json, so an
 interrupted build leaves the previous knowledge base whole. An identical earlier build
@@ -24,11 +29,12 @@ from rag_lightning.config import IndexConfig, KBConfig, register_configs
 from rag_lightning.encoders import build_encoder, load_encoder_tokenizer
 from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.generator_tokenizer import extra_texts, load_generator_tokenizer, train_tokenizer
-from rag_lightning.kb_source import read_documents, split_into_passages
+from rag_lightning.hf_knowledge_base import is_hf_passages_folder, read_hf_passages
+from rag_lightning.kb_source import Passage, read_documents, split_into_passages
 from retrieval_workers.kb_store import (KnowledgeBaseError, Manifest, PassageTable, commit_version, read_manifest,
                                         sha256_file, shard_ranges, staged_directory, write_passage_table,
                                         write_version_info)
-from retrieval_workers.shard_build import build_shard
+from retrieval_workers.shard_build import build_shard, write_shard
 
 log = logging.getLogger(__name__)
 TITLE_SEP, DOC_SEP = " / ", " // "   # as transformers' RagConfig: title / text // question
@@ -62,9 +68,19 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
         raise UserError(f"kb.words_per_passage must be >= 1 (got {kb.words_per_passage})")
     kb_dir = Path(kb.dir)
     _check_writable(kb_dir)
-    passages = split_into_passages(read_documents(kb.source), kb.words_per_passage)
+    imported = read_hf_passages(kb.source, kb.source_index) if is_hf_passages_folder(kb.source) else None
+    if imported is not None:
+        passages = [Passage(title, text) for title, text in zip(imported.titles, imported.texts)]
+    elif kb.source_index is not None:
+        raise UserError("kb.source_index: only for a kb.source that is a datasets folder (transformers' RAG format)")
+    else:
+        passages = split_into_passages(read_documents(kb.source), kb.words_per_passage)
     encoder_tokenizer = load_encoder_tokenizer(kb.context_encoder)
     encoder = build_encoder(kb.context_encoder, encoder_tokenizer).eval()
+    if imported is not None and imported.embeddings.shape[1] != encoder.dim:
+        raise UserError(f"kb.context_encoder: its dimension {encoder.dim} differs from the "
+                        f"{imported.embeddings.shape[1]} of the embeddings in {kb.source}; give the encoder that "
+                        "made them")
     check_index_config(index, encoder.dim, len(passages))
 
     fingerprint = _fingerprint(kb, index)
@@ -101,7 +117,10 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
     table = PassageTable(kb_dir / passages_file)
     with staged_directory(kb_dir / manifest.version_dir(version)) as staging:
         for shard, (start, end) in enumerate(manifest.shards):
-            build_shard(encoder, table, shard, start, end, index.factory, staging, kb.encode_batch_size)
+            if imported is not None:
+                write_shard(staging, shard, imported.embeddings[start:end], index.factory)
+            else:
+                build_shard(encoder, table, shard, start, end, index.factory, staging, kb.encode_batch_size)
         write_version_info(staging, version, global_step=0)
     manifest.files[passages_file] = sha256_file(kb_dir / passages_file)
     commit_version(kb_dir, manifest, version, keep=1)
@@ -116,8 +135,11 @@ def _fingerprint(kb: KBConfig, index: IndexConfig) -> str:
     settings = {k: v for k, v in asdict(kb).items() if k not in ("dir", "rebuild", "encode_batch_size")}
     settings["index"] = {"factory": index.factory, "shards": index.shards}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for path in [kb.source, *kb.generator_tokenizer.extra_texts]:
-        digest.update(sha256_file(path).encode())
+    for path in [kb.source, kb.source_index, *kb.generator_tokenizer.extra_texts]:
+        if path is not None:        # a file, or every file of a datasets folder
+            files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
+            for file in files:
+                digest.update(sha256_file(file).encode())
     return digest.hexdigest()
 
 

@@ -1,28 +1,33 @@
 """Where a job's checkpoints go and which one a restarted job resumes from.
 
-A run directory holds `checkpoints/best-step=N.ckpt` (best validation EM), `last.ckpt`
-(written with it), `checkpoints/step=N.ckpt` (every trainer.checkpoint_every_n_steps
+A run directory holds `checkpoints/best-stepN.ckpt` (best validation EM), `last.ckpt`
+(written with it), `checkpoints/stepN.ckpt` (every trainer.checkpoint_every_n_steps
 steps, the newest kept) and, after a SLURM pre-emption signal, Lightning's
 `hpc_ckpt_K.ckpt`. A job started again on the same run directory (a requeued SLURM job:
 its run directory is keyed on the job id) resumes from the newest of them. Lightning writes
 each through a temporary file that is moved into place, so none is ever half written.
+The names hold no "=" (Lightning's default), which Hydra's command line would refuse in
+`ckpt_path=...` unless quoted.
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from rag_lightning.errors import UserError
 
 
 def checkpoint_callbacks(run_dir: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
     """The best-by-validation checkpoint (first, the trainer's `checkpoint_callback`), and the periodic one."""
-    callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{step}", monitor="val/em",
-                                 mode="max", save_last=True)]
+    callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}", monitor="val/em",
+                                 mode="max", save_last=True, auto_insert_metric_name=False)]
     if every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="{step}", save_top_k=1,
-                                         every_n_train_steps=every_n_steps))
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", save_top_k=1,
+                                         every_n_train_steps=every_n_steps, auto_insert_metric_name=False))
     return callbacks
 
 
@@ -34,3 +39,40 @@ def resume_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:
         return ckpt_path
     found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def read_checkpoint(ckpt_path: str) -> dict:
+    """A checkpoint's contents, loaded with torch's weights_only (no arbitrary code); a file that is not a
+    readable checkpoint is refused naming it."""
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"ckpt_path: {ckpt_path} is not a readable checkpoint, truncated or corrupted? "
+                        f"({reason})") from None
+
+
+def check_checkpoint_fits(ckpt_path: str, module: nn.Module, model_config: dict) -> None:
+    """Refuse a checkpoint whose weights do not fit the configured model, naming the config keys that differ."""
+    checkpoint = read_checkpoint(ckpt_path)
+    saved, expected = checkpoint.get("state_dict", {}), module.state_dict()
+    misfits = sorted(set(saved) ^ set(expected)) + [name for name in expected
+                                                    if name in saved and saved[name].shape != expected[name].shape]
+    if misfits:
+        trained_with = checkpoint.get("hyper_parameters", {}).get("model", {})
+        keys = [f"model.{key} ({old} there, {new} here)"
+                for key, old, new in _differences(trained_with, model_config)] or ["the model config"]
+        raise UserError(f"ckpt_path: {ckpt_path} was trained with another model: {', '.join(keys[:4])}; "
+                        f"{len(misfits)} weights do not fit, e.g. {misfits[0]}")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every leaf of two nested config dicts that differs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out

@@ -91,7 +91,9 @@ class GeneratorTokenizerConfig:
 
 @dataclass
 class KBConfig:
-    source: Optional[str] = None            # TSV/CSV (title, text columns) or JSONL
+    source: Optional[str] = None            # TSV/CSV (title, text columns), JSONL, or a transformers RAG
+    #                                         `datasets` folder (title, text, embeddings), imported as it is
+    source_index: Optional[str] = None      # that folder's FAISS index file, checked against its embeddings
     dir: str = "kb"
     words_per_passage: int = 100
     max_passage_tokens: int = 192
@@ -192,6 +194,39 @@ class BuildKBConfig:
     seed: int = 0
 
 
+@dataclass
+class EvaluateConfig:
+    """`python -m rag_lightning.evaluate ckpt_path=... [data=...]`."""
+
+    ckpt_path: str = MISSING
+    data: Optional[DataConfig] = None       # null: the QA files the checkpoint trained on; or e.g. data=nq_open
+    split: str = "test"
+    batch_size: int = 32
+    max_examples: int = 0                   # 0 = all
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class GenerateConfig:
+    """`python -m rag_lightning.generate ckpt_path=... question="..."` (or questions=FILE)."""
+
+    ckpt_path: str = MISSING
+    question: Optional[str] = None
+    questions: Optional[str] = None         # a file: one question a line, or JSONL rows with a "question"
+    output: Optional[str] = None            # also write the answers and passages as JSONL here
+    batch_size: int = 16
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+
+@dataclass
+class ExportConfig:
+    """`python -m rag_lightning.export ckpt_path=... out=DIR`."""
+
+    ckpt_path: str = MISSING
+    out: str = MISSING                      # a new (or empty) folder
+
+
 def register_configs() -> None:
     """Register the schemas, and the `${repo_root:}` resolver (the checkout holding conf/)."""
     if not OmegaConf.has_resolver("repo_root"):
@@ -199,3 +234,6 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="build_kb_schema", node=BuildKBConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="generate_schema", node=GenerateConfig)
+    store.store(name="export_schema", node=ExportConfig)

@@ -7,6 +7,7 @@ processes are those of the whole split.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import lightning as L
@@ -22,10 +23,8 @@ class TokenizedQA(Dataset):
     def __init__(self, examples: list[QAExample], encoder_tokenizer, generator_tokenizer,
                  max_question_tokens: int, max_answer_tokens: int):
         self.examples = examples
-        questions = [e.question for e in examples]
-        self.encoder_ids = encoder_tokenizer(questions, truncation=True, max_length=max_question_tokens)["input_ids"]
-        self.generator_ids = generator_tokenizer(questions, add_special_tokens=False, truncation=True,
-                                                 max_length=max_question_tokens)["input_ids"]
+        self.encoder_ids, self.generator_ids = tokenize_questions([e.question for e in examples], encoder_tokenizer,
+                                                                  generator_tokenizer, max_question_tokens)
         answers = generator_tokenizer([e.answers[0] for e in examples], add_special_tokens=False, truncation=True,
                                       max_length=max_answer_tokens - 2)["input_ids"]
         bos, eos = generator_tokenizer.bos_token_id, generator_tokenizer.eos_token_id
@@ -36,6 +35,41 @@ class TokenizedQA(Dataset):
 
     def __getitem__(self, i: int) -> int:
         return i
+
+
+def tokenize_questions(questions: list[str], encoder_tokenizer, generator_tokenizer,
+                       max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Each question's ids for the question encoder (with its special tokens) and for the generator (without)."""
+    encoder_ids = encoder_tokenizer(questions, truncation=True, max_length=max_tokens)["input_ids"]
+    generator_ids = generator_tokenizer(questions, add_special_tokens=False, truncation=True,
+                                        max_length=max_tokens)["input_ids"]
+    return encoder_ids, generator_ids
+
+
+def question_batch(encoder_ids: list[list[int]], generator_ids: list[list[int]], encoder_pad_id: int) -> dict:
+    """What retrieval and generation need of a batch of questions: padded encoder ids, generator ids."""
+    return {"question_ids": pad(encoder_ids, encoder_pad_id), "question_generator_ids": generator_ids}
+
+
+def collate(dataset: TokenizedQA, rows: list[int], encoder_pad_id: int, generator_pad_id: int) -> dict:
+    """A batch of examples: the question batch, the padded target ids, and the examples' texts."""
+    examples = [dataset.examples[i] for i in rows]
+    return {
+        **question_batch([dataset.encoder_ids[i] for i in rows], [dataset.generator_ids[i] for i in rows],
+                         encoder_pad_id),
+        "labels": pad([dataset.target_ids[i] for i in rows], generator_pad_id),
+        "answers": [e.answers for e in examples],
+        "questions": [e.question for e in examples],
+        "gold_titles": [e.gold_titles for e in examples],
+    }
+
+
+def eval_loader(dataset: TokenizedQA, batch_size: int, encoder_pad_id: int, generator_pad_id: int,
+                rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Every world_size-th example from rank on, in order: each example is evaluated exactly once."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
+                      collate_fn=functools.partial(collate, dataset, encoder_pad_id=encoder_pad_id,
+                                                   generator_pad_id=generator_pad_id))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -104,7 +138,9 @@ class QADataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._load("train")
         sampler = GlobalBatchSampler(len(dataset), self.batch_size, *self._rank_and_world_size())
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda rows: self.collate(dataset, rows))
+        collate_fn = functools.partial(collate, dataset, encoder_pad_id=self.encoder_tokenizer.pad_token_id,
+                                       generator_pad_id=self.generator_tokenizer.pad_token_id)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -113,26 +149,14 @@ class QADataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
-        """Every world_size-th example from this process's rank on: each example is evaluated exactly once."""
-        dataset = self._load(split)
-        rank, world_size = self._rank_and_world_size()
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=range(rank, len(dataset), world_size),
-                          collate_fn=lambda rows: self.collate(dataset, rows))
+        return eval_loader(self._load(split), self.eval_batch_size, self.encoder_tokenizer.pad_token_id,
+                           self.generator_tokenizer.pad_token_id, *self._rank_and_world_size())
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
-    def collate(self, dataset: TokenizedQA, rows: list[int]) -> dict:
-        return {
-            "question_ids": _pad([dataset.encoder_ids[i] for i in rows], self.encoder_tokenizer.pad_token_id),
-            "question_generator_ids": [dataset.generator_ids[i] for i in rows],
-            "labels": _pad([dataset.target_ids[i] for i in rows], self.generator_tokenizer.pad_token_id),
-            "answers": [dataset.examples[i].answers for i in rows],
-            "questions": [dataset.examples[i].question for i in rows],
-        }
 
-
-def _pad(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+def pad(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     out = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
     for row, ids in enumerate(sequences):
         out[row, :len(ids)] = torch.tensor(ids)

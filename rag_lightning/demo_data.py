@@ -33,7 +33,7 @@ def _distinct_words(rng: random.Random, count: int, syllables: int) -> list[str]
 
 def write_demo_data(out_dir: str | Path, num_entities: int = 3600, num_values: int = 300,
                     val_size: int = 100, test_size: int = 200, seed: int = 0) -> Path:
-    """Write `kb.jsonl` (title, text) and `train/val/test.jsonl` (question, answers) into out_dir.
+    """Write `kb.jsonl` (title, text) and `train/val/test.jsonl` (question, answers, gold_titles) into out_dir.
 
     The same arguments always give the same files; val and test take at most a tenth each.
     """
@@ -51,7 +51,7 @@ def write_demo_data(out_dir: str | Path, num_entities: int = 3600, num_values: i
         fact = rng.randrange(len(FACTS))
         (sentence, question), value = FACTS[fact], rng.choice(values[fact])
         passages.append({"title": name, "text": sentence.format(name=name, value=value)})
-        questions.append({"question": question.format(name=name), "answers": [value]})
+        questions.append({"question": question.format(name=name), "answers": [value], "gold_titles": [name]})
 
     rng.shuffle(questions)
     test_size, val_size = min(test_size, len(questions) // 10), min(val_size, len(questions) // 10)

@@ -17,6 +17,7 @@ from rag_lightning.config import LoggerConfig
 from rag_lightning.errors import UserError
 
 SAMPLE_COLUMNS = ("question", "prediction", "answers", "retrieved", "top_score")
+SAMPLE_ROWS = 16
 
 
 def build_logger(cfg: LoggerConfig, run_dir: Path, config: dict) -> Logger | bool:
@@ -46,9 +47,11 @@ class SampleTable(L.Callback):
         self._log(trainer, pl_module, "test")
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
-        if not trainer.is_global_zero or not pl_module.eval_samples:
+        if not trainer.is_global_zero or not pl_module.eval_records:
             return
-        rows = [[sample[c] for c in SAMPLE_COLUMNS] for sample in pl_module.eval_samples]
+        rows = [[r["question"], r["prediction"], " | ".join(r["answers"]),
+                 " | ".join(passage["title"] for passage in r["retrieved"]), r["retrieved"][0]["score"]]
+                for r in pl_module.eval_records[:SAMPLE_ROWS]]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table(key=f"{prefix}/samples", columns=list(SAMPLE_COLUMNS), data=rows,

@@ -42,7 +42,8 @@ def write_nq_open(source: str | None, out_dir: str | Path, val_fraction: float =
             try:
                 row = json.loads(line)
                 gold = [c for c in row["ctxs"] if c.get("isgold")] or row["ctxs"][:1]
-                questions.append({"question": row["question"], "answers": row["answers"]})
+                questions.append({"question": row["question"], "answers": row["answers"],
+                                  "gold_titles": sorted({ctx["title"] for ctx in gold})})
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{source}:{number}: not an NQ-open oracle row ({e})") from None
             for ctx in gold:

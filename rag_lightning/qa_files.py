@@ -1,12 +1,13 @@
 """Reading question-answer files, checked line by line.
 
-Two formats per split: `{split}.jsonl` with {"question": str, "answers": [str, ...]} a line,
-or transformers' RAG example pair `{split}.source` (one question a line) and
-`{split}.target` (its answer; several separated by tabs).
+Two formats per split: `{split}.jsonl` with {"question": str, "answers": [str, ...]} a line
+(and optionally "gold_titles": [str, ...], the titles of the passages that hold the answer,
+for evaluation's gold-passage recall), or transformers' RAG example pair `{split}.source`
+(one question a line) and `{split}.target` (its answer; several separated by tabs).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag_lightning.errors import UserError
@@ -17,6 +18,7 @@ from rag_lightning.text_files import jsonl_rows, read_utf8
 class QAExample:
     question: str
     answers: list[str]
+    gold_titles: list[str] = field(default_factory=list)    # empty: the gold passages are not known
 
 
 def find_split(data_dir: str | Path, split: str) -> Path:
@@ -44,7 +46,11 @@ def _read_jsonl(path: Path) -> list[QAExample]:
         answers = row.get("answers")
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
             raise UserError(f"{path}:{number}: needs 'answers', a non-empty list of non-empty strings")
-        examples.append(QAExample(row["question"].strip(), [a.strip() for a in answers]))
+        gold_titles = row.get("gold_titles", [])
+        if not isinstance(gold_titles, list) or not all(isinstance(t, str) for t in gold_titles):
+            raise UserError(f"{path}:{number}: 'gold_titles', when given, must be a list of strings")
+        examples.append(QAExample(row["question"].strip(), [a.strip() for a in answers],
+                                  [t.strip() for t in gold_titles]))
     return examples
 
 

@@ -5,8 +5,9 @@ the top-k passages with their embeddings and token ids, doc_scores = q . doc emb
 contexts = stored passage ids + question ids, then the RAG marginal NLL. With
 retriever.train_ctx_encoder the retrieved passages are re-embedded by the current context
 encoder, so gradients reach it too. Validation and test generate answers and report
-exact match, F1, retrieval recall@k and the answers' NLL, summed over every process's
-share of the split, so the figures are the whole split's.
+exact match, F1, retrieval recall@k, gold-passage recall (where the data names the gold
+passages) and the answers' NLL, summed over every process's share of the split, so the
+figures are the whole split's.
 
 A checkpoint records the index version it trained against; loading it makes that
 version active again (if it is still on disk).
@@ -40,16 +41,16 @@ from retrieval_workers.types import SearchResult, ServiceSpec
 
 log = logging.getLogger(__name__)
 
-SAMPLES_KEPT = 16
 RAG_CLASSES = {"rag_sequence": RagSequenceForGeneration, "rag_token": RagTokenForGeneration}
 
 
 class RagModule(L.LightningModule):
     """model, retriever, optim and service are plain dicts (of ModelConfig, RetrieverConfig, OptimConfig,
     ServiceSpec) so checkpoints hold no custom classes; the generator tokenizer is the one saved in the
-    knowledge base."""
+    knowledge base. data_dir, the QA files it trains on, is what the evaluate command reads by default."""
 
-    def __init__(self, model: dict, retriever: dict, optim: dict, service: dict, ray_address: str | None = None):
+    def __init__(self, model: dict, retriever: dict, optim: dict, service: dict, ray_address: str | None = None,
+                 data_dir: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg: ModelConfig = _structured(ModelConfig, model)
@@ -81,7 +82,7 @@ class RagModule(L.LightningModule):
         self.last_search_ms = 0.0                  # wall time of the last search call
         self.eval_sums: dict[str, float] = {}     # per-metric sums over this process's evaluated examples
         self.eval_examples = 0
-        self.eval_samples: list[dict] = []         # the first evaluated examples, for a logger's sample table
+        self.eval_records: list[dict] = []         # one per evaluated example: question, prediction, retrieved, ...
 
     # --- retrieval ---------------------------------------------------------------------------------------
 
@@ -215,50 +216,54 @@ class RagModule(L.LightningModule):
                                       max_new_tokens=self.model_cfg.max_answer_tokens)
         return self.generator_tokenizer.batch_decode(generated, skip_special_tokens=True)
 
-    def _evaluate(self, batch: dict) -> None:
-        """Add this batch's per-example scores (EM, F1, recall@k, answer NLL) to the epoch's sums."""
+    def evaluate_batch(self, batch: dict) -> None:
+        """Score the batch's answers (EM, F1, recall@k, answer NLL, gold-passage recall where the gold titles are
+        known), add the scores to the epoch's sums, and keep a record of each example."""
         doc_scores, context_ids, context_mask, result = self.retrieve(batch)
         predictions = self.generate_answers(doc_scores, context_ids, context_mask)
         nll = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask, doc_scores=doc_scores,
                        labels=batch["labels"], n_docs=self.model_cfg.n_docs, reduce_loss=False).loss
         k = self.model_cfg.n_docs
-        texts = self.passages.titles_and_texts(result.ids)
-        for i, (prediction, answers) in enumerate(zip(predictions, batch["answers"])):
-            if len(self.eval_samples) < SAMPLES_KEPT:
-                self.eval_samples.append({"question": batch["questions"][i], "prediction": prediction,
-                                          "answers": " | ".join(answers),
-                                          "retrieved": " | ".join(title for title, _ in texts[i * k:(i + 1) * k]),
-                                          "top_score": float(result.scores[i, 0])})
+        passages = self.passages.titles_and_texts(result.ids)
+        for i, (prediction, answers, gold_titles) in enumerate(zip(predictions, batch["answers"],
+                                                                   batch["gold_titles"])):
+            retrieved = passages[i * k:(i + 1) * k]
             scores = {"em": exact_match(prediction, answers), "f1": f1_score(prediction, answers),
-                      f"recall@{k}": answer_in_passages([t for _, t in texts[i * k:(i + 1) * k]], answers),
+                      f"recall@{k}": answer_in_passages([text for _, text in retrieved], answers),
                       "loss": float(nll[i])}
+            if gold_titles:
+                scores[f"gold_recall@{k}"] = float(any(title in gold_titles for title, _ in retrieved))
+                scores["gold_examples"] = 1.0
             for name, value in scores.items():
                 self.eval_sums[name] = self.eval_sums.get(name, 0.0) + value
+            self.eval_records.append({
+                "question": batch["questions"][i], "prediction": prediction, "answers": answers,
+                "gold_titles": gold_titles, "em": scores["em"], "f1": scores["f1"],
+                "retrieved": [{"id": int(result.ids[i, j]), "title": title, "score": float(result.scores[i, j])}
+                              for j, (title, _) in enumerate(retrieved)]})
         self.eval_examples += len(predictions)
 
     def _log_evaluation(self, prefix: str) -> None:
         """Metrics over the whole split: every process's sums added up, then divided by the example count."""
-        names = ("em", "f1", f"recall@{self.model_cfg.n_docs}", "loss")   # every rank, even one without examples
+        names = eval_sum_names(self.model_cfg.n_docs)       # every rank, even one without examples
         totals = torch.tensor([self.eval_sums.get(n, 0.0) for n in names] + [self.eval_examples], dtype=torch.float64,
                               device=self.device)          # nccl reduces GPU tensors only
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        count = max(float(totals[-1]), 1.0)
-        metrics = {f"{prefix}/{name}": float(total) / count for name, total in zip(names, totals)}
-        metrics[f"{prefix}/examples"] = float(totals[-1])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        metrics = eval_metrics(prefix, dict(zip(names, totals)), totals[-1], self.model_cfg.n_docs)
         # the values are equal on every rank already; sync_dist only keeps Lightning from warning otherwise
         self.log_dict(metrics, sync_dist=True)
         self.eval_sums, self.eval_examples = {}, 0
 
     def on_validation_epoch_start(self) -> None:
-        self.eval_sums, self.eval_examples, self.eval_samples = {}, 0, []
+        self.eval_sums, self.eval_examples, self.eval_records = {}, 0, []
 
     on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch)
+        self.evaluate_batch(batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch)
+        self.evaluate_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
@@ -285,6 +290,22 @@ def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) 
         label_smoothing=model_cfg.label_smoothing, retrieval_vector_size=question_encoder.dim,
         max_combined_length=model_cfg.max_context_tokens)
     return RAG_CLASSES[model_cfg.kind](config=rag_config, question_encoder=question_encoder.model, generator=generator)
+
+
+def eval_sum_names(n_docs: int) -> list[str]:
+    """The per-example scores evaluation sums up, gold-passage recall and the count of examples it applies to last."""
+    return ["em", "f1", f"recall@{n_docs}", "loss", f"gold_recall@{n_docs}", "gold_examples"]
+
+
+def eval_metrics(prefix: str, sums: dict[str, float], examples: float, n_docs: int) -> dict[str, float]:
+    """A split's metrics from the sums of its per-example scores: means over its examples, and gold-passage
+    recall over the examples whose gold titles are known (left out when none are)."""
+    metrics = {f"{prefix}/{name}": sums.get(name, 0.0) / max(examples, 1.0)
+               for name in eval_sum_names(n_docs)[:4]}
+    metrics[f"{prefix}/examples"] = float(examples)
+    if sums.get("gold_examples"):
+        metrics[f"{prefix}/gold_recall@{n_docs}"] = sums[f"gold_recall@{n_docs}"] / sums["gold_examples"]
+    return metrics
 
 
 def _structured(schema, values: dict):

@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from rag_lightning.build_kb import build_knowledge_base
-from rag_lightning.checkpoints import checkpoint_callbacks, resume_checkpoint
+from rag_lightning.checkpoints import check_checkpoint_fits, checkpoint_callbacks, resume_checkpoint
 from rag_lightning.config import TrainConfig, register_configs
 from rag_lightning.datamodule import QADataModule
 from rag_lightning.encoders import load_encoder_tokenizer
@@ -157,10 +157,13 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
                  started: float) -> dict:
     """Evaluate the initial model (unless resuming), train, test the best checkpoint; rank 0 writes results.json."""
     module = RagModule(model=asdict(cfg.model), retriever=asdict(cfg.retriever), optim=asdict(cfg.optim),
-                       service=asdict(spec), ray_address=os.environ[RAY_ADDRESS_ENV])
+                       service=asdict(spec), ray_address=os.environ[RAY_ADDRESS_ENV],
+                       data_dir=str(Path(cfg.data.dir).resolve()))
     if module.question_encoder.dim != manifest.dim:
         raise UserError(f"model.question_encoder: its dimension {module.question_encoder.dim} differs from the "
                         f"knowledge base's {manifest.dim} (kb.context_encoder); use encoders of one size")
+    if resume_from is not None:
+        check_checkpoint_fits(resume_from, module, asdict(cfg.model))
     datamodule = QADataModule(cfg.data.dir, load_encoder_tokenizer(cfg.model.question_encoder),
                               module.generator_tokenizer, batch_size=cfg.data.batch_size,
                               eval_batch_size=cfg.data.eval_batch_size,

@@ -87,10 +87,14 @@ def ray_cluster():
     os.environ.pop(RAY_ADDRESS_ENV, None)
 
 
-@pytest.fixture
-def subprocess_env():
+def cli_env() -> dict[str, str]:
     """Environment for CLI subprocesses: no inherited Ray address, short Hydra errors, offline hubs."""
     env = {k: v for k, v in os.environ.items() if k not in (RAY_ADDRESS_ENV, "HYDRA_FULL_ERROR", "RAY_ADDRESS")}
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     return env
+
+
+@pytest.fixture
+def subprocess_env():
+    return cli_env()

@@ -79,7 +79,7 @@ def test_usr1_saves_requeues_and_the_job_resumes_from_its_checkpoint(slurm_clust
     job = _submit(run_dir, subprocess_env, f"trainer.max_steps={steps}", "trainer.val_check_interval=200",
                   "trainer.checkpoint_every_n_steps=20", "trainer.log_every_n_steps=5")
     log = Path(f"{run_dir}.out")
-    _wait_until(lambda: any((run_dir / "checkpoints").glob("step=*.ckpt")), 300, "a periodic checkpoint", log)
+    _wait_until(lambda: any((run_dir / "checkpoints").glob("step*.ckpt")), 300, "a periodic checkpoint", log)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     _wait_until(lambda: any(run_dir.glob("hpc_ckpt_*.ckpt")), 120, "the HPC checkpoint", log)
     _wait_until(lambda: _job_field(job, "Restarts") == "1" and _job_field(job, "JobState") == "PENDING", 120,

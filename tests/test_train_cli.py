@@ -56,7 +56,7 @@ def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_p
     assert json.loads((kb_dir / "v3" / "version.json").read_text())["global_step"] == 6
     # the test ran on the best checkpoint's index: the version its last training step used (made at the even
     # step before it) or, that one being pruned, a version re-made from the checkpoint's own context encoder
-    best_step = int(re.search(r"step=(\d+)", results["best_checkpoint"]).group(1))
+    best_step = int(re.search(r"step(\d+)", results["best_checkpoint"]).group(1))
     active = manifest["active_version"]
     assert results["kb/index_version"] == active
     weights_step = json.loads((kb_dir / f"v{active}" / "version.json").read_text())["global_step"]
@@ -124,21 +124,21 @@ def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not list((run_dir / "checkpoints").glob("step=*.ckpt")):
+        while not list((run_dir / "checkpoints").glob("step*.ckpt")):
             assert first.poll() is None and time.monotonic() < deadline, "no periodic checkpoint appeared"
             time.sleep(0.2)
         first.send_signal(signal.SIGKILL)
         first.wait()
     finally:
         os.killpg(first.pid, signal.SIGKILL)          # the local Ray the killed trainer had started
-    saved = sorted(int(re.search(r"step=(\d+)", p.name).group(1))
-                   for p in (run_dir / "checkpoints").glob("step=*.ckpt"))
+    saved = sorted(int(re.search(r"step(\d+)", p.name).group(1))
+                   for p in (run_dir / "checkpoints").glob("step*.ckpt"))
     assert not (run_dir / "results.json").exists() and saved and saved[-1] < steps
 
     second = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
-    resumed = re.search(r"step=(\d+)\.ckpt$", results["train/resumed_from"])
+    resumed = re.search(r"step(\d+)\.ckpt$", results["train/resumed_from"])
     assert resumed and int(resumed.group(1)) >= saved[-1], "resumed from the newest checkpoint, not from step 0"
     assert results["train/steps"] == steps
     assert "initial/em" not in results

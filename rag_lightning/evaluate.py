@@ -1,0 +1,79 @@
+"""Evaluate a checkpoint: `python -m rag_lightning.evaluate ckpt_path=... [data=...] [split=test]`.
+
+Answers every question of the split with the checkpoint's model and its knowledge base,
+and writes into the run directory results.json (exact match, F1, answer recall@k,
+gold-passage recall@k where the data names the gold passages, answer NLL) and
+predictions.jsonl (each question with its prediction, gold answers, and the retrieved
+passages' titles and scores).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from rag_lightning.config import EvaluateConfig, register_configs
+from rag_lightning.datamodule import TokenizedQA, eval_loader
+from rag_lightning.encoders import load_encoder_tokenizer
+from rag_lightning.errors import UserError, exit_on_user_error
+from rag_lightning.prepared_data import prepare_data
+from rag_lightning.qa_files import read_split
+from rag_lightning.rag_module import eval_metrics
+from rag_lightning.trained_model import load_trained_module, serving
+from retrieval_workers.kb_store import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """The checkpoint's metrics on the split; writes results.json and predictions.jsonl into the run dir."""
+    started = time.time()
+    if cfg.batch_size < 1 or cfg.max_examples < 0:
+        raise UserError("batch_size must be >= 1 and max_examples >= 0")
+    module = load_trained_module(cfg.ckpt_path)
+    if cfg.data is not None:
+        prepare_data(cfg.data)
+        data_dir = cfg.data.dir
+    elif module.hparams.get("data_dir"):
+        data_dir = module.hparams.data_dir
+    else:
+        raise UserError(f"data: {cfg.ckpt_path} does not record its QA files; give data=files data.dir=DIR")
+    examples = read_split(data_dir, cfg.split)
+    if cfg.max_examples:
+        examples = examples[:cfg.max_examples]
+    encoder_tokenizer = load_encoder_tokenizer(module.model_cfg.question_encoder)
+    dataset = TokenizedQA(examples, encoder_tokenizer, module.generator_tokenizer,
+                          module.model_cfg.max_question_tokens, module.model_cfg.max_answer_tokens)
+    loader = eval_loader(dataset, cfg.batch_size, encoder_tokenizer.pad_token_id,
+                         module.generator_tokenizer.pad_token_id)
+    with serving(module, cfg.retrieval) as index_version, torch.no_grad():
+        for batch in tqdm(loader, desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0):
+            module.evaluate_batch(batch)
+
+    results = {**eval_metrics(cfg.split, module.eval_sums, module.eval_examples, module.model_cfg.n_docs),
+               "ckpt_path": str(Path(cfg.ckpt_path).resolve()), "data_dir": str(Path(data_dir).resolve()),
+               "kb/index_version": index_version, "wall_time_s": round(time.time() - started, 1)}
+    run_dir = Path(cfg.paths.run_dir)
+    atomic_write_bytes(run_dir / "predictions.jsonl",
+                       "".join(json.dumps(record) + "\n" for record in module.eval_records).encode())
+    atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
+    log.info("results: %s", json.dumps(results))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    evaluate(OmegaConf.to_object(cfg))
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

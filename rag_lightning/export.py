@@ -1,0 +1,138 @@
+"""Export a checkpoint to transformers' own RAG format: `python -m rag_lightning.export ckpt_path=... out=DIR`.
+
+DIR receives a RAG model folder (config, weights, and the question-encoder and generator
+tokenizers), `passages/` (a `datasets` folder: title, text, embeddings) and `index.faiss`
+(one index over every passage, of the knowledge base's factory). Plain transformers then
+answers like `rag_lightning.generate`:
+
+    retriever = RagRetriever.from_pretrained(DIR, index_name="custom",
+                                             passages_path=f"{DIR}/passages", index_path=f"{DIR}/index.faiss")
+    model = RagSequenceForGeneration.from_pretrained(DIR, retriever=retriever)   # or RagToken
+    model.generate(input_ids=..., attention_mask=..., num_beams=B, max_new_tokens=T)
+
+with B and T the training config's model.num_beams and model.max_answer_tokens (the export
+prints them).
+
+The question encoder becomes a DPRQuestionEncoder, whose output is the [CLS] vector, so
+only a model trained with `model.question_encoder.pooling=cls` can be exported exactly.
+The passages carry the embeddings of the index version the checkpoint trained against.
+The folder is written beside DIR and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import processors
+from transformers import DPRConfig, DPRQuestionEncoder, RagConfig, RagTokenizer
+
+from rag_lightning.build_kb import DOC_SEP, TITLE_SEP
+from rag_lightning.config import ExportConfig, register_configs
+from rag_lightning.encoders import load_encoder_tokenizer
+from rag_lightning.errors import UserError, exit_on_user_error
+from rag_lightning.hf_knowledge_base import HFPassages, write_hf_passages
+from rag_lightning.rag_module import RAG_CLASSES, RagModule
+from rag_lightning.trained_model import load_trained_module, trained_index_version
+from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
+
+log = logging.getLogger(__name__)
+PASSAGES, INDEX = "passages", "index.faiss"
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Write the checkpoint's model and knowledge base into cfg.out; returns that folder."""
+    out = Path(cfg.out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"out: {out} exists and is not an empty folder; export writes a new one")
+    module = load_trained_module(cfg.ckpt_path)
+    if module.model_cfg.question_encoder.pooling != "cls":
+        raise UserError(f"ckpt_path: {cfg.ckpt_path} was trained with model.question_encoder.pooling="
+                        f"{module.model_cfg.question_encoder.pooling}; transformers' RAG question encoder "
+                        "(DPRQuestionEncoder) returns the [CLS] vector, so only pooling=cls exports exactly")
+    staging = out.with_name(f".{out.name}.export-{os.getpid()}")
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"out: cannot write beside {out} ({e.strerror})") from None
+    try:
+        passages, factory = _knowledge_base(module)
+        rag = _transformers_model(module, passages_path=out / PASSAGES, index_path=out / INDEX)
+        rag.save_pretrained(str(staging))
+        # transformers 5 hands from_pretrained's `retriever=` on to GenerationConfig.from_pretrained, which
+        # fails on it when the folder has a generation_config.json (RagToken writes one), so leave it out
+        (staging / "generation_config.json").unlink(missing_ok=True)
+        _tokenizers(module).save_pretrained(str(staging))
+        write_hf_passages(staging / PASSAGES, staging / INDEX, passages, factory)
+        if out.exists():
+            out.rmdir()                        # the empty folder checked above
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)             # our own unfinished folder
+    log.info("exported %s (%d passages) to %s; it was evaluated with generate(num_beams=%d, max_new_tokens=%d)",
+             cfg.ckpt_path, len(passages.titles), out, module.model_cfg.num_beams, module.model_cfg.max_answer_tokens)
+    return out
+
+
+def _knowledge_base(module: RagModule) -> tuple[HFPassages, str]:
+    """Every passage with its embedding in the index version the checkpoint trained against (else the active one)."""
+    kb_dir = module.service_spec.kb_dir
+    manifest = read_manifest(kb_dir)
+    version = trained_index_version(module)
+    if version not in manifest.kept_versions():
+        if version is not None:
+            log.warning("index version %d is no longer on disk; exporting the active version %d", version,
+                        manifest.active_version)
+        version = manifest.active_version
+    table = PassageTable(f"{kb_dir}/{manifest.passages_file}")
+    titles, texts = zip(*table.titles_and_texts(range(manifest.num_passages)))
+    return HFPassages(list(titles), list(texts), load_embeddings(kb_dir, manifest, version)), manifest.index_factory
+
+
+def _transformers_model(module: RagModule, passages_path: Path, index_path: Path):
+    """The module's RAG model with its question encoder as a DPRQuestionEncoder (same BERT weights)."""
+    bert = module.question_encoder.model
+    if bert.config.model_type != "bert":
+        raise UserError(f"model.question_encoder: a {bert.config.model_type} model has no DPR equivalent; "
+                        "export needs a BERT-style question encoder")
+    dpr_config = DPRConfig(**{key: getattr(bert.config, key) for key in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+        "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+        "initializer_range", "layer_norm_eps", "pad_token_id")})
+    question_encoder = DPRQuestionEncoder(dpr_config)
+    question_encoder.question_encoder.bert_model.load_state_dict(bert.state_dict())
+    generator = module.rag.generator
+    cfg = module.model_cfg
+    config = RagConfig.from_question_encoder_generator_configs(
+        dpr_config, generator.config, n_docs=cfg.n_docs, max_combined_length=cfg.max_context_tokens,
+        retrieval_vector_size=module.question_encoder.dim, title_sep=TITLE_SEP, doc_sep=DOC_SEP,
+        label_smoothing=cfg.label_smoothing, index_name="custom", passages_path=str(passages_path),
+        index_path=str(index_path))
+    return RAG_CLASSES[cfg.kind](config=config, question_encoder=question_encoder, generator=generator).eval()
+
+
+def _tokenizers(module: RagModule) -> RagTokenizer:
+    """The question encoder's tokenizer and the generator's, the latter ending each text with </s> as our
+    contexts do (transformers' retriever tokenizes passage + question as one string)."""
+    generator_tokenizer = module.generator_tokenizer
+    eos = generator_tokenizer.eos_token
+    generator_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, generator_tokenizer.eos_token_id)])
+    return RagTokenizer(question_encoder=load_encoder_tokenizer(module.model_cfg.question_encoder),
+                        generator=generator_tokenizer)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    export(OmegaConf.to_object(cfg))
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Answer questions with a checkpoint: `python -m rag_lightning.generate ckpt_path=... question="..."`.
+
+`questions=FILE` answers a file of questions instead: one a line, or JSONL rows with a
+"question". Each answer is printed with its retrieved passages and their scores;
+`output=FILE` also writes them as JSONL.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rag_lightning.config import GenerateConfig, register_configs
+from rag_lightning.datamodule import question_batch, tokenize_questions
+from rag_lightning.encoders import load_encoder_tokenizer
+from rag_lightning.errors import UserError, exit_on_user_error
+from rag_lightning.text_files import jsonl_rows, read_utf8
+from rag_lightning.trained_model import load_trained_module, serving
+from retrieval_workers.kb_store import atomic_write_bytes
+
+
+def read_questions(path: str) -> list[str]:
+    """The questions of a file: one a line (blank lines skipped), or a "question" per JSONL row."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"questions: file not found: {path}")
+    text = read_utf8(file)
+    if file.suffix != ".jsonl":
+        questions = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        questions = []
+        for number, row in jsonl_rows(file, text):
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+                raise UserError(f"{file}:{number}: needs a non-empty string 'question'")
+            questions.append(row["question"].strip())
+    if not questions:
+        raise UserError(f"{file}: no questions")
+    return questions
+
+
+def generate(cfg: GenerateConfig) -> list[dict]:
+    """Each question's answer and retrieved passages (id, title, text, score), best first."""
+    if (cfg.question is None) == (cfg.questions is None):
+        raise UserError('give either question="..." or questions=FILE')
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size must be >= 1 (got {cfg.batch_size})")
+    questions = [cfg.question] if cfg.question is not None else read_questions(cfg.questions)
+    if not all(q.strip() for q in questions):
+        raise UserError("question: empty")
+    module = load_trained_module(cfg.ckpt_path)
+    encoder_tokenizer = load_encoder_tokenizer(module.model_cfg.question_encoder)
+    answered = []
+    with serving(module, cfg.retrieval):
+        for start in range(0, len(questions), cfg.batch_size):
+            chunk = questions[start:start + cfg.batch_size]
+            batch = question_batch(*tokenize_questions(chunk, encoder_tokenizer, module.generator_tokenizer,
+                                                       module.model_cfg.max_question_tokens),
+                                   encoder_tokenizer.pad_token_id)
+            answers, result = module.predict_answers(batch)
+            for i, (question, answer) in enumerate(zip(chunk, answers)):
+                passages = module.passages.titles_and_texts(result.ids[i])
+                answered.append({"question": question, "answer": answer, "retrieved": [
+                    {"id": int(result.ids[i, j]), "title": title, "text": text, "score": float(result.scores[i, j])}
+                    for j, (title, text) in enumerate(passages)]})
+    for record in answered:
+        print(f"\nquestion: {record['question']}\nanswer:   {record['answer']}")
+        for rank, passage in enumerate(record["retrieved"], 1):
+            print(f"  {rank}. [{passage['score']:.4f}] {passage['title']}: {passage['text']}")
+    if cfg.output:
+        atomic_write_bytes(cfg.output, "".join(json.dumps(r) + "\n" for r in answered).encode())
+    return answered
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    generate(OmegaConf.to_object(cfg))
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

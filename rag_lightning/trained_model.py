@@ -1,0 +1,75 @@
+"""A trained model from a checkpoint, and its knowledge base served for it: what evaluate, generate and export share.
+
+The checkpoint holds everything needed: the model, retriever and service settings it was
+trained with (its hyperparameters, plain dicts), the weights, and the index version it
+last trained against. Serving starts shard actors of its own (on a local Ray, or on the
+cluster at retrieval.ray_address) under a name of their own, so a training job using the
+same knowledge base is never disturbed, and moves them to that index version if it is
+still on disk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+
+from rag_lightning.checkpoints import read_checkpoint
+from rag_lightning.config import RetrievalConfig
+from rag_lightning.errors import UserError
+from rag_lightning.rag_module import RagModule
+from retrieval_workers.kb_store import read_manifest
+from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
+from retrieval_workers.service import launch_service, shutdown_service, switch_version
+
+log = logging.getLogger(__name__)
+
+
+def load_trained_module(ckpt_path: str) -> RagModule:
+    """The checkpoint's RagModule on the CPU, in eval mode (weights loaded with torch's weights_only)."""
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+    checkpoint = read_checkpoint(ckpt_path)
+    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise UserError(f"ckpt_path: {ckpt_path} is not a checkpoint of rag_lightning.train")
+    module = RagModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    return module.eval()
+
+
+def trained_index_version(module: RagModule) -> int | None:
+    """The index version the checkpoint last trained against (None for a checkpoint that does not say)."""
+    return module.version_to_restore[0] if module.version_to_restore is not None else None
+
+
+@contextmanager
+def serving(module: RagModule, retrieval: RetrievalConfig) -> Iterator[int]:
+    """Shard actors of the module's knowledge base, for this process alone; yields the index version they serve."""
+    spec = dataclasses.replace(module.service_spec, namespace=retrieval.namespace,
+                               name_prefix=f"serve-{os.getpid()}", failover_timeout_s=retrieval.failover_timeout_s)
+    owns_ray = not (retrieval.ray_address or os.environ.get(RAY_ADDRESS_ENV))
+    connect(retrieval.ray_address, namespace=spec.namespace, host=retrieval.host, dashboard=retrieval.dashboard,
+            num_cpus=retrieval.num_cpus, temp_dir=retrieval.temp_dir)
+    try:
+        launch_service(spec)
+        manifest = read_manifest(spec.kb_dir)
+        version = trained_index_version(module)
+        if version is not None and version != manifest.active_version:
+            if version in manifest.kept_versions():
+                switch_version(spec, version)
+            else:
+                log.warning("the checkpoint trained against index version %d, which is no longer on disk; "
+                            "serving the active version %d", version, manifest.active_version)
+                version = manifest.active_version
+        module.service_spec = spec
+        module.setup("predict")
+        yield manifest.active_version if version is None else version
+    finally:
+        shutdown_service(spec)
+        if owns_ray:
+            ray.shutdown()

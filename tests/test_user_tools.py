@@ -1,0 +1,206 @@
+"""The user tools on real checkpoints: evaluate, generate, export to transformers' RAG format and import from it.
+
+The export test loads the exported folder with plain transformers (RagRetriever with a custom
+index, RagSequence/RagTokenForGeneration) and checks it retrieves and answers exactly like
+our generate command.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, cli_env, write_documents
+from retrieval_workers.index_shard import IndexShard
+from retrieval_workers.kb_store import load_embeddings, read_manifest
+
+TINY_KB_ENCODER = ["kb.context_encoder.pretrained=null", "kb.context_encoder.hidden_size=32",
+                   "kb.context_encoder.num_layers=1", "kb.context_encoder.num_heads=2"]
+# MiniLM with [CLS] pooling on both sides: exportable (transformers' DPR question encoder pools by [CLS]), and
+# pretrained, so different questions retrieve different passages
+EXPORTABLE = ["model.question_encoder.pretrained=minilm", "model.question_encoder.num_layers=0",
+              "model.question_encoder.pooling=cls", "kb.context_encoder.pretrained=minilm",
+              "kb.context_encoder.num_layers=0", "kb.context_encoder.pooling=cls", "model.num_beams=2",
+              "trainer.max_steps=40", "trainer.val_check_interval=20", "optim.lr=3e-3",
+              "evaluate_before_training=false"]
+
+
+def _cli(module: str, *args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run directory of the tiny config (6 steps; 4 test questions with their gold titles)."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    _cli("rag_lightning.train", "experiment=tiny", f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_training_test_and_writes_every_prediction(tiny_run, tmp_path):
+    trained = json.loads((tiny_run / "results.json").read_text())
+    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "max_examples=16",
+         f"hydra.run.dir={tmp_path / 'eval'}")
+
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for key in ("test/em", "test/f1", "test/recall@2", "test/gold_recall@2", "test/examples"):
+        assert results[key] == trained[key], key
+    assert results["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-5)
+    assert results["data_dir"] == str(tiny_run / "data") and results["kb/index_version"] == 0
+
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    test_questions = [json.loads(line) for line in (tiny_run / "data" / "test.jsonl").read_text().splitlines()]
+    assert [p["question"] for p in predictions] == [q["question"] for q in test_questions]
+    assert [p["answers"] for p in predictions] == [q["answers"] for q in test_questions]
+    for p in predictions:
+        assert set(p) == {"question", "prediction", "answers", "gold_titles", "em", "f1", "retrieved"}
+        assert len(p["retrieved"]) == 2 and p["retrieved"][0]["score"] >= p["retrieved"][1]["score"]
+    gold_hits = [any(r["title"] in p["gold_titles"] for r in p["retrieved"]) for p in predictions]
+    assert results["test/gold_recall@2"] == sum(gold_hits) / len(gold_hits)
+    assert results["test/em"] == sum(p["em"] for p in predictions) / len(predictions)
+
+
+@pytest.mark.slow
+def test_evaluate_on_other_qa_files_without_gold_passages(tiny_run, tmp_path):
+    trained = json.loads((tiny_run / "results.json").read_text())
+    rows = [json.loads(line) for line in (tiny_run / "data" / "val.jsonl").read_text().splitlines()][:3]
+    data = tmp_path / "qa"
+    data.mkdir()
+    (data / "dev.jsonl").write_text("".join(json.dumps({"question": r["question"], "answers": r["answers"]}) + "\n"
+                                            for r in rows))
+    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "data=files", f"data.dir={data}",
+         "split=dev", f"hydra.run.dir={tmp_path / 'eval'}")
+
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["dev/examples"] == 3 and "dev/gold_recall@2" not in results
+    assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_generate_prints_each_answer_with_its_passages(tiny_run, tmp_path):
+    checkpoint = tiny_run / "checkpoints" / "last.ckpt"
+    question = "where does somebody live ?"
+    proc = _cli("rag_lightning.generate", f"ckpt_path={checkpoint}", f"question='{question}'",
+                f"output={tmp_path / 'answers.jsonl'}", cwd=tmp_path)
+
+    [answered] = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert answered["question"] == question and len(answered["retrieved"]) == 2
+    kb_texts = [json.loads(line) for line in (tiny_run / "data" / "kb.jsonl").read_text().splitlines()]
+    assert {"title": answered["retrieved"][0]["title"], "text": answered["retrieved"][0]["text"]} in kb_texts
+    printed = proc.stdout.splitlines()
+    at = printed.index(f"question: {question}")
+    assert printed[at + 1] == f"answer:   {answered['answer']}"
+    first = answered["retrieved"][0]
+    assert printed[at + 2] == f"  1. [{first['score']:.4f}] {first['title']}: {first['text']}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]     # nothing else written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["rag_sequence", "rag_token"])
+def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, tmp_path):
+    from transformers import RagRetriever, RagTokenizer
+
+    from rag_lightning.rag_module import RAG_CLASSES
+
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    _cli("rag_lightning.train", "experiment=tiny", f"model={kind}", *EXPORTABLE, f"hydra.run.dir={run_dir}")
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    _cli("rag_lightning.export", f"ckpt_path={checkpoint}", f"out={out}")
+    questions_file = run_dir / "data" / "test.jsonl"
+    _cli("rag_lightning.generate", f"ckpt_path={checkpoint}", f"questions={questions_file}",
+         f"output={tmp_path / 'ours.jsonl'}")
+    ours = [json.loads(line) for line in (tmp_path / "ours.jsonl").read_text().splitlines()]
+
+    retriever = RagRetriever.from_pretrained(str(out), index_name="custom", passages_path=str(out / "passages"),
+                                             index_path=str(out / "index.faiss"))
+    model = RAG_CLASSES[kind].from_pretrained(str(out), retriever=retriever).eval()
+    tokenizer = RagTokenizer.from_pretrained(str(out))
+    inputs = tokenizer.question_encoder([r["question"] for r in ours], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        question_vectors = model.question_encoder(**inputs)[0]
+        docs = retriever(inputs["input_ids"], question_vectors.numpy(), return_tensors="pt")
+        doc_scores = torch.bmm(question_vectors.unsqueeze(1), docs["retrieved_doc_embeds"].transpose(1, 2)).squeeze(1)
+        generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                   num_beams=2, max_new_tokens=8)
+    answers = tokenizer.generator.batch_decode(generated, skip_special_tokens=True)
+
+    assert len({tuple(r["id"] for r in o["retrieved"]) for o in ours}) > 1     # the questions retrieve differently
+    assert docs["doc_ids"].tolist() == [[r["id"] for r in o["retrieved"]] for o in ours]
+    np.testing.assert_allclose(doc_scores.numpy(), [[r["score"] for r in o["retrieved"]] for o in ours],
+                               rtol=1e-4, atol=1e-4)
+    assert answers == [o["answer"] for o in ours]
+
+    # and back: the exported passages and index import as a knowledge base with the same embeddings
+    kb_dir = tmp_path / "imported"
+    _cli("rag_lightning.build_kb", f"kb.source={out / 'passages'}", f"kb.source_index={out / 'index.faiss'}",
+         f"kb.dir={kb_dir}", "kb.context_encoder.pooling=cls", f"hydra.run.dir={tmp_path / 'import'}")
+    original = run_dir / "kb"
+    np.testing.assert_array_equal(load_embeddings(kb_dir, read_manifest(kb_dir)),
+                                  load_embeddings(original, read_manifest(original)))
+
+
+def _transformers_knowledge_base(folder: Path, dim: int, index_dim: int | None = None) -> tuple[Path, Path, np.ndarray]:
+    """What transformers' use_own_knowledge_dataset.py writes: a datasets folder with title, text and embeddings
+    rows, and the HNSW inner-product index it adds to the dataset, saved to a file."""
+    import datasets
+
+    rows = write_documents(folder / "source.jsonl", 30, words_per_doc=12)
+    embeddings = np.random.default_rng(0).standard_normal((len(rows), dim)).astype(np.float32)
+    dataset = datasets.Dataset.from_dict({"title": [r["title"] for r in rows], "text": [r["text"] for r in rows],
+                                          "embeddings": embeddings})
+    passages, index_file = folder / "my_knowledge_dataset", folder / "my_knowledge_dataset_hnsw_index.faiss"
+    dataset.save_to_disk(str(passages))
+    if index_dim is None:
+        dataset.add_faiss_index("embeddings", custom_index=faiss.IndexHNSWFlat(dim, 128, faiss.METRIC_INNER_PRODUCT))
+        dataset.get_index("embeddings").save(str(index_file))
+    else:
+        index = faiss.IndexFlatIP(index_dim)
+        index.add(np.zeros((len(rows), index_dim), dtype=np.float32))
+        faiss.write_index(index, str(index_file))
+    return passages, index_file, embeddings
+
+
+@pytest.mark.slow
+def test_build_kb_imports_a_knowledge_base_of_transformers_rag_example(tmp_path):
+    passages, index_file, embeddings = _transformers_knowledge_base(tmp_path, dim=32)
+    kb_dir = tmp_path / "kb"
+    _cli("rag_lightning.build_kb", f"kb.source={passages}", f"kb.source_index={index_file}", f"kb.dir={kb_dir}",
+         *TINY_KB_ENCODER, "index.shards=2", f"hydra.run.dir={tmp_path / 'build'}")
+
+    manifest = read_manifest(kb_dir)
+    assert manifest.num_passages == 30 and manifest.dim == 32
+    np.testing.assert_array_equal(load_embeddings(kb_dir, manifest), embeddings)
+    queries = embeddings[:5] + 0.01
+    brute_force = np.argmax(queries @ embeddings.T, axis=1)
+    best = [IndexShard(str(kb_dir), shard).search(queries, 1) for shard in range(2)]
+    merged = np.where(best[0].scores[:, 0] >= best[1].scores[:, 0], best[0].ids[:, 0], best[1].ids[:, 0])
+    np.testing.assert_array_equal(merged, brute_force)
+
+
+@pytest.mark.slow
+def test_an_index_of_another_dimension_is_refused_and_the_existing_kb_kept(tmp_path):
+    passages, index_file, _ = _transformers_knowledge_base(tmp_path, dim=32, index_dim=16)
+    kb_dir = tmp_path / "kb"
+    write_documents(tmp_path / "earlier.jsonl", 6)
+    _cli("rag_lightning.build_kb", f"kb.source={tmp_path / 'earlier.jsonl'}", f"kb.dir={kb_dir}", *TINY_KB_ENCODER,
+         f"hydra.run.dir={tmp_path / 'earlier'}")
+    before = {p.relative_to(kb_dir): p.read_bytes() for p in kb_dir.rglob("*") if p.is_file()}
+
+    proc = subprocess.run([sys.executable, "-m", "rag_lightning.build_kb", f"kb.source={passages}",
+                           f"kb.source_index={index_file}", f"kb.dir={kb_dir}", *TINY_KB_ENCODER,
+                           f"hydra.run.dir={tmp_path / 'build'}"], cwd=REPO_ROOT, env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert f"kb.source_index: {index_file}" in error and "dimension 16" in error and "dimension 32" in error
+    assert {p.relative_to(kb_dir): p.read_bytes() for p in kb_dir.rglob("*") if p.is_file()} == before
