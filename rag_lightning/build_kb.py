@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -151,29 +153,62 @@ def _existing_manifest(kb_dir: Path) -> Manifest | None:
 
 
 def _check_writable(kb_dir: Path) -> None:
+    """Refuse a kb.dir that cannot be written, or a folder of other files that is no knowledge base.
+
+    A build writes names of its own (v0/, passages-<hash>.arrow, ...) and replaces a folder of such a name, so
+    a folder without a readable manifest.json may hold nothing but what an interrupted build left.
+    """
+    def foreign(entry: Path) -> bool:
+        """Whether an entry of a folder without a manifest is not a leftover of an interrupted build."""
+        if re.fullmatch(r"v\d+", entry.name):
+            return not entry.is_dir() or not all(re.fullmatch(r"shard_\d+\.(faiss|embeddings\.npy)|version\.json",
+                                                              file.name) for file in entry.iterdir())
+        return not re.fullmatch(r"manifest\.json|passages-\w+\.arrow|generator_tokenizer-\w+|\..+\.(staging|tmp)",
+                                entry.name)
+
     try:
         kb_dir.mkdir(parents=True, exist_ok=True)
-        probe = kb_dir / ".write_probe"
-        probe.write_bytes(b"")
-        probe.unlink()
+        others = [] if _existing_manifest(kb_dir) else sorted(e.name for e in kb_dir.iterdir() if foreign(e))
+        if not others:
+            with tempfile.NamedTemporaryFile(dir=kb_dir, prefix=".write_probe.", suffix=".tmp"):
+                pass
     except OSError as e:
         raise UserError(f"kb.dir: {kb_dir} is not writable ({e.strerror})") from None
+    if others:
+        raise UserError(f"kb.dir: {kb_dir} is a folder of other files, not a knowledge base (no manifest.json; "
+                        f"found {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); give a new or empty "
+                        "folder")
 
 
 def _remove_unreferenced(kb_dir: Path, old: Manifest, new: Manifest) -> None:
-    """Delete what the previous manifest listed and the new one does not (only our own files)."""
+    """Delete what the previous manifest listed and the new one does not (only our own files).
+
+    The manifest is data on disk: a listed path that is absolute, leads out of kb_dir (through .. or a
+    symlinked folder), is kb_dir itself or is a symlink is never deleted; it is logged and left as it is.
+    """
+    root = kb_dir.resolve()
+
+    def inside(relative: str) -> Path | None:
+        path = root / relative
+        folder = path.parent.resolve()
+        if path.name != ".." and folder.is_relative_to(root) and path != root and not path.is_symlink():
+            return folder / path.name
+        log.warning("not deleting %r listed in the previous manifest: not a file or folder inside %s",
+                    relative, kb_dir)
+        return None
+
     keep = set(new.files) | {new.encoder["generator_tokenizer"]}
+    folders = set()
     for relative in list(old.files) + [old.encoder.get("generator_tokenizer", "")]:
-        if relative and relative not in keep:
-            path = kb_dir / relative
+        if relative and relative not in keep and (path := inside(relative)) is not None:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-    for version_dir in {relative.split("/")[0] for relative in old.files if "/" in relative}:
-        path = kb_dir / version_dir
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+            folders.add(path.parent)
+    for folder in folders - {root}:       # the version folders emptied above
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="build_kb")

@@ -1,12 +1,14 @@
 """Reading a knowledge base source file and splitting its documents into passages.
 
 Formats: TSV or CSV with `title` and `text` columns (a header line, or none for two-column
-TSV as in transformers' RAG example), and JSONL with `title` and `text` keys. Every
-problem is reported with the file and line number before any encoding starts.
+TSV as in transformers' RAG example; a field holding a tab, comma, line break or leading
+quote is quoted, "...", with "" for a quote inside), and JSONL with `title` and `text` keys.
+Every problem is reported with the file and line number before any encoding starts.
 """
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,46 +24,74 @@ class Passage:
 
 
 def read_documents(path: str | Path) -> list[tuple[str, str]]:
-    """All (title, text) documents of a source file; raises UserError naming the file and line."""
+    """All (title, text) documents of a source file, in order; raises UserError naming the file and line.
+
+    Every document needs a text; its title may be empty. The same title and text twice is refused (the
+    passages would be indexed twice); the same title with other texts, e.g. an article split into parts, is not.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"kb.source: file not found: {path}")
     raw = read_utf8(path)
     if path.suffix == ".jsonl":
-        documents = [_checked(path, number, *_title_and_text(row)) for number, row in jsonl_rows(path, raw)]
+        rows = ((number, *_title_and_text(row)) for number, row in jsonl_rows(path, raw))
     elif path.suffix in (".tsv", ".csv"):
-        documents = list(_read_delimited(path, raw, "\t" if path.suffix == ".tsv" else ","))
+        rows = _read_delimited(path, raw, "\t" if path.suffix == ".tsv" else ",")
     else:
         raise UserError(f"kb.source: {path}: unknown format {path.suffix!r} (use .tsv, .csv or .jsonl)")
-    if not documents:
+    first_line: dict[tuple[str, str], int] = {}       # document -> the line it was first read on, in file order
+    for line, title, text in rows:
+        document = _checked(path, line, title, text)
+        if document in first_line:
+            raise UserError(f"{path}:{line}: duplicate document: the same title and text as line "
+                            f"{first_line[document]}")
+        first_line[document] = line
+    if not first_line:
         raise UserError(f"{path}: the knowledge base has no documents")
-    return documents
+    return list(first_line)
 
 
 def _title_and_text(row) -> tuple:
     return (row.get("title"), row.get("text")) if isinstance(row, dict) else (None, None)
 
 
-def _read_delimited(path: Path, raw: str, delimiter: str) -> Iterator[tuple[str, str]]:
-    reader = csv.reader(raw.splitlines(keepends=True), delimiter=delimiter)
-    header = next(reader, None)
-    if header is None:
+def _read_delimited(path: Path, raw: str, delimiter: str) -> Iterator[tuple[int, str, str]]:
+    """(line, title, text) of each row: columns named by a header, or title<TAB>text in a TSV without one."""
+    records = _records(path, raw, delimiter)
+    first = next(records, None)
+    if first is None:
         return
+    line, header = first
     columns = [c.strip().lower() for c in header]
     if "title" in columns and "text" in columns:
         title_col, text_col, width = columns.index("title"), columns.index("text"), len(columns)
     elif delimiter == "\t" and len(header) == 2:      # transformers' example: no header, title<TAB>text
         title_col, text_col, width = 0, 1, 2
-        yield _checked(path, 1, header[0], header[1])
+        yield line, header[0], header[1]
     else:
-        raise UserError(f"{path}:1: missing columns: the header needs 'title' and 'text', found {header}")
-    for row in reader:
-        if not row:
-            continue
-        if len(row) != width:
-            raise UserError(f"{path}:{reader.line_num}: expected {width} fields, found {len(row)} "
-                            f"(a stray {'tab' if delimiter == chr(9) else 'comma'} or newline?)")
-        yield _checked(path, reader.line_num, row[title_col], row[text_col])
+        raise UserError(f"{path}:{line}: missing columns: the header needs 'title' and 'text', found {header}")
+    for line, fields in records:
+        if len(fields) != width:
+            cause = (f"a stray {'tab' if delimiter == chr(9) else 'comma'} in a field" if len(fields) > width
+                     else "a line break in a field of the row above")
+            raise UserError(f'{path}:{line}: expected {width} fields, found {len(fields)} ({cause}? a field '
+                            'holding one must be quoted: "...")')
+        yield line, fields[title_col], fields[text_col]
+
+
+def _records(path: Path, raw: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of each non-blank record, with CSV quoting; a quote never closed is an error."""
+    # strict: an unclosed quote is refused instead of swallowing every line after it into one field
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter, strict=True)
+    start = 1
+    try:
+        for fields in reader:
+            if len(fields) > 1 or "".join(fields).strip():
+                yield start, fields
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f'{path}:{start}: bad quoting ({e}); a field that starts with " must end with ", '
+                        'with "" for each " inside it') from None
 
 
 def _checked(path: Path, line: int, title, text) -> tuple[str, str]:

@@ -43,11 +43,11 @@ def write_nq_open(source: str | None, out_dir: str | Path, val_fraction: float =
                 row = json.loads(line)
                 gold = [c for c in row["ctxs"] if c.get("isgold")] or row["ctxs"][:1]
                 questions.append({"question": row["question"], "answers": row["answers"],
-                                  "gold_titles": sorted({ctx["title"] for ctx in gold})})
+                                  "gold_titles": sorted({ctx["title"].strip() for ctx in gold})})
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{source}:{number}: not an NQ-open oracle row ({e})") from None
             for ctx in gold:
-                passages[(ctx["title"], ctx["text"])] = None
+                passages[(ctx["title"].strip(), ctx["text"].strip())] = None
     random.Random(seed).shuffle(questions)
     n_val, n_test = round(len(questions) * val_fraction), round(len(questions) * test_fraction)
     out = Path(out_dir)

@@ -19,7 +19,7 @@ def read_utf8(path: Path) -> str:
 
 def jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line."""
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):      # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:

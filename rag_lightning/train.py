@@ -147,7 +147,7 @@ def train(cfg: TrainConfig) -> dict:
             return {}
         return fit_and_test(cfg, run_dir, manifest, spec, resume_from, started)
     finally:
-        if owns_ray:
+        if owns_ray and ray.is_initialized():    # (a user error may come before Ray is started)
             shutdown_refresher(spec)
             shutdown_service(spec)
             ray.shutdown()

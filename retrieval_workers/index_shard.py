@@ -19,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval_workers.kb_store import PassageTable, read_manifest, verify_file
+from retrieval_workers.kb_store import MANIFEST, KnowledgeBaseError, PassageTable, read_manifest, verify_file
 from retrieval_workers.types import PAD_TOKEN, SearchResult
 
 
@@ -29,6 +29,14 @@ class ShardVersion:
 
     index: faiss.Index
     embeddings: np.ndarray    # [shard size, D], memory-mapped
+
+
+def _check_shape(path: Path, what: str, found: tuple, expected: tuple[int, int]) -> None:
+    """Refuse a shard file whose (rows, dimension) is not what manifest.json says."""
+    if tuple(found) != expected:
+        raise KnowledgeBaseError(f"{path}: {what} of {found[0]} vectors of dimension {found[-1]}, but "
+                                 f"{MANIFEST} says {expected[0]} passages of dimension {expected[1]} for this "
+                                 "shard; rebuild the knowledge base")
 
 
 class IndexShard:
@@ -52,14 +60,22 @@ class IndexShard:
         return self.active
 
     def load_version(self, version: int) -> int:
-        """Read a committed version from disk beside the active one (checksums verified); returns it."""
+        """Read a committed version from disk beside the active one; returns it.
+
+        Checksums are verified, and an index or embeddings file whose dimension or row count differs from
+        what the manifest says for this shard is refused (KnowledgeBaseError naming the file).
+        """
         manifest = read_manifest(self.kb_dir)
+        start, end = manifest.shards[self.shard]
+        expected = (end - start, manifest.dim)
         index_file = verify_file(self.kb_dir, manifest, manifest.shard_index_file(self.shard, version))
         index = faiss.read_index(str(index_file))
+        _check_shape(index_file, "an index", (index.ntotal, index.d), expected)
         if self.search_params:
             faiss.ParameterSpace().set_index_parameters(index, self.search_params)
-        embeddings = np.load(verify_file(self.kb_dir, manifest, manifest.embeddings_file(self.shard, version)),
-                             mmap_mode="r")
+        embeddings_file = verify_file(self.kb_dir, manifest, manifest.embeddings_file(self.shard, version))
+        embeddings = np.load(embeddings_file, mmap_mode="r")
+        _check_shape(embeddings_file, "embeddings", embeddings.shape, expected)
         with self._lock:
             self._versions[version] = ShardVersion(index, embeddings)
         return version

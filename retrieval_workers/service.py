@@ -17,7 +17,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from retrieval_workers.index_shard import IndexShard
-from retrieval_workers.kb_store import read_manifest
+from retrieval_workers.kb_store import KnowledgeBaseError, read_manifest
 from retrieval_workers.types import PAD_TOKEN, SearchResult, ServiceSpec
 
 # Ray warns for every restartable detached actor in a placement group, since removing the group kills it
@@ -50,7 +50,16 @@ def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
         ).remote(spec.kb_dir, shard, spec.omp_threads, spec.search_params)
         for shard in range(spec.num_shards) for replica in range(spec.num_replicas)
     ]
-    ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
+    try:
+        ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
+    except ray.exceptions.ActorDiedError as e:
+        # An exception in __init__ kills the actor for good (Ray never restarts a failed creation, whatever
+        # max_restarts says) and reaches us only as text ending in "<module>.<class>: <message>"; a corrupted
+        # or mismatched knowledge base is raised again as the KnowledgeBaseError it was, without Ray's traceback.
+        _, marker, message = str(e).rpartition(f"{KnowledgeBaseError.__module__}.{KnowledgeBaseError.__name__}: ")
+        if e.actor_init_failed and marker:
+            raise KnowledgeBaseError(message.strip()) from None
+        raise
 
 
 def _placement_group(spec: ServiceSpec, timeout_s: float) -> PlacementGroup:

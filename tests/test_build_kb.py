@@ -237,6 +237,62 @@ def test_crashed_rebuild_leaves_the_previous_kb_whole_and_a_later_build_replaces
                          second.version_dir()}, "no staging dirs or temp files may be left behind"
 
 
+def test_a_rebuild_deletes_nothing_outside_the_kb_that_a_tampered_manifest_lists(tmp_path, caplog):
+    """Pruning the previous build deletes only paths inside kb_dir: never an absolute path, one through .. or a
+    symlinked folder, a symlink, or kb_dir itself, whatever manifest.json says."""
+    source, kb_dir = tmp_path / "docs.jsonl", tmp_path / "kb"
+    write_documents(source, num_docs=4)
+    index = IndexConfig(factory="Flat", shards=1)
+    first = build_knowledge_base(tiny_kb_config(source, kb_dir), index)
+    victim, absolute, linked = tmp_path / "victim.txt", tmp_path / "elsewhere" / "absolute.txt", tmp_path / "linked"
+    absolute.parent.mkdir()
+    linked.mkdir()
+    for path in (victim, absolute, linked / "data.txt"):
+        path.write_text("the user's")
+    (tmp_path / "tokenizer").mkdir()
+    (kb_dir / "link").symlink_to(linked, target_is_directory=True)
+    tampered = ["../victim.txt", str(absolute), "link/data.txt", "link", ".", "v0/../../tokenizer"]
+    raw = json.loads((kb_dir / MANIFEST).read_text())
+    raw["files"].update({relative: "0" * 64 for relative in tampered})
+    raw["encoder"]["generator_tokenizer"] = "../tokenizer"
+    (kb_dir / MANIFEST).write_text(json.dumps(raw))
+
+    second = build_knowledge_base(tiny_kb_config(source, kb_dir, words_per_passage=6), index)   # other settings
+
+    for path in (victim, absolute, linked / "data.txt"):
+        assert path.read_text() == "the user's", path
+    assert (tmp_path / "tokenizer").is_dir() and (kb_dir / "link").is_symlink()
+    _assert_kb_whole(kb_dir)
+    assert not any((kb_dir / relative).exists() for relative in first.files if relative not in second.files)
+    for relative in [*tampered, "../tokenizer"]:
+        assert f"not deleting {relative!r}" in caplog.text, relative
+
+
+def test_a_folder_of_other_files_is_refused_as_kb_dir_but_an_interrupted_first_build_is_taken_up(tmp_path,
+                                                                                                   monkeypatch):
+    """A build replaces folders of its own names (v0/, ...): without a manifest.json, kb.dir may hold only what an
+    interrupted build left, never the user's other files."""
+    source = tmp_path / "docs.jsonl"
+    write_documents(source, num_docs=4)
+    index = IndexConfig(factory="Flat", shards=1)
+    theirs = tmp_path / "theirs"
+    (theirs / "v0").mkdir(parents=True)
+    (theirs / "v0" / "notes.txt").write_text("the user's")
+    with pytest.raises(UserError, match=r"kb\.dir: .*theirs is a folder of other files.*found v0"):
+        build_knowledge_base(tiny_kb_config(source, theirs), index)
+    assert sorted(p.relative_to(theirs).as_posix() for p in theirs.rglob("*")) == ["v0", "v0/notes.txt"]
+    assert (theirs / "v0" / "notes.txt").read_text() == "the user's"
+
+    kb_dir = tmp_path / "kb"
+    with monkeypatch.context() as patch:
+        patch.setattr(build_kb_module, "build_shard", lambda *args, **kwargs: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            build_knowledge_base(tiny_kb_config(source, kb_dir), index)
+    assert not (kb_dir / MANIFEST).exists() and any(kb_dir.iterdir())
+    build_knowledge_base(tiny_kb_config(source, kb_dir), index)
+    _assert_kb_whole(kb_dir)
+
+
 # --- index types --------------------------------------------------------------------------------------------
 
 
