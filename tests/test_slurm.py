@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def test_sbatch_trains_and_writes_results(slurm_cluster, tmp_path, subprocess_en
 
 def test_usr1_saves_requeues_and_the_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path, subprocess_env):
     """USR1 (what --signal=USR1@... sends before the time limit) to the job's steps: the trainer saves an HPC
-    checkpoint and requeues the job; the requeued job resumes from it in the same run dir and finishes."""
+    checkpoint and requeues the job; the requeued job resumes from its newest checkpoint in the same run dir and
+    finishes."""
     run_dir, steps = tmp_path / "run", 400
     job = _submit(run_dir, subprocess_env, f"trainer.max_steps={steps}", "trainer.val_check_interval=200",
                   "trainer.checkpoint_every_n_steps=20", "trainer.log_every_n_steps=5")
@@ -92,12 +94,15 @@ def test_usr1_saves_requeues_and_the_job_resumes_from_its_checkpoint(slurm_clust
     saved_step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < saved_step < steps
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["train/resumed_from"] == str(hpc)
+    # the newest checkpoint: the HPC one, or a periodic one the job wrote while it was being requeued
+    resumed = results["train/resumed_from"]
+    periodic = re.fullmatch(re.escape(str(run_dir / "checkpoints")) + r"/step(\d+)\.ckpt", resumed)
+    assert resumed == str(hpc) or (periodic and int(periodic.group(1)) >= saved_step), resumed
     assert results["train/steps"] == steps
     assert "initial/em" not in results, "a resumed job does not evaluate an untrained model again"
     output = log.read_text()
     assert f"job {job} (restart 0)" in output and f"job {job} (restart 1)" in output
-    assert "Restoring states from the checkpoint path at " + str(hpc) in output
+    assert "Restoring states from the checkpoint path at " + resumed in output
 
 
 def test_hydra_submitit_sweep_runs_one_slurm_job_per_run(slurm_cluster, tmp_path, subprocess_env):
