@@ -20,6 +20,7 @@ The folder is written beside DIR and renamed into place when complete.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ from rag_lightning.encoders import load_encoder_tokenizer
 from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.hf_knowledge_base import HFPassages, write_hf_passages
 from rag_lightning.rag_module import RAG_CLASSES, RagModule
-from rag_lightning.trained_model import load_trained_module, trained_index_version
+from rag_lightning.trained_model import index_version_to_serve, load_trained_module
 from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,7 @@ def _knowledge_base(module: RagModule) -> tuple[HFPassages, str]:
     """Every passage with its embedding in the index version the checkpoint trained against (else the active one)."""
     kb_dir = module.service_spec.kb_dir
     manifest = read_manifest(kb_dir)
-    version = trained_index_version(module)
-    if version not in manifest.kept_versions():
-        if version is not None:
-            log.warning("index version %d is no longer on disk; exporting the active version %d", version,
-                        manifest.active_version)
-        version = manifest.active_version
+    version = index_version_to_serve(module, manifest)
     table = PassageTable(f"{kb_dir}/{manifest.passages_file}")
     titles, texts = zip(*table.titles_and_texts(range(manifest.num_passages)))
     return HFPassages(list(titles), list(texts), load_embeddings(kb_dir, manifest, version)), manifest.index_factory
@@ -118,7 +114,7 @@ def _transformers_model(module: RagModule, passages_path: Path, index_path: Path
 def _tokenizers(module: RagModule) -> RagTokenizer:
     """The question encoder's tokenizer and the generator's, the latter ending each text with </s> as our
     contexts do (transformers' retriever tokenizes passage + question as one string)."""
-    generator_tokenizer = module.generator_tokenizer
+    generator_tokenizer = copy.deepcopy(module.generator_tokenizer)
     eos = generator_tokenizer.eos_token
     generator_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {eos}", special_tokens=[(eos, generator_tokenizer.eos_token_id)])

@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 
 from rag_lightning.errors import UserError
+from retrieval_workers.shard_build import build_index
 
 COLUMNS = ("title", "text", "embeddings")
 
@@ -77,9 +78,5 @@ def write_hf_passages(folder: Path, index_file: Path, passages: HFPassages, fact
 
     datasets.Dataset.from_dict({"title": passages.titles, "text": passages.texts,
                                 "embeddings": passages.embeddings}).save_to_disk(str(folder))
-    index = faiss.index_factory(passages.embeddings.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     vectors = np.ascontiguousarray(passages.embeddings, dtype=np.float32)
-    if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
-    faiss.write_index(index, str(index_file))
+    faiss.write_index(build_index(vectors, factory), str(index_file))

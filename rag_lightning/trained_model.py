@@ -22,7 +22,7 @@ from rag_lightning.checkpoints import read_checkpoint
 from rag_lightning.config import RetrievalConfig
 from rag_lightning.errors import UserError
 from rag_lightning.rag_module import RagModule
-from retrieval_workers.kb_store import read_manifest
+from retrieval_workers.kb_store import Manifest, read_manifest
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
 from retrieval_workers.service import launch_service, shutdown_service, switch_version
 
@@ -42,9 +42,16 @@ def load_trained_module(ckpt_path: str) -> RagModule:
     return module.eval()
 
 
-def trained_index_version(module: RagModule) -> int | None:
-    """The index version the checkpoint last trained against (None for a checkpoint that does not say)."""
-    return module.version_to_restore[0] if module.version_to_restore is not None else None
+def index_version_to_serve(module: RagModule, manifest: Manifest) -> int:
+    """The index version the checkpoint last trained against if it is still on disk, else the active one."""
+    version = module.version_to_restore[0] if module.version_to_restore is not None else None
+    if version is None or version == manifest.active_version:
+        return manifest.active_version
+    if version not in manifest.kept_versions():
+        log.warning("the checkpoint trained against index version %d, which is no longer on disk; "
+                    "using the active version %d", version, manifest.active_version)
+        return manifest.active_version
+    return version
 
 
 @contextmanager
@@ -58,17 +65,12 @@ def serving(module: RagModule, retrieval: RetrievalConfig) -> Iterator[int]:
     try:
         launch_service(spec)
         manifest = read_manifest(spec.kb_dir)
-        version = trained_index_version(module)
-        if version is not None and version != manifest.active_version:
-            if version in manifest.kept_versions():
-                switch_version(spec, version)
-            else:
-                log.warning("the checkpoint trained against index version %d, which is no longer on disk; "
-                            "serving the active version %d", version, manifest.active_version)
-                version = manifest.active_version
+        version = index_version_to_serve(module, manifest)
+        if version != manifest.active_version:
+            switch_version(spec, version)
         module.service_spec = spec
         module.setup("predict")
-        yield manifest.active_version if version is None else version
+        yield version
     finally:
         shutdown_service(spec)
         if owns_ray:

@@ -29,10 +29,15 @@ def build_shard(encoder: TextEncoder, passages: PassageTable, shard: int, start:
 
 def write_shard(version_dir: Path, shard: int, embeddings: np.ndarray, factory: str) -> None:
     """Build a FAISS inner-product index of the given type over the embeddings and save both."""
-    index = faiss.index_factory(embeddings.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
-    faiss.write_index(index, str(version_dir / shard_index_name(shard)))
+    faiss.write_index(build_index(vectors, factory), str(version_dir / shard_index_name(shard)))
     np.save(version_dir / shard_embeddings_name(shard), vectors)
+
+
+def build_index(embeddings: np.ndarray, factory: str) -> faiss.Index:
+    """A FAISS inner-product index of the factory's type over float32 embeddings [n, D] (trained if it needs it)."""
+    index = faiss.index_factory(embeddings.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(embeddings)
+    index.add(embeddings)
+    return index
