@@ -1,6 +1,8 @@
 """Shard replica actors that die: the client fails over within the search, and Ray restarts them from disk."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import ray
@@ -15,6 +17,17 @@ def queries(two_shard_kb):
     return load_embeddings(two_shard_kb, read_manifest(two_shard_kb))[[1, 12, 25]]
 
 
+def _wait_until_dead(actor) -> None:
+    """ray.kill returns at once, and calls sent right after it may still be answered: wait until they fail."""
+    for _ in range(300):
+        try:
+            ray.get(actor.ready.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed actor still answers")
+
+
 def test_a_dead_replica_fails_over_to_another_within_the_search(ray_cluster, two_shard_kb, queries):
     """A replica whose actor is gone (a lost node, or a call in flight when it died) fails the call at once:
     the client asks the shard's other replica in the same search. (A call made while Ray restarts an actor
@@ -25,6 +38,7 @@ def test_a_dead_replica_fails_over_to_another_within_the_search(ray_cluster, two
         client = RetrievalClient(spec)
         before = client.search(queries, 4)
         ray.kill(client.replicas[0][0], no_restart=True)
+        _wait_until_dead(client.replicas[0][0])
 
         after = client.search(queries, 4)
         assert client.failovers == 1, "shard 0's answer came from its other replica"
@@ -58,6 +72,7 @@ def test_a_shard_without_any_live_replica_fails_with_a_clear_error(ray_cluster, 
     try:
         client = RetrievalClient(spec)
         ray.kill(client.replicas[1][0], no_restart=True)
+        _wait_until_dead(client.replicas[1][0])
         with pytest.raises(ShardUnavailable, match=rf"index shard 1: no replica \({spec.actor_name(1, 0)}\) "
                                                    r"answered within 3s.*retrieval.failover_timeout_s"):
             client.search(queries, 4)
