@@ -42,13 +42,25 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import measure_and_print  # noqa: E402
-from train_throughput import (DEFAULT_BASELINE, DIM, HEADS, LAYERS, MAX_CONTEXT_TOKENS,  # noqa: E402
-                              MAX_QUESTION_TOKENS, N_DOCS, SEED, build_kb, encoder_config, load_baseline,
-                              new_datamodule, write_data)
+from train_throughput import (  # noqa: E402
+    DEFAULT_BASELINE,
+    DIM,
+    HEADS,
+    LAYERS,
+    MAX_CONTEXT_TOKENS,
+    MAX_QUESTION_TOKENS,
+    N_DOCS,
+    SEED,
+    build_kb,
+    encoder_config,
+    load_baseline,
+    new_datamodule,
+    write_data,
+)
 
+from rag_lightning.callbacks.index_refresh import IndexRefresh  # noqa: E402
 from rag_lightning.config import GeneratorConfig, ModelConfig, OptimConfig, RetrieverConfig  # noqa: E402
-from rag_lightning.index_refresh import IndexRefresh  # noqa: E402
-from rag_lightning.rag_module import RagModule  # noqa: E402
+from rag_lightning.model.rag_module import RagModule  # noqa: E402
 from retrieval_workers.ray_runtime import connect  # noqa: E402
 from retrieval_workers.refresh import encoder_name, launch_refresher, shutdown_refresher  # noqa: E402
 from retrieval_workers.service import launch_service, shutdown_service  # noqa: E402

@@ -45,8 +45,15 @@ import numpy as np
 import ray
 from common import measure_and_print
 
-from retrieval_workers.kb_store import (Manifest, commit_version, sha256_file, shard_ranges, staged_directory,
-                                        write_passage_table, write_version_info)
+from retrieval_workers.kb_store import (
+    Manifest,
+    commit_version,
+    sha256_file,
+    shard_ranges,
+    staged_directory,
+    write_passage_table,
+    write_version_info,
+)
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.shard_build import write_shard

@@ -41,15 +41,23 @@ from pathlib import Path
 import lightning as L
 import ray
 import torch
-from lightning.pytorch.callbacks import Callback
 from common import measure_and_print
+from lightning.pytorch.callbacks import Callback
 
-from rag_lightning.build_kb import build_knowledge_base
-from rag_lightning.config import (EncoderConfig, GeneratorConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig,
-                                  ModelConfig, OptimConfig, RetrieverConfig)
-from rag_lightning.datamodule import QADataModule
-from rag_lightning.encoders import load_encoder_tokenizer
-from rag_lightning.rag_module import RagModule
+from rag_lightning.config import (
+    EncoderConfig,
+    GeneratorConfig,
+    GeneratorTokenizerConfig,
+    IndexConfig,
+    KBConfig,
+    ModelConfig,
+    OptimConfig,
+    RetrieverConfig,
+)
+from rag_lightning.data.datamodule import QADataModule
+from rag_lightning.kb.build import build_knowledge_base
+from rag_lightning.model.encoders import load_encoder_tokenizer
+from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import launch_service, shutdown_service
 from retrieval_workers.types import SearchResult, ServiceSpec

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -15,9 +15,10 @@ from omegaconf import MISSING, OmegaConf
 
 @dataclass
 class EncoderConfig:
-    pretrained: Optional[str] = "minilm"   # "minilm" (bundled), a model folder, or null for a random model
-    tokenizer: Optional[str] = None        # a tokenizer folder; null: the pretrained model's (MiniLM's if random)
+    pretrained: str | None = "minilm"   # "minilm" (bundled), a model folder, or null for a random model
+    tokenizer: str | None = None        # a tokenizer folder; null: the pretrained model's (MiniLM's if random)
     pooling: str = "mean"                  # mean | cls
+    normalize: bool = True                 # L2-normalise the vectors: the bundled MiniLM was trained for cosine
     num_layers: int = 0                    # keep only the first N layers of a pretrained model (0 = all)
     hidden_size: int = 128                 # sizes of a random model (pretrained: null)
     num_heads: int = 4
@@ -62,7 +63,7 @@ class RetrieverConfig:
 class RefreshConfig:
     """Re-encoding the knowledge base with the current context encoder while training goes on."""
 
-    every_n_steps: Optional[int] = None     # global optimizer steps between refreshes; null = never
+    every_n_steps: int | None = None     # global optimizer steps between refreshes; null = never
     workers: int = 1                        # encoder actors
     worker_cpus: float = 1.0                # CPUs (and torch threads) per encoder actor
     worker_gpus: float = 0.0                # GPUs per encoder actor
@@ -83,7 +84,7 @@ class OptimConfig:
 
 @dataclass
 class GeneratorTokenizerConfig:
-    path: Optional[str] = None              # a saved Hugging Face tokenizer; else one is trained
+    path: str | None = None              # a saved Hugging Face tokenizer; else one is trained
     kind: str = "wordlevel"                 # trained tokenizer: wordlevel | bpe
     vocab_size: int = 30000
     extra_texts: list[str] = field(default_factory=list)   # more files (QA JSONL) to train it on
@@ -91,9 +92,9 @@ class GeneratorTokenizerConfig:
 
 @dataclass
 class KBConfig:
-    source: Optional[str] = None            # TSV/CSV (title, text columns), JSONL, or a transformers RAG
+    source: str | None = None            # TSV/CSV (title, text columns), JSONL, or a transformers RAG
     #                                         `datasets` folder (title, text, embeddings), imported as it is
-    source_index: Optional[str] = None      # that folder's FAISS index file, checked against its embeddings
+    source_index: str | None = None      # that folder's FAISS index file, checked against its embeddings
     dir: str = "kb"
     words_per_passage: int = 100
     max_passage_tokens: int = 192
@@ -114,21 +115,21 @@ class IndexConfig:
 
 @dataclass
 class RetrievalConfig:
-    ray_address: Optional[str] = None       # null starts a local Ray
+    ray_address: str | None = None       # null starts a local Ray
     namespace: str = "rag_lightning"
     host: str = "127.0.0.1"
     dashboard: bool = False
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
     actor_cpus: float = 0.0
     failover_timeout_s: float = 120.0       # a search waits this long for some replica of a dead shard actor
-    temp_dir: Optional[str] = None          # a local Ray's session files; null: /tmp/ray_<SLURM job id or pid>
+    temp_dir: str | None = None          # a local Ray's session files; null: /tmp/ray_<SLURM job id or pid>
     entropy_window: int = 100               # training steps over which the retrieved-id entropy is measured
 
 
 @dataclass
 class DataConfig:
-    prepare: Optional[str] = None           # demo | nq_open | null (files already in dir)
-    source: Optional[str] = None            # input of prepare (nq_open: the .jsonl.gz file)
+    prepare: str | None = None           # demo | nq_open | null (files already in dir)
+    source: str | None = None            # input of prepare (nq_open: the .jsonl.gz file)
     dir: str = MISSING                      # train/val/test .jsonl or .source/.target files
     demo_entities: int = 3600
     batch_size: int = 8
@@ -145,14 +146,14 @@ class TrainerConfig:
     precision: str = "32-true"
     max_steps: int = 1000
     max_epochs: int = -1
-    val_check_interval: Optional[int] = 250
-    check_val_every_n_epoch: Optional[int] = None
+    val_check_interval: int | None = 250
+    check_val_every_n_epoch: int | None = None
     log_every_n_steps: int = 25
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     num_sanity_val_steps: int = 0
     threads: int = 0                        # torch threads per process (0 = leave as is)
-    checkpoint_every_n_steps: Optional[int] = 500   # also checkpoint every N steps (resume point); null: at val only
+    checkpoint_every_n_steps: int | None = 500   # also checkpoint every N steps (resume point); null: at val only
 
 
 @dataclass
@@ -182,7 +183,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     evaluate_before_training: bool = True
-    ckpt_path: Optional[str] = None         # resume from it; null: from the run dir's newest checkpoint, if any
+    ckpt_path: str | None = None         # resume from it; null: from the run dir's newest checkpoint, if any
     stage: str = "all"                      # all | prepare (data, KB, shard actors, then exit) | train (attach to them)
 
 
@@ -199,7 +200,7 @@ class EvaluateConfig:
     """`python -m rag_lightning.evaluate ckpt_path=... [data=...]`."""
 
     ckpt_path: str = MISSING
-    data: Optional[DataConfig] = None       # null: the QA files the checkpoint trained on; or e.g. data=nq_open
+    data: DataConfig | None = None       # null: the QA files the checkpoint trained on; or e.g. data=nq_open
     split: str = "test"
     batch_size: int = 32
     max_examples: int = 0                   # 0 = all
@@ -212,9 +213,9 @@ class GenerateConfig:
     """`python -m rag_lightning.generate ckpt_path=... question="..."` (or questions=FILE)."""
 
     ckpt_path: str = MISSING
-    question: Optional[str] = None
-    questions: Optional[str] = None         # a file: one question a line, or JSONL rows with a "question"
-    output: Optional[str] = None            # also write the answers and passages as JSONL here
+    question: str | None = None
+    questions: str | None = None         # a file: one question a line, or JSONL rows with a "question"
+    output: str | None = None            # also write the answers and passages as JSONL here
     batch_size: int = 16
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 

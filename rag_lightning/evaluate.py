@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from rag_lightning.config import EvaluateConfig, register_configs
-from rag_lightning.datamodule import TokenizedQA, eval_loader
-from rag_lightning.encoders import load_encoder_tokenizer
+from rag_lightning.data.datamodule import TokenizedQA, eval_loader
+from rag_lightning.data.prepare import prepare_data
+from rag_lightning.data.qa_files import read_split
 from rag_lightning.errors import UserError, exit_on_user_error
-from rag_lightning.prepared_data import prepare_data
-from rag_lightning.qa_files import read_split
-from rag_lightning.rag_module import eval_metrics
-from rag_lightning.trained_model import load_trained_module, serving
+from rag_lightning.evaluation.scores import eval_metrics
+from rag_lightning.model.encoders import load_encoder_tokenizer
+from rag_lightning.model.trained_model import load_trained_module, serving
 from retrieval_workers.kb_store import atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ with B and T the training config's model.num_beams and model.max_answer_tokens (
 prints them).
 
 The question encoder becomes a DPRQuestionEncoder, whose output is the [CLS] vector, so
-only a model trained with `model.question_encoder.pooling=cls` can be exported exactly.
+only a model trained with `model.question_encoder.pooling=cls` and `normalize=false` can be
+exported exactly.
 The passages carry the embeddings of the index version the checkpoint trained against.
 The folder is written beside DIR and renamed into place when complete.
 """
@@ -31,13 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import processors
 from transformers import DPRConfig, DPRQuestionEncoder, RagConfig, RagTokenizer
 
-from rag_lightning.build_kb import DOC_SEP, TITLE_SEP
 from rag_lightning.config import ExportConfig, register_configs
-from rag_lightning.encoders import load_encoder_tokenizer
 from rag_lightning.errors import UserError, exit_on_user_error
-from rag_lightning.hf_knowledge_base import HFPassages, write_hf_passages
-from rag_lightning.rag_module import RAG_CLASSES, RagModule
-from rag_lightning.trained_model import index_version_to_serve, load_trained_module
+from rag_lightning.kb.hf_format import HFPassages, write_hf_passages
+from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
+from rag_lightning.model.encoders import load_encoder_tokenizer
+from rag_lightning.model.generator import RAG_CLASSES
+from rag_lightning.model.rag_module import RagModule
+from rag_lightning.model.trained_model import index_version_to_serve, load_trained_module
 from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,12 @@ def export(cfg: ExportConfig) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"out: {out} exists and is not an empty folder; export writes a new one")
     module = load_trained_module(cfg.ckpt_path)
-    if module.model_cfg.question_encoder.pooling != "cls":
+    encoder = module.model_cfg.question_encoder
+    if encoder.pooling != "cls" or encoder.normalize:
         raise UserError(f"ckpt_path: {cfg.ckpt_path} was trained with model.question_encoder.pooling="
-                        f"{module.model_cfg.question_encoder.pooling}; transformers' RAG question encoder "
-                        "(DPRQuestionEncoder) returns the [CLS] vector, so only pooling=cls exports exactly")
+                        f"{encoder.pooling} and normalize={str(encoder.normalize).lower()}; transformers' RAG "
+                        "question encoder (DPRQuestionEncoder) returns the [CLS] vector as it is, so only "
+                        "pooling=cls with normalize=false exports exactly")
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     try:
         staging.mkdir(parents=True)

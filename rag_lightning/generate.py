@@ -13,11 +13,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rag_lightning.config import GenerateConfig, register_configs
-from rag_lightning.datamodule import question_batch, tokenize_questions
-from rag_lightning.encoders import load_encoder_tokenizer
+from rag_lightning.data.datamodule import question_batch, tokenize_questions
+from rag_lightning.data.text_files import jsonl_rows, read_utf8
 from rag_lightning.errors import UserError, exit_on_user_error
-from rag_lightning.text_files import jsonl_rows, read_utf8
-from rag_lightning.trained_model import load_trained_module, serving
+from rag_lightning.model.encoders import load_encoder_tokenizer
+from rag_lightning.model.trained_model import load_trained_module, serving
 from retrieval_workers.kb_store import atomic_write_bytes
 
 

@@ -22,18 +22,18 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from rag_lightning.build_kb import build_knowledge_base
-from rag_lightning.checkpoints import check_checkpoint_fits, checkpoint_callbacks, resume_checkpoint
+from rag_lightning.callbacks.checkpoints import check_checkpoint_fits, checkpoint_callbacks, resume_checkpoint
+from rag_lightning.callbacks.index_refresh import IndexRefresh
+from rag_lightning.callbacks.retrieval_monitor import RetrievalMonitor
 from rag_lightning.config import TrainConfig, register_configs
-from rag_lightning.datamodule import QADataModule
-from rag_lightning.encoders import load_encoder_tokenizer
+from rag_lightning.data.datamodule import QADataModule
+from rag_lightning.data.prepare import prepare_data
+from rag_lightning.data.qa_files import read_split
 from rag_lightning.errors import UserError, exit_on_user_error
-from rag_lightning.index_refresh import IndexRefresh
-from rag_lightning.loggers import SampleTable, build_logger
-from rag_lightning.prepared_data import prepare_data
-from rag_lightning.qa_files import read_split
-from rag_lightning.rag_module import RagModule
-from rag_lightning.retrieval_monitor import RetrievalMonitor
+from rag_lightning.kb.build import build_knowledge_base
+from rag_lightning.model.encoders import load_encoder_tokenizer
+from rag_lightning.model.rag_module import RagModule
+from rag_lightning.training.loggers import SampleTable, build_logger
 from retrieval_workers.kb_store import Manifest, atomic_write_bytes, read_manifest
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
 from retrieval_workers.refresh import launch_refresher, shutdown_refresher

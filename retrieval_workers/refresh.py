@@ -19,11 +19,18 @@ import faiss
 import ray
 import torch
 
-from retrieval_workers.kb_store import (Manifest, PassageTable, commit_version, read_manifest, staged_directory,
-                                        verify_file, write_version_info)
+from retrieval_workers.encoding import EncoderSnapshot, TextEncoder, length_sorted_batches
+from retrieval_workers.kb_store import (
+    Manifest,
+    PassageTable,
+    commit_version,
+    read_manifest,
+    staged_directory,
+    verify_file,
+    write_version_info,
+)
 from retrieval_workers.service import switch_version
 from retrieval_workers.shard_build import build_shard
-from retrieval_workers.text_encoder import EncoderSnapshot, TextEncoder, length_sorted_batches
 from retrieval_workers.types import RefreshReport, RefreshSpec, ServiceSpec
 
 STRAGGLER_TIMEOUT_S = 600.0

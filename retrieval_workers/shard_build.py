@@ -11,12 +11,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retrieval_workers.encoding import TextEncoder, encode_token_ids
 from retrieval_workers.kb_store import (
     PassageTable,
     shard_embeddings_name,
     shard_index_name,
 )
-from retrieval_workers.text_encoder import TextEncoder, encode_token_ids
 
 
 def build_shard(encoder: TextEncoder, passages: PassageTable, shard: int, start: int, end: int, factory: str,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from rag_lightning.build_kb import build_knowledge_base
 from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig
+from rag_lightning.kb.build import build_knowledge_base
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
 from retrieval_workers.types import ServiceSpec
 

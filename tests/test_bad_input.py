@@ -14,8 +14,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-
 from conftest import cli_env
+
 from retrieval_workers.kb_store import MANIFEST, sha256_file
 
 TINY_KB_ENCODER = ["kb.context_encoder.pretrained=null", "kb.context_encoder.hidden_size=32",

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -11,9 +12,17 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
-from conftest import REPO_ROOT
-from rag_lightning.config import (BuildKBConfig, DataConfig, EncoderConfig, IndexConfig, KBConfig, LoggerConfig,
-                                  ModelConfig, TrainConfig, register_configs)
+from rag_lightning.config import (
+    BuildKBConfig,
+    DataConfig,
+    EncoderConfig,
+    IndexConfig,
+    KBConfig,
+    LoggerConfig,
+    ModelConfig,
+    TrainConfig,
+    register_configs,
+)
 
 CONF = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

@@ -9,9 +9,8 @@ import subprocess
 import sys
 import tempfile
 
-import ray  # noqa: F401  (puts Ray's bundled psutil, ray/thirdparty_files, on the path)
 import psutil
-
+import ray  # noqa: F401  (puts Ray's bundled psutil, ray/thirdparty_files, on the path)
 from conftest import REPO_ROOT
 
 # Started in a subprocess: the test session already runs a Ray of its own. It runs one task, so a worker

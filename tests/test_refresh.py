@@ -13,22 +13,29 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import tiny_encoder_config, unique_spec
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModel
 
-from conftest import tiny_encoder_config, unique_spec
-from rag_lightning.build_kb import build_knowledge_base
-from rag_lightning.config import GeneratorConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig, ModelConfig, \
-    OptimConfig, RetrieverConfig
-from rag_lightning.datamodule import QADataModule
-from rag_lightning.demo_data import write_demo_data
-from rag_lightning.encoders import build_encoder, load_encoder_tokenizer
-from rag_lightning.index_refresh import IndexRefresh
-from rag_lightning.rag_module import RagModule
+from rag_lightning.callbacks.index_refresh import IndexRefresh
+from rag_lightning.config import (
+    GeneratorConfig,
+    GeneratorTokenizerConfig,
+    IndexConfig,
+    KBConfig,
+    ModelConfig,
+    OptimConfig,
+    RetrieverConfig,
+)
+from rag_lightning.data.datamodule import QADataModule
+from rag_lightning.data.demo import write_demo_data
+from rag_lightning.kb.build import build_knowledge_base
+from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
+from rag_lightning.model.rag_module import RagModule
+from retrieval_workers.encoding import encode_token_ids
 from retrieval_workers.kb_store import MANIFEST, PassageTable, load_embeddings, read_manifest, read_version_step
 from retrieval_workers.refresh import encoder_name, launch_refresher, shutdown_refresher
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
-from retrieval_workers.text_encoder import encode_token_ids
 from retrieval_workers.types import RefreshSpec
 
 

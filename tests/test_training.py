@@ -9,15 +9,22 @@ import numpy as np
 import pytest
 import ray
 import torch
-
 from conftest import actor_pid, tiny_encoder_config, unique_spec
-from rag_lightning.build_kb import build_knowledge_base
-from rag_lightning.config import GeneratorConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig, ModelConfig, \
-    OptimConfig, RetrieverConfig
-from rag_lightning.datamodule import QADataModule
-from rag_lightning.demo_data import write_demo_data
-from rag_lightning.encoders import load_encoder_tokenizer
-from rag_lightning.rag_module import RagModule
+
+from rag_lightning.config import (
+    GeneratorConfig,
+    GeneratorTokenizerConfig,
+    IndexConfig,
+    KBConfig,
+    ModelConfig,
+    OptimConfig,
+    RetrieverConfig,
+)
+from rag_lightning.data.datamodule import QADataModule
+from rag_lightning.data.demo import write_demo_data
+from rag_lightning.kb.build import build_knowledge_base
+from rag_lightning.model.encoders import load_encoder_tokenizer
+from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.service import launch_service, shutdown_service
 
 N_DOCS = 2

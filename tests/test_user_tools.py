@@ -15,18 +15,19 @@ import faiss
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO_ROOT, cli_env, write_documents
+
 from retrieval_workers.index_shard import IndexShard
 from retrieval_workers.kb_store import load_embeddings, read_manifest
 
 TINY_KB_ENCODER = ["kb.context_encoder.pretrained=null", "kb.context_encoder.hidden_size=32",
                    "kb.context_encoder.num_layers=1", "kb.context_encoder.num_heads=2"]
-# MiniLM with [CLS] pooling on both sides: exportable (transformers' DPR question encoder pools by [CLS]), and
-# pretrained, so different questions retrieve different passages
+# MiniLM with [CLS] pooling and no normalisation on both sides: exportable (transformers' DPR question encoder
+# returns the [CLS] vector as it is), and pretrained, so different questions retrieve different passages
 EXPORTABLE = ["model.question_encoder.pretrained=minilm", "model.question_encoder.num_layers=0",
-              "model.question_encoder.pooling=cls", "kb.context_encoder.pretrained=minilm",
-              "kb.context_encoder.num_layers=0", "kb.context_encoder.pooling=cls", "model.num_beams=2",
+              "model.question_encoder.pooling=cls", "model.question_encoder.normalize=false",
+              "kb.context_encoder.pretrained=minilm", "kb.context_encoder.num_layers=0",
+              "kb.context_encoder.pooling=cls", "kb.context_encoder.normalize=false", "model.num_beams=2",
               "trainer.max_steps=40", "trainer.val_check_interval=20", "optim.lr=3e-3",
               "evaluate_before_training=false"]
 
@@ -110,7 +111,7 @@ def test_generate_prints_each_answer_with_its_passages(tiny_run, tmp_path):
 def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, tmp_path):
     from transformers import RagRetriever, RagTokenizer
 
-    from rag_lightning.rag_module import RAG_CLASSES
+    from rag_lightning.model.generator import RAG_CLASSES
 
     run_dir, out = tmp_path / "run", tmp_path / "exported"
     _cli("rag_lightning.train", "experiment=tiny", f"model={kind}", *EXPORTABLE, f"hydra.run.dir={run_dir}")
@@ -143,7 +144,7 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, tmp_
     # and back: the exported passages and index import as a knowledge base with the same embeddings
     kb_dir = tmp_path / "imported"
     _cli("rag_lightning.build_kb", f"kb.source={out / 'passages'}", f"kb.source_index={out / 'index.faiss'}",
-         f"kb.dir={kb_dir}", "kb.context_encoder.pooling=cls", f"hydra.run.dir={tmp_path / 'import'}")
+         f"kb.dir={kb_dir}", "kb.context_encoder.pooling=cls", "kb.context_encoder.normalize=false", f"hydra.run.dir={tmp_path / 'import'}")
     original = run_dir / "kb"
     np.testing.assert_array_equal(load_embeddings(kb_dir, read_manifest(kb_dir)),
                                   load_embeddings(original, read_manifest(original)))

@@ -23,25 +23,29 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from transformers import BartConfig, BartForConditionalGeneration, RagConfig, RagSequenceForGeneration, \
-    RagTokenForGeneration
 
+from rag_lightning.callbacks.index_refresh import IndexRefresh
 from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, RetrieverConfig
-from rag_lightning.contexts import join_contexts
-from rag_lightning.encoders import build_encoder, load_encoder_tokenizer
-from rag_lightning.generator_tokenizer import load_generator_tokenizer
-from rag_lightning.index_refresh import IndexRefresh
-from rag_lightning.metrics import answer_in_passages, exact_match, f1_score
-from retrieval_workers.kb_store import KnowledgeBaseError, PassageTable, activate_kept_version, read_manifest, \
-    staged_directory
+from rag_lightning.evaluation.metrics import answer_in_passages, exact_match, f1_score
+from rag_lightning.evaluation.scores import eval_metrics, eval_sum_names
+from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer
+from rag_lightning.model.contexts import join_contexts
+from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
+from rag_lightning.model.generator import build_rag
+from retrieval_workers.encoding import TextEncoder
+from retrieval_workers.kb_store import (
+    KnowledgeBaseError,
+    PassageTable,
+    activate_kept_version,
+    read_manifest,
+    staged_directory,
+)
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import RetrievalClient, switch_version
-from retrieval_workers.text_encoder import TextEncoder
 from retrieval_workers.types import SearchResult, ServiceSpec
 
 log = logging.getLogger(__name__)
 
-RAG_CLASSES = {"rag_sequence": RagSequenceForGeneration, "rag_token": RagTokenForGeneration}
 
 
 class RagModule(L.LightningModule):
@@ -270,42 +274,6 @@ class RagModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
-
-
-def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) -> RagSequenceForGeneration:
-    """The Hugging Face RAG model: our question encoder and a BART generator built from the config's sizes."""
-    generator_cfg = model_cfg.generator
-    bart_config = BartConfig(
-        vocab_size=len(tokenizer), d_model=generator_cfg.d_model, encoder_layers=generator_cfg.layers,
-        decoder_layers=generator_cfg.layers, encoder_attention_heads=generator_cfg.heads,
-        decoder_attention_heads=generator_cfg.heads, encoder_ffn_dim=generator_cfg.ffn_dim,
-        decoder_ffn_dim=generator_cfg.ffn_dim, dropout=generator_cfg.dropout,
-        max_position_embeddings=generator_cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None,
-        forced_bos_token_id=None)
-    generator = BartForConditionalGeneration(bart_config)
-    rag_config = RagConfig.from_question_encoder_generator_configs(
-        question_encoder.model.config, bart_config, n_docs=model_cfg.n_docs,
-        label_smoothing=model_cfg.label_smoothing, retrieval_vector_size=question_encoder.dim,
-        max_combined_length=model_cfg.max_context_tokens)
-    return RAG_CLASSES[model_cfg.kind](config=rag_config, question_encoder=question_encoder.model, generator=generator)
-
-
-def eval_sum_names(n_docs: int) -> list[str]:
-    """The per-example scores evaluation sums up, gold-passage recall and the count of examples it applies to last."""
-    return ["em", "f1", f"recall@{n_docs}", "loss", f"gold_recall@{n_docs}", "gold_examples"]
-
-
-def eval_metrics(prefix: str, sums: dict[str, float], examples: float, n_docs: int) -> dict[str, float]:
-    """A split's metrics from the sums of its per-example scores: means over its examples, and gold-passage
-    recall over the examples whose gold titles are known (left out when none are)."""
-    metrics = {f"{prefix}/{name}": sums.get(name, 0.0) / max(examples, 1.0)
-               for name in eval_sum_names(n_docs)[:4]}
-    metrics[f"{prefix}/examples"] = float(examples)
-    if sums.get("gold_examples"):
-        metrics[f"{prefix}/gold_recall@{n_docs}"] = sums[f"gold_recall@{n_docs}"] / sums["gold_examples"]
-    return metrics
 
 
 def _structured(schema, values: dict):

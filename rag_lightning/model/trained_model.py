@@ -18,10 +18,10 @@ from pathlib import Path
 
 import ray
 
-from rag_lightning.checkpoints import read_checkpoint
+from rag_lightning.callbacks.checkpoints import read_checkpoint
 from rag_lightning.config import RetrievalConfig
 from rag_lightning.errors import UserError
-from rag_lightning.rag_module import RagModule
+from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.kb_store import Manifest, read_manifest
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
 from retrieval_workers.service import launch_service, shutdown_service, switch_version

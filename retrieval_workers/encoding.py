@@ -1,9 +1,10 @@
 """TextEncoder, the dense encoder of questions and passages, and how passages are embedded with it.
 
-Both sides use this module: the trainer builds and trains encoders (rag_lightning/encoders.py
-makes them from a config), the knowledge-base build and the refresh encoder actors embed
-passages with `encode_token_ids`. An `EncoderSnapshot` is what the trainer publishes in the
-Ray object store for a refresh: the architecture, the weights and the global step.
+Both sides run this one forward pass: the trainer builds and trains encoders
+(rag_lightning/model/encoders.py makes them from a config), the knowledge-base build and
+the refresh encoder actors embed passages with `encode_token_ids`. An `EncoderSnapshot` is
+what the trainer publishes in the Ray object store for a refresh: the architecture, the
+pooling, the weights and the global step.
 """
 from __future__ import annotations
 
@@ -12,19 +13,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 from transformers import BertConfig, BertModel
 
 
 class TextEncoder(nn.Module):
-    """Maps token ids [B, T] to one vector per text [B, D] (mean or [CLS] pooling over a BERT-style model)."""
+    """Maps token ids [B, T] to one vector per text [B, D]: mean or [CLS] pooling over a BERT-style model, then
+    L2 normalisation when `normalize` (a model trained for cosine similarity, as the bundled MiniLM is)."""
 
-    def __init__(self, model: BertModel, pooling: str, pad_token_id: int):
+    def __init__(self, model: BertModel, pooling: str, pad_token_id: int, normalize: bool = False):
         super().__init__()
         self.model = model
         self.pooling = pooling
         self.pad_token_id = pad_token_id
+        self.normalize = normalize
 
     @property
     def dim(self) -> int:
@@ -34,14 +38,17 @@ class TextEncoder(nn.Module):
         attention_mask = (input_ids != self.pad_token_id).long()
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def snapshot(self, global_step: int) -> EncoderSnapshot:
         """A CPU copy of the architecture and weights, to publish for a refresh."""
         weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
-        return EncoderSnapshot(self.model.config.to_dict(), self.pooling, self.pad_token_id, weights, global_step)
+        return EncoderSnapshot(self.model.config.to_dict(), self.pooling, self.normalize, self.pad_token_id, weights,
+                               global_step)
 
 
 @dataclass
@@ -50,6 +57,7 @@ class EncoderSnapshot:
 
     bert_config: dict
     pooling: str
+    normalize: bool
     pad_token_id: int
     weights: dict[str, torch.Tensor]
     global_step: int
@@ -57,7 +65,7 @@ class EncoderSnapshot:
     def build(self) -> TextEncoder:
         model = BertModel(BertConfig.from_dict(self.bert_config), add_pooling_layer=False)
         model.load_state_dict(self.weights)
-        return TextEncoder(model, self.pooling, self.pad_token_id).eval()
+        return TextEncoder(model, self.pooling, self.pad_token_id, self.normalize).eval()
 
 
 def length_sorted_batches(values: np.ndarray, offsets: np.ndarray, batch_size: int,

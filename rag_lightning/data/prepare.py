@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from rag_lightning.config import DataConfig
-from rag_lightning.demo_data import write_demo_data, write_jsonl
+from rag_lightning.data.demo import write_demo_data, write_jsonl
 from rag_lightning.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rag_lightning.qa_files import QAExample, read_split
+from rag_lightning.data.qa_files import QAExample, read_split
 
 
 class TokenizedQA(Dataset):

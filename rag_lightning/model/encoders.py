@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTra
 
 from rag_lightning.config import EncoderConfig
 from rag_lightning.errors import UserError
-from retrieval_workers.text_encoder import TextEncoder
+from retrieval_workers.encoding import TextEncoder
 
 RANDOM_INIT_SEED = 0
 
@@ -52,4 +52,4 @@ def build_encoder(cfg: EncoderConfig, tokenizer: PreTrainedTokenizerBase) -> Tex
         if cfg.num_layers and cfg.num_layers < model.config.num_hidden_layers:
             model.encoder.layer = model.encoder.layer[:cfg.num_layers]
             model.config.num_hidden_layers = cfg.num_layers
-    return TextEncoder(model, cfg.pooling, tokenizer.pad_token_id)
+    return TextEncoder(model, cfg.pooling, tokenizer.pad_token_id, cfg.normalize)

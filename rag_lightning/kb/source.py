@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
+from rag_lightning.data.text_files import jsonl_rows, read_utf8
 from rag_lightning.errors import UserError
-from rag_lightning.text_files import jsonl_rows, read_utf8
 
 
 @dataclass

@@ -1,0 +1,217 @@
+"""The knowledge-base build: passages + token ids (Arrow), embeddings, sharded FAISS indexes.
+
+`kb.source` may also be a knowledge base in transformers' RAG format (a `datasets` folder
+with title, text and embeddings, e.g. from its use_own_knowledge_dataset.py, with
+`kb.source_index` its FAISS index file): its passages and embeddings are imported as they
+are and re-indexed into shards; kb.context_encoder must be the encoder that made them.
+
+Nothing is encoded before the source file and the config have been checked. The build
+writes new files beside any existing ones and commits by replacing manifest.json, so an
+interrupted build leaves the previous knowledge base whole. An identical earlier build
+(same source bytes and settings) is reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import faiss
+
+from rag_lightning.config import IndexConfig, KBConfig
+from rag_lightning.errors import UserError
+from rag_lightning.kb.generator_tokenizer import extra_texts, load_generator_tokenizer, train_tokenizer
+from rag_lightning.kb.hf_format import is_hf_passages_folder, read_hf_passages
+from rag_lightning.kb.passage_text import passage_text
+from rag_lightning.kb.source import Passage, read_documents, split_into_passages
+from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
+from retrieval_workers.kb_store import (
+    KnowledgeBaseError,
+    Manifest,
+    PassageTable,
+    commit_version,
+    read_manifest,
+    sha256_file,
+    shard_ranges,
+    staged_directory,
+    write_passage_table,
+    write_version_info,
+)
+from retrieval_workers.shard_build import build_shard, write_shard
+
+log = logging.getLogger(__name__)
+
+
+def check_index_config(index: IndexConfig, dim: int, num_passages: int) -> None:
+    """Refuse a bad index config before any encoding, naming the key."""
+    if index.shards < 1 or index.replicas < 1:
+        raise UserError(f"index.shards and index.replicas must be >= 1 (got {index.shards}, {index.replicas})")
+    shard_size = num_passages // index.shards
+    if shard_size < 1:
+        raise UserError(f"index.shards={index.shards} is more than the {num_passages} passages")
+    try:
+        probe = faiss.index_factory(dim, index.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        first_line = str(e).strip().splitlines()[-1]
+        raise UserError(f"index.factory: {index.factory!r} is not a FAISS index factory string ({first_line})") from None
+    ivf = faiss.try_extract_index_ivf(probe)
+    pq = getattr(faiss.downcast_index(ivf if ivf is not None else probe), "pq", None)
+    needed = max(ivf.nlist if ivf is not None else 0, pq.ksub if pq is not None else 0)
+    if needed and shard_size < needed:
+        raise UserError(f"index.factory: {index.factory!r} needs at least {needed} passages per shard to train, "
+                        f"the smallest shard has {shard_size}; use a smaller index or fewer index.shards")
+
+
+def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
+    """Build (or reuse) the knowledge base described by kb and index; returns its manifest."""
+    if kb.source is None:
+        raise UserError("kb.source: no source file given (a .tsv, .csv or .jsonl with title and text)")
+    if kb.words_per_passage < 1:
+        raise UserError(f"kb.words_per_passage must be >= 1 (got {kb.words_per_passage})")
+    kb_dir = Path(kb.dir)
+    _check_writable(kb_dir)
+    imported = read_hf_passages(kb.source, kb.source_index) if is_hf_passages_folder(kb.source) else None
+    if imported is not None:
+        passages = [Passage(title, text) for title, text in zip(imported.titles, imported.texts)]
+    elif kb.source_index is not None:
+        raise UserError("kb.source_index: only for a kb.source that is a datasets folder (transformers' RAG format)")
+    else:
+        passages = split_into_passages(read_documents(kb.source), kb.words_per_passage)
+    encoder_tokenizer = load_encoder_tokenizer(kb.context_encoder)
+    encoder = build_encoder(kb.context_encoder, encoder_tokenizer).eval()
+    if imported is not None and imported.embeddings.shape[1] != encoder.dim:
+        raise UserError(f"kb.context_encoder: its dimension {encoder.dim} differs from the "
+                        f"{imported.embeddings.shape[1]} of the embeddings in {kb.source}; give the encoder that "
+                        "made them")
+    check_index_config(index, encoder.dim, len(passages))
+
+    fingerprint = _fingerprint(kb, index)
+    previous = _existing_manifest(kb_dir)
+    if previous is not None and previous.fingerprint == fingerprint and not kb.rebuild:
+        log.info("knowledge base in %s is up to date (%d passages), reusing it", kb_dir, previous.num_passages)
+        return previous
+
+    tag = fingerprint[:12]
+    generator_tokenizer = (load_generator_tokenizer(kb.generator_tokenizer.path) if kb.generator_tokenizer.path
+                           else train_tokenizer(kb.generator_tokenizer,
+                                                [passage_text(p.title, p.text) for p in passages]
+                                                + list(extra_texts(kb.generator_tokenizer.extra_texts))))
+    tokenizer_dir = f"generator_tokenizer-{tag}"
+    with staged_directory(kb_dir / tokenizer_dir) as staging:
+        generator_tokenizer.save_pretrained(str(staging))
+
+    log.info("tokenizing %d passages", len(passages))
+    generator_ids = generator_tokenizer([passage_text(p.title, p.text) for p in passages],
+                                        add_special_tokens=False, truncation=True,
+                                        max_length=kb.max_passage_tokens)["input_ids"]
+    encoder_ids = encoder_tokenizer([p.title for p in passages], [p.text for p in passages], truncation=True,
+                                    max_length=kb.context_encoder.max_length)["input_ids"]
+    passages_file = f"passages-{tag}.arrow"
+    write_passage_table(kb_dir / passages_file, {
+        "id": list(range(len(passages))), "title": [p.title for p in passages], "text": [p.text for p in passages],
+        "generator_ids": generator_ids, "encoder_ids": encoder_ids})
+
+    version = previous.next_version() if previous is not None else 0
+    manifest = Manifest(num_passages=len(passages), dim=encoder.dim, shards=shard_ranges(len(passages), index.shards),
+                        active_version=version, index_factory=index.factory, passages_file=passages_file,
+                        encoder={**asdict(kb.context_encoder), "generator_tokenizer": tokenizer_dir},
+                        fingerprint=fingerprint)
+    table = PassageTable(kb_dir / passages_file)
+    with staged_directory(kb_dir / manifest.version_dir(version)) as staging:
+        for shard, (start, end) in enumerate(manifest.shards):
+            if imported is not None:
+                write_shard(staging, shard, imported.embeddings[start:end], index.factory)
+            else:
+                build_shard(encoder, table, shard, start, end, index.factory, staging, kb.encode_batch_size)
+        write_version_info(staging, version, global_step=0)
+    manifest.files[passages_file] = sha256_file(kb_dir / passages_file)
+    commit_version(kb_dir, manifest, version, keep=1)
+    if previous is not None:
+        _remove_unreferenced(kb_dir, previous, manifest)
+    log.info("knowledge base ready in %s: %d passages, %d shards, index %s, version %d",
+             kb_dir, len(passages), index.shards, index.factory, version)
+    return manifest
+
+
+def _fingerprint(kb: KBConfig, index: IndexConfig) -> str:
+    settings = {k: v for k, v in asdict(kb).items() if k not in ("dir", "rebuild", "encode_batch_size")}
+    settings["index"] = {"factory": index.factory, "shards": index.shards}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in [kb.source, kb.source_index, *kb.generator_tokenizer.extra_texts]:
+        if path is not None:        # a file, or every file of a datasets folder
+            files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
+            for file in files:
+                digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def _existing_manifest(kb_dir: Path) -> Manifest | None:
+    try:
+        return read_manifest(kb_dir)
+    except KnowledgeBaseError:
+        return None
+
+
+def _check_writable(kb_dir: Path) -> None:
+    """Refuse a kb.dir that cannot be written, or a folder of other files that is no knowledge base.
+
+    A build writes names of its own (v0/, passages-<hash>.arrow, ...) and replaces a folder of such a name, so
+    a folder without a readable manifest.json may hold nothing but what an interrupted build left.
+    """
+    def foreign(entry: Path) -> bool:
+        """Whether an entry of a folder without a manifest is not a leftover of an interrupted build."""
+        if re.fullmatch(r"v\d+", entry.name):
+            return not entry.is_dir() or not all(re.fullmatch(r"shard_\d+\.(faiss|embeddings\.npy)|version\.json",
+                                                              file.name) for file in entry.iterdir())
+        return not re.fullmatch(r"manifest\.json|passages-\w+\.arrow|generator_tokenizer-\w+|\..+\.(staging|tmp)",
+                                entry.name)
+
+    try:
+        kb_dir.mkdir(parents=True, exist_ok=True)
+        others = [] if _existing_manifest(kb_dir) else sorted(e.name for e in kb_dir.iterdir() if foreign(e))
+        if not others:
+            with tempfile.NamedTemporaryFile(dir=kb_dir, prefix=".write_probe.", suffix=".tmp"):
+                pass
+    except OSError as e:
+        raise UserError(f"kb.dir: {kb_dir} is not writable ({e.strerror})") from None
+    if others:
+        raise UserError(f"kb.dir: {kb_dir} is a folder of other files, not a knowledge base (no manifest.json; "
+                        f"found {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); give a new or empty "
+                        "folder")
+
+
+def _remove_unreferenced(kb_dir: Path, old: Manifest, new: Manifest) -> None:
+    """Delete what the previous manifest listed and the new one does not (only our own files).
+
+    The manifest is data on disk: a listed path that is absolute, leads out of kb_dir (through .. or a
+    symlinked folder), is kb_dir itself or is a symlink is never deleted; it is logged and left as it is.
+    """
+    root = kb_dir.resolve()
+
+    def inside(relative: str) -> Path | None:
+        path = root / relative
+        folder = path.parent.resolve()
+        if path.name != ".." and folder.is_relative_to(root) and path != root and not path.is_symlink():
+            return folder / path.name
+        log.warning("not deleting %r listed in the previous manifest: not a file or folder inside %s",
+                    relative, kb_dir)
+        return None
+
+    keep = set(new.files) | {new.encoder["generator_tokenizer"]}
+    folders = set()
+    for relative in list(old.files) + [old.encoder.get("generator_tokenizer", "")]:
+        if relative and relative not in keep and (path := inside(relative)) is not None:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+            folders.add(path.parent)
+    for folder in folders - {root}:       # the version folders emptied above
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
