@@ -35,10 +35,12 @@ def slurm_cluster():
 
 
 def _submit(run_dir: Path, env: dict, *overrides: str) -> str:
+    """sbatch train.sbatch from the environment running the tests: its python first on PATH, as after activating it."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     proc = subprocess.run(["sbatch", "--parsable", f"--output={run_dir}.out", "--cpus-per-task=2",
                            str(REPO_ROOT / "slurm" / "train.sbatch"), "experiment=tiny", *overrides],
-                          cwd=REPO_ROOT, env={**env, "RUN_DIR": str(run_dir)}, capture_output=True, text=True,
-                          timeout=60)
+                          cwd=REPO_ROOT, env={**env, "RUN_DIR": str(run_dir), "PATH": path}, capture_output=True,
+                          text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -68,8 +70,32 @@ def test_sbatch_trains_and_writes_results(slurm_cluster, tmp_path, subprocess_en
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == 6 and results["train/resumed_from"] is None
     assert 0.0 <= results["test/em"] <= 1.0 and results["test/examples"] == 4
-    assert f"job {job} (restart 0)" in log.read_text()
-    assert "SLURM auto-requeueing enabled" in log.read_text()     # Lightning saw the srun task as a SLURM rank
+    output = log.read_text()
+    assert f"job {job} (restart 0)" in output
+    assert f"python {Path(sys.executable).parent / 'python'}" in output   # the submitting environment's python
+    assert "SLURM auto-requeueing enabled" in output     # Lightning saw the srun task as a SLURM rank
+
+
+@pytest.mark.parametrize("ray_env, expected", [
+    # `ray start` exits at once, here on a worker port Ray refuses: its own error, then the job's reason
+    ({"RAY_START_ARGS": "--min-worker-port=1"},
+     ["ValueError: min_worker_port must be 0 or an integer between 1024 and 65535.",
+      "train.sbatch: Ray did not come up (the head at ", "exited with status 1 (its output is above)"]),
+    # a head still not answering when the wait is over (a wait of 0 s: never)
+    ({"RAY_START_TIMEOUT": "0"}, ["train.sbatch: Ray did not come up (the head at ", "within RAY_START_TIMEOUT=0 s"]),
+], ids=["ray-start-exits", "not-up-in-time"])
+def test_a_ray_head_that_does_not_come_up_fails_the_job_with_the_reason_in_its_output(
+        slurm_cluster, tmp_path, subprocess_env, ray_env, expected):
+    run_dir = tmp_path / "run"
+    job = _submit(run_dir, {**subprocess_env, **ray_env})
+    log = Path(f"{run_dir}.out")
+    _wait_until(lambda: _job_field(job, "JobState") not in ("PENDING", "RUNNING", "COMPLETING"), 300,
+                "the job to end", log)
+    output = log.read_text()
+    assert _job_field(job, "JobState") == "FAILED" and _job_field(job, "ExitCode") == "1:0", output[-3000:]
+    for text in expected:
+        assert text in output, output[-3000:]
+    assert not run_dir.exists(), "the job stopped before any training step"
 
 
 def test_usr1_saves_requeues_and_the_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path, subprocess_env):
