@@ -101,7 +101,7 @@ class StepClock(Callback):
         self.last = now
 
 
-def new_module(tok_dir: Path, spec: ServiceSpec, ray_address: str) -> RagModule:
+def new_module(tok_dir: Path, spec: ServiceSpec) -> RagModule:
     """RAG-Sequence at the throughput benchmark's sizes, trained end to end (both encoders)."""
     L.seed_everything(SEED, verbose=False)
     model = ModelConfig(kind="rag_sequence", n_docs=N_DOCS, question_encoder=encoder_config(tok_dir),
@@ -110,7 +110,7 @@ def new_module(tok_dir: Path, spec: ServiceSpec, ray_address: str) -> RagModule:
     return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig(train_ctx_encoder=True)),
                      optim=asdict(OptimConfig(lr=1e-4, question_encoder_lr=1e-4, ctx_encoder_lr=1e-4,
                                               warmup_steps=0)),
-                     service=asdict(spec), ray_address=ray_address)
+                     service=asdict(spec))
 
 
 def raw_encode_rate(module: RagModule, spec: ServiceSpec) -> float:
@@ -122,10 +122,10 @@ def raw_encode_rate(module: RagModule, spec: ServiceSpec) -> float:
     return max(ray.get(worker.forward_pass_rate.remote(weights, ENCODE_BATCH)) for _ in range(RAW_REPEATS))
 
 
-def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, ray_address: str, steps: int, every: int,
+def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, steps: int, every: int,
           blocking: bool) -> dict:
     """One training run with refreshes; returns its figures."""
-    module = new_module(tok_dir, spec, ray_address)
+    module = new_module(tok_dir, spec)
     refresh = IndexRefresh(spec, every, blocking=blocking)
     clock = StepClock(refresh)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
@@ -136,11 +136,11 @@ def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, ray_address: str, st
     wall_s = time.perf_counter() - started
     reports = [r for r in refresh.reports if r.error is None]
     refresh_s = sum(r.wall_s for r in reports)
-    blocked_s = refresh.blocked_s + module.retriever.switch_retry_s
+    blocked_s = refresh.blocked_s + module.retrieval_client.switch_retry_s
     during = [s for s, in_flight in clock.steps if in_flight]
     idle = [s for s, in_flight in clock.steps if not in_flight]
     return {"wall_s": wall_s, "refreshes": len(reports), "skipped": refresh.skipped, "failed": refresh.failed,
-            "refresh_s": refresh_s, "blocked_s": blocked_s, "switch_retries": module.retriever.switch_retries,
+            "refresh_s": refresh_s, "blocked_s": blocked_s, "switch_retries": module.retrieval_client.switch_retries,
             "steps_during": len(during), "steps_idle": len(idle),
             "steps_per_s_during": len(during) / sum(during) if during else float("nan"),
             "steps_per_s_idle": len(idle) / sum(idle) if idle else float("nan"),
@@ -155,17 +155,17 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     kb_file, tok_dir = write_data(load_baseline(args.baseline), work, args.passages, args.steps)
     build_kb(kb_file, tok_dir, kb_dir, factory=args.index)
     spec = ServiceSpec(kb_dir=str(kb_dir), num_shards=2, num_replicas=1)
-    ray_address = connect(namespace=spec.namespace, num_cpus=2)   # before pinning: Ray's workers keep both cores
+    connect(namespace=spec.namespace, num_cpus=2)   # before pinning: Ray's workers keep both cores
     os.sched_setaffinity(0, {TRAINER_CORE})
     torch.set_num_threads(1)
     try:
         launch_service(spec)
         launch_refresher(spec, RefreshSpec(worker_cpus=1, batch_size=ENCODE_BATCH, cpu_affinity=(ENCODER_CORE,)))
-        background = train(tok_dir, data_dir, spec, ray_address, args.steps, args.every, blocking=False)
+        background = train(tok_dir, data_dir, spec, args.steps, args.every, blocking=False)
         log.info("background: %s", background)
-        blocking = train(tok_dir, data_dir, spec, ray_address, args.steps, args.every, blocking=True)
+        blocking = train(tok_dir, data_dir, spec, args.steps, args.every, blocking=True)
         log.info("blocking: %s", blocking)
-        raw = raw_encode_rate(new_module(tok_dir, spec, ray_address), spec)
+        raw = raw_encode_rate(new_module(tok_dir, spec), spec)
     finally:
         shutdown_refresher(spec)
         shutdown_service(spec)

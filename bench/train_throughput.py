@@ -7,7 +7,7 @@ and RAG-Token:
 
   ours      RagModule under a Lightning Trainer, retrieving from the Ray service
             (HNSW32 index, 2 shards x 1 replica) at every step;
-  floor     the same module, seed and batches, but module.retriever replaced by an in-memory
+  floor     the same module, seed and batches, but module.retrieval_client replaced by an in-memory
             replay of search results fetched from the service before timing: the cost of
             training alone, no retrieval and no Ray call;
   baseline  ../shared/bench/hf_baseline.py (RagRetriever over a `datasets` HNSW index), run as
@@ -155,7 +155,9 @@ class StepTimer(Callback):
 
 
 class ReplayRetriever(Callback):
-    """Stands in for module.retriever: search() returns the result fetched beforehand for the current step."""
+    """Stands in for module.retrieval_client: search() returns the result fetched beforehand for the current step."""
+
+    last_search_ms = 0.0
 
     def __init__(self, batches: list[dict], results: list[SearchResult]):
         self.batches, self.results = batches, results
@@ -170,7 +172,7 @@ class ReplayRetriever(Callback):
         return self.results[self.step]
 
 
-def new_module(kind: str, tok_dir: Path, spec: ServiceSpec, ray_address: str) -> RagModule:
+def new_module(kind: str, tok_dir: Path, spec: ServiceSpec) -> RagModule:
     """A freshly seeded RagModule, so ours and floor start from the same weights."""
     L.seed_everything(SEED, verbose=False)
     generator = GeneratorConfig(d_model=DIM, layers=LAYERS, heads=HEADS, ffn_dim=4 * DIM, dropout=0.1)
@@ -178,7 +180,7 @@ def new_module(kind: str, tok_dir: Path, spec: ServiceSpec, ray_address: str) ->
                         max_question_tokens=MAX_QUESTION_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS)
     optim = OptimConfig(lr=LR, question_encoder_lr=LR, warmup_steps=0)
     return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig()), optim=asdict(optim),
-                     service=asdict(spec), ray_address=ray_address)
+                     service=asdict(spec))
 
 
 def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:
@@ -208,16 +210,16 @@ def prefetch(module: RagModule, datamodule: QADataModule, steps: int) -> ReplayR
     return ReplayRetriever(batches, results)
 
 
-def run_ours(kind: str, steps: int, tok_dir: Path, data_dir: Path, spec: ServiceSpec, ray_address: str) -> float:
-    module = new_module(kind, tok_dir, spec, ray_address)
+def run_ours(kind: str, steps: int, tok_dir: Path, data_dir: Path, spec: ServiceSpec) -> float:
+    module = new_module(kind, tok_dir, spec)
     return timed_fit(module, new_datamodule(module, data_dir), steps, [])
 
 
-def run_floor(kind: str, steps: int, tok_dir: Path, data_dir: Path, spec: ServiceSpec, ray_address: str) -> float:
-    module = new_module(kind, tok_dir, spec, ray_address)
+def run_floor(kind: str, steps: int, tok_dir: Path, data_dir: Path, spec: ServiceSpec) -> float:
+    module = new_module(kind, tok_dir, spec)
     datamodule = new_datamodule(module, data_dir)
     replay = prefetch(module, datamodule, steps)
-    module.retriever = replay
+    module.retrieval_client = replay
     return timed_fit(module, datamodule, steps, [replay])
 
 
@@ -253,14 +255,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     kb_file, tok_dir = write_data(load_baseline(args.baseline), work, args.passages, args.steps)
     build_kb(kb_file, tok_dir, kb_dir)
     spec = ServiceSpec(kb_dir=str(kb_dir), num_shards=SHARDS, num_replicas=REPLICAS)
-    ray_address = connect(namespace=spec.namespace)
+    connect(namespace=spec.namespace)
     rates = {}
     try:
         launch_service(spec)
         for kind in KINDS:
             for system, run in (("ours", run_ours), ("floor", run_floor)):
                 log.info("%s, RAG-%s: %d steps", system, kind, args.steps)
-                rates[f"{system}_{kind}"] = run(kind, args.steps, tok_dir, data_dir, spec, ray_address)
+                rates[f"{system}_{kind}"] = run(kind, args.steps, tok_dir, data_dir, spec)
                 log.info("%s, RAG-%s: %.3f steps/s", system, kind, rates[f"{system}_{kind}"])
             log.info("baseline, RAG-%s: %d steps", kind, args.steps)
             rates[f"baseline_{kind}"] = run_baseline(args.baseline, kind, args.steps, args.threads, kb_file,

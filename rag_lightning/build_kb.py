@@ -7,9 +7,9 @@ rag_lightning/kb/build.py.
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rag_lightning.config import register_configs
+from rag_lightning.config import checked, register_configs
 from rag_lightning.errors import exit_on_user_error
 from rag_lightning.kb.build import build_knowledge_base
 
@@ -17,7 +17,7 @@ from rag_lightning.kb.build import build_knowledge_base
 @hydra.main(version_base="1.3", config_path="../conf", config_name="build_kb")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    cfg = OmegaConf.to_object(cfg)
+    cfg = checked(cfg)
     build_knowledge_base(cfg.kb, cfg.index)
 
 

@@ -1,53 +1,71 @@
-"""Structured configs: the schema behind conf/, so a mistyped key or a wrong type is refused at once.
+"""Structured configs: the schema behind conf/, and the one place where every default is written.
 
-`register_configs()` puts the schemas in Hydra's ConfigStore; conf/train.yaml and
-conf/build_kb.yaml start their defaults lists with them.
+Each dataclass default is the value `python -m rag_lightning.train` runs with (the embedded
+demo); a YAML option in conf/ holds only what that option changes. Hydra refuses a
+mistyped key or a wrong type while composing; `checked()` then refuses, naming the key, an
+added key that is no setting (`+trainer.max_step=5`) and a value out of its declared choices
+or range (each field declares them beside its default), and runs the cross-field checks of
+the `check()` methods. Every entry point calls it before any work starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from rag_lightning.errors import UserError
+from retrieval_workers.types import RefreshSpec, ServiceSpec
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of `choices` (the default among them)."""
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+def at_least(default: Any, minimum: float) -> Any:
+    """A field whose value, when set, must be >= minimum."""
+    return field(default=default, metadata={"min": minimum})
 
 
 @dataclass
 class EncoderConfig:
     pretrained: str | None = "minilm"   # "minilm" (bundled), a model folder, or null for a random model
     tokenizer: str | None = None        # a tokenizer folder; null: the pretrained model's (MiniLM's if random)
-    pooling: str = "mean"                  # mean | cls
+    pooling: str = choice("mean", "cls")
     normalize: bool = True                 # L2-normalise the vectors: the bundled MiniLM was trained for cosine
-    num_layers: int = 0                    # keep only the first N layers of a pretrained model (0 = all)
-    hidden_size: int = 128                 # sizes of a random model (pretrained: null)
-    num_heads: int = 4
-    max_length: int = 128
+    num_layers: int = at_least(0, 0)       # keep only the first N layers of a pretrained model (0 = all)
+    hidden_size: int = at_least(128, 1)    # sizes of a random model
+    num_heads: int = at_least(4, 1)
+    max_length: int = at_least(128, 2)
 
 
 @dataclass
 class GeneratorConfig:
     """A BART generator built from these sizes (trained from scratch)."""
 
-    d_model: int = 128
-    layers: int = 2
-    heads: int = 4
-    ffn_dim: int = 512
-    dropout: float = 0.1
-    max_positions: int = 512
+    d_model: int = at_least(128, 1)
+    layers: int = at_least(2, 1)
+    heads: int = at_least(4, 1)
+    ffn_dim: int = at_least(512, 1)
+    dropout: float = at_least(0.0, 0.0)
+    max_positions: int = at_least(512, 8)
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "rag_sequence"              # rag_sequence | rag_token
-    n_docs: int = 5
+    kind: str = choice("rag_sequence", "rag_token")
+    n_docs: int = at_least(5, 1)
     question_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    label_smoothing: float = 0.0
-    max_question_tokens: int = 32
-    max_answer_tokens: int = 24
-    max_context_tokens: int = 256           # passage + question, per retrieved document
-    num_beams: int = 2                      # beam search at validation and test
+    label_smoothing: float = at_least(0.0, 0.0)
+    max_question_tokens: int = at_least(32, 2)
+    max_answer_tokens: int = at_least(8, 2)  # the demo's answers are one word
+    max_context_tokens: int = at_least(256, 2)   # passage + question, per retrieved document
+    num_beams: int = at_least(2, 1)         # beam search at validation and test
 
 
 @dataclass
@@ -63,104 +81,127 @@ class RetrieverConfig:
 class RefreshConfig:
     """Re-encoding the knowledge base with the current context encoder while training goes on."""
 
-    every_n_steps: int | None = None     # global optimizer steps between refreshes; null = never
-    workers: int = 1                        # encoder actors
-    worker_cpus: float = 1.0                # CPUs (and torch threads) per encoder actor
-    worker_gpus: float = 0.0                # GPUs per encoder actor
-    batch_size: int = 64
-    keep_versions: int = 2                  # index versions kept on disk
+    every_n_steps: int | None = at_least(None, 1)   # global optimizer steps between refreshes; null = never
+    workers: int = at_least(RefreshSpec.num_workers, 1)          # encoder actors
+    worker_cpus: float = at_least(RefreshSpec.worker_cpus, 0.0)  # CPUs (and torch threads) per encoder actor
+    worker_gpus: float = at_least(RefreshSpec.worker_gpus, 0.0)  # GPUs per encoder actor
+    batch_size: int = at_least(RefreshSpec.batch_size, 1)
+    keep_versions: int = at_least(RefreshSpec.keep_versions, 1)  # index versions kept on disk
     blocking: bool = False                  # stop training until each refresh is done (for comparison)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4                        # generator
-    question_encoder_lr: float = 2e-5
-    ctx_encoder_lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 100                 # linear warm-up, then the schedule
-    schedule: str = "linear"                # linear (decay to 0 at the last step) | constant
+    lr: float = at_least(5e-4, 0.0)         # generator
+    question_encoder_lr: float = at_least(2e-5, 0.0)
+    ctx_encoder_lr: float = at_least(2e-5, 0.0)
+    weight_decay: float = at_least(0.01, 0.0)
+    warmup_steps: int = at_least(100, 0)    # linear warm-up, then the schedule
+    schedule: str = choice("constant", "linear")   # constant, or linear decay to 0 at the last step
 
 
 @dataclass
 class GeneratorTokenizerConfig:
     path: str | None = None              # a saved Hugging Face tokenizer; else one is trained
-    kind: str = "wordlevel"                 # trained tokenizer: wordlevel | bpe
-    vocab_size: int = 30000
-    extra_texts: list[str] = field(default_factory=list)   # more files (QA JSONL) to train it on
+    kind: str = choice("wordlevel", "bpe")  # the trained tokenizer's model
+    vocab_size: int = at_least(30000, 8)
+    extra_texts: list[str] = field(default_factory=lambda: ["${data.dir}/train.jsonl"])  # QA JSONL files it also
+    #                                                                                      learns the words of
 
 
 @dataclass
 class KBConfig:
-    source: str | None = None            # TSV/CSV (title, text columns), JSONL, or a transformers RAG
-    #                                         `datasets` folder (title, text, embeddings), imported as it is
+    source: str | None = "${data.dir}/kb.jsonl"   # TSV/CSV (title, text columns), JSONL, or a transformers RAG
+    #                                                  `datasets` folder (title, text, embeddings), imported as is
     source_index: str | None = None      # that folder's FAISS index file, checked against its embeddings
-    dir: str = "kb"
-    words_per_passage: int = 100
-    max_passage_tokens: int = 192
+    dir: str = "${paths.run_dir}/kb"
+    words_per_passage: int = at_least(100, 1)
+    max_passage_tokens: int = at_least(192, 1)
     context_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     generator_tokenizer: GeneratorTokenizerConfig = field(default_factory=GeneratorTokenizerConfig)
-    encode_batch_size: int = 64
+    encode_batch_size: int = at_least(64, 1)
     rebuild: bool = False                   # rebuild even when an identical build exists
 
 
 @dataclass
 class IndexConfig:
     factory: str = "Flat"                   # a faiss.index_factory string, inner product
-    shards: int = 2
-    replicas: int = 1
-    search_params: str = ""                 # e.g. "efSearch=128" or "nprobe=16"
-    omp_threads: int = 1
+    shards: int = at_least(2, 1)
+    replicas: int = at_least(1, 1)
+    search_params: str = ServiceSpec.search_params    # e.g. "efSearch=128" or "nprobe=16"
+    omp_threads: int = at_least(ServiceSpec.omp_threads, 1)   # FAISS threads per shard actor
 
 
 @dataclass
 class RetrievalConfig:
+    """The Ray cluster the shard actors run on."""
+
     ray_address: str | None = None       # null starts a local Ray
-    namespace: str = "rag_lightning"
-    host: str = "127.0.0.1"
+    namespace: str = ServiceSpec.namespace
+    host: str = "127.0.0.1"                 # the address a local Ray binds to
     dashboard: bool = False
-    num_cpus: int | None = None
-    actor_cpus: float = 0.0
-    failover_timeout_s: float = 120.0       # a search waits this long for some replica of a dead shard actor
+    num_cpus: int | None = at_least(None, 1)   # CPUs of a local Ray; null: every core
+    actor_cpus: float = at_least(ServiceSpec.actor_cpus, 0.0)   # CPUs Ray reserves per shard actor
+    failover_timeout_s: float = at_least(ServiceSpec.failover_timeout_s, 0.001)  # a search waits this long for
+    #                                                                               some replica of a dead shard
     temp_dir: str | None = None          # a local Ray's session files; null: /tmp/ray_<SLURM job id or pid>
-    entropy_window: int = 100               # training steps over which the retrieved-id entropy is measured
+    entropy_window: int = at_least(100, 1)  # training steps over which the retrieved-id entropy is measured
 
 
 @dataclass
 class DataConfig:
-    prepare: str | None = None           # demo | nq_open | null (files already in dir)
+    prepare: str | None = choice("demo", "nq_open", None)   # null: the files are already in dir
     source: str | None = None            # input of prepare (nq_open: the .jsonl.gz file)
-    dir: str = MISSING                      # train/val/test .jsonl or .source/.target files
-    demo_entities: int = 3600
-    batch_size: int = 8
-    eval_batch_size: int = 32
-    max_eval_examples: int = 0              # 0 = all
+    dir: str = "${paths.run_dir}/data"      # train/val/test .jsonl or .source/.target files
+    demo_entities: int = at_least(3600, 10)
+    batch_size: int = at_least(8, 1)
+    eval_batch_size: int = at_least(32, 1)
+    max_eval_examples: int = at_least(0, 0)   # 0 = all
+
+    def check(self, key: str) -> None:
+        if self.prepare is None and not Path(self.dir).is_dir():
+            raise UserError(f"{key}.dir: no folder at {self.dir}; data=files needs {key}.dir=DIR, the folder of "
+                            "your train/val/test files")
 
 
 @dataclass
 class TrainerConfig:
+    """Lightning Trainer arguments, passed through as they are (a new one is one field here), then ours."""
+
     accelerator: str = "cpu"
-    devices: Any = 1
-    num_nodes: int = 1
+    devices: Any = 1                        # a count >= 1, a list of device ids, or "auto"
+    num_nodes: int = at_least(1, 1)
     strategy: str = "auto"
     precision: str = "32-true"
-    max_steps: int = 1000
-    max_epochs: int = -1
-    val_check_interval: int | None = 250
-    check_val_every_n_epoch: int | None = None
-    log_every_n_steps: int = 25
-    gradient_clip_val: float | None = 1.0
-    accumulate_grad_batches: int = 1
-    num_sanity_val_steps: int = 0
-    threads: int = 0                        # torch threads per process (0 = leave as is)
-    checkpoint_every_n_steps: int | None = 500   # also checkpoint every N steps (resume point); null: at val only
+    max_steps: int = at_least(3000, 1)
+    max_epochs: int = at_least(-1, -1)
+    val_check_interval: int | None = at_least(1000, 1)
+    check_val_every_n_epoch: int | None = at_least(None, 1)
+    log_every_n_steps: int = at_least(50, 1)
+    gradient_clip_val: float | None = at_least(1.0, 0.0)
+    accumulate_grad_batches: int = at_least(1, 1)
+    num_sanity_val_steps: int = at_least(0, -1)
+    # ours, not Lightning's:
+    threads: int = at_least(0, 0)           # torch threads per process (0 = leave as is)
+    checkpoint_every_n_steps: int | None = at_least(500, 1)   # also checkpoint every N steps (resume point);
+    #                                                              null: at validation only
+
+    def lightning_arguments(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("threads", "checkpoint_every_n_steps")}
+
+    def check(self, key: str) -> None:
+        devices = self.devices
+        if isinstance(devices, bool) or not (devices == "auto" or (isinstance(devices, int) and devices >= 1)
+                                             or (isinstance(devices, list) and devices)):
+            raise UserError(f"{key}.devices: {devices!r} is not a device count >= 1, a list of device ids or 'auto'")
 
 
 @dataclass
 class LoggerConfig:
-    kind: str = "csv"                       # csv | wandb | none
+    kind: str = choice("csv", "wandb", "none")
     project: str = "rag-lightning"
-    offline: bool = False                   # wandb: also when WANDB_MODE=offline or no API key
+    offline: bool = False                   # wandb: also when WANDB_MODE=offline or no WANDB_API_KEY is set
 
 
 @dataclass
@@ -184,7 +225,16 @@ class TrainConfig:
     seed: int = 0
     evaluate_before_training: bool = True
     ckpt_path: str | None = None         # resume from it; null: from the run dir's newest checkpoint, if any
-    stage: str = "all"                      # all | prepare (data, KB, shard actors, then exit) | train (attach to them)
+    stage: str = choice("all", "prepare", "train")   # prepare: data, KB, shard actors, then exit; train: attach
+
+    def check(self, key: str) -> None:
+        if self.stage != "all" and not self.retrieval.ray_address:
+            raise UserError(f"stage={self.stage} needs retrieval.ray_address: the shard actors live on a Ray "
+                            "cluster that outlives each stage's processes")
+        if self.refresh.every_n_steps is not None and not self.retriever.train_ctx_encoder:
+            raise UserError("refresh.every_n_steps is set but retriever.train_ctx_encoder=false: the passage "
+                            "embeddings would never change; train the context encoder or set "
+                            "refresh.every_n_steps=null")
 
 
 @dataclass
@@ -202,8 +252,8 @@ class EvaluateConfig:
     ckpt_path: str = MISSING
     data: DataConfig | None = None       # null: the QA files the checkpoint trained on; or e.g. data=nq_open
     split: str = "test"
-    batch_size: int = 32
-    max_examples: int = 0                   # 0 = all
+    batch_size: int = at_least(32, 1)
+    max_examples: int = at_least(0, 0)      # 0 = all
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -216,8 +266,12 @@ class GenerateConfig:
     question: str | None = None
     questions: str | None = None         # a file: one question a line, or JSONL rows with a "question"
     output: str | None = None            # also write the answers and passages as JSONL here
-    batch_size: int = 16
+    batch_size: int = at_least(16, 1)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+    def check(self, key: str) -> None:
+        if (self.question is None) == (self.questions is None):
+            raise UserError('give either question="..." or questions=FILE')
 
 
 @dataclass
@@ -226,6 +280,42 @@ class ExportConfig:
 
     ckpt_path: str = MISSING
     out: str = MISSING                      # a new (or empty) folder
+
+
+def checked(cfg: DictConfig) -> Any:
+    """The composed config as its schema's dataclass, every key and value checked (UserError naming the key)."""
+    _check_keys(cfg, OmegaConf.get_type(cfg), "")
+    config = OmegaConf.to_object(cfg)
+    _check_values(config, "")
+    return config
+
+
+def _check_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """Refuse a key that Hydra's `+key=value` added to a structured node but its schema does not declare."""
+    names = {f.name: f for f in fields(schema)}
+    for key in node.keys():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), list(names), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise UserError(f"{prefix}{key}: not a setting of {prefix.rstrip('.') or 'the config'}{hint}")
+        child = node[key]
+        if isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
+            _check_keys(child, OmegaConf.get_type(child), f"{prefix}{key}.")
+
+
+def _check_values(config: Any, prefix: str) -> None:
+    """Check every field against the choices or minimum it declares, then the dataclass's own check()."""
+    for f in fields(config):
+        value, key = getattr(config, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _check_values(value, f"{key}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            names = ", ".join("null" if c is None else str(c) for c in f.metadata["choices"])
+            raise UserError(f"{key}: {value!r} is not one of {names}")
+        elif "min" in f.metadata and value is not None and value < f.metadata["min"]:
+            raise UserError(f"{key} must be >= {f.metadata['min']} (got {value})")
+    if hasattr(config, "check"):
+        config.check(prefix.rstrip("."))
 
 
 def register_configs() -> None:

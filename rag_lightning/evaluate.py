@@ -14,18 +14,17 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from rag_lightning.config import EvaluateConfig, register_configs
+from rag_lightning.config import EvaluateConfig, checked, register_configs
 from rag_lightning.data.datamodule import TokenizedQA, eval_loader
 from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import read_split
 from rag_lightning.errors import UserError, exit_on_user_error
-from rag_lightning.evaluation.scores import eval_metrics
+from rag_lightning.evaluation.scores import SplitScores
 from rag_lightning.model.encoders import load_encoder_tokenizer
-from rag_lightning.model.trained_model import load_trained_module, serving
+from rag_lightning.model.trained_model import load_trained_model, serving
 from retrieval_workers.kb_store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -34,9 +33,8 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: EvaluateConfig) -> dict:
     """The checkpoint's metrics on the split; writes results.json and predictions.jsonl into the run dir."""
     started = time.time()
-    if cfg.batch_size < 1 or cfg.max_examples < 0:
-        raise UserError("batch_size must be >= 1 and max_examples >= 0")
-    module = load_trained_module(cfg.ckpt_path)
+    trained = load_trained_model(cfg.ckpt_path)
+    module = trained.module
     if cfg.data is not None:
         prepare_data(cfg.data)
         data_dir = cfg.data.dir
@@ -52,16 +50,18 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                           module.model_cfg.max_question_tokens, module.model_cfg.max_answer_tokens)
     loader = eval_loader(dataset, cfg.batch_size, encoder_tokenizer.pad_token_id,
                          module.generator_tokenizer.pad_token_id)
-    with serving(module, cfg.retrieval) as index_version, torch.no_grad():
+    scores = SplitScores(module.model_cfg.n_docs)
+    with serving(trained, cfg.retrieval) as index_version:
         for batch in tqdm(loader, desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0):
-            module.evaluate_batch(batch)
+            scores.add(module.evaluate_batch(batch))
 
-    results = {**eval_metrics(cfg.split, module.eval_sums, module.eval_examples, module.model_cfg.n_docs),
+    results = {**scores.metrics(cfg.split),
                "ckpt_path": str(Path(cfg.ckpt_path).resolve()), "data_dir": str(Path(data_dir).resolve()),
                "kb/index_version": index_version, "wall_time_s": round(time.time() - started, 1)}
     run_dir = Path(cfg.paths.run_dir)
     atomic_write_bytes(run_dir / "predictions.jsonl",
-                       "".join(json.dumps(record) + "\n" for record in module.eval_records).encode())
+                       "".join(json.dumps({key: value for key, value in record.items() if key != "scores"}) + "\n"
+                               for record in scores.records).encode())
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
     log.info("results: %s", json.dumps(results))
     return results
@@ -70,7 +70,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    evaluate(OmegaConf.to_object(cfg))
+    evaluate(checked(cfg))
 
 
 register_configs()

@@ -28,18 +28,18 @@ import shutil
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tokenizers import processors
 from transformers import DPRConfig, DPRQuestionEncoder, RagConfig, RagTokenizer
 
-from rag_lightning.config import ExportConfig, register_configs
+from rag_lightning.config import ExportConfig, checked, register_configs
 from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.kb.hf_format import HFPassages, write_hf_passages
 from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
 from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.generator import RAG_CLASSES
 from rag_lightning.model.rag_module import RagModule
-from rag_lightning.model.trained_model import index_version_to_serve, load_trained_module
+from rag_lightning.model.trained_model import TrainedModel, index_version_to_serve, load_trained_model
 from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"out: {out} exists and is not an empty folder; export writes a new one")
-    module = load_trained_module(cfg.ckpt_path)
+    trained = load_trained_model(cfg.ckpt_path)
+    module = trained.module
     encoder = module.model_cfg.question_encoder
     if encoder.pooling != "cls" or encoder.normalize:
         raise UserError(f"ckpt_path: {cfg.ckpt_path} was trained with model.question_encoder.pooling="
@@ -64,7 +65,7 @@ def export(cfg: ExportConfig) -> Path:
     except OSError as e:
         raise UserError(f"out: cannot write beside {out} ({e.strerror})") from None
     try:
-        passages, factory = _knowledge_base(module)
+        passages, factory = _knowledge_base(trained)
         rag = _transformers_model(module, passages_path=out / PASSAGES, index_path=out / INDEX)
         rag.save_pretrained(str(staging))
         # transformers 5 hands from_pretrained's `retriever=` on to GenerationConfig.from_pretrained, which
@@ -83,11 +84,11 @@ def export(cfg: ExportConfig) -> Path:
     return out
 
 
-def _knowledge_base(module: RagModule) -> tuple[HFPassages, str]:
+def _knowledge_base(trained: TrainedModel) -> tuple[HFPassages, str]:
     """Every passage with its embedding in the index version the checkpoint trained against (else the active one)."""
-    kb_dir = module.service_spec.kb_dir
+    kb_dir = trained.module.service_spec.kb_dir
     manifest = read_manifest(kb_dir)
-    version = index_version_to_serve(module, manifest)
+    version = index_version_to_serve(trained, manifest)
     table = PassageTable(f"{kb_dir}/{manifest.passages_file}")
     titles, texts = zip(*table.titles_and_texts(range(manifest.num_passages)))
     return HFPassages(list(titles), list(texts), load_embeddings(kb_dir, manifest, version)), manifest.index_factory
@@ -129,7 +130,7 @@ def _tokenizers(module: RagModule) -> RagTokenizer:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    export(OmegaConf.to_object(cfg))
+    export(checked(cfg))
 
 
 register_configs()

@@ -10,14 +10,14 @@ import json
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rag_lightning.config import GenerateConfig, register_configs
+from rag_lightning.config import GenerateConfig, checked, register_configs
 from rag_lightning.data.datamodule import question_batch, tokenize_questions
 from rag_lightning.data.text_files import jsonl_rows, read_utf8
 from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.model.encoders import load_encoder_tokenizer
-from rag_lightning.model.trained_model import load_trained_module, serving
+from rag_lightning.model.trained_model import load_trained_model, serving
 from retrieval_workers.kb_store import atomic_write_bytes
 
 
@@ -42,17 +42,14 @@ def read_questions(path: str) -> list[str]:
 
 def generate(cfg: GenerateConfig) -> list[dict]:
     """Each question's answer and retrieved passages (id, title, text, score), best first."""
-    if (cfg.question is None) == (cfg.questions is None):
-        raise UserError('give either question="..." or questions=FILE')
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size must be >= 1 (got {cfg.batch_size})")
     questions = [cfg.question] if cfg.question is not None else read_questions(cfg.questions)
     if not all(q.strip() for q in questions):
         raise UserError("question: empty")
-    module = load_trained_module(cfg.ckpt_path)
+    trained = load_trained_model(cfg.ckpt_path)
+    module = trained.module
     encoder_tokenizer = load_encoder_tokenizer(module.model_cfg.question_encoder)
     answered = []
-    with serving(module, cfg.retrieval):
+    with serving(trained, cfg.retrieval):
         for start in range(0, len(questions), cfg.batch_size):
             chunk = questions[start:start + cfg.batch_size]
             batch = question_batch(*tokenize_questions(chunk, encoder_tokenizer, module.generator_tokenizer,
@@ -76,7 +73,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    generate(OmegaConf.to_object(cfg))
+    generate(checked(cfg))
 
 
 register_configs()

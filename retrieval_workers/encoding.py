@@ -21,13 +21,19 @@ from transformers import BertConfig, BertModel
 
 class TextEncoder(nn.Module):
     """Maps token ids [B, T] to one vector per text [B, D]: mean or [CLS] pooling over a BERT-style model, then
-    L2 normalisation when `normalize` (a model trained for cosine similarity, as the bundled MiniLM is)."""
+    L2 normalisation when `normalize` (a model trained for cosine similarity, as the bundled MiniLM is).
 
-    def __init__(self, model: BertModel, pooling: str, pad_token_id: int, normalize: bool = False):
+    A text may be a pair, `[CLS] title [SEP] text [SEP]` as passages are stored: the tokens after the first
+    separator get segment (token type) 1, as the tokenizer gives them, so the stored ids alone suffice.
+    """
+
+    def __init__(self, model: BertModel, pooling: str, pad_token_id: int, sep_token_id: int | None = None,
+                 normalize: bool = False):
         super().__init__()
         self.model = model
         self.pooling = pooling
         self.pad_token_id = pad_token_id
+        self.sep_token_id = sep_token_id
         self.normalize = normalize
 
     @property
@@ -36,7 +42,12 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         attention_mask = (input_ids != self.pad_token_id).long()
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        segments = None
+        if self.sep_token_id is not None and getattr(self.model.config, "type_vocab_size", 1) > 1:
+            is_sep = (input_ids == self.sep_token_id).long()
+            segments = ((is_sep.cumsum(1) - is_sep) > 0).long()      # 1 after the first separator
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            token_type_ids=segments).last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
@@ -47,8 +58,8 @@ class TextEncoder(nn.Module):
     def snapshot(self, global_step: int) -> EncoderSnapshot:
         """A CPU copy of the architecture and weights, to publish for a refresh."""
         weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
-        return EncoderSnapshot(self.model.config.to_dict(), self.pooling, self.normalize, self.pad_token_id, weights,
-                               global_step)
+        return EncoderSnapshot(self.model.config.to_dict(), self.pooling, self.normalize, self.pad_token_id,
+                               self.sep_token_id, weights, global_step)
 
 
 @dataclass
@@ -59,13 +70,14 @@ class EncoderSnapshot:
     pooling: str
     normalize: bool
     pad_token_id: int
+    sep_token_id: int | None
     weights: dict[str, torch.Tensor]
     global_step: int
 
     def build(self) -> TextEncoder:
         model = BertModel(BertConfig.from_dict(self.bert_config), add_pooling_layer=False)
         model.load_state_dict(self.weights)
-        return TextEncoder(model, self.pooling, self.pad_token_id, self.normalize).eval()
+        return TextEncoder(model, self.pooling, self.pad_token_id, self.sep_token_id, self.normalize).eval()
 
 
 def length_sorted_batches(values: np.ndarray, offsets: np.ndarray, batch_size: int,

@@ -29,11 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kb-dir", required=True, help="the knowledge base directory (holds manifest.json)")
     parser.add_argument("--shards", type=int, required=True)
     parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--namespace", default="rag_lightning", help="Ray namespace of the actors")
-    parser.add_argument("--prefix", default="kb", help="actor name prefix")
-    parser.add_argument("--omp-threads", type=int, default=1, help="FAISS threads per actor")
-    parser.add_argument("--actor-cpus", type=float, default=0.0, help="CPUs Ray reserves per actor")
-    parser.add_argument("--search-params", default="", help='e.g. "efSearch=128" or "nprobe=16"')
+    parser.add_argument("--namespace", default=ServiceSpec.namespace, help="Ray namespace of the actors")
+    parser.add_argument("--prefix", default=ServiceSpec.name_prefix, help="actor name prefix")
+    parser.add_argument("--omp-threads", type=int, default=ServiceSpec.omp_threads, help="FAISS threads per actor")
+    parser.add_argument("--actor-cpus", type=float, default=ServiceSpec.actor_cpus,
+                        help="CPUs Ray reserves per actor")
+    parser.add_argument("--search-params", default=ServiceSpec.search_params,
+                        help='e.g. "efSearch=128" or "nprobe=16"')
     parser.add_argument("--teardown", action="store_true", help="kill the actors instead")
     return parser.parse_args(argv)
 

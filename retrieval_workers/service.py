@@ -123,6 +123,7 @@ class RetrievalClient:
         self.switch_retries = 0
         self.switch_retry_s = 0.0
         self.failovers = 0                  # searches answered by another replica after an actor died
+        self.last_search_ms = 0.0           # wall time of the last search
 
     @property
     def shards(self) -> list:
@@ -131,6 +132,7 @@ class RetrievalClient:
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Exact global top-k over all shards for float32 queries [B, D], all from one index version."""
+        started = time.perf_counter()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         parts = self._search_shards(queries, k, self.version)
         if len({p.version for p in parts}) > 1:        # a switch landed between the shards' answers
@@ -140,6 +142,7 @@ class RetrievalClient:
             self.switch_retry_s += time.perf_counter() - started
         result = merge_top_k(parts, k)
         self.version = result.active_version
+        self.last_search_ms = 1000 * (time.perf_counter() - started)
         return result
 
     def _search_shards(self, queries: np.ndarray, k: int, version: int | None) -> list[SearchResult]:

@@ -74,7 +74,8 @@ def test_build_round_trip(tmp_path):
     assert len(table) == 18
     assert table._table.column("id").to_pylist() == list(range(18))
     assert table.titles_and_texts(range(18)) == [(p.title, p.text) for p in expected]
-    assert table.titles_and_texts([5, 0]) == [(expected[5].title, expected[5].text), (expected[0].title, expected[0].text)]
+    assert table.titles_and_texts([5, 0]) == [(expected[5].title, expected[5].text),
+                                              (expected[0].title, expected[0].text)]
 
     # generator token ids: the KB's saved tokenizer over "title / text //"
     generator_tokenizer = load_generator_tokenizer(kb_dir / manifest.encoder["generator_tokenizer"])

@@ -1,37 +1,30 @@
-"""Every config in conf/ composes against the structured schema and becomes a typed config object."""
+"""The config tree: the schema's defaults are the default run, a YAML option holds only what it changes, every
+config composes, and `checked()` refuses bad keys and values naming the key, for every entry point."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
-from omegaconf.errors import MissingMandatoryValue
 
-from rag_lightning.config import (
-    BuildKBConfig,
-    DataConfig,
-    EncoderConfig,
-    IndexConfig,
-    KBConfig,
-    LoggerConfig,
-    ModelConfig,
-    TrainConfig,
-    register_configs,
-)
+from rag_lightning.config import TrainConfig, checked, register_configs
+from rag_lightning.errors import UserError
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = sorted((group.name, option.stem) for group in CONF.iterdir() if group.is_dir()
-                       and group.name != "experiment" for option in group.glob("*.yaml"))
+                       and group.name not in ("experiment", "hydra") for option in group.glob("*.yaml"))
+ENTRY_POINTS = ("train", "build_kb", "evaluate", "generate", "export")
 
 
-def compose_config(config_name: str, overrides: list[str], run_dir: Path):
-    """Compose like `python -m rag_lightning.<entry>` does, with the run dir set, and convert to the schema."""
+def compose_raw(config_name: str, overrides: list[str], run_dir: Path):
+    """Compose like `python -m rag_lightning.<entry>` does, with the run dir set; the DictConfig, unchecked."""
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -41,106 +34,81 @@ def compose_config(config_name: str, overrides: list[str], run_dir: Path):
     HydraConfig.instance().set_config(cfg)        # resolves ${hydra:runtime.output_dir} and ${hydra:runtime.cwd}
     with open_dict(cfg):
         del cfg["hydra"]
-    return OmegaConf.to_object(cfg)
+    return cfg
 
 
-def test_conf_has_the_expected_groups():
-    assert {"model", "data", "kb", "index", "retrieval", "trainer", "logger", "experiment"} <= \
-        {p.name for p in CONF.iterdir() if p.is_dir()}
-    assert (CONF / "train.yaml").is_file() and (CONF / "build_kb.yaml").is_file()
+def compose_config(config_name: str, overrides: list[str], run_dir: Path):
+    return checked(compose_raw(config_name, overrides, run_dir))
 
 
-def test_default_train_config(tmp_path):
+def schema_defaults(run_dir: Path) -> TrainConfig:
+    """TrainConfig() with its interpolations resolved as in a run whose run dir is run_dir."""
+    node = OmegaConf.structured(TrainConfig)
+    node.paths.run_dir = str(run_dir)
+    return OmegaConf.to_object(node)
+
+
+def test_the_default_run_is_the_schema_defaults(tmp_path):
+    """`python -m rag_lightning.train` runs exactly what config.py's dataclass defaults say."""
     cfg = compose_config("train", [], tmp_path)
-    assert isinstance(cfg, TrainConfig)
-    assert isinstance(cfg.model, ModelConfig) and isinstance(cfg.model.question_encoder, EncoderConfig)
-    assert isinstance(cfg.kb, KBConfig) and isinstance(cfg.index, IndexConfig) and isinstance(cfg.data, DataConfig)
-    assert cfg.paths.run_dir == str(tmp_path)
-    # the embedded demo: data and KB are written into the run dir, MiniLM encoders, 2 flat shards, CPU
-    assert cfg.model.kind == "rag_sequence"
-    model_yaml = OmegaConf.load(CONF / "model" / "rag_sequence.yaml")
-    assert cfg.model.n_docs == model_yaml.n_docs and cfg.model.generator.dropout == model_yaml.generator.dropout
-    assert cfg.data.prepare == "demo" and cfg.data.dir == f"{tmp_path}/data"
-    assert cfg.kb.source == f"{tmp_path}/data/kb.jsonl" and cfg.kb.dir == f"{tmp_path}/kb"
+    assert cfg == schema_defaults(tmp_path)
+    # what those defaults are: the embedded demo, written into the run dir, MiniLM encoders, 2 flat shards, CPU
+    assert (cfg.data.prepare, cfg.data.dir) == ("demo", f"{tmp_path}/data")
+    assert (cfg.kb.source, cfg.kb.dir) == (f"{tmp_path}/data/kb.jsonl", f"{tmp_path}/kb")
     assert cfg.kb.generator_tokenizer.extra_texts == [f"{tmp_path}/data/train.jsonl"]
-    assert cfg.kb.context_encoder.pretrained == "minilm" == cfg.model.question_encoder.pretrained
-    assert cfg.index == IndexConfig(factory="Flat", shards=2, replicas=1, search_params="", omp_threads=1)
-    trainer_yaml = OmegaConf.to_container(OmegaConf.load(CONF / "trainer" / "cpu.yaml"))
-    assert {key: getattr(cfg.trainer, key) for key in trainer_yaml} == trainer_yaml    # every value of the group file
-    assert cfg.trainer.accelerator == "cpu"
-    assert cfg.logger == LoggerConfig(kind="csv")
-    assert cfg.retrieval.ray_address is None and cfg.retrieval.host == "127.0.0.1" and cfg.retrieval.dashboard is False
-
-
-def test_default_build_kb_config(tmp_path):
-    cfg = compose_config("build_kb", [], tmp_path)
-    assert isinstance(cfg, BuildKBConfig)
-    assert cfg.kb.source is None and cfg.kb.dir == "kb"
-    assert cfg.kb.generator_tokenizer.extra_texts == []
-    assert cfg.kb.context_encoder.pretrained == "minilm"
-    assert cfg.index.factory == "Flat" and cfg.index.shards == 2
-
-    cfg = compose_config("build_kb", ["kb.source=/data/p.tsv", "kb.dir=/tmp/kb", "index=hnsw", "index.shards=4"],
-                         tmp_path)
-    assert (cfg.kb.source, cfg.kb.dir, cfg.index.factory, cfg.index.shards) == ("/data/p.tsv", "/tmp/kb", "HNSW32", 4)
-
-
-@pytest.mark.parametrize("overrides, expected", [
-    (["model=rag_token"], {("model", "kind"): "rag_token",
-                           ("model", "n_docs"): OmegaConf.load(CONF / "model" / "rag_token.yaml").n_docs}),
-    (["index=hnsw"], {("index", "factory"): "HNSW32", ("index", "shards"): 2}),
-    (["index=ivfpq"], {("index", "factory"): "IVF64,PQ16"}),
-    (["logger=wandb"], {("logger", "kind"): "wandb", ("logger", "project"): "rag-lightning"}),
-    (["logger=none"], {("logger", "kind"): "none"}),
-    (["trainer=gpu"], {("trainer", "accelerator"): "gpu", ("trainer", "precision"): "bf16-mixed",   # the rest from cpu
-                       ("trainer", "max_steps"): OmegaConf.load(CONF / "trainer" / "cpu.yaml").max_steps}),
-    (["data=files", "data.dir=/my/qa"], {("data", "prepare"): None, ("data", "dir"): "/my/qa",
-                                         ("kb", "source"): "/my/qa/kb.jsonl"}),
-    (["data=nq_open"], {("data", "prepare"): "nq_open",
-                        ("data", "source"): f"{REPO_ROOT}/../shared/data/nq-open-oracle.jsonl.gz"}),
-    (["model=rag_token", "index=ivfpq", "index.shards=4", "index.replicas=2", "model.n_docs=3",
-      "trainer.devices=8", "kb.context_encoder.pretrained=null"],
-     {("model", "kind"): "rag_token", ("model", "n_docs"): 3, ("index", "shards"): 4, ("index", "replicas"): 2,
-      ("trainer", "devices"): 8, ("kb", "context_encoder", "pretrained"): None}),
-])
-def test_group_choices_compose(tmp_path, overrides, expected):
-    cfg = compose_config("train", overrides, tmp_path)
-    assert isinstance(cfg, TrainConfig)
-    for path, value in expected.items():
-        node = cfg
-        for key in path:
-            node = getattr(node, key)
-        assert node == value, (path, node)
 
 
 @pytest.mark.parametrize("group, option", GROUP_OPTIONS)
-def test_every_group_option_composes(tmp_path, group, option):
-    overrides = [f"{group}={option}"] + (["data.dir=/qa"] if (group, option) == ("data", "files") else [])
-    cfg = compose_config("train", overrides, tmp_path)
-    assert isinstance(cfg, TrainConfig)
-    assert type(getattr(cfg, group)) is type(getattr(TrainConfig(), group))   # the group's schema dataclass
+def test_a_group_option_holds_only_what_it_changes(tmp_path, group, option):
+    """Every value an option sets differs from the schema's default, except the one that names the group's
+    default option (e.g. model/rag_sequence.yaml: kind: rag_sequence); choosing it changes nothing."""
+    values = dict(_leaves(OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))))
+    defaults = OmegaConf.structured(TrainConfig)
+    restated = {key for key, value in values.items() if OmegaConf.select(defaults, f"{group}.{key}") == value}
+    default_option = OmegaConf.load(CONF / "train.yaml").defaults
+    if {group: option} in [dict(entry) for entry in default_option if OmegaConf.is_dict(entry)]:
+        assert len(restated) <= 1, restated
+        assert compose_config("train", [f"{group}={option}"], tmp_path) == schema_defaults(tmp_path)
+    else:
+        assert not restated, f"{group}/{option}.yaml repeats the schema's defaults: {sorted(restated)}"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model=rag_token"], {"model.kind": "rag_token"}),
+    (["index=hnsw"], {"index.factory": "HNSW32"}),
+    (["index=ivfpq"], {"index.factory": "IVF64,PQ16"}),
+    (["logger=wandb"], {"logger.kind": "wandb"}),
+    (["trainer=gpu"], {"trainer.accelerator": "gpu", "trainer.precision": "bf16-mixed"}),
+    (["refresh=background", "retriever.train_ctx_encoder=true"],
+     {"refresh.every_n_steps": 500, "retriever.train_ctx_encoder": True}),
+    (["data=files", "data.dir=/tmp"], {"data.prepare": None, "data.dir": "/tmp", "kb.source": "/tmp/kb.jsonl",
+                                       "kb.generator_tokenizer.extra_texts": ["/tmp/train.jsonl"]}),
+    (["data=nq_open"], {"data.prepare": "nq_open",
+                        "data.source": f"{REPO_ROOT}/../shared/data/nq-open-oracle.jsonl.gz"}),
+])
+def test_a_group_choice_changes_what_it_names_and_nothing_else(tmp_path, overrides, expected):
+    cfg = OmegaConf.structured(compose_config("train", overrides, tmp_path))
+    defaults = OmegaConf.structured(schema_defaults(tmp_path))
+    changed = {key for key, value in _leaves(OmegaConf.to_container(cfg)) if OmegaConf.select(defaults, key) != value}
+    assert changed == set(expected)
+    for key, value in expected.items():
+        assert OmegaConf.select(cfg, key) == value, key
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes(tmp_path, name):
-    cfg = compose_config("train", [f"experiment={name}"], tmp_path)
-    assert isinstance(cfg, TrainConfig)
-    assert cfg.paths.run_dir == str(tmp_path)
-    # every value the experiment sets is in the composed config (it is a global package, applied last)
+def test_every_experiment_composes_with_what_it_sets(tmp_path, name):
+    cfg = OmegaConf.structured(compose_config("train", [f"experiment={name}"], tmp_path))
     experiment = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
-    composed = OmegaConf.structured(cfg)
-    chosen_groups = {}
-    for entry in experiment.pop("defaults", []):
-        for key, option in (entry.items() if isinstance(entry, dict) or OmegaConf.is_dict(entry) else []):
-            chosen_groups[key.replace("override /", "").strip()] = option
+    experiment.pop("defaults", None)
     for key, value in _leaves(OmegaConf.to_container(experiment, resolve=False)):
-        assert OmegaConf.select(composed, key) == value, key
-    # a group the experiment picks supplies the values the experiment does not set itself
-    for group, option in chosen_groups.items():
-        for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))):
-            full_key = f"{group}.{key}"
-            if OmegaConf.select(experiment, full_key) is None and not str(value).startswith("${"):
-                assert OmegaConf.select(composed, full_key) == value, full_key
+        assert OmegaConf.select(cfg, key) == value, key
+
+
+def test_build_kb_defaults(tmp_path):
+    cfg = compose_config("build_kb", ["kb.source=/data/p.tsv", "index=hnsw", "index.shards=4"], tmp_path)
+    assert (cfg.kb.source, cfg.kb.dir, cfg.index.factory, cfg.index.shards) == ("/data/p.tsv", "kb", "HNSW32", 4)
+    assert cfg.kb.generator_tokenizer.extra_texts == []
+    assert cfg.kb.context_encoder == schema_defaults(tmp_path).kb.context_encoder
 
 
 def _leaves(node, prefix=""):
@@ -151,6 +119,9 @@ def _leaves(node, prefix=""):
         yield prefix[:-1], node
 
 
+# --- refused keys and values ---------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("override, key", [
     ("model.nonexistent=1", "nonexistent"),
     ("model.n_docs=abc", "n_docs"),
@@ -158,13 +129,59 @@ def _leaves(node, prefix=""):
     ("trainer.max_steps=1.5", "max_steps"),
     ("nonexistent_group_key=3", "nonexistent_group_key"),
 ])
-def test_unknown_keys_and_wrong_types_are_refused(tmp_path, override, key):
+def test_hydra_refuses_unknown_keys_and_wrong_types(tmp_path, override, key):
     with pytest.raises(ConfigCompositionException) as error:
         compose_config("train", [override], tmp_path)
     assert key in str(error.value) + str(error.value.__cause__)
 
 
-def test_data_files_without_data_dir_is_refused(tmp_path):
-    """conf/data/files.yaml declares `dir: ???`: a mandatory value, never a silent default."""
-    with pytest.raises(MissingMandatoryValue, match=r"data\.dir"):
-        compose_config("train", ["data=files"], tmp_path)
+@pytest.mark.parametrize("overrides, message", [
+    (["+trainer.max_step=5"], "trainer.max_step: not a setting of trainer; did you mean trainer.max_steps?"),
+    (["+model.question_encoder.pool=cls"], "model.question_encoder.pool: not a setting"),
+    (["model.question_encoder.pooling=maen"], "model.question_encoder.pooling: 'maen' is not one of mean, cls"),
+    (["kb.context_encoder.pooling=first"], "kb.context_encoder.pooling: 'first' is not one of mean, cls"),
+    (["model.kind=rag_paragraph"], "model.kind: 'rag_paragraph' is not one of rag_sequence, rag_token"),
+    (["optim.schedule=cosine"], "optim.schedule: 'cosine' is not one of constant, linear"),
+    (["logger.kind=tensorboard"], "logger.kind: 'tensorboard' is not one of csv, wandb, none"),
+    (["kb.generator_tokenizer.kind=unigram"], "kb.generator_tokenizer.kind: 'unigram' is not one of wordlevel, bpe"),
+    (["data.prepare=squad"], "data.prepare: 'squad' is not one of demo, nq_open, null"),
+    (["stage=launch"], "stage: 'launch' is not one of all, prepare, train"),
+    (["trainer.devices=0"], "trainer.devices: 0 is not a device count >= 1"),
+    (["model.n_docs=0"], "model.n_docs must be >= 1 (got 0)"),
+    (["data.batch_size=0"], "data.batch_size must be >= 1 (got 0)"),
+    (["retrieval.failover_timeout_s=0"], "retrieval.failover_timeout_s must be >= 0.001 (got 0.0)"),
+    (["trainer.checkpoint_every_n_steps=0"], "trainer.checkpoint_every_n_steps must be >= 1 (got 0)"),
+    (["refresh=background", "refresh.every_n_steps=0", "retriever.train_ctx_encoder=true"],
+     "refresh.every_n_steps must be >= 1 (got 0)"),
+    (["refresh=background"], "refresh.every_n_steps is set but retriever.train_ctx_encoder=false"),
+    (["stage=train"], "stage=train needs retrieval.ray_address"),
+    (["data=files"], "data.dir: no folder at"),
+])
+def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message):
+    raw = compose_raw("train", overrides, tmp_path)
+    with pytest.raises(UserError) as error:
+        checked(raw)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("entry, overrides, message", [
+    ("build_kb", ["kb.source=x.tsv", "kb.context_encoder.pooling=maen"], "kb.context_encoder.pooling: 'maen'"),
+    ("build_kb", ["kb.source=x.tsv", "+index.shard=3"],
+     "index.shard: not a setting of index; did you mean index.shards?"),
+    ("evaluate", ["ckpt_path=x.ckpt", "batch_size=0"], "batch_size must be >= 1 (got 0)"),
+    ("evaluate", ["ckpt_path=x.ckpt", "data=files", "data.dir=qa", "data.prepare=squad"], "data.prepare: 'squad'"),
+    ("generate", ["ckpt_path=x.ckpt"], 'give either question="..." or questions=FILE'),
+    ("generate", ["ckpt_path=x.ckpt", "question=hi", "retrieval.num_cpus=0"], "retrieval.num_cpus must be >= 1"),
+    ("export", ["ckpt_path=x.ckpt", "out=o", "+format=onnx"], "format: not a setting of the config"),
+])
+def test_every_entry_point_checks_its_config(tmp_path, entry, overrides, message):
+    with pytest.raises(UserError) as error:
+        checked(compose_raw(entry, overrides, tmp_path))
+    assert message in str(error.value)
+
+
+def test_checked_accepts_every_valid_choice(tmp_path):
+    cfg = compose_config("train", ["model.question_encoder.pooling=cls", "trainer.devices=[0,1]",
+                                   "data=files", f"data.dir={tmp_path}"], tmp_path)
+    assert cfg.model.question_encoder == replace(schema_defaults(tmp_path).model.question_encoder, pooling="cls")
+    assert cfg.trainer.devices == [0, 1] and cfg.data.prepare is None

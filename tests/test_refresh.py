@@ -17,7 +17,9 @@ from conftest import tiny_encoder_config, unique_spec
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModel
 
+from rag_lightning.callbacks.context_encoder_saver import SaveContextEncoder
 from rag_lightning.callbacks.index_refresh import IndexRefresh
+from rag_lightning.callbacks.index_version import IndexVersionCheckpointing
 from rag_lightning.config import (
     GeneratorConfig,
     GeneratorTokenizerConfig,
@@ -231,7 +233,10 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
     module = _tiny_module(spec.kb_dir, spec)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1,
                                   filename="{step}")
-    trainer = _trainer(tmp_path, max_steps=4, callbacks=[IndexRefresh(spec, every_n_steps=2, blocking=True),
+    refresh = IndexRefresh(spec, every_n_steps=2, blocking=True)
+    saver = SaveContextEncoder(tmp_path / "checkpoints" / "context_encoder",
+                               load_encoder_tokenizer(module.context_encoder_cfg))
+    trainer = _trainer(tmp_path, max_steps=4, callbacks=[refresh, IndexVersionCheckpointing(spec, refresh), saver,
                                                          checkpoints])
     trainer.fit(module, datamodule=_datamodule(data_dir, module))
     # refreshes after steps 2 and 4 made versions 1 and 2; steps 3-4 searched version 1
@@ -247,14 +252,15 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
 
     # resuming from step 4 serves version 1 again, and the next step searches it
     resumed = _tiny_module(spec.kb_dir, spec)
-    trainer = _trainer(tmp_path, max_steps=5, callbacks=[])
+    versions = IndexVersionCheckpointing(spec)
+    trainer = _trainer(tmp_path, max_steps=5, callbacks=[versions])
     trainer.fit(resumed, datamodule=_datamodule(data_dir, resumed), ckpt_path=tmp_path / "checkpoints" / "step=4.ckpt")
     assert trainer.global_step == 5
-    assert read_manifest(spec.kb_dir).active_version == 1 and resumed.index_version == 1
+    assert read_manifest(spec.kb_dir).active_version == 1 and versions.version == 1
 
     # a checkpoint whose version was pruned (keep 2: versions 1 and 2) goes on with the active one, saying so
     with caplog.at_level(logging.WARNING):
-        trainer = _trainer(tmp_path, max_steps=3, callbacks=[])
+        trainer = _trainer(tmp_path, max_steps=3, callbacks=[IndexVersionCheckpointing(spec)])
         trainer.fit(_tiny_module(spec.kb_dir, spec), datamodule=_datamodule(data_dir, resumed),
                     ckpt_path=tmp_path / "checkpoints" / "step=2.ckpt")
     assert "index version 0 is no longer on disk" in caplog.text
@@ -262,9 +268,10 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
 
     # ... unless the job refreshes: then that version is made again from the checkpoint's context encoder
     refresh = IndexRefresh(spec, every_n_steps=100)
-    trainer = _trainer(tmp_path, max_steps=3, callbacks=[refresh])
+    versions = IndexVersionCheckpointing(spec, refresh)
+    trainer = _trainer(tmp_path, max_steps=3, callbacks=[refresh, versions])
     module = _tiny_module(spec.kb_dir, spec)
     trainer.fit(module, datamodule=_datamodule(data_dir, module), ckpt_path=tmp_path / "checkpoints" / "step=2.ckpt")
     manifest = read_manifest(spec.kb_dir)
     assert manifest.active_version == 3 and read_version_step(spec.kb_dir, manifest, 3) == 2
-    assert [r.global_step for r in refresh.reports] == [2] and module.index_version == 3
+    assert [r.global_step for r in refresh.reports] == [2] and versions.version == 3

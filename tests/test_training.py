@@ -11,6 +11,7 @@ import ray
 import torch
 from conftest import actor_pid, tiny_encoder_config, unique_spec
 
+from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
 from rag_lightning.config import (
     GeneratorConfig,
     GeneratorTokenizerConfig,
@@ -156,12 +157,13 @@ def test_predict_answers_returns_one_string_per_question(service, kind):
 
 
 def test_lightning_fit_and_test(service, tmp_path):
-    """A real Trainer: configure_optimizers, a few optimizer steps, then test metrics in [0, 1]."""
+    """A real Trainer: configure_optimizers, a few optimizer steps, then test metrics over every test example."""
     module, datamodule, _ = _module_and_batch(service, "rag_token")
     before = [p.detach().clone() for p in module.question_encoder.parameters()]
+    metrics_callback = EvaluationMetrics(N_DOCS)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, default_root_dir=tmp_path)
+                        num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[metrics_callback])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
     assert "train/loss" in trainer.callback_metrics
@@ -170,10 +172,16 @@ def test_lightning_fit_and_test(service, tmp_path):
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     assert set(metrics) == {"test/em", "test/f1", f"test/recall@{N_DOCS}", "test/loss", "test/examples",
                             f"test/gold_recall@{N_DOCS}"}      # the demo data names each question's gold passage
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("test/em", "test/f1", f"test/recall@{N_DOCS}",
-                                                  f"test/gold_recall@{N_DOCS}"))
+    # the metrics are the means of the per-example records, one record per test example
+    records = metrics_callback.scores.records
+    assert metrics["test/examples"] == len(records) == len(datamodule.splits["test"])
+    assert [r["question"] for r in records] == [e.question for e in datamodule.splits["test"].examples]
+    for name in ("em", "f1", f"recall@{N_DOCS}", "loss", f"gold_recall@{N_DOCS}"):
+        assert metrics[f"test/{name}"] == pytest.approx(sum(r["scores"][name] for r in records) / len(records))
+    # gold recall: a record's gold title is among its retrieved titles
+    assert [r["scores"][f"gold_recall@{N_DOCS}"] for r in records] == \
+        [float(any(p["title"] in r["gold_titles"] for p in r["retrieved"])) for r in records]
     assert metrics["test/loss"] > 0
-    assert metrics["test/examples"] == len(datamodule.splits["test"])
 
 
 class KillShardActor(L.Callback):
@@ -185,7 +193,7 @@ class KillShardActor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.after_step:
-            actor = pl_module.retriever.replicas[0][0]
+            actor = pl_module.retrieval_client.replicas[0][0]
             self.killed_pid = actor_pid(actor)
             ray.kill(actor, no_restart=False)
 
@@ -198,4 +206,4 @@ def test_training_goes_on_when_a_shard_actor_dies_mid_training(service, tmp_path
                         num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[killer := KillShardActor(2)])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 4
-    assert killer.killed_pid is not None and actor_pid(module.retriever.replicas[0][0]) != killer.killed_pid
+    assert killer.killed_pid is not None and actor_pid(module.retrieval_client.replicas[0][0]) != killer.killed_pid

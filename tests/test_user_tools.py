@@ -144,7 +144,8 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, tmp_
     # and back: the exported passages and index import as a knowledge base with the same embeddings
     kb_dir = tmp_path / "imported"
     _cli("rag_lightning.build_kb", f"kb.source={out / 'passages'}", f"kb.source_index={out / 'index.faiss'}",
-         f"kb.dir={kb_dir}", "kb.context_encoder.pooling=cls", "kb.context_encoder.normalize=false", f"hydra.run.dir={tmp_path / 'import'}")
+         f"kb.dir={kb_dir}", "kb.context_encoder.pooling=cls", "kb.context_encoder.normalize=false",
+         f"hydra.run.dir={tmp_path / 'import'}")
     original = run_dir / "kb"
     np.testing.assert_array_equal(load_embeddings(kb_dir, read_manifest(kb_dir)),
                                   load_embeddings(original, read_manifest(original)))

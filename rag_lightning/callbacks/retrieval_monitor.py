@@ -1,5 +1,6 @@
 """RetrievalMonitor: retrieval health during training, logged every step.
 
+- retrieval/latency_ms: wall time of the step's search call to the shard actors;
 - index/version: the index version that answered the step's queries;
 - index/staleness: global steps since the encoder weights that made that version;
 - retrieval/id_entropy: entropy of the retrieved passage ids over the last `window` steps,
@@ -26,7 +27,8 @@ def normalized_entropy(ids: np.ndarray) -> float:
 
 
 class RetrievalMonitor(L.Callback):
-    """Logs the index version, its staleness and the retrieved-id entropy from training_step's outputs."""
+    """Logs retrieval latency, the index version, its staleness and the retrieved-id entropy from training_step's
+    outputs."""
 
     def __init__(self, kb_dir: str, window: int):
         self.kb_dir = kb_dir
@@ -37,7 +39,7 @@ class RetrievalMonitor(L.Callback):
         self.recent_ids.append(outputs["retrieved_ids"].ravel())
         version = outputs["index_version"]
         metrics = {"retrieval/id_entropy": normalized_entropy(np.concatenate(self.recent_ids)),
-                   "index/version": float(version)}
+                   "retrieval/latency_ms": outputs["search_ms"], "index/version": float(version)}
         weights_step = self._weights_step(version)
         if weights_step is not None:
             metrics["index/staleness"] = float(trainer.global_step - weights_step)

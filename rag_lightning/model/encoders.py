@@ -52,4 +52,4 @@ def build_encoder(cfg: EncoderConfig, tokenizer: PreTrainedTokenizerBase) -> Tex
         if cfg.num_layers and cfg.num_layers < model.config.num_hidden_layers:
             model.encoder.layer = model.encoder.layer[:cfg.num_layers]
             model.config.num_hidden_layers = cfg.num_layers
-    return TextEncoder(model, cfg.pooling, tokenizer.pad_token_id, cfg.normalize)
+    return TextEncoder(model, cfg.pooling, tokenizer.pad_token_id, tokenizer.sep_token_id, cfg.normalize)

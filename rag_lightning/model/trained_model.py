@@ -14,11 +14,13 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from rag_lightning.callbacks.checkpoints import read_checkpoint
+from rag_lightning.callbacks.index_version import CHECKPOINT_KEY
 from rag_lightning.config import RetrievalConfig
 from rag_lightning.errors import UserError
 from rag_lightning.model.rag_module import RagModule
@@ -29,8 +31,14 @@ from retrieval_workers.service import launch_service, shutdown_service, switch_v
 log = logging.getLogger(__name__)
 
 
-def load_trained_module(ckpt_path: str) -> RagModule:
-    """The checkpoint's RagModule on the CPU, in eval mode (weights loaded with torch's weights_only)."""
+@dataclass
+class TrainedModel:
+    module: RagModule                 # on the CPU, in eval mode
+    index_version: int | None         # the index version it last trained against (None: not recorded)
+
+
+def load_trained_model(ckpt_path: str) -> TrainedModel:
+    """The checkpoint's RagModule (weights loaded with torch's weights_only) and its index version."""
     if not Path(ckpt_path).is_file():
         raise UserError(f"ckpt_path: no checkpoint file at {ckpt_path}")
     checkpoint = read_checkpoint(ckpt_path)
@@ -38,13 +46,12 @@ def load_trained_module(ckpt_path: str) -> RagModule:
         raise UserError(f"ckpt_path: {ckpt_path} is not a checkpoint of rag_lightning.train")
     module = RagModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
-    module.on_load_checkpoint(checkpoint)
-    return module.eval()
+    return TrainedModel(module.eval(), checkpoint.get(CHECKPOINT_KEY))
 
 
-def index_version_to_serve(module: RagModule, manifest: Manifest) -> int:
+def index_version_to_serve(trained: TrainedModel, manifest: Manifest) -> int:
     """The index version the checkpoint last trained against if it is still on disk, else the active one."""
-    version = module.version_to_restore[0] if module.version_to_restore is not None else None
+    version = trained.index_version
     if version is None or version == manifest.active_version:
         return manifest.active_version
     if version not in manifest.kept_versions():
@@ -55,8 +62,9 @@ def index_version_to_serve(module: RagModule, manifest: Manifest) -> int:
 
 
 @contextmanager
-def serving(module: RagModule, retrieval: RetrievalConfig) -> Iterator[int]:
+def serving(trained: TrainedModel, retrieval: RetrievalConfig) -> Iterator[int]:
     """Shard actors of the module's knowledge base, for this process alone; yields the index version they serve."""
+    module = trained.module
     spec = dataclasses.replace(module.service_spec, namespace=retrieval.namespace,
                                name_prefix=f"serve-{os.getpid()}", failover_timeout_s=retrieval.failover_timeout_s)
     owns_ray = not (retrieval.ray_address or os.environ.get(RAY_ADDRESS_ENV))
@@ -65,7 +73,7 @@ def serving(module: RagModule, retrieval: RetrievalConfig) -> Iterator[int]:
     try:
         launch_service(spec)
         manifest = read_manifest(spec.kb_dir)
-        version = index_version_to_serve(module, manifest)
+        version = index_version_to_serve(trained, manifest)
         if version != manifest.active_version:
             switch_version(spec, version)
         module.service_spec = spec

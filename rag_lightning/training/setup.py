@@ -1,0 +1,62 @@
+"""What a training job sets up before its Trainer: the QA data, the knowledge base, Ray and the shard actors.
+
+Only the first process of `stage=all` (and `stage=prepare`) prepares the data, builds or
+checks the knowledge base and launches the actors (idempotently); every other process
+(DDP ranks, `stage=train` under SLURM) reads what it made and attaches to the same cluster.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rag_lightning.config import TrainConfig
+from rag_lightning.data.prepare import prepare_data
+from rag_lightning.data.qa_files import read_split
+from rag_lightning.errors import UserError
+from rag_lightning.kb.build import build_knowledge_base
+from retrieval_workers.kb_store import Manifest, read_manifest
+from retrieval_workers.ray_runtime import connect
+from retrieval_workers.refresh import launch_refresher
+from retrieval_workers.service import launch_service
+from retrieval_workers.types import RefreshSpec, ServiceSpec
+
+
+def process_rank() -> int:
+    """This process's global rank as its launcher set it: torchrun's RANK, srun's SLURM_PROCID, or the
+    LOCAL_RANK Lightning's DDP launcher gives the processes it starts; 0 for a plain `python` process."""
+    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return 0
+
+
+def service_spec(cfg: TrainConfig) -> ServiceSpec:
+    """The job's shard actors: enough for any of its processes to attach to them."""
+    return ServiceSpec(kb_dir=str(Path(cfg.kb.dir).resolve()), num_shards=cfg.index.shards,
+                       num_replicas=cfg.index.replicas, namespace=cfg.retrieval.namespace,
+                       omp_threads=cfg.index.omp_threads, actor_cpus=cfg.retrieval.actor_cpus,
+                       search_params=cfg.index.search_params,
+                       failover_timeout_s=cfg.retrieval.failover_timeout_s)
+
+
+def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
+    """Data and knowledge base checked or built, the job's Ray cluster attached or started, the actors running."""
+    first = cfg.stage != "train" and process_rank() == 0
+    if first:
+        prepare_data(cfg.data)
+    for split in ("train", "val", "test"):
+        read_split(cfg.data.dir, split)          # every QA file checked before the expensive work
+    manifest = build_knowledge_base(cfg.kb, cfg.index) if first else read_manifest(cfg.kb.dir)
+    if cfg.model.n_docs > manifest.num_passages:
+        raise UserError(f"model.n_docs={cfg.model.n_docs} is larger than the knowledge base "
+                        f"({manifest.num_passages} passages in {cfg.kb.dir})")
+    connect(cfg.retrieval.ray_address, namespace=spec.namespace, host=cfg.retrieval.host,
+            dashboard=cfg.retrieval.dashboard, num_cpus=cfg.retrieval.num_cpus,
+            temp_dir=cfg.retrieval.temp_dir)
+    if first:
+        launch_service(spec)
+        if cfg.refresh.every_n_steps is not None:
+            launch_refresher(spec, RefreshSpec(num_workers=cfg.refresh.workers, worker_cpus=cfg.refresh.worker_cpus,
+                                               worker_gpus=cfg.refresh.worker_gpus, batch_size=cfg.refresh.batch_size,
+                                               keep_versions=cfg.refresh.keep_versions))
+    return manifest
