@@ -129,7 +129,7 @@ def encoder_config(tok_dir: Path) -> EncoderConfig:
 def build_kb(kb_file: Path, tok_dir: Path, kb_dir: Path, factory: str = INDEX_FACTORY) -> None:
     kb = KBConfig(source=str(kb_file), dir=str(kb_dir), words_per_passage=100,   # 60-word passages stay whole
                   context_encoder=encoder_config(tok_dir),
-                  generator_tokenizer=GeneratorTokenizerConfig(path=str(tok_dir)))
+                  generator_tokenizer=GeneratorTokenizerConfig(path=str(tok_dir), extra_texts=[]))
     build_knowledge_base(kb, IndexConfig(factory=factory, shards=SHARDS, replicas=REPLICAS))
 
 

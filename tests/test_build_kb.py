@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_kb_config, write_documents
+from helpers import tiny_kb_config, write_documents
 
 import rag_lightning.kb.build as build_kb_module
 import retrieval_workers.kb_store as kb_store

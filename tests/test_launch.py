@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import ray
-from conftest import REPO_ROOT, TEST_NAMESPACE, unique_spec
+from helpers import REPO_ROOT, TEST_NAMESPACE, unique_spec
 
 from retrieval_workers.kb_store import load_embeddings, read_manifest
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import tiny_encoder_config, unique_spec
+from helpers import tiny_encoder_config, unique_spec
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModel
 

@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 import ray
-from conftest import tiny_kb_config, unique_spec, write_documents
+from helpers import tiny_kb_config, unique_spec, write_documents
 
 from rag_lightning.config import IndexConfig
 from rag_lightning.kb.build import build_knowledge_base

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import actor_pid, tiny_encoder_config, unique_spec
+from helpers import actor_pid, tiny_encoder_config, unique_spec
 
 from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
 from rag_lightning.config import (

@@ -15,13 +15,11 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, cli_env, write_documents
+from helpers import REPO_ROOT, TINY_KB_ENCODER, cli_env, write_documents
 
 from retrieval_workers.index_shard import IndexShard
 from retrieval_workers.kb_store import load_embeddings, read_manifest
 
-TINY_KB_ENCODER = ["kb.context_encoder.pretrained=null", "kb.context_encoder.hidden_size=32",
-                   "kb.context_encoder.num_layers=1", "kb.context_encoder.num_heads=2"]
 # MiniLM with [CLS] pooling and no normalisation on both sides: exportable (transformers' DPR question encoder
 # returns the [CLS] vector as it is), and pretrained, so different questions retrieve different passages
 EXPORTABLE = ["model.question_encoder.pretrained=minilm", "model.question_encoder.num_layers=0",

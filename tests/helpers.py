@@ -1,0 +1,80 @@
+"""What tests share besides fixtures: tiny configs, made-up documents, unique actor names, the CLI environment.
+
+Everything is small on purpose (tests run on 2 CPU cores beside other jobs): a random
+1-layer encoder of width 32, a word-level generator vocabulary trained on the KB, a few
+dozen passages.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import ray
+
+from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, KBConfig
+from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV
+from retrieval_workers.types import ServiceSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_NAMESPACE = "rag_lightning_tests"
+TINY_DIM = 32
+# the same tiny random encoders and generator as command-line overrides
+TINY_KB_ENCODER = ["kb.context_encoder.pretrained=null", f"kb.context_encoder.hidden_size={TINY_DIM}",
+                   "kb.context_encoder.num_layers=1", "kb.context_encoder.num_heads=2"]
+TINY_MODEL = ["model.question_encoder.pretrained=null", f"model.question_encoder.hidden_size={TINY_DIM}",
+              "model.question_encoder.num_layers=1", "model.question_encoder.num_heads=2",
+              "model.generator.d_model=32", "model.generator.layers=1", "model.generator.heads=2",
+              "model.generator.ffn_dim=64"]
+_WORDS = [f"{a}{b}" for a, b in itertools.product(["ka", "lo", "mi", "nu", "pe", "ro", "si", "tu"],
+                                                  ["bar", "cel", "dun", "fim", "gor", "hap"])]
+_prefixes = itertools.count()
+
+
+def tiny_encoder_config() -> EncoderConfig:
+    """A random BERT encoder (MiniLM's tokenizer, loaded offline) small enough to run in milliseconds."""
+    return EncoderConfig(pretrained=None, hidden_size=TINY_DIM, num_layers=1, num_heads=2, max_length=48)
+
+
+def write_documents(path: Path, num_docs: int, words_per_doc: int = 24, seed: int = 0) -> list[dict]:
+    """A JSONL knowledge-base source of made-up documents; returns the rows written."""
+    rng = random.Random(seed)
+    rows = [{"title": f"doc {seed}-{d}", "text": " ".join(rng.choice(_WORDS) for _ in range(words_per_doc))}
+            for d in range(num_docs)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def tiny_kb_config(source: Path, kb_dir: Path, words_per_passage: int = 8, **overrides) -> KBConfig:
+    return KBConfig(source=str(source), dir=str(kb_dir), words_per_passage=words_per_passage,
+                    max_passage_tokens=40, context_encoder=tiny_encoder_config(),
+                    generator_tokenizer=GeneratorTokenizerConfig(vocab_size=1000, extra_texts=[]),
+                    encode_batch_size=16, **overrides)
+
+
+def unique_spec(kb_dir: Path, shards: int, replicas: int, **kwargs) -> ServiceSpec:
+    """A ServiceSpec whose actor names no other test (or a job running beside the tests) uses."""
+    return ServiceSpec(kb_dir=str(Path(kb_dir).resolve()), num_shards=shards, num_replicas=replicas,
+                       namespace=TEST_NAMESPACE, name_prefix=f"t{os.getpid()}-{next(_prefixes)}", **kwargs)
+
+
+def actor_pid(actor) -> int:
+    """The actor's process id, once it answers (calls that meet a restart fail, so they are repeated)."""
+    for _ in range(300):
+        try:
+            return ray.get(actor.__ray_call__.remote(lambda instance: os.getpid()), timeout=120)
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.2)
+    raise AssertionError("the actor did not come back")
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for CLI subprocesses: no inherited Ray address, short Hydra errors, offline hubs."""
+    env = {k: v for k, v in os.environ.items() if k not in (RAY_ADDRESS_ENV, "HYDRA_FULL_ERROR", "RAY_ADDRESS")}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    return env
