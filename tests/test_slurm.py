@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
