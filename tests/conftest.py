@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import TEST_NAMESPACE, cli_env, tiny_kb_config, write_documents
 
 from rag_lightning.config import IndexConfig
 from rag_lightning.kb.build import build_knowledge_base
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
+
+from helpers import TEST_NAMESPACE, cli_env, tiny_kb_config, write_documents
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_kb_config, write_documents
 
 import rag_lightning.kb.build as build_kb_module
 import retrieval_workers.kb_store as kb_store
@@ -23,6 +22,8 @@ from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.encoding import encode_token_ids
 from retrieval_workers.index_shard import IndexShard
 from retrieval_workers.kb_store import MANIFEST, PassageTable, load_embeddings, read_manifest, sha256_file, verify_file
+
+from helpers import tiny_kb_config, write_documents
 
 
 def _assert_kb_whole(kb_dir: Path):

@@ -6,10 +6,11 @@ import time
 import numpy as np
 import pytest
 import ray
-from helpers import actor_pid, unique_spec
 
 from retrieval_workers.kb_store import load_embeddings, read_manifest
 from retrieval_workers.service import RetrievalClient, ShardUnavailable, launch_service, shutdown_service
+
+from helpers import actor_pid, unique_spec
 
 
 @pytest.fixture

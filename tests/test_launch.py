@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 import ray
-from helpers import REPO_ROOT, TEST_NAMESPACE, unique_spec
 
 from retrieval_workers.kb_store import load_embeddings, read_manifest
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
+
+from helpers import REPO_ROOT, TEST_NAMESPACE, unique_spec
 
 
 def _launch(address: str, spec, *extra: str, env=None) -> subprocess.CompletedProcess:

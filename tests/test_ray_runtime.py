@@ -11,6 +11,7 @@ import tempfile
 
 import psutil
 import ray  # noqa: F401  (puts Ray's bundled psutil, ray/thirdparty_files, on the path)
+
 from helpers import REPO_ROOT
 
 # Started in a subprocess: the test session already runs a Ray of its own. It runs one task, so a worker

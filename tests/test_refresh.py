@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import ray
 import torch
-from helpers import tiny_encoder_config, unique_spec
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModel
 
@@ -39,6 +38,8 @@ from retrieval_workers.kb_store import MANIFEST, PassageTable, load_embeddings, 
 from retrieval_workers.refresh import encoder_name, launch_refresher, shutdown_refresher
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.types import RefreshSpec
+
+from helpers import tiny_encoder_config, unique_spec
 
 
 def _knowledge_base(tmp_path: Path, num_entities: int, shards: int) -> tuple[Path, Path]:

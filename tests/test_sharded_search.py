@@ -7,13 +7,14 @@ import faiss
 import numpy as np
 import pytest
 import ray
-from helpers import tiny_kb_config, unique_spec, write_documents
 
 from rag_lightning.config import IndexConfig
 from rag_lightning.kb.build import build_knowledge_base
 from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.types import PAD_TOKEN
+
+from helpers import tiny_kb_config, unique_spec, write_documents
 
 NUM_DOCS = 15            # 24 words each, 8 words a passage -> 45 passages
 NUM_PASSAGES = 45

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+
 from helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -68,8 +70,10 @@ def test_sbatch_trains_and_writes_results(slurm_cluster, tmp_path, subprocess_en
     assert _job_field(job, "JobState") == "COMPLETED", log.read_text()[-3000:]
 
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["train/steps"] == 6 and results["train/resumed_from"] is None
-    assert 0.0 <= results["test/em"] <= 1.0 and results["test/examples"] == 4
+    tiny = OmegaConf.load(REPO_ROOT / "conf" / "experiment" / "tiny.yaml")
+    assert results["train/steps"] == tiny.trainer.max_steps and results["train/resumed_from"] is None
+    assert results["best_checkpoint"].startswith(str(run_dir / "checkpoints" / "best-step"))
+    assert results["test/examples"] == results["initial/examples"] > 0
     output = log.read_text()
     assert f"job {job} (restart 0)" in output
     assert f"python {Path(sys.executable).parent / 'python'}" in output   # the submitting environment's python

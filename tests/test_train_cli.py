@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT
 from omegaconf import OmegaConf
+
+from helpers import REPO_ROOT
 
 TINY = OmegaConf.load(REPO_ROOT / "conf" / "experiment" / "tiny.yaml")
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import ray
 import torch
-from helpers import actor_pid, tiny_encoder_config, unique_spec
 
 from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
 from rag_lightning.config import (
@@ -27,6 +26,8 @@ from rag_lightning.kb.build import build_knowledge_base
 from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.service import launch_service, shutdown_service
+
+from helpers import actor_pid, tiny_encoder_config, unique_spec
 
 N_DOCS = 2
 BATCH = 4

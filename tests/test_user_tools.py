@@ -15,10 +15,11 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, TINY_KB_ENCODER, cli_env, write_documents
 
 from retrieval_workers.index_shard import IndexShard
 from retrieval_workers.kb_store import load_embeddings, read_manifest
+
+from helpers import REPO_ROOT, TINY_KB_ENCODER, cli_env, write_documents
 
 # MiniLM with [CLS] pooling and no normalisation on both sides: exportable (transformers' DPR question encoder
 # returns the [CLS] vector as it is), and pretrained, so different questions retrieve different passages

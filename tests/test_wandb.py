@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO_ROOT
 from wandb_log import config_values, history_keys, read_records
+
+from helpers import REPO_ROOT
 
 SECRET = "0123456789abcdef0123456789abcdef01234567"      # a made-up API key (40 hex digits, as W&B's)
 
