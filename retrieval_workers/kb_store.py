@@ -105,17 +105,23 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 def staged_directory(final: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside `final`; once filled, it replaces `final` in one rename.
 
-    Only for folders this package owns (a KB's version or tokenizer folder), never a user's path.
+    If the body raises (a signal turned into an exception included), the staging folder is removed and
+    nothing is renamed. Only for folders this package owns (a KB's version or tokenizer folder),
+    never a user's path.
     """
     final = Path(final)
     staging = final.with_name(f".{final.name}.staging")
     if staging.exists():
-        shutil.rmtree(staging)       # our own leftover from an interrupted build
+        shutil.rmtree(staging)       # our own leftover from a process killed outright (SIGKILL)
     staging.mkdir(parents=True)
-    yield staging
-    if final.exists():
-        shutil.rmtree(final)         # an uncommitted folder of ours, never one the manifest points to
-    staging.rename(final)
+    try:
+        yield staging
+        if final.exists():
+            shutil.rmtree(final)     # an uncommitted folder of ours, never one the manifest points to
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_version_info(version_dir: Path, version: int, global_step: int) -> None:
@@ -208,7 +214,8 @@ def verify_file(kb_dir: str | Path, manifest: Manifest, relative: str) -> Path:
     if not path.is_file():
         raise KnowledgeBaseError(f"{path}: missing (listed in {Path(kb_dir) / MANIFEST})")
     if sha256_file(path) != expected:
-        raise KnowledgeBaseError(f"{path}: checksum mismatch, the file is truncated or corrupted; rebuild the knowledge base")
+        raise KnowledgeBaseError(f"{path}: checksum mismatch, the file is truncated or corrupted; rebuild the "
+                                 "knowledge base")
     return path
 
 

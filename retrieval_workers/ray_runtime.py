@@ -2,43 +2,97 @@
 
 The process that starts Ray records the address in RAY_ADDRESS_ENV so every other process
 of the job (DDP ranks re-executed by Lightning, subprocesses) attaches to the same cluster.
+Ray is imported where it is used, so that config checks can use check_reachable (and catch
+RayUnreachable) in commands that never start Ray without the cost of importing it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import ray
-from ray._private import ray_constants
-
 RAY_ADDRESS_ENV = "RAG_LIGHTNING_RAY_ADDRESS"
 LOOPBACK = ("127.0.0.1", "localhost")
+RAY_CLIENT_PORT = 10001          # the port of a ray://host address without one
+REACH_TIMEOUT_S = 5.0
 log = logging.getLogger(__name__)
+
+
+class RayUnreachable(ConnectionError):
+    """Nothing answers at a Ray address this process was told to attach to; the message names the address.
+
+    `setting` names where the address came from when that was not the caller's own argument (the
+    environment variable RAY_ADDRESS_ENV); None when it was the argument, which callers name after their
+    own setting (rag_lightning: retrieval.ray_address).
+    """
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_reachable(address: str, setting: str | None = None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Raise RayUnreachable unless something accepts a TCP connection at the address's host:port.
+
+    ray.init(address=...) on an address where nothing listens retries for minutes without a word (and,
+    blocked in Ray's C++ client, lets no signal handler run); this answers within timeout_s. Ray's own
+    words for "find the address yourself", `auto` and `local`, are left to Ray.
+    """
+    if address in ("auto", "local"):
+        return
+    scheme, _, rest = address.rpartition("://")
+    host, colon, port = rest.rpartition(":")
+    if not colon and scheme == "ray":
+        host, port = rest, str(RAY_CLIENT_PORT)
+    host = host.strip("[]")             # an IPv6 address: [::1]:6379
+    if scheme not in ("", "ray") or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RayUnreachable(f"{address!r} is not a Ray address: give the cluster's GCS address HOST:PORT "
+                             "(or ray://HOST:PORT for a Ray client server), or null to start a local Ray", setting)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = (f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError)
+                  else e.strerror or str(e) or type(e).__name__)
+        start = "" if scheme else f" (`ray start --head --port {port}`)"
+        raise RayUnreachable(f"no Ray cluster answers at {address} ({reason}); start one there{start}, give the "
+                             "address of a running one, or null to start a local Ray", setting) from None
 
 
 def connect(address: str | None = None, namespace: str = "rag_lightning", host: str = "127.0.0.1",
             dashboard: bool = False, num_cpus: int | None = None, temp_dir: str | None = None) -> str:
     """Attach to `address` (or the job's address from the environment), else start a local Ray.
 
-    A local Ray binds to `host` (loopback by default: its GCS, raylet, agents and workers then
-    listen on 127.0.0.1 only) with the dashboard off, keeps its session files in `temp_dir`
+    An address is first checked to answer (RayUnreachable if nothing does, within seconds); an address
+    given as the argument is checked even when this process is attached already, so it is never
+    silently ignored. A local Ray binds to `host` (loopback by default: its GCS, raylet, agents and
+    workers then listen on 127.0.0.1 only) with the dashboard off, keeps its session files in `temp_dir`
     (default: /tmp/ray_<SLURM job id, else pid>, short for Ray's socket paths) and takes free
     ports, so two jobs on one node never share a cluster. Its workers' output stays in the
-    session's logs folder instead of this process's stderr. Returns the cluster address, which
-    is also exported for child processes.
+    session's logs folder instead of this process's stderr. A SIGTERM handler the process installed
+    itself is kept (see _keep_sigterm_handler). Returns the cluster address, which is also exported
+    for child processes.
     """
-    address = address or os.environ.get(RAY_ADDRESS_ENV)
+    import ray
+
+    if address:
+        check_reachable(address)
     if not ray.is_initialized():
+        if not address and os.environ.get(RAY_ADDRESS_ENV):
+            address = os.environ[RAY_ADDRESS_ENV]
+            check_reachable(address, setting=RAY_ADDRESS_ENV)
         if address:
-            with _single_node_ray(address.rpartition(":")[0] in LOOPBACK):
+            with _single_node_ray(address.rpartition(":")[0] in LOOPBACK), _keep_sigterm_handler():
                 ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
                          log_to_driver=False)
         else:
             log.info("starting a local Ray on %s (dashboard %s)", host, "on" if dashboard else "off")
             loopback = host in LOOPBACK
-            with _single_node_ray(loopback):
+            with _single_node_ray(loopback), _keep_sigterm_handler():
                 ray.init(namespace=namespace, num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
                          _node_ip_address="127.0.0.1" if loopback else host,
                          _temp_dir=temp_dir or default_temp_dir(), logging_level=logging.WARNING,
@@ -59,12 +113,43 @@ def _single_node_ray(enabled: bool) -> Iterator[None]:
     it waits for a node of its routable IP that never comes. The flag is switched only for the
     ray.init call, so the process may still attach to a multi-node cluster by its real IP.
     """
+    from ray._private import ray_constants
+
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = saved and not enabled
     try:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+@contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Keep a SIGTERM handler the process installed itself across ray.init.
+
+    ray.init replaces SIGTERM's handler: with sys.exit(15) in a driver, and with one that kills the
+    processes of a Ray it started and exits 1. rag_lightning's commands install a handler that turns
+    the signal into an exception, so their cleanup runs on the way out (removing unfinished files and
+    shutting down the Ray they started, which kills its processes), and report the stop in one line;
+    Ray's handlers would end the process with neither. So while ray.init runs, Ray's setter is a no-op,
+    and the handler is put back afterwards in any case. The default handler (no handler installed) is
+    left to Ray as before. Only the main thread can set handlers.
+    """
+    from ray._private import utils as ray_utils
+
+    saved = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(saved):
+        yield
+        return
+    setter = getattr(ray_utils, "set_sigterm_handler", None)
+    if setter is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        if setter is not None:
+            ray_utils.set_sigterm_handler = setter
+        signal.signal(signal.SIGTERM, saved)
 
 
 def default_temp_dir() -> str:

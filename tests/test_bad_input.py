@@ -1,35 +1,50 @@
 """Bad files, rows and config values: one clear message naming the file and line or the key, a non-zero exit,
-no traceback, and nothing written before changed. Each case runs the real command line in a subprocess; user
-errors are found before Ray or training start, so these are quick (only a damaged index of an existing knowledge
-base, found by the shard actors, and a checkpoint of another model config, found once the model is built, come
-after Ray has started)."""
+no traceback, and nothing written before changed; and a stop signal: one line, exit code 128 + its number, no
+file left behind.
+
+Most cases call the command's entry point in this process (its Hydra `main()`, with sys.argv patched), which
+composes the config, runs Hydra's callbacks and reports exactly as the command line does, without starting an
+interpreter and importing torch, Lightning and transformers again for each case. The process boundary is still
+tested: each command (train, build_kb, evaluate, generate, export) has at least one case that runs the real
+command line in a subprocess, and so do the cases that get past the checks and start Ray or build a model beside
+it (a damaged index found by the shard actors, a checkpoint of another model config, a question encoder of
+another dimension), whose Ray and Lightning state would outlive the call in this process, and the signal tests,
+which signal a real process.
+"""
 from __future__ import annotations
 
+import importlib
 import json
+import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-from conftest import cli_env
+from hydra.core.global_hydra import GlobalHydra
 
-from retrieval_workers.kb_store import MANIFEST, sha256_file
+from retrieval_workers.kb_store import MANIFEST, PassageTable, read_manifest, sha256_file, verify_file
 
-TINY_KB_ENCODER = ["kb.context_encoder.pretrained=null", "kb.context_encoder.hidden_size=32",
-                   "kb.context_encoder.num_layers=1", "kb.context_encoder.num_heads=2"]
-TINY_MODEL = ["model.question_encoder.pretrained=null", "model.question_encoder.hidden_size=32",
-              "model.question_encoder.num_layers=1", "model.question_encoder.num_heads=2",
-              "model.generator.d_model=32", "model.generator.layers=1", "model.generator.heads=2",
-              "model.generator.ffn_dim=64"]
+from helpers import TINY_KB_ENCODER, TINY_MODEL, cli_env
+
 QA_ROWS = [{"question": "where does ana live ?", "answers": ["paris"]},
            {"question": "where does bo live ?", "answers": ["rome"]},
            {"question": "where does cy live ?", "answers": ["oslo"]}]
 KB_ROWS = [{"title": "ana", "text": "ana lives in paris ."},
            {"title": "bo", "text": "bo lives in rome ."},
            {"title": "cy", "text": "cy lives in oslo ."}]
+UNREACHABLE_RAY = "127.0.0.1:1"        # port 1: nothing listens there
+# Imported now, not first inside a case: a logging handler that a library creates when imported (Lightning's)
+# writes to the sys.stderr of that moment, which in a case is that case's capture, closed after it.
+COMMANDS = {module: importlib.import_module(module) for module in (
+    "rag_lightning.train", "rag_lightning.build_kb", "rag_lightning.evaluate", "rag_lightning.generate",
+    "rag_lightning.export")}
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -47,24 +62,87 @@ def _qa_dir(root: Path) -> Path:
     return data
 
 
-def _run(module: str, overrides: list[str], cwd: Path, env: dict, run_dir: Path | None = None
-         ) -> subprocess.CompletedProcess:
+# --- running a command: in this process, or as a real command line -------------------------------------------
+
+
+def _argv(overrides: list[str], cwd: Path, run_dir: Path | None) -> list[str]:
+    return [*overrides, f"hydra.run.dir={run_dir or cwd / 'run'}"]
+
+
+def _subprocess(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None
+                ) -> subprocess.CompletedProcess:
     # the timeout only guards against a hang; nothing is asserted about time
-    return subprocess.run([sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir or cwd / 'run'}"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", module, *_argv(overrides, cwd, run_dir)], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
 
 
-def _train(overrides, cwd, env, run_dir=None):
-    return _run("rag_lightning.train", overrides, cwd, env, run_dir)
+def _call_main(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None) -> int:
+    """Run the command's Hydra main() in this process as `python -m module ...` would; returns its exit code.
+
+    The environment is the command line's (cli_env), with HYDRA_MAIN_MODULE=__main__: Hydra then finds the config
+    folder from main's file, as for `python -m` (by the module's name it would look for a package `conf`). What a
+    run sets up that would outlive it here is undone: the environment (the command sets variables too, e.g.
+    Lightning's seed), Hydra's global state (cleared by Hydra itself after a run, and here before one) and the
+    root logger's handlers (Hydra's logging config replaces them with its console and run-dir log file). An
+    exception that is not a SystemExit propagates: the command line would have shown its traceback.
+    """
+    entry = COMMANDS[module]
+    environment, command_line = dict(os.environ), {**cli_env(), "HYDRA_MAIN_MODULE": "__main__"}
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    GlobalHydra.instance().clear()
+    os.environ.clear()
+    os.environ.update(command_line)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [entry.__file__, *_argv(overrides, cwd, run_dir)])
+        patch.chdir(cwd)
+        try:
+            entry.main()
+            return 0
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            os.environ.clear()
+            os.environ.update(environment)
+            for handler in set(root.handlers) - set(handlers):
+                handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
 
 
-def _build_kb(overrides, cwd, env):
-    return _run("rag_lightning.build_kb", [*TINY_KB_ENCODER, *overrides], cwd, env)
+@pytest.fixture
+def run(capfd):
+    """run(module, overrides, cwd, run_dir=None): the command in this process, as a CompletedProcess with its
+    exit code and what it wrote to stdout and stderr."""
+    def run(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        code = _call_main(module, overrides, cwd, run_dir)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([module, *overrides], code, out, err)
+    return run
+
+
+@pytest.fixture
+def cli():
+    """cli(module, overrides, cwd, run_dir=None): the real command line, in a subprocess."""
+    return _subprocess
+
+
+def _train(run, overrides, cwd, run_dir=None):
+    return run("rag_lightning.train", overrides, cwd, run_dir)
+
+
+def _build_kb(run, overrides, cwd):
+    return run("rag_lightning.build_kb", [*TINY_KB_ENCODER, *overrides], cwd)
 
 
 def _assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
     """Exit code 2, exactly one `error:` line on stderr holding every fragment, no traceback anywhere."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    return _assert_one_error_line(proc, *fragments)
+
+
+def _assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
@@ -78,27 +156,33 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _entries(folder: Path) -> list[str]:
+    """Every file and folder under folder (an empty staging folder too)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
 @pytest.fixture(scope="module")
 def built_kb(tmp_path_factory) -> tuple[Path, Path]:
     """(data dir, knowledge base dir): a valid data dir and its 3-passage KB in one shard, built once by the
-    build_kb command line with the settings `_train_on_a_copy_of` trains with, so training reuses it."""
+    build_kb command with the settings `_train_on_a_copy_of` trains with, so training reuses it."""
     root = tmp_path_factory.mktemp("built")
     data = _qa_dir(root)
-    proc = _build_kb([f"kb.source={data / 'kb.jsonl'}", f"kb.dir={root / 'kb'}", "index.shards=1"], root, cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = _call_main("rag_lightning.build_kb", [*TINY_KB_ENCODER, f"kb.source={data / 'kb.jsonl'}",
+                                                 f"kb.dir={root / 'kb'}", "index.shards=1"], root)
+    assert code == 0
     return data, root / "kb"
 
 
-def _build_over_a_copy_of(built_kb, tmp_path: Path, env: dict, source: Path) -> subprocess.CompletedProcess:
+def _build_over_a_copy_of(built_kb, tmp_path: Path, run, source: Path) -> subprocess.CompletedProcess:
     """Run build_kb from `source` into a copy of the built knowledge base; checks the copy is left as it was."""
     kb = Path(shutil.copytree(built_kb[1], tmp_path / "kb"))
     before = _files(kb)
-    proc = _build_kb([f"kb.source={source}", f"kb.dir={kb}", "index.shards=1"], tmp_path, env)
+    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={kb}", "index.shards=1"], tmp_path)
     assert _files(kb) == before, "a refused build must leave the existing knowledge base as it was"
     return proc
 
 
-def _train_on_a_copy_of(built_kb, tmp_path: Path, env: dict, damage) -> tuple[Path, subprocess.CompletedProcess]:
+def _train_on_a_copy_of(built_kb, tmp_path: Path, run, damage) -> tuple[Path, subprocess.CompletedProcess]:
     """Train on a copy of the built knowledge base after damage(kb dir); checks the run changed nothing in it.
 
     The copy keeps the source file where it was, so the build's fingerprint matches and training reuses it.
@@ -107,9 +191,9 @@ def _train_on_a_copy_of(built_kb, tmp_path: Path, env: dict, damage) -> tuple[Pa
     kb = Path(shutil.copytree(built, tmp_path / "kb"))
     damage(kb)
     before = _files(kb)
-    proc = _train(["data=files", f"data.dir={data}", f"kb.source={data / 'kb.jsonl'}", f"kb.dir={kb}",
-                   "kb.generator_tokenizer.extra_texts=[]", "index.shards=1", "model.n_docs=2", *TINY_KB_ENCODER,
-                   *TINY_MODEL], tmp_path, env)
+    proc = _train(run, ["data=files", f"data.dir={data}", f"kb.source={data / 'kb.jsonl'}", f"kb.dir={kb}",
+                        "kb.generator_tokenizer.extra_texts=[]", "index.shards=1", "model.n_docs=2",
+                        *TINY_KB_ENCODER, *TINY_MODEL], tmp_path)
     assert _files(kb) == before, "training must neither rebuild nor change the knowledge base"
     assert not (tmp_path / "run" / "results.json").exists()
     return kb, proc
@@ -126,60 +210,63 @@ def _assert_config_error(proc: subprocess.CompletedProcess, *fragments: str) -> 
 # --- files and rows -----------------------------------------------------------------------------------------
 
 
-def test_missing_kb_source_file(tmp_path, subprocess_env):
+@pytest.mark.parametrize("runner", ["run", "cli"])
+def test_missing_kb_source_file(tmp_path, request, runner):
+    """Also on the real command line: build_kb's process boundary."""
     missing = tmp_path / "nowhere" / "passages.tsv"
-    proc = _build_kb([f"kb.source={missing}", f"kb.dir={tmp_path / 'kb'}"], tmp_path, subprocess_env)
+    proc = _build_kb(request.getfixturevalue(runner), [f"kb.source={missing}", f"kb.dir={tmp_path / 'kb'}"],
+                     tmp_path)
     _assert_user_error(proc, "kb.source", str(missing), "not found")
     assert not (tmp_path / "kb" / "manifest.json").exists()
 
 
-def test_missing_qa_files(tmp_path, subprocess_env):
+def test_missing_qa_files(tmp_path, run):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = _train(["data=files", f"data.dir={empty}", *TINY_KB_ENCODER], tmp_path, subprocess_env)
+    proc = _train(run, ["data=files", f"data.dir={empty}", *TINY_KB_ENCODER], tmp_path)
     _assert_user_error(proc, "data.dir", "train.jsonl", str(empty))
 
 
-def test_malformed_kb_jsonl_row(tmp_path, subprocess_env):
+def test_malformed_kb_jsonl_row(tmp_path, run):
     source = _write_jsonl(tmp_path / "kb.jsonl", [*KB_ROWS[:2], '{"title": "cy", "text": "cy lives in', KB_ROWS[2]])
-    proc = _build_kb([f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}"], tmp_path, subprocess_env)
+    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}"], tmp_path)
     _assert_user_error(proc, f"{source}:3:", "not valid JSON")
 
 
-def test_kb_row_without_text(tmp_path, subprocess_env):
+def test_kb_row_without_text(tmp_path, run):
     source = _write_jsonl(tmp_path / "kb.jsonl", [KB_ROWS[0], {"title": "bo"}, KB_ROWS[2]])
-    proc = _build_kb([f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}"], tmp_path, subprocess_env)
+    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}"], tmp_path)
     _assert_user_error(proc, f"{source}:2:", "'text'")
 
 
-def test_malformed_kb_tsv_row(tmp_path, subprocess_env):
+def test_malformed_kb_tsv_row(tmp_path, run):
     source = tmp_path / "passages.tsv"
     source.write_text("title\ttext\nana\tana lives in paris .\nbo\tbo lives\tin rome .\ncy\tcy lives in oslo .\n")
-    proc = _build_kb([f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}"], tmp_path, subprocess_env)
+    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}"], tmp_path)
     _assert_user_error(proc, f"{source}:3:", "expected 2 fields, found 3")
 
 
-def test_kb_source_not_utf8(tmp_path, subprocess_env):
+def test_kb_source_not_utf8(tmp_path, run):
     source = tmp_path / "kb.jsonl"
     source.write_bytes(b'{"title": "a", "text": "fine"}\n{"title": "b", "text": "caf\xe9"}\n')
-    proc = _build_kb([f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}"], tmp_path, subprocess_env)
+    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}"], tmp_path)
     _assert_user_error(proc, f"{source}:2:", "UTF-8")
 
 
 @pytest.mark.parametrize("content", ["", "\n  \n\n"], ids=["no-rows", "blank-lines"])
-def test_empty_kb_source(tmp_path, subprocess_env, built_kb, content):
+def test_empty_kb_source(tmp_path, run, built_kb, content):
     source = tmp_path / "kb.jsonl"
     source.write_text(content)
-    proc = _build_over_a_copy_of(built_kb, tmp_path, subprocess_env, source)
+    proc = _build_over_a_copy_of(built_kb, tmp_path, run, source)
     _assert_user_error(proc, str(source), "no documents")
 
 
-def test_duplicate_document_in_kb_source(tmp_path, subprocess_env, built_kb):
+def test_duplicate_document_in_kb_source(tmp_path, run, built_kb):
     """The same title and text twice is refused, naming both lines; the same title with another text (line 4: a
     further passage of one article) is not."""
     source = _write_jsonl(tmp_path / "kb.jsonl", [*KB_ROWS, {"title": "ana", "text": "ana was born in lyon ."},
                                                   KB_ROWS[1]])
-    proc = _build_over_a_copy_of(built_kb, tmp_path, subprocess_env, source)
+    proc = _build_over_a_copy_of(built_kb, tmp_path, run, source)
     _assert_user_error(proc, f"{source}:5:", "duplicate document", "line 2")
 
 
@@ -189,11 +276,11 @@ def test_duplicate_document_in_kb_source(tmp_path, subprocess_env, built_kb):
     ("kb.tsv", "title\ttext\nana\tana lives in paris .\n\ta passage without a title\ncy\t   \n", 4),
     ("kb.csv", 'title,text\nana,ana lives in paris .\n,a passage without a title\ncy,""\n', 4),
 ])
-def test_empty_passage_text(tmp_path, subprocess_env, built_kb, name, content, line):
+def test_empty_passage_text(tmp_path, run, built_kb, name, content, line):
     """A blank text is refused in every format; an empty title is allowed (the row before it passes)."""
     source = tmp_path / name
     source.write_text(content)
-    proc = _build_over_a_copy_of(built_kb, tmp_path, subprocess_env, source)
+    proc = _build_over_a_copy_of(built_kb, tmp_path, run, source)
     _assert_user_error(proc, f"{source}:{line}:", "empty text")
 
 
@@ -204,45 +291,63 @@ def test_empty_passage_text(tmp_path, subprocess_env, built_kb, name, content, l
     # an unclosed quote would otherwise swallow every later row into this one's text
     ('title\ttext\nana\t"ana lives in paris .\nbo\tbo lives in rome .\n', 2, ["bad quoting"]),
 ], ids=["stray-tab-no-header", "stray-newline", "unclosed-quote"])
-def test_malformed_tsv_rows(tmp_path, subprocess_env, built_kb, content, line, fragments):
+def test_malformed_tsv_rows(tmp_path, run, built_kb, content, line, fragments):
     source = tmp_path / "passages.tsv"
     source.write_text(content)
-    proc = _build_over_a_copy_of(built_kb, tmp_path, subprocess_env, source)
+    proc = _build_over_a_copy_of(built_kb, tmp_path, run, source)
     _assert_user_error(proc, f"{source}:{line}:", *fragments)
 
 
-def test_malformed_qa_row(tmp_path, subprocess_env):
+@pytest.mark.parametrize("name, delimiter", [("long.tsv", "\t"), ("long.csv", ",")])
+def test_a_document_longer_than_the_csv_field_limit_builds(tmp_path, run, name, delimiter):
+    """A document of any length builds from TSV and CSV as from JSONL: Python's csv refuses a field over
+    csv.field_size_limit() (131,072 characters) unless told otherwise, which the source reader does."""
+    words = [f"w{i % 997}" for i in range(40_000)]
+    text = " ".join(words)
+    assert len(text) > 131_072
+    source = tmp_path / name
+    source.write_text(f"title{delimiter}text\nlong{delimiter}{text}\nshort{delimiter}a short document .\n")
+    kb = tmp_path / "kb"
+    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={kb}", "kb.words_per_passage=10000", "index.shards=1"],
+                     tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = PassageTable(kb / read_manifest(kb).passages_file)
+    assert len(table) == 5          # 4 passages of the long document, 1 of the short
+    assert " ".join(text for _, text in table.titles_and_texts(range(4))) == text
+
+
+def test_malformed_qa_row(tmp_path, run):
     data = _qa_dir(tmp_path)
     _write_jsonl(data / "val.jsonl", [QA_ROWS[0], "{not json", QA_ROWS[1]])
-    proc = _train(["data=files", f"data.dir={data}", *TINY_KB_ENCODER], tmp_path, subprocess_env)
+    proc = _train(run, ["data=files", f"data.dir={data}", *TINY_KB_ENCODER], tmp_path)
     _assert_user_error(proc, f"{data / 'val.jsonl'}:2:", "not valid JSON")
 
 
-def test_qa_line_without_answers(tmp_path, subprocess_env):
+def test_qa_line_without_answers(tmp_path, run):
     data = _qa_dir(tmp_path)
     _write_jsonl(data / "train.jsonl", [QA_ROWS[0], QA_ROWS[1], {"question": "where does di live ?"}])
-    proc = _train(["data=files", f"data.dir={data}", *TINY_KB_ENCODER], tmp_path, subprocess_env)
+    proc = _train(run, ["data=files", f"data.dir={data}", *TINY_KB_ENCODER], tmp_path)
     _assert_user_error(proc, f"{data / 'train.jsonl'}:3:", "answers")
 
 
-def _train_with_test_pair(tmp_path, env, source: str, target: str) -> tuple[Path, subprocess.CompletedProcess]:
+def _train_with_test_pair(tmp_path, run, source: str, target: str) -> tuple[Path, subprocess.CompletedProcess]:
     """Run training on a data dir whose test split is a .source/.target pair with the given contents."""
     data = _qa_dir(tmp_path)
     (data / "test.jsonl").unlink()
     (data / "test.source").write_text(source)
     (data / "test.target").write_text(target)
-    return data, _train(["data=files", f"data.dir={data}", *TINY_KB_ENCODER], tmp_path, env)
+    return data, _train(run, ["data=files", f"data.dir={data}", *TINY_KB_ENCODER], tmp_path)
 
 
-def test_source_and_target_of_different_lengths(tmp_path, subprocess_env):
-    data, proc = _train_with_test_pair(tmp_path, subprocess_env,
+def test_source_and_target_of_different_lengths(tmp_path, run):
+    data, proc = _train_with_test_pair(tmp_path, run,
                                        "where does ana live ?\nwhere does bo live ?\nwhere does cy live ?\n",
                                        "paris\nrome\n")
     _assert_user_error(proc, str(data / "test.source"), str(data / "test.target"), "3 lines", "2")
 
 
-def test_target_line_without_answer(tmp_path, subprocess_env):
-    data, proc = _train_with_test_pair(tmp_path, subprocess_env, "where does ana live ?\nwhere does bo live ?\n",
+def test_target_line_without_answer(tmp_path, run):
+    data, proc = _train_with_test_pair(tmp_path, run, "where does ana live ?\nwhere does bo live ?\n",
                                        "paris\n\t\n")
     _assert_user_error(proc, f"{data / 'test.target'}:2:", "no answer")
 
@@ -250,32 +355,32 @@ def test_target_line_without_answer(tmp_path, subprocess_env):
 # --- config values ------------------------------------------------------------------------------------------
 
 
-def test_unknown_index_factory(tmp_path, subprocess_env):
+def test_unknown_index_factory(tmp_path, run):
     source = _write_jsonl(tmp_path / "kb.jsonl", KB_ROWS)
-    proc = _build_kb([f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}", "index.factory=NoSuchIndex",
-                      "index.shards=1"], tmp_path, subprocess_env)
+    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}", "index.factory=NoSuchIndex",
+                           "index.shards=1"], tmp_path)
     _assert_user_error(proc, "index.factory", "'NoSuchIndex'")
     assert not (tmp_path / "kb" / "manifest.json").exists()
 
 
-def test_pq_index_with_too_few_passages(tmp_path, subprocess_env):
+def test_pq_index_with_too_few_passages(tmp_path, run):
     """IVF2,PQ8 trains 256 centroids per sub-vector: 3 passages are refused with the key named, not a crash."""
     source = _write_jsonl(tmp_path / "kb.jsonl", KB_ROWS)
-    proc = _build_kb([f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}", "index.factory='IVF2,PQ8'",
-                      "index.shards=1"], tmp_path, subprocess_env)
+    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}", "index.factory='IVF2,PQ8'",
+                           "index.shards=1"], tmp_path)
     _assert_user_error(proc, "index.factory", "IVF2,PQ8")
 
 
-def test_n_docs_larger_than_the_knowledge_base(tmp_path, subprocess_env):
+def test_n_docs_larger_than_the_knowledge_base(tmp_path, run):
     data = _qa_dir(tmp_path)
-    proc = _train(["data=files", f"data.dir={data}", "model.n_docs=5", "index.shards=1", *TINY_KB_ENCODER,
-                   *TINY_MODEL], tmp_path, subprocess_env)
+    proc = _train(run, ["data=files", f"data.dir={data}", "model.n_docs=5", "index.shards=1", *TINY_KB_ENCODER,
+                        *TINY_MODEL], tmp_path)
     _assert_user_error(proc, "model.n_docs=5", "3 passages")
 
 
-def test_unknown_model_kind(tmp_path, subprocess_env):
+def test_unknown_model_kind(tmp_path, run):
     data = _qa_dir(tmp_path)
-    proc = _train(["data=files", f"data.dir={data}", "model.kind=rag_paragraph"], tmp_path, subprocess_env)
+    proc = _train(run, ["data=files", f"data.dir={data}", "model.kind=rag_paragraph"], tmp_path)
     _assert_user_error(proc, "model.kind", "'rag_paragraph'")
 
 
@@ -284,17 +389,18 @@ def test_unknown_model_kind(tmp_path, subprocess_env):
     ("model.n_docs=abc", ["model.n_docs", "abc"]),
     ("index.shards=two", ["index.shards", "two"]),
 ])
-def test_unknown_key_or_wrong_type(tmp_path, subprocess_env, override, fragments):
+def test_unknown_key_or_wrong_type(tmp_path, run, override, fragments):
     data = _qa_dir(tmp_path)
-    proc = _train(["data=files", f"data.dir={data}", override], tmp_path, subprocess_env)
+    proc = _train(run, ["data=files", f"data.dir={data}", override], tmp_path)
     _assert_config_error(proc, *fragments)
     assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
 
 
-def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, subprocess_env):
+def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cli):
+    """Found once the model is built, with Ray and the shard actors running: a subprocess."""
     data = _qa_dir(tmp_path)
-    proc = _train(["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
-                   *TINY_MODEL, "model.question_encoder.hidden_size=48"], tmp_path, subprocess_env)
+    proc = _train(cli, ["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
+                        *TINY_MODEL, "model.question_encoder.hidden_size=48"], tmp_path)
     _assert_user_error(proc, "model.question_encoder", "48", "32")
 
 
@@ -309,19 +415,28 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, su
     (["trainer.checkpoint_every_n_steps=0"], ["trainer.checkpoint_every_n_steps", ">= 1"]),
     (["ckpt_path=/nowhere/last.ckpt"], ["ckpt_path", "/nowhere/last.ckpt"]),
 ])
-def test_bad_settings_are_refused_before_anything_is_built(tmp_path, subprocess_env, overrides, fragments):
+def test_bad_settings_are_refused_before_anything_is_built(tmp_path, run, overrides, fragments):
     data = _qa_dir(tmp_path)
-    proc = _train(["data=files", f"data.dir={data}", *overrides], tmp_path, subprocess_env)
+    proc = _train(run, ["data=files", f"data.dir={data}", *overrides], tmp_path)
     _assert_user_error(proc, *fragments)
     assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
+
+
+def test_a_ray_address_where_nothing_answers(tmp_path, run):
+    """Refused within seconds, naming the key and the address (it used to retry silently until killed)."""
+    data = _qa_dir(tmp_path)
+    proc = _train(run, ["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
+                        *TINY_MODEL, f"retrieval.ray_address={UNREACHABLE_RAY}"], tmp_path)
+    _assert_user_error(proc, "retrieval.ray_address", UNREACHABLE_RAY)
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 # --- an existing knowledge base, output folders -------------------------------------------------------------
 
 
-def test_index_of_another_dimension_than_the_manifest(tmp_path, subprocess_env, built_kb):
+def test_index_of_another_dimension_than_the_manifest(tmp_path, cli, built_kb):
     """A shard index of another dimension (its checksum updated, so only the dimension is wrong) is refused by
-    the shard actor, and training reports it in one line, without Ray's traceback."""
+    the shard actor, and training reports it in one line, without Ray's traceback. A subprocess: Ray starts."""
     def other_dimension(kb: Path) -> None:
         index = faiss.IndexFlatIP(48)
         index.add(np.zeros((3, 48), np.float32))
@@ -330,21 +445,22 @@ def test_index_of_another_dimension_than_the_manifest(tmp_path, subprocess_env, 
         manifest["files"]["v0/shard_000.faiss"] = sha256_file(kb / "v0" / "shard_000.faiss")
         (kb / MANIFEST).write_text(json.dumps(manifest))
 
-    kb, proc = _train_on_a_copy_of(built_kb, tmp_path, subprocess_env, other_dimension)
+    kb, proc = _train_on_a_copy_of(built_kb, tmp_path, cli, other_dimension)
     _assert_user_error(proc, str(kb / "v0" / "shard_000.faiss"), "dimension 48", "dimension 32")
 
 
-def test_truncated_index_file(tmp_path, subprocess_env, built_kb):
+def test_truncated_index_file(tmp_path, cli, built_kb):
+    """Found by the shard actor, after Ray has started: a subprocess."""
     def truncate(kb: Path) -> None:
         index_file = kb / "v0" / "shard_000.faiss"
         index_file.write_bytes(index_file.read_bytes()[:-100])
 
-    kb, proc = _train_on_a_copy_of(built_kb, tmp_path, subprocess_env, truncate)
+    kb, proc = _train_on_a_copy_of(built_kb, tmp_path, cli, truncate)
     _assert_user_error(proc, str(kb / "v0" / "shard_000.faiss"), "checksum")
 
 
 @pytest.mark.parametrize("module", ["rag_lightning.build_kb", "rag_lightning.train"])
-def test_kb_dir_that_cannot_be_created(tmp_path, subprocess_env, module):
+def test_kb_dir_that_cannot_be_created(tmp_path, run, module):
     """kb.dir below a regular file (running as root, a chmod would not stop the write)."""
     blocker = tmp_path / "a_file"
     blocker.write_text("the user's")
@@ -352,16 +468,16 @@ def test_kb_dir_that_cannot_be_created(tmp_path, subprocess_env, module):
     overrides = [f"kb.source={data / 'kb.jsonl'}", f"kb.dir={blocker / 'kb'}", *TINY_KB_ENCODER]
     if module == "rag_lightning.train":
         overrides += ["data=files", f"data.dir={data}"]
-    proc = _run(module, overrides, tmp_path, subprocess_env)
+    proc = run(module, overrides, tmp_path)
     _assert_user_error(proc, "kb.dir", str(blocker / "kb"), "not writable")
     assert blocker.read_text() == "the user's"
 
 
-def test_run_dir_that_cannot_be_created(tmp_path, subprocess_env):
+def test_run_dir_that_cannot_be_created(tmp_path, run):
     blocker = tmp_path / "a_file"
     blocker.write_text("the user's")
     data = _qa_dir(tmp_path)
-    proc = _train(["data=files", f"data.dir={data}"], tmp_path, subprocess_env, run_dir=blocker / "run")
+    proc = _train(run, ["data=files", f"data.dir={data}"], tmp_path, run_dir=blocker / "run")
     _assert_user_error(proc, "hydra.run.dir", str(blocker / "run"))
     assert blocker.read_text() == "the user's"
 
@@ -371,57 +487,132 @@ def test_run_dir_that_cannot_be_created(tmp_path, subprocess_env):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """last.ckpt of a tiny training run (mean-pooled question encoder, like the default)."""
+    """last.ckpt of a tiny training run (mean-pooled question encoder, like the default); a subprocess, as the
+    run starts Ray and a Trainer."""
     root = tmp_path_factory.mktemp("trained")
-    proc = _train(["experiment=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2"], root, cli_env())
+    proc = _subprocess("rag_lightning.train", ["experiment=tiny", "trainer.max_steps=2",
+                                               "trainer.val_check_interval=2"], root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run" / "checkpoints" / "last.ckpt"
 
 
-def test_resuming_a_checkpoint_of_another_model_config(tmp_path, subprocess_env, tiny_checkpoint):
+def test_resuming_a_checkpoint_of_another_model_config(tmp_path, cli, tiny_checkpoint):
+    """Found once the model is built, after Ray has started: a subprocess."""
     saved = tiny_checkpoint.read_bytes()
-    proc = _train(["experiment=tiny", f"ckpt_path={tiny_checkpoint}", "model.generator.d_model=48"], tmp_path,
-                  subprocess_env)
+    proc = _train(cli, ["experiment=tiny", f"ckpt_path={tiny_checkpoint}", "model.generator.d_model=48"], tmp_path)
     _assert_user_error(proc, f"ckpt_path: {tiny_checkpoint}", "model.generator.d_model (32 there, 48 here)")
     assert tiny_checkpoint.read_bytes() == saved
 
 
-def test_truncated_checkpoint(tmp_path, subprocess_env, tiny_checkpoint):
+def test_truncated_checkpoint(tmp_path, run, tiny_checkpoint):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(tiny_checkpoint.read_bytes()[:4096])
-    proc = _run("rag_lightning.evaluate", [f"ckpt_path={truncated}"], tmp_path, subprocess_env)
+    proc = run("rag_lightning.evaluate", [f"ckpt_path={truncated}"], tmp_path)
     _assert_user_error(proc, f"ckpt_path: {truncated} is not a readable checkpoint")
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_evaluate_a_missing_checkpoint(tmp_path, subprocess_env):
-    proc = _run("rag_lightning.evaluate", [f"ckpt_path={tmp_path / 'none.ckpt'}"], tmp_path, subprocess_env)
+def test_evaluate_a_missing_checkpoint(tmp_path, cli):
+    """On the real command line: evaluate's process boundary."""
+    proc = cli("rag_lightning.evaluate", [f"ckpt_path={tmp_path / 'none.ckpt'}"], tmp_path)
     _assert_user_error(proc, "ckpt_path: no checkpoint file at", "none.ckpt")
 
 
-def test_generate_without_a_question(tmp_path, subprocess_env, tiny_checkpoint):
-    proc = _run("rag_lightning.generate", [f"ckpt_path={tiny_checkpoint}"], tmp_path, subprocess_env)
+def test_generate_without_a_question(tmp_path, cli, tiny_checkpoint):
+    """On the real command line: generate's process boundary."""
+    proc = cli("rag_lightning.generate", [f"ckpt_path={tiny_checkpoint}"], tmp_path)
     _assert_user_error(proc, 'question="..." or questions=FILE')
 
 
-def test_generate_from_a_malformed_questions_file(tmp_path, subprocess_env, tiny_checkpoint):
+def test_generate_from_a_malformed_questions_file(tmp_path, run, tiny_checkpoint):
     questions = _write_jsonl(tmp_path / "questions.jsonl", [{"question": "who ?"}, {"query": "where ?"}])
-    proc = _run("rag_lightning.generate", [f"ckpt_path={tiny_checkpoint}", f"questions={questions}"], tmp_path,
-                subprocess_env)
+    proc = run("rag_lightning.generate", [f"ckpt_path={tiny_checkpoint}", f"questions={questions}"], tmp_path)
     _assert_user_error(proc, f"{questions}:2:", "'question'")
 
 
-def test_export_of_a_mean_pooled_question_encoder(tmp_path, subprocess_env, tiny_checkpoint):
-    proc = _run("rag_lightning.export", [f"ckpt_path={tiny_checkpoint}", f"out={tmp_path / 'exported'}"], tmp_path,
-                subprocess_env)
+def test_generate_with_a_ray_address_where_nothing_answers(tmp_path, run, tiny_checkpoint):
+    proc = run("rag_lightning.generate", [f"ckpt_path={tiny_checkpoint}", "question='where does ana live ?'",
+                                          f"retrieval.ray_address={UNREACHABLE_RAY}"], tmp_path)
+    _assert_user_error(proc, "retrieval.ray_address", UNREACHABLE_RAY)
+
+
+def test_export_of_a_mean_pooled_question_encoder(tmp_path, run, tiny_checkpoint):
+    proc = run("rag_lightning.export", [f"ckpt_path={tiny_checkpoint}", f"out={tmp_path / 'exported'}"], tmp_path)
     _assert_user_error(proc, "model.question_encoder.pooling=mean", "pooling=cls")
     assert not (tmp_path / "exported").exists() and not list(tmp_path.glob(".exported*"))
 
 
-def test_export_into_a_folder_that_is_not_empty(tmp_path, subprocess_env, tiny_checkpoint):
+def test_export_into_a_folder_that_is_not_empty(tmp_path, cli, tiny_checkpoint):
+    """On the real command line: export's process boundary."""
     out = tmp_path / "exported"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = _run("rag_lightning.export", [f"ckpt_path={tiny_checkpoint}", f"out={out}"], tmp_path, subprocess_env)
+    proc = cli("rag_lightning.export", [f"ckpt_path={tiny_checkpoint}", f"out={out}"], tmp_path)
     _assert_user_error(proc, f"out: {out} exists and is not an empty folder")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+# --- a stop signal during a build ---------------------------------------------------------------------------
+
+# build_kb's main in a real process, held at a chosen point of the build until it is signalled: `held` replaces
+# a function of rag_lightning.kb.build, creates the file `held` and sleeps (a signal interrupts the sleep)
+HELD_BUILD = """
+import pathlib, sys, time
+import rag_lightning.kb.build as build
+from rag_lightning.build_kb import main
+
+def held(*args, **kwargs):
+    pathlib.Path("held").touch()
+    time.sleep(600)
+
+setattr(build, sys.argv[1], held)
+sys.argv = [sys.argv[0], *sys.argv[2:]]
+main()
+"""
+
+
+def _signal_a_held_build(cwd: Path, held_at: str, signum: int, overrides: list[str]) -> subprocess.CompletedProcess:
+    """Start build_kb held at `held_at`, send it `signum` once it is held there, and wait for it to end."""
+    env = {**cli_env(), "HYDRA_MAIN_MODULE": "__main__"}      # the config folder found from main's file
+    with open(cwd / "stdout", "w+") as out, open(cwd / "stderr", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", HELD_BUILD, held_at, *TINY_KB_ENCODER, *overrides,
+                                 f"hydra.run.dir={cwd / 'run'}"], cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 300         # only a guard against a hang
+            while proc.poll() is None and not (cwd / "held").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert (cwd / "held").exists(), (proc.poll(), (cwd / "stderr").read_text()[-3000:])
+            proc.send_signal(signum)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, (cwd / "stdout").read_text(),
+                                       (cwd / "stderr").read_text())
+
+
+@pytest.mark.parametrize("held_at, signum, earlier", [
+    # over an earlier knowledge base: the tokenizer and the passage table written, a version folder being staged
+    ("build_shard", signal.SIGTERM, True),
+    # into a new kb.dir: the version folder renamed into place, the manifest not yet written
+    ("commit_version", signal.SIGINT, False),
+], ids=["SIGTERM-while-indexing-over-an-earlier-kb", "SIGINT-before-the-commit-into-a-new-dir"])
+def test_a_signal_during_a_build_leaves_nothing_of_it(tmp_path, built_kb, held_at, signum, earlier):
+    """A build stopped by a signal: one line naming the signal, exit code 128 + its number, no traceback, and
+    none of the build's files left in kb.dir. An earlier knowledge base there (from another source, so everything
+    the build writes has a new name) is byte for byte as it was, and still loads."""
+    kb = Path(shutil.copytree(built_kb[1], tmp_path / "kb")) if earlier else tmp_path / "kb"
+    before, entries = (_files(kb), _entries(kb)) if earlier else ({}, [])
+    source = _write_jsonl(tmp_path / "other.jsonl", [*KB_ROWS, {"title": "di", "text": "di lives in lima ."}])
+    proc = _signal_a_held_build(tmp_path, held_at, signum, [f"kb.source={source}", f"kb.dir={kb}",
+                                                            "index.shards=1"])
+    assert proc.returncode == 128 + signum, (proc.returncode, proc.stderr[-3000:])
+    _assert_one_error_line(proc, f"stopped by {signal.Signals(signum).name}")
+    assert _entries(kb) == entries and _files(kb) == before
+    if earlier:
+        manifest = read_manifest(kb)
+        for relative in manifest.files:
+            verify_file(kb, manifest, relative)
+        assert len(PassageTable(kb / manifest.passages_file)) == len(KB_ROWS)
+        assert faiss.read_index(str(kb / manifest.shard_index_file(0))).ntotal == len(KB_ROWS)

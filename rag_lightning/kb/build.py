@@ -7,8 +7,9 @@ are and re-indexed into shards; kb.context_encoder must be the encoder that made
 
 Nothing is encoded before the source file and the config have been checked. The build
 writes new files beside any existing ones and commits by replacing manifest.json, so an
-interrupted build leaves the previous knowledge base whole. An identical earlier build
-(same source bytes and settings) is reused.
+interrupted build leaves the previous knowledge base whole; a build that stops with an
+exception (a stop signal arrives as one) also removes what it wrote that no committed
+manifest references. An identical earlier build (same source bytes and settings) is reused.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def check_index_config(index: IndexConfig, dim: int, num_passages: int) -> None:
         probe = faiss.index_factory(dim, index.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         first_line = str(e).strip().splitlines()[-1]
-        raise UserError(f"index.factory: {index.factory!r} is not a FAISS index factory string ({first_line})") from None
+        raise UserError(f"index.factory: {index.factory!r} is not a FAISS index factory string "
+                        f"({first_line})") from None
     ivf = faiss.try_extract_index_ivf(probe)
     pq = getattr(faiss.downcast_index(ivf if ivf is not None else probe), "pq", None)
     needed = max(ivf.nlist if ivf is not None else 0, pq.ksub if pq is not None else 0)
@@ -97,11 +99,35 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
         return previous
 
     tag = fingerprint[:12]
+    version = previous.next_version() if previous is not None else 0
+    tokenizer_dir, passages_file = f"generator_tokenizer-{tag}", f"passages-{tag}.arrow"
+    try:
+        manifest = _write_and_commit(kb, index, kb_dir, passages, imported, encoder, encoder_tokenizer, fingerprint,
+                                     version, tokenizer_dir, passages_file)
+    except BaseException:
+        # interrupted (a signal arrives as an exception) or failed: what the committed manifest does not reference
+        # is this build's and goes; an earlier knowledge base in kb_dir stays whole
+        _remove_uncommitted(kb_dir, [tokenizer_dir, passages_file, f"v{version}"])
+        raise
+    if previous is not None:
+        try:
+            _remove_unreferenced(kb_dir, previous, manifest)
+        except BaseException:
+            _remove_unreferenced(kb_dir, previous, manifest)    # stopped half way (a second signal is ignored)
+            raise
+    log.info("knowledge base ready in %s: %d passages, %d shards, index %s, version %d",
+             kb_dir, len(passages), index.shards, index.factory, version)
+    return manifest
+
+
+def _write_and_commit(kb: KBConfig, index: IndexConfig, kb_dir: Path, passages: list[Passage], imported, encoder,
+                      encoder_tokenizer, fingerprint: str, version: int, tokenizer_dir: str,
+                      passages_file: str) -> Manifest:
+    """Write the generator tokenizer, the passage table and index version `version`, then commit the manifest."""
     generator_tokenizer = (load_generator_tokenizer(kb.generator_tokenizer.path) if kb.generator_tokenizer.path
                            else train_tokenizer(kb.generator_tokenizer,
                                                 [passage_text(p.title, p.text) for p in passages]
                                                 + list(extra_texts(kb.generator_tokenizer.extra_texts))))
-    tokenizer_dir = f"generator_tokenizer-{tag}"
     with staged_directory(kb_dir / tokenizer_dir) as staging:
         generator_tokenizer.save_pretrained(str(staging))
 
@@ -111,12 +137,10 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
                                         max_length=kb.max_passage_tokens)["input_ids"]
     encoder_ids = encoder_tokenizer([p.title for p in passages], [p.text for p in passages], truncation=True,
                                     max_length=kb.context_encoder.max_length)["input_ids"]
-    passages_file = f"passages-{tag}.arrow"
     write_passage_table(kb_dir / passages_file, {
         "id": list(range(len(passages))), "title": [p.title for p in passages], "text": [p.text for p in passages],
         "generator_ids": generator_ids, "encoder_ids": encoder_ids})
 
-    version = previous.next_version() if previous is not None else 0
     manifest = Manifest(num_passages=len(passages), dim=encoder.dim, shards=shard_ranges(len(passages), index.shards),
                         active_version=version, index_factory=index.factory, passages_file=passages_file,
                         encoder={**asdict(kb.context_encoder), "generator_tokenizer": tokenizer_dir},
@@ -131,11 +155,24 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
         write_version_info(staging, version, global_step=0)
     manifest.files[passages_file] = sha256_file(kb_dir / passages_file)
     commit_version(kb_dir, manifest, version, keep=1)
-    if previous is not None:
-        _remove_unreferenced(kb_dir, previous, manifest)
-    log.info("knowledge base ready in %s: %d passages, %d shards, index %s, version %d",
-             kb_dir, len(passages), index.shards, index.factory, version)
     return manifest
+
+
+def _remove_uncommitted(kb_dir: Path, names: list[str]) -> None:
+    """Remove the entries of kb_dir with these names that the manifest on disk does not reference.
+
+    Called when a build stops before or while committing: the manifest is read again, so what a commit that did
+    happen references is kept, and so is everything of an earlier knowledge base.
+    """
+    committed = _existing_manifest(kb_dir)
+    referenced = set() if committed is None else (
+        {relative.split("/")[0] for relative in committed.files} | {committed.encoder.get("generator_tokenizer")})
+    for name in set(names) - referenced:
+        path = kb_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
 
 
 def _fingerprint(kb: KBConfig, index: IndexConfig) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,13 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
     else:
         raise UserError(f"kb.source: {path}: unknown format {path.suffix!r} (use .tsv, .csv or .jsonl)")
     first_line: dict[tuple[str, str], int] = {}       # document -> the line it was first read on, in file order
-    for line, title, text in rows:
-        document = _checked(path, line, title, text)
-        if document in first_line:
-            raise UserError(f"{path}:{line}: duplicate document: the same title and text as line "
-                            f"{first_line[document]}")
-        first_line[document] = line
+    with _csv_field_size_limit(len(raw)):
+        for line, title, text in rows:
+            document = _checked(path, line, title, text)
+            if document in first_line:
+                raise UserError(f"{path}:{line}: duplicate document: the same title and text as line "
+                                f"{first_line[document]}")
+            first_line[document] = line
     if not first_line:
         raise UserError(f"{path}: the knowledge base has no documents")
     return list(first_line)
@@ -77,6 +79,23 @@ def _read_delimited(path: Path, raw: str, delimiter: str) -> Iterator[tuple[int,
             raise UserError(f'{path}:{line}: expected {width} fields, found {len(fields)} ({cause}? a field '
                             'holding one must be quoted: "...")')
         yield line, fields[title_col], fields[text_col]
+
+
+@contextmanager
+def _csv_field_size_limit(limit: int) -> Iterator[None]:
+    """Let csv read fields of up to `limit` characters (a document of any length), restoring the limit after.
+
+    Python's csv refuses a field longer than csv.field_size_limit() (131,072 characters by default) with
+    "field larger than field limit". The limit is process-wide, so it is raised only while a source file is
+    read, to the file's length (no field is longer; sys.maxsize overflows a C long on some platforms), and
+    put back afterwards; another thread reading CSV meanwhile would accept longer fields too, nothing else.
+    """
+    saved = csv.field_size_limit()
+    csv.field_size_limit(max(saved, limit))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(saved)
 
 
 def _records(path: Path, raw: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
