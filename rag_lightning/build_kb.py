@@ -9,12 +9,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from rag_lightning.config import checked, register_configs
+from rag_lightning.config import CONF_DIR, checked, register_configs
 from rag_lightning.errors import exit_on_user_error
 from rag_lightning.kb.build import build_knowledge_base
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="build_kb")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="build_kb")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     cfg = checked(cfg)

@@ -18,7 +18,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rag_lightning.errors import UserError
+from retrieval_workers.ray_runtime import RayUnreachable, check_reachable
 from retrieval_workers.types import RefreshSpec, ServiceSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]     # the checkout holding conf/
+CONF_DIR = str(REPO_ROOT / "conf")                  # every command's @hydra.main config_path (absolute, so that
+#                                                    the rag-* console scripts find it too)
 
 
 def choice(default: Any, *choices: Any) -> Any:
@@ -75,6 +80,9 @@ class RetrieverConfig:
     train_question_encoder: bool = True
     train_ctx_encoder: bool = False         # re-embed retrieved passages in the step, so gradients reach it
     freeze_embeddings: bool = True          # keep the encoders' token embedding tables fixed (most optimizer work)
+    score_scale: float = at_least(20.0, 0.0)   # doc_scores = score_scale x (q . d), the logits of RAG's prior over
+    #                                             passages: 20 is the scale the bundled MiniLM was trained with
+    #                                             (cosine x 20); 1 for encoders trained on raw inner products (DPR)
 
 
 @dataclass
@@ -146,6 +154,13 @@ class RetrievalConfig:
     #                                                                               some replica of a dead shard
     temp_dir: str | None = None          # a local Ray's session files; null: /tmp/ray_<SLURM job id or pid>
     entropy_window: int = at_least(100, 1)  # training steps over which the retrieved-id entropy is measured
+
+    def check(self, key: str) -> None:
+        if self.ray_address:      # refused now, not after the data and the knowledge base are built
+            try:
+                check_reachable(self.ray_address)
+            except RayUnreachable as e:
+                raise UserError(f"{key}.ray_address: {e}") from None
 
 
 @dataclass
@@ -321,7 +336,7 @@ def _check_values(config: Any, prefix: str) -> None:
 def register_configs() -> None:
     """Register the schemas, and the `${repo_root:}` resolver (the checkout holding conf/)."""
     if not OmegaConf.has_resolver("repo_root"):
-        OmegaConf.register_new_resolver("repo_root", lambda: str(Path(__file__).resolve().parents[1]))
+        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="build_kb_schema", node=BuildKBConfig)

@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from rag_lightning.config import EvaluateConfig, checked, register_configs
+from rag_lightning.config import CONF_DIR, EvaluateConfig, checked, register_configs
 from rag_lightning.data.datamodule import TokenizedQA, eval_loader
 from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import read_split
@@ -67,7 +67,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     evaluate(checked(cfg))

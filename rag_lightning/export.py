@@ -14,8 +14,8 @@ with B and T the training config's model.num_beams and model.max_answer_tokens (
 prints them).
 
 The question encoder becomes a DPRQuestionEncoder, whose output is the [CLS] vector, so
-only a model trained with `model.question_encoder.pooling=cls` and `normalize=false` can be
-exported exactly.
+only a model trained with `model.question_encoder.pooling=cls`, `normalize=false` and
+`retriever.score_scale=1` can be exported exactly.
 The passages carry the embeddings of the index version the checkpoint trained against.
 The folder is written beside DIR and renamed into place when complete.
 """
@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from tokenizers import processors
 from transformers import DPRConfig, DPRQuestionEncoder, RagConfig, RagTokenizer
 
-from rag_lightning.config import ExportConfig, checked, register_configs
+from rag_lightning.config import CONF_DIR, ExportConfig, checked, register_configs
 from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.kb.hf_format import HFPassages, write_hf_passages
 from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
@@ -53,12 +53,13 @@ def export(cfg: ExportConfig) -> Path:
         raise UserError(f"out: {out} exists and is not an empty folder; export writes a new one")
     trained = load_trained_model(cfg.ckpt_path)
     module = trained.module
-    encoder = module.model_cfg.question_encoder
-    if encoder.pooling != "cls" or encoder.normalize:
+    encoder, scale = module.model_cfg.question_encoder, module.retriever_cfg.score_scale
+    if encoder.pooling != "cls" or encoder.normalize or scale != 1:
         raise UserError(f"ckpt_path: {cfg.ckpt_path} was trained with model.question_encoder.pooling="
-                        f"{encoder.pooling} and normalize={str(encoder.normalize).lower()}; transformers' RAG "
-                        "question encoder (DPRQuestionEncoder) returns the [CLS] vector as it is, so only "
-                        "pooling=cls with normalize=false exports exactly")
+                        f"{encoder.pooling}, normalize={str(encoder.normalize).lower()} and retriever.score_scale="
+                        f"{scale:g}; transformers' RAG scores passages by the raw [CLS] vector of its question "
+                        "encoder (DPRQuestionEncoder), so only pooling=cls, normalize=false and score_scale=1 "
+                        "export exactly")
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     try:
         staging.mkdir(parents=True)
@@ -127,7 +128,7 @@ def _tokenizers(module: RagModule) -> RagTokenizer:
                         generator=generator_tokenizer)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     export(checked(cfg))

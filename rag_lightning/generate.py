@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rag_lightning.config import GenerateConfig, checked, register_configs
+from rag_lightning.config import CONF_DIR, GenerateConfig, checked, register_configs
 from rag_lightning.data.datamodule import question_batch, tokenize_questions
 from rag_lightning.data.text_files import jsonl_rows, read_utf8
 from rag_lightning.errors import UserError, exit_on_user_error
@@ -70,7 +70,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     return answered
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     generate(checked(cfg))

@@ -29,7 +29,7 @@ from rag_lightning.callbacks.index_refresh import IndexRefresh
 from rag_lightning.callbacks.index_version import IndexVersionCheckpointing
 from rag_lightning.callbacks.retrieval_monitor import RetrievalMonitor
 from rag_lightning.callbacks.sample_table import SampleTable
-from rag_lightning.config import TrainConfig, checked, register_configs
+from rag_lightning.config import CONF_DIR, TrainConfig, checked, register_configs
 from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.model.encoders import load_encoder_tokenizer
@@ -37,7 +37,7 @@ from rag_lightning.model.rag_module import RagModule
 from rag_lightning.training.loggers import build_logger
 from rag_lightning.training.setup import prepare, service_spec
 from retrieval_workers.kb_store import Manifest, atomic_write_bytes, read_manifest
-from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV
+from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, local_ray_answers
 from retrieval_workers.refresh import shutdown_refresher
 from retrieval_workers.service import shutdown_service
 from retrieval_workers.types import ServiceSpec
@@ -68,8 +68,9 @@ def train(cfg: TrainConfig) -> dict:
         return fit_and_test(cfg, run_dir, manifest, spec, resume_from, started)
     finally:
         if owns_ray and ray.is_initialized():    # (a user error may come before Ray is started)
-            shutdown_refresher(spec)
-            shutdown_service(spec)
+            if local_ray_answers():   # a signal to the whole process group may have ended it, actors and all
+                shutdown_refresher(spec)
+                shutdown_service(spec)
             ray.shutdown()
 
 
@@ -136,7 +137,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     train(checked(cfg))

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from retrieval_workers.kb_store import KnowledgeBaseError
-from retrieval_workers.ray_runtime import connect
+from retrieval_workers.ray_runtime import RayUnreachable, connect
 from retrieval_workers.service import launch_service, shutdown_service
 from retrieval_workers.types import ServiceSpec
 
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = ServiceSpec(kb_dir=str(Path(args.kb_dir).resolve()), num_shards=args.shards, num_replicas=args.replicas,
                        namespace=args.namespace, name_prefix=args.prefix, omp_threads=args.omp_threads,
                        actor_cpus=args.actor_cpus, search_params=args.search_params)
-    connect(args.address, namespace=spec.namespace)
+    try:
+        connect(args.address, namespace=spec.namespace)
+    except RayUnreachable as e:
+        print(f"error: --address: {e}", file=sys.stderr)
+        return 2
     if args.teardown:
         shutdown_service(spec)
         log.info("removed the %d x %d shard actors %r", spec.num_shards, spec.num_replicas, spec.actor_name(0, 0))

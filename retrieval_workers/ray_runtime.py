@@ -15,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from retrieval_workers.types import ServiceSpec
+
 RAY_ADDRESS_ENV = "RAG_LIGHTNING_RAY_ADDRESS"
 LOOPBACK = ("127.0.0.1", "localhost")
 RAY_CLIENT_PORT = 10001          # the port of a ray://host address without one
@@ -63,7 +65,19 @@ def check_reachable(address: str, setting: str | None = None, timeout_s: float =
                              "address of a running one, or null to start a local Ray", setting) from None
 
 
-def connect(address: str | None = None, namespace: str = "rag_lightning", host: str = "127.0.0.1",
+def local_ray_answers(timeout_s: float = 1.0) -> bool:
+    """Whether the Ray this process is attached to still answers: a signal to a whole process group ends a
+    local Ray's servers too, and calls into a Ray whose GCS is gone block for a minute before failing."""
+    import ray
+
+    try:
+        check_reachable(ray.get_runtime_context().gcs_address, timeout_s=timeout_s)
+    except RayUnreachable:
+        return False
+    return True
+
+
+def connect(address: str | None = None, namespace: str = ServiceSpec.namespace, host: str = "127.0.0.1",
             dashboard: bool = False, num_cpus: int | None = None, temp_dir: str | None = None) -> str:
     """Attach to `address` (or the job's address from the environment), else start a local Ray.
 

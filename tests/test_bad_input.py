@@ -79,15 +79,14 @@ def _subprocess(module: str, overrides: list[str], cwd: Path, run_dir: Path | No
 def _call_main(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None) -> int:
     """Run the command's Hydra main() in this process as `python -m module ...` would; returns its exit code.
 
-    The environment is the command line's (cli_env), with HYDRA_MAIN_MODULE=__main__: Hydra then finds the config
-    folder from main's file, as for `python -m` (by the module's name it would look for a package `conf`). What a
-    run sets up that would outlive it here is undone: the environment (the command sets variables too, e.g.
-    Lightning's seed), Hydra's global state (cleared by Hydra itself after a run, and here before one) and the
-    root logger's handlers (Hydra's logging config replaces them with its console and run-dir log file). An
-    exception that is not a SystemExit propagates: the command line would have shown its traceback.
+    The environment is the command line's (cli_env). What a run sets up that would outlive it here is undone:
+    the environment (the command sets variables too, e.g. Lightning's seed), Hydra's global state (cleared by
+    Hydra itself after a run, and here before one) and the root logger's handlers (Hydra's logging config
+    replaces them with its console and run-dir log file). An exception that is not a SystemExit propagates:
+    the command line would have shown its traceback.
     """
     entry = COMMANDS[module]
-    environment, command_line = dict(os.environ), {**cli_env(), "HYDRA_MAIN_MODULE": "__main__"}
+    environment, command_line = dict(os.environ), cli_env()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     GlobalHydra.instance().clear()
@@ -218,6 +217,15 @@ def test_missing_kb_source_file(tmp_path, request, runner):
                      tmp_path)
     _assert_user_error(proc, "kb.source", str(missing), "not found")
     assert not (tmp_path / "kb" / "manifest.json").exists()
+
+
+def test_the_console_script_finds_its_config(tmp_path):
+    """`rag-build-kb` (pyproject's console script, run from another folder) reads conf/ like `python -m`."""
+    missing = tmp_path / "passages.tsv"
+    proc = subprocess.run([str(Path(sys.executable).parent / "rag-build-kb"), f"kb.source={missing}",
+                           f"kb.dir={tmp_path / 'kb'}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    _assert_user_error(proc, "kb.source", str(missing), "not found")
 
 
 def test_missing_qa_files(tmp_path, run):
@@ -428,7 +436,7 @@ def test_a_ray_address_where_nothing_answers(tmp_path, run):
     proc = _train(run, ["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
                         *TINY_MODEL, f"retrieval.ray_address={UNREACHABLE_RAY}"], tmp_path)
     _assert_user_error(proc, "retrieval.ray_address", UNREACHABLE_RAY)
-    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "run" / "kb").exists(), "refused before the data and the knowledge base are built"
 
 
 # --- an existing knowledge base, output folders -------------------------------------------------------------
@@ -573,10 +581,10 @@ main()
 
 def _signal_a_held_build(cwd: Path, held_at: str, signum: int, overrides: list[str]) -> subprocess.CompletedProcess:
     """Start build_kb held at `held_at`, send it `signum` once it is held there, and wait for it to end."""
-    env = {**cli_env(), "HYDRA_MAIN_MODULE": "__main__"}      # the config folder found from main's file
     with open(cwd / "stdout", "w+") as out, open(cwd / "stderr", "w+") as err:
         proc = subprocess.Popen([sys.executable, "-c", HELD_BUILD, held_at, *TINY_KB_ENCODER, *overrides,
-                                 f"hydra.run.dir={cwd / 'run'}"], cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+                                 f"hydra.run.dir={cwd / 'run'}"], cwd=cwd, env=cli_env(), stdout=out, stderr=err,
+                                text=True)
         try:
             deadline = time.monotonic() + 300         # only a guard against a hang
             while proc.poll() is None and not (cwd / "held").exists() and time.monotonic() < deadline:

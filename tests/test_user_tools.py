@@ -21,12 +21,13 @@ from retrieval_workers.kb_store import load_embeddings, read_manifest
 
 from helpers import REPO_ROOT, TINY_KB_ENCODER, cli_env, write_documents
 
-# MiniLM with [CLS] pooling and no normalisation on both sides: exportable (transformers' DPR question encoder
-# returns the [CLS] vector as it is), and pretrained, so different questions retrieve different passages
+# MiniLM with [CLS] pooling and no normalisation on both sides, unscaled scores: exportable (transformers' RAG
+# scores by the raw [CLS] vector of its DPR question encoder), and pretrained, so questions retrieve differently
 EXPORTABLE = ["model.question_encoder.pretrained=minilm", "model.question_encoder.num_layers=0",
               "model.question_encoder.pooling=cls", "model.question_encoder.normalize=false",
               "kb.context_encoder.pretrained=minilm", "kb.context_encoder.num_layers=0",
-              "kb.context_encoder.pooling=cls", "kb.context_encoder.normalize=false", "model.num_beams=2",
+              "kb.context_encoder.pooling=cls", "kb.context_encoder.normalize=false", "retriever.score_scale=1",
+              "model.num_beams=2",
               "trainer.max_steps=40", "trainer.val_check_interval=20", "optim.lr=3e-3",
               "evaluate_before_training=false"]
 

@@ -82,7 +82,7 @@ class RagModule(L.LightningModule):
         result = self.retrieval_client.search(q.detach().float().cpu().numpy(), self.model_cfg.n_docs)
         doc_embeddings = self.embed_passages(result.ids).to(q) if self.context_encoder is not None \
             else torch.from_numpy(result.embeddings).to(q)
-        doc_scores = torch.einsum("bd,bkd->bk", q, doc_embeddings)
+        doc_scores = self.retriever_cfg.score_scale * torch.einsum("bd,bkd->bk", q, doc_embeddings)
         context_ids, context_mask = join_contexts(result.token_ids, result.lengths, batch["question_generator_ids"],
                                                   self.generator_tokenizer.eos_token_id,
                                                   self.generator_tokenizer.pad_token_id,

@@ -25,7 +25,7 @@ from rag_lightning.config import RetrievalConfig
 from rag_lightning.errors import UserError
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.kb_store import Manifest, read_manifest
-from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
+from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect, local_ray_answers
 from retrieval_workers.service import launch_service, shutdown_service, switch_version
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def serving(trained: TrainedModel, retrieval: RetrievalConfig) -> Iterator[int]:
         module.setup("predict")
         yield version
     finally:
-        shutdown_service(spec)
+        if local_ray_answers():   # a signal to the whole process group may have ended a local Ray
+            shutdown_service(spec)
         if owns_ray:
             ray.shutdown()
