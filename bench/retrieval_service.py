@@ -45,12 +45,12 @@ import numpy as np
 import ray
 from common import measure_and_print
 
+from retrieval_workers.atomic_files import staged_directory
 from retrieval_workers.kb_store import (
     Manifest,
     commit_version,
     sha256_file,
     shard_ranges,
-    staged_directory,
     write_passage_table,
     write_version_info,
 )

@@ -18,7 +18,7 @@ from rag_lightning.data.text_files import jsonl_rows, read_utf8
 from rag_lightning.errors import UserError, exit_on_user_error
 from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.trained_model import load_trained_model, serving
-from retrieval_workers.kb_store import atomic_write_bytes
+from retrieval_workers.atomic_files import atomic_write_bytes
 
 
 def read_questions(path: str) -> list[str]:

@@ -36,7 +36,8 @@ from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.training.loggers import build_logger
 from rag_lightning.training.setup import prepare, service_spec
-from retrieval_workers.kb_store import Manifest, atomic_write_bytes, read_manifest
+from retrieval_workers.atomic_files import atomic_write_bytes
+from retrieval_workers.kb_store import Manifest, read_manifest
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, local_ray_answers
 from retrieval_workers.refresh import shutdown_refresher
 from retrieval_workers.service import shutdown_service

@@ -1,33 +1,32 @@
-"""The knowledge base on disk: manifest, passage table, index versions, atomic writes.
+"""The knowledge base on disk: manifest, passage table, index versions, checksums.
 
 Layout of a KB directory:
 
     manifest.json                 the commit point: everything else is reachable from it
     passages-<hash>.arrow         id, title, text, generator token ids, context-encoder token ids
-    generator_tokenizer/          the tokenizer that made the generator token ids
+    generator_tokenizer-<hash>/   the tokenizer that made the generator token ids
     v<N>/shard_<s>.faiss          one FAISS index per shard over its contiguous id range
     v<N>/shard_<s>.embeddings.npy float32 [shard size, dim], the shard's passage embeddings
     v<N>/version.json             the global training step of the encoder weights that made v<N>
 
-A build or a refresh writes a new version folder beside the old ones and then replaces
-manifest.json in one rename, so a crash at any point leaves the previous knowledge base
-whole. The manifest lists the files (with checksums) of every version kept on disk.
+<hash> is the start of the build's fingerprint. A build or a refresh writes a new version
+folder beside the old ones (atomic_files.py) and then replaces manifest.json in one rename,
+so a crash at any point leaves the previous knowledge base whole. The manifest lists the
+files (with checksums) of every version kept on disk.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
+
+from retrieval_workers.atomic_files import atomic_output, atomic_write_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -85,45 +84,6 @@ def shard_embeddings_name(shard: int) -> str:
 VERSION_INFO = "version.json"
 
 
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; once the caller has written it, fsync it and rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def staged_directory(final: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `final`; once filled, it replaces `final` in one rename.
-
-    If the body raises (a signal turned into an exception included), the staging folder is removed and
-    nothing is renamed. Only for folders this package owns (a KB's version or tokenizer folder),
-    never a user's path.
-    """
-    final = Path(final)
-    staging = final.with_name(f".{final.name}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)       # our own leftover from a process killed outright (SIGKILL)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        if final.exists():
-            shutil.rmtree(final)     # an uncommitted folder of ours, never one the manifest points to
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def write_version_info(version_dir: Path, version: int, global_step: int) -> None:
     (version_dir / VERSION_INFO).write_text(json.dumps({"version": version, "global_step": global_step}))
 
@@ -171,11 +131,6 @@ def activate_kept_version(kb_dir: str | Path, version: int) -> Manifest:
         manifest.active_version = version
         write_manifest(kb_dir, manifest)
     return manifest
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -19,13 +19,13 @@ import faiss
 import ray
 import torch
 
+from retrieval_workers.atomic_files import staged_directory
 from retrieval_workers.encoding import EncoderSnapshot, TextEncoder, length_sorted_batches
 from retrieval_workers.kb_store import (
     Manifest,
     PassageTable,
     commit_version,
     read_manifest,
-    staged_directory,
     verify_file,
     write_version_info,
 )

@@ -15,7 +15,7 @@ import pytest
 
 from rag_lightning import errors
 from rag_lightning.errors import Interrupted, exit_on_user_error
-from retrieval_workers.kb_store import staged_directory
+from retrieval_workers.atomic_files import staged_directory
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 from transformers import PreTrainedTokenizerBase
 
-from retrieval_workers.kb_store import staged_directory
+from retrieval_workers.atomic_files import staged_directory
 
 
 class SaveContextEncoder(L.Callback):

@@ -31,6 +31,7 @@ from rag_lightning.kb.hf_format import is_hf_passages_folder, read_hf_passages
 from rag_lightning.kb.passage_text import passage_text
 from rag_lightning.kb.source import Passage, read_documents, split_into_passages
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
+from retrieval_workers.atomic_files import staged_directory
 from retrieval_workers.kb_store import (
     KnowledgeBaseError,
     Manifest,
@@ -39,7 +40,6 @@ from retrieval_workers.kb_store import (
     read_manifest,
     sha256_file,
     shard_ranges,
-    staged_directory,
     write_passage_table,
     write_version_info,
 )
