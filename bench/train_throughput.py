@@ -179,8 +179,8 @@ def new_module(kind: str, tok_dir: Path, spec: ServiceSpec) -> RagModule:
     model = ModelConfig(kind=KINDS[kind], n_docs=N_DOCS, question_encoder=encoder_config(tok_dir), generator=generator,
                         max_question_tokens=MAX_QUESTION_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS)
     optim = OptimConfig(lr=LR, question_encoder_lr=LR, warmup_steps=0)
-    return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig()), optim=asdict(optim),
-                     service=asdict(spec))
+    return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig(train_question_encoder=True)),
+                     optim=asdict(optim), service=asdict(spec))
 
 
 def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:

@@ -56,11 +56,12 @@ def _model_config(kind: str, **overrides) -> ModelConfig:
                        max_context_tokens=64, max_answer_tokens=8, num_beams=2, **overrides)
 
 
-def _module_and_batch(service, kind: str, **retriever_overrides):
+def _module_and_batch(service, kind: str, train_question_encoder: bool = True, **retriever_overrides):
     data_dir, spec = service
     torch.manual_seed(0)
     model_cfg = _model_config(kind)
-    module = RagModule(model=asdict(model_cfg), retriever=asdict(RetrieverConfig(**retriever_overrides)),
+    retriever = RetrieverConfig(train_question_encoder=train_question_encoder, **retriever_overrides)
+    module = RagModule(model=asdict(model_cfg), retriever=asdict(retriever),
                        optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
     module.setup("fit")
     datamodule = QADataModule(str(data_dir), load_encoder_tokenizer(model_cfg.question_encoder),
