@@ -36,7 +36,9 @@ def test_tiny_training_run_writes_its_run_dir(tmp_path, subprocess_env, override
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == TINY.trainer.max_steps
     assert results["kb/num_passages"] == TINY.data.demo_entities        # one passage per made-up person
-    assert results["initial/examples"] == results["test/examples"] == TINY.data.max_eval_examples
+    test_questions = len((run_dir / "data" / "test.jsonl").read_text().splitlines())
+    assert results["initial/examples"] == results["test/examples"] == min(test_questions,
+                                                                          TINY.data.max_eval_examples)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     # the best checkpoint is the one of the best validation EM (the first of equals), at a validated step
