@@ -60,11 +60,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                "kb/index_version": index_version, "wall_time_s": round(time.time() - started, 1)}
     run_dir = Path(cfg.paths.run_dir)
     atomic_write_bytes(run_dir / "predictions.jsonl",
-                       "".join(json.dumps({key: value for key, value in record.items() if key != "scores"}) + "\n"
-                               for record in scores.records).encode())
+                       "".join(json.dumps(prediction_row(record)) + "\n" for record in scores.records).encode())
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
     log.info("results: %s", json.dumps(results))
     return results
+
+
+def prediction_row(record: dict) -> dict:
+    """An evaluated example as predictions.jsonl holds it: the record, with its EM and F1 of all its scores."""
+    row = {key: value for key, value in record.items() if key != "scores"}
+    return {**row, "em": record["scores"]["em"], "f1": record["scores"]["f1"]}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

@@ -9,12 +9,11 @@ still on disk.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -65,8 +64,8 @@ def index_version_to_serve(trained: TrainedModel, manifest: Manifest) -> int:
 def serving(trained: TrainedModel, retrieval: RetrievalConfig) -> Iterator[int]:
     """Shard actors of the module's knowledge base, for this process alone; yields the index version they serve."""
     module = trained.module
-    spec = dataclasses.replace(module.service_spec, namespace=retrieval.namespace,
-                               name_prefix=f"serve-{os.getpid()}", failover_timeout_s=retrieval.failover_timeout_s)
+    spec = replace(module.service_spec, namespace=retrieval.namespace,
+                   name_prefix=f"serve-{os.getpid()}", failover_timeout_s=retrieval.failover_timeout_s)
     owns_ray = not (retrieval.ray_address or os.environ.get(RAY_ADDRESS_ENV))
     connect(retrieval.ray_address, namespace=spec.namespace, host=retrieval.host, dashboard=retrieval.dashboard,
             num_cpus=retrieval.num_cpus, temp_dir=retrieval.temp_dir)
