@@ -45,6 +45,7 @@ from common import measure_and_print
 from lightning.pytorch.callbacks import Callback
 
 from rag_lightning.config import (
+    DataConfig,
     EncoderConfig,
     GeneratorConfig,
     GeneratorTokenizerConfig,
@@ -184,8 +185,8 @@ def new_module(kind: str, tok_dir: Path, spec: ServiceSpec) -> RagModule:
 
 
 def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:
-    return QADataModule(str(data_dir), load_encoder_tokenizer(module.model_cfg.question_encoder),
-                        module.generator_tokenizer, batch_size=BATCH, max_question_tokens=MAX_QUESTION_TOKENS)
+    return QADataModule(DataConfig(dir=str(data_dir), batch_size=BATCH), module.model_cfg,
+                        load_encoder_tokenizer(module.model_cfg.question_encoder), module.generator_tokenizer)
 
 
 def timed_fit(module: RagModule, datamodule: QADataModule, steps: int, callbacks: list[Callback]) -> float:

@@ -68,7 +68,7 @@ class ModelConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     label_smoothing: float = at_least(0.0, 0.0)
     max_question_tokens: int = at_least(32, 2)
-    max_answer_tokens: int = at_least(8, 2)  # the demo's answers are one word
+    max_answer_tokens: int = at_least(8, 4)  # with "</s> <s>" and "</s>": the demo's answers are one word
     max_context_tokens: int = at_least(256, 2)   # passage + question, per retrieved document
     num_beams: int = at_least(2, 1)         # beam search at validation and test
 
@@ -188,7 +188,7 @@ class TrainerConfig:
     num_nodes: int = at_least(1, 1)
     strategy: str = "auto"
     precision: str = "32-true"
-    max_steps: int = at_least(2500, 1)
+    max_steps: int = at_least(1500, 1)
     max_epochs: int = at_least(-1, -1)
     val_check_interval: int | None = at_least(500, 1)
     check_val_every_n_epoch: int | None = at_least(None, 1)

@@ -85,12 +85,8 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
                         f"knowledge base's {manifest.dim} (kb.context_encoder); use encoders of one size")
     if resume_from is not None:
         check_checkpoint_fits(resume_from, module, asdict(cfg.model))
-    datamodule = QADataModule(cfg.data.dir, load_encoder_tokenizer(cfg.model.question_encoder),
-                              module.generator_tokenizer, batch_size=cfg.data.batch_size,
-                              eval_batch_size=cfg.data.eval_batch_size,
-                              max_question_tokens=cfg.model.max_question_tokens,
-                              max_answer_tokens=cfg.model.max_answer_tokens,
-                              max_eval_examples=cfg.data.max_eval_examples)
+    datamodule = QADataModule(cfg.data, cfg.model, load_encoder_tokenizer(cfg.model.question_encoder),
+                              module.generator_tokenizer)
 
     refresh = IndexRefresh(spec, cfg.refresh.every_n_steps, blocking=cfg.refresh.blocking) \
         if cfg.refresh.every_n_steps is not None else None

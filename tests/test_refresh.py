@@ -20,6 +20,7 @@ from rag_lightning.callbacks.context_encoder_saver import SaveContextEncoder
 from rag_lightning.callbacks.index_refresh import IndexRefresh
 from rag_lightning.callbacks.index_version import IndexVersionCheckpointing
 from rag_lightning.config import (
+    DataConfig,
     GeneratorConfig,
     GeneratorTokenizerConfig,
     IndexConfig,
@@ -201,8 +202,8 @@ def _tiny_module(kb_dir: str, spec, **retriever) -> RagModule:
 
 
 def _datamodule(data_dir: Path, module: RagModule) -> QADataModule:
-    return QADataModule(str(data_dir), load_encoder_tokenizer(tiny_encoder_config()), module.generator_tokenizer,
-                        batch_size=4, eval_batch_size=4)
+    return QADataModule(DataConfig(dir=str(data_dir), batch_size=4, eval_batch_size=4), module.model_cfg,
+                        load_encoder_tokenizer(tiny_encoder_config()), module.generator_tokenizer)
 
 
 def _trainer(tmp_path: Path, max_steps: int, callbacks: list) -> L.Trainer:

@@ -12,6 +12,7 @@ import torch
 
 from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
 from rag_lightning.config import (
+    DataConfig,
     GeneratorConfig,
     GeneratorTokenizerConfig,
     IndexConfig,
@@ -64,10 +65,8 @@ def _module_and_batch(service, kind: str, train_question_encoder: bool = True, *
     module = RagModule(model=asdict(model_cfg), retriever=asdict(retriever),
                        optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
     module.setup("fit")
-    datamodule = QADataModule(str(data_dir), load_encoder_tokenizer(model_cfg.question_encoder),
-                              module.generator_tokenizer, batch_size=BATCH, eval_batch_size=BATCH,
-                              max_question_tokens=model_cfg.max_question_tokens,
-                              max_answer_tokens=model_cfg.max_answer_tokens)
+    datamodule = QADataModule(DataConfig(dir=str(data_dir), batch_size=BATCH, eval_batch_size=BATCH), model_cfg,
+                              load_encoder_tokenizer(model_cfg.question_encoder), module.generator_tokenizer)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     return module, datamodule, batch

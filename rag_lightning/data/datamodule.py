@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rag_lightning.config import DataConfig, ModelConfig
 from rag_lightning.data.qa_files import QAExample, read_split
 
 
@@ -26,9 +27,13 @@ class TokenizedQA(Dataset):
         self.encoder_ids, self.generator_ids = tokenize_questions([e.question for e in examples], encoder_tokenizer,
                                                                   generator_tokenizer, max_question_tokens)
         answers = generator_tokenizer([e.answers[0] for e in examples], add_special_tokens=False, truncation=True,
-                                      max_length=max_answer_tokens - 2)["input_ids"]
+                                      max_length=max_answer_tokens - 3)["input_ids"]
         bos, eos = generator_tokenizer.bos_token_id, generator_tokenizer.eos_token_id
-        self.target_ids = [[bos, *ids, eos] for ids in answers]
+        # BART's decoder input starts "</s> <s>" (its decoder_start_token_id, then bos): the answer's first
+        # token is then predicted at the third position, and a generator trained from scratch learns to copy
+        # from its passages within a few hundred steps for every seed, where "<s>" alone left some seeds stuck
+        # on the answers' prior for thousands of steps (measured on the demo)
+        self.target_ids = [[eos, bos, *ids, eos] for ids in answers]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -104,18 +109,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 
 class QADataModule(L.LightningDataModule):
-    def __init__(self, data_dir: str, encoder_tokenizer, generator_tokenizer, batch_size: int = 8,
-                 eval_batch_size: int = 32, max_question_tokens: int = 32, max_answer_tokens: int = 24,
-                 max_eval_examples: int = 0):
+    """The train/val/test files of `data.dir`, batched as `data` says, tokenized within `model`'s lengths."""
+
+    def __init__(self, data: DataConfig, model: ModelConfig, encoder_tokenizer, generator_tokenizer):
         super().__init__()
-        self.data_dir = data_dir
+        self.data_cfg = data
+        self.model_cfg = model
         self.encoder_tokenizer = encoder_tokenizer
         self.generator_tokenizer = generator_tokenizer
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.max_question_tokens = max_question_tokens
-        self.max_answer_tokens = max_answer_tokens
-        self.max_eval_examples = max_eval_examples
         self.splits: dict[str, TokenizedQA] = {}
 
     def prepare_data(self) -> None:
@@ -128,16 +129,16 @@ class QADataModule(L.LightningDataModule):
 
     def _load(self, split: str) -> TokenizedQA:
         if split not in self.splits:
-            examples = read_split(self.data_dir, split)
-            if split != "train" and self.max_eval_examples:
-                examples = examples[:self.max_eval_examples]
+            examples = read_split(self.data_cfg.dir, split)
+            if split != "train" and self.data_cfg.max_eval_examples:
+                examples = examples[:self.data_cfg.max_eval_examples]
             self.splits[split] = TokenizedQA(examples, self.encoder_tokenizer, self.generator_tokenizer,
-                                             self.max_question_tokens, self.max_answer_tokens)
+                                             self.model_cfg.max_question_tokens, self.model_cfg.max_answer_tokens)
         return self.splits[split]
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._load("train")
-        sampler = GlobalBatchSampler(len(dataset), self.batch_size, *self._rank_and_world_size())
+        sampler = GlobalBatchSampler(len(dataset), self.data_cfg.batch_size, *self._rank_and_world_size())
         collate_fn = functools.partial(collate, dataset, encoder_pad_id=self.encoder_tokenizer.pad_token_id,
                                        generator_pad_id=self.generator_tokenizer.pad_token_id)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
@@ -149,7 +150,7 @@ class QADataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return eval_loader(self._load(split), self.eval_batch_size, self.encoder_tokenizer.pad_token_id,
+        return eval_loader(self._load(split), self.data_cfg.eval_batch_size, self.encoder_tokenizer.pad_token_id,
                            self.generator_tokenizer.pad_token_id, *self._rank_and_world_size())
 
     def _rank_and_world_size(self) -> tuple[int, int]:

@@ -25,7 +25,7 @@ def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) 
         decoder_ffn_dim=generator_cfg.ffn_dim, dropout=generator_cfg.dropout,
         max_position_embeddings=generator_cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None,
+        decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=None,
         forced_bos_token_id=None)
     generator = BartForConditionalGeneration(bart_config)
     rag_config = RagConfig.from_question_encoder_generator_configs(
