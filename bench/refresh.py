@@ -11,12 +11,12 @@ as a cluster gives the encoder its own resources. Four figures:
                  with nothing else running (the refreshes of the blocking run; best of each,
                  as this machine's speed drifts): target >= 0.85. encode_ratio_while_training
                  is the same for the background refreshes, with training on the other core;
-  blocked_frac   over --steps training steps with refresh.every_n_steps = --every (end to end,
+  blocked_frac   over --steps training steps with index_refresh.every_n_steps = --every (end to end,
                  train_ctx_encoder), the time training steps spent on refresh work (publishing
                  weights, polling, re-asking shards during a switch) over the refreshes' total
                  wall time: target <= 0.01;
   during_ratio   steps/s while a refresh runs over steps/s while none does, same run: target >= 0.9;
-  blocking_*     the same steps with refresh.blocking (stop, re-encode, rebuild, go on, as
+  blocking_*     the same steps with index_refresh.blocking (stop, re-encode, rebuild, go on, as
                  Atlas does): its wall time beside the background run's.
 
 The last stdout line is one JSON object with the figures. Targets are reported, not asserted.
@@ -79,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passages", type=int, default=20000, help="knowledge base size")
     p.add_argument("--steps", type=int, default=300, help="training steps of each run")
-    p.add_argument("--every", type=int, default=100, help="refresh.every_n_steps")
+    p.add_argument("--every", type=int, default=100, help="index_refresh.every_n_steps")
     p.add_argument("--index", default="HNSW32", help="FAISS index factory string of the shards")
     p.add_argument("--work-dir", type=Path, help="where data and KB go, kept (default: a temp dir)")
     p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help="path of hf_baseline.py (for its data)")

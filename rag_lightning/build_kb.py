@@ -6,22 +6,15 @@ rag_lightning/kb/build.py.
 """
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
-from rag_lightning.config import CONF_DIR, checked, register_configs
-from rag_lightning.errors import exit_on_user_error
+from rag_lightning.command import command
+from rag_lightning.config import BuildKBConfig
 from rag_lightning.kb.build import build_knowledge_base
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="build_kb")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    cfg = checked(cfg)
+@command("build_kb")
+def main(cfg: BuildKBConfig) -> None:
     build_knowledge_base(cfg.kb, cfg.index)
 
-
-register_configs()
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ the `check()` methods. Every entry point calls it before any work starts.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ class ModelConfig:
 
 @dataclass
 class RetrieverConfig:
-    """Which encoders learn. The context encoder is the knowledge base's (kb.context_encoder)."""
+    """What the retriever learns: which encoders train, and the scale of its scores. The context encoder is the
+    knowledge base's (kb.context_encoder); the searches themselves go to the retrieval service (`service`)."""
 
     train_question_encoder: bool = False    # the demo's MiniLM retrieves its passages (recall@1 0.985) untrained
     train_ctx_encoder: bool = False         # re-embed retrieved passages in the step, so gradients reach it
@@ -86,7 +88,7 @@ class RetrieverConfig:
 
 
 @dataclass
-class RefreshConfig:
+class IndexRefreshConfig:
     """Re-encoding the knowledge base with the current context encoder while training goes on."""
 
     every_n_steps: int | None = at_least(None, 1)   # global optimizer steps between refreshes; null = never
@@ -141,8 +143,8 @@ class IndexConfig:
 
 
 @dataclass
-class RetrievalConfig:
-    """The Ray cluster the shard actors run on."""
+class ServiceConfig:
+    """The retrieval service: the Ray cluster its shard actors run on, and how the training side talks to it."""
 
     ray_address: str | None = None       # null starts a local Ray
     namespace: str = ServiceSpec.namespace
@@ -228,12 +230,12 @@ class PathsConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
-    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    index_refresh: IndexRefreshConfig = field(default_factory=IndexRefreshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     kb: KBConfig = field(default_factory=KBConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -243,13 +245,13 @@ class TrainConfig:
     stage: str = choice("all", "prepare", "train")   # prepare: data, KB, shard actors, then exit; train: attach
 
     def check(self, key: str) -> None:
-        if self.stage != "all" and not self.retrieval.ray_address:
-            raise UserError(f"stage={self.stage} needs retrieval.ray_address: the shard actors live on a Ray "
+        if self.stage != "all" and not self.service.ray_address:
+            raise UserError(f"stage={self.stage} needs service.ray_address: the shard actors live on a Ray "
                             "cluster that outlives each stage's processes")
-        if self.refresh.every_n_steps is not None and not self.retriever.train_ctx_encoder:
-            raise UserError("refresh.every_n_steps is set but retriever.train_ctx_encoder=false: the passage "
+        if self.index_refresh.every_n_steps is not None and not self.retriever.train_ctx_encoder:
+            raise UserError("index_refresh.every_n_steps is set but retriever.train_ctx_encoder=false: the passage "
                             "embeddings would never change; train the context encoder or set "
-                            "refresh.every_n_steps=null")
+                            "index_refresh.every_n_steps=null")
 
 
 @dataclass
@@ -269,7 +271,7 @@ class EvaluateConfig:
     split: str = "test"
     batch_size: int = at_least(32, 1)
     max_examples: int = at_least(0, 0)      # 0 = all
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -282,7 +284,7 @@ class GenerateConfig:
     questions: str | None = None         # a file: one question a line, or JSONL rows with a "question"
     output: str | None = None            # also write the answers and passages as JSONL here
     batch_size: int = at_least(16, 1)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
     def check(self, key: str) -> None:
         if (self.question is None) == (self.questions is None):
@@ -295,6 +297,17 @@ class ExportConfig:
 
     ckpt_path: str = MISSING
     out: str = MISSING                      # a new (or empty) folder
+
+
+# Config groups renamed so that no two are confused (`retriever`: what learns; `service`: where searches go;
+# `index_refresh`: re-encoding the knowledge base); the old names keep working on the command line.
+RENAMED_GROUPS = {"retrieval": "service", "refresh": "index_refresh"}
+_OLD_GROUP = re.compile(r"^(\+{0,2}|~)(" + "|".join(RENAMED_GROUPS) + r")(?=[.=@]|$)")
+
+
+def with_current_names(overrides: list[str]) -> list[str]:
+    """Command-line overrides with each renamed group's old name (`retrieval.ray_address=...`) made current."""
+    return [_OLD_GROUP.sub(lambda m: m[1] + RENAMED_GROUPS[m[2]], o) for o in overrides]
 
 
 def checked(cfg: DictConfig) -> Any:

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger("rag_lightning")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-RAY_ADDRESS_KEY = "retrieval.ray_address"
+RAY_ADDRESS_KEY = "service.ray_address"
 
 
 class UserError(Exception):

@@ -13,15 +13,14 @@ import logging
 import time
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from rag_lightning.config import CONF_DIR, EvaluateConfig, checked, register_configs
+from rag_lightning.command import command
+from rag_lightning.config import EvaluateConfig
 from rag_lightning.data.datamodule import TokenizedQA, eval_loader
 from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import read_split
-from rag_lightning.errors import UserError, exit_on_user_error
+from rag_lightning.errors import UserError
 from rag_lightning.evaluation.scores import SplitScores
 from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.trained_model import load_trained_model, serving
@@ -51,7 +50,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     loader = eval_loader(dataset, cfg.batch_size, encoder_tokenizer.pad_token_id,
                          module.generator_tokenizer.pad_token_id)
     scores = SplitScores(module.model_cfg.n_docs)
-    with serving(trained, cfg.retrieval) as index_version:
+    with serving(trained, cfg.service) as index_version:
         for batch in tqdm(loader, desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0):
             scores.add(module.evaluate_batch(batch))
 
@@ -72,13 +71,8 @@ def prediction_row(record: dict) -> dict:
     return {**row, "em": record["scores"]["em"], "f1": record["scores"]["f1"]}
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    evaluate(checked(cfg))
+main = command("evaluate")(evaluate)      # python -m rag_lightning.evaluate, or rag-evaluate
 
-
-register_configs()
 
 if __name__ == "__main__":
     main()

@@ -27,13 +27,12 @@ import os
 import shutil
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
 from tokenizers import processors
 from transformers import DPRConfig, DPRQuestionEncoder, RagConfig, RagTokenizer
 
-from rag_lightning.config import CONF_DIR, ExportConfig, checked, register_configs
-from rag_lightning.errors import UserError, exit_on_user_error
+from rag_lightning.command import command
+from rag_lightning.config import ExportConfig
+from rag_lightning.errors import UserError
 from rag_lightning.kb.hf_format import HFPassages, write_hf_passages
 from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
 from rag_lightning.model.encoders import load_encoder_tokenizer
@@ -128,13 +127,8 @@ def _tokenizers(module: RagModule) -> RagTokenizer:
                         generator=generator_tokenizer)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    export(checked(cfg))
+main = command("export")(export)      # python -m rag_lightning.export, or rag-export
 
-
-register_configs()
 
 if __name__ == "__main__":
     main()

@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
-from rag_lightning.config import CONF_DIR, GenerateConfig, checked, register_configs
+from rag_lightning.command import command
+from rag_lightning.config import GenerateConfig
 from rag_lightning.data.datamodule import question_batch, tokenize_questions
 from rag_lightning.data.text_files import jsonl_rows, read_utf8
-from rag_lightning.errors import UserError, exit_on_user_error
+from rag_lightning.errors import UserError
 from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.trained_model import load_trained_model, serving
 from retrieval_workers.atomic_files import atomic_write_bytes
@@ -49,7 +47,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     module = trained.module
     encoder_tokenizer = load_encoder_tokenizer(module.model_cfg.question_encoder)
     answered = []
-    with serving(trained, cfg.retrieval):
+    with serving(trained, cfg.service):
         for start in range(0, len(questions), cfg.batch_size):
             chunk = questions[start:start + cfg.batch_size]
             batch = question_batch(*tokenize_questions(chunk, encoder_tokenizer, module.generator_tokenizer,
@@ -70,13 +68,8 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     return answered
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    generate(checked(cfg))
+main = command("generate")(generate)      # python -m rag_lightning.generate, or rag-generate
 
-
-register_configs()
 
 if __name__ == "__main__":
     main()

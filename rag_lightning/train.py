@@ -14,13 +14,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 import lightning as L
 import ray
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from rag_lightning.callbacks.checkpoints import check_checkpoint_fits, checkpoint_callbacks, resume_checkpoint
 from rag_lightning.callbacks.context_encoder_saver import SaveContextEncoder
@@ -29,9 +28,10 @@ from rag_lightning.callbacks.index_refresh import IndexRefresh
 from rag_lightning.callbacks.index_version import IndexVersionCheckpointing
 from rag_lightning.callbacks.retrieval_monitor import RetrievalMonitor
 from rag_lightning.callbacks.sample_table import SampleTable
-from rag_lightning.config import CONF_DIR, TrainConfig, checked, register_configs
+from rag_lightning.command import command
+from rag_lightning.config import TrainConfig
 from rag_lightning.data.datamodule import QADataModule
-from rag_lightning.errors import UserError, exit_on_user_error
+from rag_lightning.errors import UserError
 from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.training.loggers import build_logger
@@ -60,7 +60,7 @@ def train(cfg: TrainConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     resume_from = resume_checkpoint(run_dir, cfg.ckpt_path)
     spec = service_spec(cfg)
-    owns_ray = not (cfg.retrieval.ray_address or os.environ.get(RAY_ADDRESS_ENV))
+    owns_ray = not (cfg.service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
     try:
         manifest = prepare(cfg, spec)
         if cfg.stage == "prepare":
@@ -88,11 +88,11 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     datamodule = QADataModule(cfg.data, cfg.model, load_encoder_tokenizer(cfg.model.question_encoder),
                               module.generator_tokenizer)
 
-    refresh = IndexRefresh(spec, cfg.refresh.every_n_steps, blocking=cfg.refresh.blocking) \
-        if cfg.refresh.every_n_steps is not None else None
+    refresh = IndexRefresh(spec, cfg.index_refresh.every_n_steps, blocking=cfg.index_refresh.blocking) \
+        if cfg.index_refresh.every_n_steps is not None else None
     metrics = EvaluationMetrics(cfg.model.n_docs)
     callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir, cfg.trainer.checkpoint_every_n_steps), metrics,
-                                   RetrievalMonitor(spec.kb_dir, cfg.retrieval.entropy_window),
+                                   RetrievalMonitor(spec.kb_dir, cfg.service.entropy_window),
                                    IndexVersionCheckpointing(spec, refresh)]
     if refresh is not None:
         callbacks.append(refresh)
@@ -134,13 +134,8 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    train(checked(cfg))
+main = command("train")(train)      # python -m rag_lightning.train, or rag-train
 
-
-register_configs()
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,8 @@
 
 S x R named, detached IndexShard actors in a placement group spread over the cluster's
 nodes. Launching is idempotent: actors that exist are reused, so a script may run it on
-every (re)start of a job. Training processes then attach by name (`retrieval.ray_address`,
-`retrieval.namespace`). The teardown kills the actors and removes their placement group.
+every (re)start of a job. Training processes then attach by name (`service.ray_address`,
+`service.namespace`). The teardown kills the actors and removes their placement group.
 """
 from __future__ import annotations
 

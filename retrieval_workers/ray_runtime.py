@@ -29,7 +29,7 @@ class RayUnreachable(ConnectionError):
 
     `setting` names where the address came from when that was not the caller's own argument (the
     environment variable RAY_ADDRESS_ENV); None when it was the argument, which callers name after their
-    own setting (rag_lightning: retrieval.ray_address).
+    own setting (rag_lightning: service.ray_address).
     """
 
     def __init__(self, message: str, setting: str | None = None):

@@ -174,7 +174,7 @@ class RetrievalClient:
         names = ", ".join(self.spec.actor_name(shard, r) for r in range(self.spec.num_replicas))
         raise ShardUnavailable(f"index shard {shard}: no replica ({names}) answered within "
                                f"{self.spec.failover_timeout_s:.0f}s after its actor died; raise "
-                               f"retrieval.failover_timeout_s or index.replicas, or check the Ray logs")
+                               f"service.failover_timeout_s or index.replicas, or check the Ray logs")
 
 
 class ShardUnavailable(RuntimeError):

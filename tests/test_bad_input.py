@@ -413,13 +413,14 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cl
 
 
 @pytest.mark.parametrize("overrides, fragments", [
-    (["retriever.train_ctx_encoder=true", "refresh=background", "refresh.every_n_steps=0"],
-     ["refresh.every_n_steps", ">= 1", "got 0"]),
-    (["retriever.train_ctx_encoder=true", "refresh=background", "refresh.every_n_steps=-5"],
-     ["refresh.every_n_steps", "got -5"]),
-    (["refresh=background"], ["refresh.every_n_steps", "retriever.train_ctx_encoder=false"]),
+    (["retriever.train_ctx_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=0"],
+     ["index_refresh.every_n_steps", ">= 1", "got 0"]),
+    (["retriever.train_ctx_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=-5"],
+     ["index_refresh.every_n_steps", "got -5"]),
+    (["index_refresh=background"], ["index_refresh.every_n_steps", "retriever.train_ctx_encoder=false"]),
+    (["refresh=background"], ["index_refresh.every_n_steps", "retriever.train_ctx_encoder=false"]),   # old name
     (["stage=launch"], ["stage", "'launch'", "all, prepare, train"]),
-    (["stage=train"], ["stage=train", "retrieval.ray_address"]),
+    (["stage=train"], ["stage=train", "service.ray_address"]),
     (["trainer.checkpoint_every_n_steps=0"], ["trainer.checkpoint_every_n_steps", ">= 1"]),
     (["ckpt_path=/nowhere/last.ckpt"], ["ckpt_path", "/nowhere/last.ckpt"]),
 ])
@@ -430,12 +431,13 @@ def test_bad_settings_are_refused_before_anything_is_built(tmp_path, run, overri
     assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
 
 
-def test_a_ray_address_where_nothing_answers(tmp_path, run):
+@pytest.mark.parametrize("key", ["service.ray_address", "retrieval.ray_address"])   # the group's old name too
+def test_a_ray_address_where_nothing_answers(tmp_path, run, key):
     """Refused within seconds, naming the key and the address (it used to retry silently until killed)."""
     data = _qa_dir(tmp_path)
     proc = _train(run, ["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
-                        *TINY_MODEL, f"retrieval.ray_address={UNREACHABLE_RAY}"], tmp_path)
-    _assert_user_error(proc, "retrieval.ray_address", UNREACHABLE_RAY)
+                        *TINY_MODEL, f"{key}={UNREACHABLE_RAY}"], tmp_path)
+    _assert_user_error(proc, "service.ray_address", UNREACHABLE_RAY)
     assert not (tmp_path / "run" / "kb").exists(), "refused before the data and the knowledge base are built"
 
 
@@ -540,8 +542,8 @@ def test_generate_from_a_malformed_questions_file(tmp_path, run, tiny_checkpoint
 
 def test_generate_with_a_ray_address_where_nothing_answers(tmp_path, run, tiny_checkpoint):
     proc = run("rag_lightning.generate", [f"ckpt_path={tiny_checkpoint}", "question='where does ana live ?'",
-                                          f"retrieval.ray_address={UNREACHABLE_RAY}"], tmp_path)
-    _assert_user_error(proc, "retrieval.ray_address", UNREACHABLE_RAY)
+                                          f"service.ray_address={UNREACHABLE_RAY}"], tmp_path)
+    _assert_user_error(proc, "service.ray_address", UNREACHABLE_RAY)
 
 
 def test_export_of_a_mean_pooled_question_encoder(tmp_path, run, tiny_checkpoint):

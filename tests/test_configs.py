@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from rag_lightning.config import TrainConfig, checked, register_configs
+from rag_lightning.config import TrainConfig, checked, register_configs, with_current_names
 from rag_lightning.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +79,8 @@ def test_a_group_option_holds_only_what_it_changes(tmp_path, group, option):
     (["index=ivfpq"], {"index.factory": "IVF64,PQ16"}),
     (["logger=wandb"], {"logger.kind": "wandb"}),
     (["trainer=gpu"], {"trainer.accelerator": "gpu", "trainer.precision": "bf16-mixed"}),
-    (["refresh=background", "retriever.train_ctx_encoder=true"],
-     {"refresh.every_n_steps": 500, "retriever.train_ctx_encoder": True}),
+    (["index_refresh=background", "retriever.train_ctx_encoder=true"],
+     {"index_refresh.every_n_steps": 500, "retriever.train_ctx_encoder": True}),
     (["data=files", "data.dir=/tmp"], {"data.prepare": None, "data.dir": "/tmp", "kb.source": "/tmp/kb.jsonl",
                                        "kb.generator_tokenizer.extra_texts": ["/tmp/train.jsonl"]}),
     (["data=nq_open"], {"data.prepare": "nq_open",
@@ -149,12 +149,12 @@ def test_hydra_refuses_unknown_keys_and_wrong_types(tmp_path, override, key):
     (["trainer.devices=0"], "trainer.devices: 0 is not a device count >= 1"),
     (["model.n_docs=0"], "model.n_docs must be >= 1 (got 0)"),
     (["data.batch_size=0"], "data.batch_size must be >= 1 (got 0)"),
-    (["retrieval.failover_timeout_s=0"], "retrieval.failover_timeout_s must be >= 0.001 (got 0.0)"),
+    (["service.failover_timeout_s=0"], "service.failover_timeout_s must be >= 0.001 (got 0.0)"),
     (["trainer.checkpoint_every_n_steps=0"], "trainer.checkpoint_every_n_steps must be >= 1 (got 0)"),
-    (["refresh=background", "refresh.every_n_steps=0", "retriever.train_ctx_encoder=true"],
-     "refresh.every_n_steps must be >= 1 (got 0)"),
-    (["refresh=background"], "refresh.every_n_steps is set but retriever.train_ctx_encoder=false"),
-    (["stage=train"], "stage=train needs retrieval.ray_address"),
+    (["index_refresh=background", "index_refresh.every_n_steps=0", "retriever.train_ctx_encoder=true"],
+     "index_refresh.every_n_steps must be >= 1 (got 0)"),
+    (["index_refresh=background"], "index_refresh.every_n_steps is set but retriever.train_ctx_encoder=false"),
+    (["stage=train"], "stage=train needs service.ray_address"),
     (["data=files"], "data.dir: no folder at"),
 ])
 def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message):
@@ -171,7 +171,7 @@ def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message)
     ("evaluate", ["ckpt_path=x.ckpt", "batch_size=0"], "batch_size must be >= 1 (got 0)"),
     ("evaluate", ["ckpt_path=x.ckpt", "data=files", "data.dir=qa", "data.prepare=squad"], "data.prepare: 'squad'"),
     ("generate", ["ckpt_path=x.ckpt"], 'give either question="..." or questions=FILE'),
-    ("generate", ["ckpt_path=x.ckpt", "question=hi", "retrieval.num_cpus=0"], "retrieval.num_cpus must be >= 1"),
+    ("generate", ["ckpt_path=x.ckpt", "question=hi", "service.num_cpus=0"], "service.num_cpus must be >= 1"),
     ("export", ["ckpt_path=x.ckpt", "out=o", "+format=onnx"], "format: not a setting of the config"),
 ])
 def test_every_entry_point_checks_its_config(tmp_path, entry, overrides, message):
@@ -185,3 +185,11 @@ def test_checked_accepts_every_valid_choice(tmp_path):
                                    "data=files", f"data.dir={tmp_path}"], tmp_path)
     assert cfg.model.question_encoder == replace(schema_defaults(tmp_path).model.question_encoder, pooling="cls")
     assert cfg.trainer.devices == [0, 1] and cfg.data.prepare is None
+
+
+def test_renamed_groups_keep_their_old_names_on_the_command_line():
+    old = ["retrieval.ray_address=h:1", "+refresh.workers=2", "refresh=background", "~retrieval", "retrieval@x=local",
+           "retriever.score_scale=1", "data.dir=retrieval", "hydra.run.dir=refresh", "refreshes=1"]
+    assert with_current_names(old) == [
+        "service.ray_address=h:1", "+index_refresh.workers=2", "index_refresh=background", "~service",
+        "service@x=local", "retriever.score_scale=1", "data.dir=retrieval", "hydra.run.dir=refresh", "refreshes=1"]

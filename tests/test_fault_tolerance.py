@@ -75,7 +75,7 @@ def test_a_shard_without_any_live_replica_fails_with_a_clear_error(ray_cluster, 
         ray.kill(client.replicas[1][0], no_restart=True)
         _wait_until_dead(client.replicas[1][0])
         with pytest.raises(ShardUnavailable, match=rf"index shard 1: no replica \({spec.actor_name(1, 0)}\) "
-                                                   r"answered within 3s.*retrieval.failover_timeout_s"):
+                                                   r"answered within 3s.*service.failover_timeout_s"):
             client.search(queries, 4)
     finally:
         shutdown_service(spec)

@@ -204,7 +204,7 @@ def test_a_ray_address_where_nothing_answers_is_one_line_naming_where_it_came_fr
     with pytest.raises(SystemExit) as refused:
         main()
     assert refused.value.code == 2
-    key = ray_runtime.RAY_ADDRESS_ENV if from_env else "retrieval.ray_address"
+    key = ray_runtime.RAY_ADDRESS_ENV if from_env else "service.ray_address"
     [line] = _lines(capsys.readouterr().err)
     assert line.startswith(f"error: {key}: no Ray cluster answers at 127.0.0.1:1"), line
 

@@ -58,8 +58,9 @@ def test_tiny_training_run_writes_its_run_dir(tmp_path, subprocess_env, override
 def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_path, subprocess_env):
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny",
-                           "retriever.train_ctx_encoder=true", "refresh=background", "refresh.every_n_steps=2",
-                           "refresh.blocking=true", f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=subprocess_env,
+                           "retriever.train_ctx_encoder=true", "index_refresh=background",
+                           "index_refresh.every_n_steps=2", "index_refresh.blocking=true", f"hydra.run.dir={run_dir}"],
+                          cwd=REPO_ROOT, env=subprocess_env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -3,7 +3,7 @@
 The checkpoint holds everything needed: the model, retriever and service settings it was
 trained with (its hyperparameters, plain dicts), the weights, and the index version it
 last trained against. Serving starts shard actors of its own (on a local Ray, or on the
-cluster at retrieval.ray_address) under a name of their own, so a training job using the
+cluster at service.ray_address) under a name of their own, so a training job using the
 same knowledge base is never disturbed, and moves them to that index version if it is
 still on disk.
 """
@@ -20,7 +20,7 @@ import ray
 
 from rag_lightning.callbacks.checkpoints import read_checkpoint
 from rag_lightning.callbacks.index_version import CHECKPOINT_KEY
-from rag_lightning.config import RetrievalConfig
+from rag_lightning.config import ServiceConfig
 from rag_lightning.errors import UserError
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.kb_store import Manifest, read_manifest
@@ -61,14 +61,14 @@ def index_version_to_serve(trained: TrainedModel, manifest: Manifest) -> int:
 
 
 @contextmanager
-def serving(trained: TrainedModel, retrieval: RetrievalConfig) -> Iterator[int]:
+def serving(trained: TrainedModel, service: ServiceConfig) -> Iterator[int]:
     """Shard actors of the module's knowledge base, for this process alone; yields the index version they serve."""
     module = trained.module
-    spec = replace(module.service_spec, namespace=retrieval.namespace,
-                   name_prefix=f"serve-{os.getpid()}", failover_timeout_s=retrieval.failover_timeout_s)
-    owns_ray = not (retrieval.ray_address or os.environ.get(RAY_ADDRESS_ENV))
-    connect(retrieval.ray_address, namespace=spec.namespace, host=retrieval.host, dashboard=retrieval.dashboard,
-            num_cpus=retrieval.num_cpus, temp_dir=retrieval.temp_dir)
+    spec = replace(module.service_spec, namespace=service.namespace,
+                   name_prefix=f"serve-{os.getpid()}", failover_timeout_s=service.failover_timeout_s)
+    owns_ray = not (service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
+    connect(service.ray_address, namespace=spec.namespace, host=service.host, dashboard=service.dashboard,
+            num_cpus=service.num_cpus, temp_dir=service.temp_dir)
     try:
         launch_service(spec)
         manifest = read_manifest(spec.kb_dir)

@@ -33,10 +33,10 @@ def process_rank() -> int:
 def service_spec(cfg: TrainConfig) -> ServiceSpec:
     """The job's shard actors: enough for any of its processes to attach to them."""
     return ServiceSpec(kb_dir=str(Path(cfg.kb.dir).resolve()), num_shards=cfg.index.shards,
-                       num_replicas=cfg.index.replicas, namespace=cfg.retrieval.namespace,
-                       omp_threads=cfg.index.omp_threads, actor_cpus=cfg.retrieval.actor_cpus,
+                       num_replicas=cfg.index.replicas, namespace=cfg.service.namespace,
+                       omp_threads=cfg.index.omp_threads, actor_cpus=cfg.service.actor_cpus,
                        search_params=cfg.index.search_params,
-                       failover_timeout_s=cfg.retrieval.failover_timeout_s)
+                       failover_timeout_s=cfg.service.failover_timeout_s)
 
 
 def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
@@ -50,13 +50,14 @@ def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
     if cfg.model.n_docs > manifest.num_passages:
         raise UserError(f"model.n_docs={cfg.model.n_docs} is larger than the knowledge base "
                         f"({manifest.num_passages} passages in {cfg.kb.dir})")
-    connect(cfg.retrieval.ray_address, namespace=spec.namespace, host=cfg.retrieval.host,
-            dashboard=cfg.retrieval.dashboard, num_cpus=cfg.retrieval.num_cpus,
-            temp_dir=cfg.retrieval.temp_dir)
+    connect(cfg.service.ray_address, namespace=spec.namespace, host=cfg.service.host,
+            dashboard=cfg.service.dashboard, num_cpus=cfg.service.num_cpus,
+            temp_dir=cfg.service.temp_dir)
     if first:
         launch_service(spec)
-        if cfg.refresh.every_n_steps is not None:
-            launch_refresher(spec, RefreshSpec(num_workers=cfg.refresh.workers, worker_cpus=cfg.refresh.worker_cpus,
-                                               worker_gpus=cfg.refresh.worker_gpus, batch_size=cfg.refresh.batch_size,
-                                               keep_versions=cfg.refresh.keep_versions))
+        refresh = cfg.index_refresh
+        if refresh.every_n_steps is not None:
+            launch_refresher(spec, RefreshSpec(num_workers=refresh.workers, worker_cpus=refresh.worker_cpus,
+                                               worker_gpus=refresh.worker_gpus, batch_size=refresh.batch_size,
+                                               keep_versions=refresh.keep_versions))
     return manifest
