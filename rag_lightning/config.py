@@ -190,7 +190,7 @@ class TrainerConfig:
     num_nodes: int = at_least(1, 1)
     strategy: str = "auto"
     precision: str = "32-true"
-    max_steps: int = at_least(1500, 1)
+    max_steps: int = at_least(2000, 1)
     max_epochs: int = at_least(-1, -1)
     val_check_interval: int | None = at_least(500, 1)
     check_val_every_n_epoch: int | None = at_least(None, 1)
