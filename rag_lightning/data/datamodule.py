@@ -16,24 +16,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rag_lightning.config import DataConfig, ModelConfig
 from rag_lightning.data.qa_files import QAExample, read_split
+from rag_lightning.model.generator import decoder_prefix
 
 
 class TokenizedQA(Dataset):
-    """Examples with their question ids for both tokenizers and the target ids of the first answer."""
+    """Examples with their question ids for both tokenizers and the target ids of the first answer (after the
+    generator's decoder prefix)."""
 
     def __init__(self, examples: list[QAExample], encoder_tokenizer, generator_tokenizer,
                  max_question_tokens: int, max_answer_tokens: int):
         self.examples = examples
         self.encoder_ids, self.generator_ids = tokenize_questions([e.question for e in examples], encoder_tokenizer,
                                                                   generator_tokenizer, max_question_tokens)
+        prefix, eos = decoder_prefix(generator_tokenizer), generator_tokenizer.eos_token_id
         answers = generator_tokenizer([e.answers[0] for e in examples], add_special_tokens=False, truncation=True,
-                                      max_length=max_answer_tokens - 3)["input_ids"]
-        bos, eos = generator_tokenizer.bos_token_id, generator_tokenizer.eos_token_id
-        # BART's decoder input starts "</s> <s>" (its decoder_start_token_id, then bos): the answer's first
-        # token is then predicted at the third position, and a generator trained from scratch learns to copy
-        # from its passages within a few hundred steps for every seed, where "<s>" alone left some seeds stuck
-        # on the answers' prior for thousands of steps (measured on the demo)
-        self.target_ids = [[eos, bos, *ids, eos] for ids in answers]
+                                      max_length=max_answer_tokens - len(prefix) - 1)["input_ids"]
+        self.target_ids = [[*prefix, *ids, eos] for ids in answers]
 
     def __len__(self) -> int:
         return len(self.examples)
