@@ -57,7 +57,6 @@ from rag_lightning.config import (
 )
 from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.kb.build import build_knowledge_base
-from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import launch_service, shutdown_service
@@ -186,7 +185,7 @@ def new_module(kind: str, tok_dir: Path, spec: ServiceSpec) -> RagModule:
 
 def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:
     return QADataModule(DataConfig(dir=str(data_dir), batch_size=BATCH), module.model_cfg,
-                        load_encoder_tokenizer(module.model_cfg.question_encoder), module.generator_tokenizer)
+                        module.question_tokenizer, module.generator_tokenizer)
 
 
 def timed_fit(module: RagModule, datamodule: QADataModule, steps: int, callbacks: list[Callback]) -> float:

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rag_lightning.errors import UserError
+from rag_lightning.model.encoder_folders import resolve_encoder
 from retrieval_workers.ray_runtime import RayUnreachable, check_reachable
 from retrieval_workers.types import RefreshSpec, ServiceSpec
 
@@ -39,14 +40,22 @@ def at_least(default: Any, minimum: float) -> Any:
 
 @dataclass
 class EncoderConfig:
+    """A dense encoder of questions or passages. What a folder is, is read from the folder
+    (rag_lightning/model/encoder_folders.py): a sentence-transformers folder (modules.json) brings its pooling,
+    normalisation and max_seq_length, a DPR folder its pooler output (projection included), any other Hugging Face
+    encoder folder is BERT-style (mean pooling unless set). null below means: as the folder says."""
+
     pretrained: str | None = "minilm"   # "minilm" (bundled), a model folder, or null for a random model
     tokenizer: str | None = None        # a tokenizer folder; null: the pretrained model's (MiniLM's if random)
-    pooling: str = choice("mean", "cls")
-    normalize: bool = True                 # L2-normalise the vectors: the bundled MiniLM was trained for cosine
+    pooling: str | None = choice(None, "mean", "cls")   # must agree with a sentence-transformers or DPR folder
+    normalize: bool | None = None       # L2-normalise the vectors (a sentence-transformers Normalize module)
+    max_length: int | None = at_least(None, 2)   # tokens per text; null: max_seq_length, else 128
     num_layers: int = at_least(0, 0)       # keep only the first N layers of a pretrained model (0 = all)
-    hidden_size: int = at_least(128, 1)    # sizes of a random model
-    num_heads: int = at_least(4, 1)
-    max_length: int = at_least(128, 2)
+    hidden_size: int = at_least(128, 1)    # sizes of a random model (made like the bundled MiniLM: mean pooling,
+    num_heads: int = at_least(4, 1)        # normalised)
+
+    def check(self, key: str) -> None:
+        resolve_encoder(self, key)          # the folder is read now: a folder that is no encoder is refused here
 
 
 @dataclass

@@ -22,7 +22,6 @@ from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import read_split
 from rag_lightning.errors import UserError
 from rag_lightning.evaluation.scores import SplitScores
-from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.trained_model import load_trained_model, serving
 from retrieval_workers.atomic_files import atomic_write_bytes
 
@@ -44,10 +43,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     examples = read_split(data_dir, cfg.split)
     if cfg.max_examples:
         examples = examples[:cfg.max_examples]
-    encoder_tokenizer = load_encoder_tokenizer(module.model_cfg.question_encoder)
-    dataset = TokenizedQA(examples, encoder_tokenizer, module.generator_tokenizer,
+    dataset = TokenizedQA(examples, module.question_tokenizer, module.generator_tokenizer,
                           module.model_cfg.max_question_tokens, module.model_cfg.max_answer_tokens)
-    loader = eval_loader(dataset, cfg.batch_size, encoder_tokenizer.pad_token_id,
+    loader = eval_loader(dataset, cfg.batch_size, module.question_tokenizer.pad_token_id,
                          module.generator_tokenizer.pad_token_id)
     scores = SplitScores(module.model_cfg.n_docs)
     with serving(trained, cfg.service) as index_version:

@@ -13,9 +13,11 @@ answers like `rag_lightning.generate`:
 with B and T the training config's model.num_beams and model.max_answer_tokens (the export
 prints them).
 
-The question encoder becomes a DPRQuestionEncoder, whose output is the [CLS] vector, so
-only a model trained with `model.question_encoder.pooling=cls`, `normalize=false` and
-`retriever.score_scale=1` can be exported exactly.
+transformers' RAG scores passages by the pooler output of a DPRQuestionEncoder, unscaled. A DPR
+question encoder is exported as it is; a BERT-style one becomes a DPRQuestionEncoder of the
+same weights (whose output is the [CLS] vector), so it exports exactly only when trained with
+`model.question_encoder.pooling=cls` and `normalize=false`; and every model needs
+`retriever.score_scale=1`.
 The passages carry the embeddings of the index version the checkpoint trained against.
 The folder is written beside DIR and renamed into place when complete.
 """
@@ -35,10 +37,10 @@ from rag_lightning.config import ExportConfig
 from rag_lightning.errors import UserError
 from rag_lightning.kb.hf_format import HFPassages, write_hf_passages
 from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
-from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.generator import RAG_CLASSES
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.model.trained_model import TrainedModel, index_version_to_serve, load_trained_model
+from retrieval_workers.encoding import POOLER
 from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,13 @@ def export(cfg: ExportConfig) -> Path:
         raise UserError(f"out: {out} exists and is not an empty folder; export writes a new one")
     trained = load_trained_model(cfg.ckpt_path)
     module = trained.module
-    encoder, scale = module.model_cfg.question_encoder, module.retriever_cfg.score_scale
-    if encoder.pooling != "cls" or encoder.normalize or scale != 1:
+    encoder, scale = module.question_encoder, module.retriever_cfg.score_scale
+    if encoder.pooling not in ("cls", POOLER) or encoder.normalize or scale != 1:
         raise UserError(f"ckpt_path: {cfg.ckpt_path} was trained with model.question_encoder.pooling="
                         f"{encoder.pooling}, normalize={str(encoder.normalize).lower()} and retriever.score_scale="
                         f"{scale:g}; transformers' RAG scores passages by the raw [CLS] vector of its question "
-                        "encoder (DPRQuestionEncoder), so only pooling=cls, normalize=false and score_scale=1 "
-                        "export exactly")
+                        "encoder (DPRQuestionEncoder), so only pooling=cls (or a DPR encoder), normalize=false and "
+                        "score_scale=1 export exactly")
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     try:
         staging.mkdir(parents=True)
@@ -95,25 +97,32 @@ def _knowledge_base(trained: TrainedModel) -> tuple[HFPassages, str]:
 
 
 def _transformers_model(module: RagModule, passages_path: Path, index_path: Path):
-    """The module's RAG model with its question encoder as a DPRQuestionEncoder (same BERT weights)."""
-    bert = module.question_encoder.model
-    if bert.config.model_type != "bert":
-        raise UserError(f"model.question_encoder: a {bert.config.model_type} model has no DPR equivalent; "
-                        "export needs a BERT-style question encoder")
-    dpr_config = DPRConfig(**{key: getattr(bert.config, key) for key in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-        "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-        "initializer_range", "layer_norm_eps", "pad_token_id")})
-    question_encoder = DPRQuestionEncoder(dpr_config)
-    question_encoder.question_encoder.bert_model.load_state_dict(bert.state_dict())
+    """The module's RAG model with its question encoder as a DPRQuestionEncoder."""
+    question_encoder = _as_dpr_question_encoder(module.question_encoder.model)
     generator = module.rag.generator
     cfg = module.model_cfg
     config = RagConfig.from_question_encoder_generator_configs(
-        dpr_config, generator.config, n_docs=cfg.n_docs, max_combined_length=cfg.max_context_tokens,
+        question_encoder.config, generator.config, n_docs=cfg.n_docs, max_combined_length=cfg.max_context_tokens,
         retrieval_vector_size=module.question_encoder.dim, title_sep=TITLE_SEP, doc_sep=DOC_SEP,
         label_smoothing=cfg.label_smoothing, index_name="custom", passages_path=str(passages_path),
         index_path=str(index_path))
     return RAG_CLASSES[cfg.kind](config=config, question_encoder=question_encoder, generator=generator).eval()
+
+
+def _as_dpr_question_encoder(model) -> DPRQuestionEncoder:
+    """A DPR question encoder as it is; a BERT as a DPRQuestionEncoder of the same weights."""
+    if isinstance(model, DPRQuestionEncoder):
+        return model
+    if model.config.model_type != "bert":
+        raise UserError(f"model.question_encoder: a {model.config.model_type} model has no DPR equivalent; "
+                        "export needs a BERT-style or DPR question encoder")
+    dpr_config = DPRConfig(**{key: getattr(model.config, key) for key in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+        "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+        "initializer_range", "layer_norm_eps", "pad_token_id")})
+    question_encoder = DPRQuestionEncoder(dpr_config)
+    question_encoder.question_encoder.bert_model.load_state_dict(model.state_dict())
+    return question_encoder
 
 
 def _tokenizers(module: RagModule) -> RagTokenizer:
@@ -123,8 +132,7 @@ def _tokenizers(module: RagModule) -> RagTokenizer:
     eos = generator_tokenizer.eos_token
     generator_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {eos}", special_tokens=[(eos, generator_tokenizer.eos_token_id)])
-    return RagTokenizer(question_encoder=load_encoder_tokenizer(module.model_cfg.question_encoder),
-                        generator=generator_tokenizer)
+    return RagTokenizer(question_encoder=module.question_tokenizer, generator=generator_tokenizer)
 
 
 main = command("export")(export)      # python -m rag_lightning.export, or rag-export

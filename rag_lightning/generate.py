@@ -14,7 +14,6 @@ from rag_lightning.config import GenerateConfig
 from rag_lightning.data.datamodule import question_batch, tokenize_questions
 from rag_lightning.data.text_files import jsonl_rows, read_utf8
 from rag_lightning.errors import UserError
-from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.trained_model import load_trained_model, serving
 from retrieval_workers.atomic_files import atomic_write_bytes
 
@@ -45,14 +44,13 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         raise UserError("question: empty")
     trained = load_trained_model(cfg.ckpt_path)
     module = trained.module
-    encoder_tokenizer = load_encoder_tokenizer(module.model_cfg.question_encoder)
     answered = []
     with serving(trained, cfg.service):
         for start in range(0, len(questions), cfg.batch_size):
             chunk = questions[start:start + cfg.batch_size]
-            batch = question_batch(*tokenize_questions(chunk, encoder_tokenizer, module.generator_tokenizer,
+            batch = question_batch(*tokenize_questions(chunk, module.question_tokenizer, module.generator_tokenizer,
                                                        module.model_cfg.max_question_tokens),
-                                   encoder_tokenizer.pad_token_id)
+                                   module.question_tokenizer.pad_token_id)
             answers, result = module.predict_answers(batch)
             for i, (question, answer) in enumerate(zip(chunk, answers)):
                 passages = module.passages.titles_and_texts(result.ids[i])

@@ -32,7 +32,6 @@ from rag_lightning.command import command
 from rag_lightning.config import TrainConfig
 from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.errors import UserError
-from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.training.loggers import build_logger
 from rag_lightning.training.setup import prepare, service_spec
@@ -85,8 +84,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
                         f"knowledge base's {manifest.dim} (kb.context_encoder); use encoders of one size")
     if resume_from is not None:
         check_checkpoint_fits(resume_from, module, asdict(cfg.model))
-    datamodule = QADataModule(cfg.data, cfg.model, load_encoder_tokenizer(cfg.model.question_encoder),
-                              module.generator_tokenizer)
+    datamodule = QADataModule(cfg.data, cfg.model, module.question_tokenizer, module.generator_tokenizer)
 
     refresh = IndexRefresh(spec, cfg.index_refresh.every_n_steps, blocking=cfg.index_refresh.blocking) \
         if cfg.index_refresh.every_n_steps is not None else None
@@ -97,8 +95,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     if refresh is not None:
         callbacks.append(refresh)
     if module.context_encoder is not None:
-        callbacks.append(SaveContextEncoder(run_dir / "checkpoints" / "context_encoder",
-                                            load_encoder_tokenizer(module.context_encoder_cfg)))
+        callbacks.append(SaveContextEncoder(run_dir / "checkpoints" / "context_encoder"))
     logger = build_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
     if isinstance(logger, WandbLogger):
         callbacks.append(SampleTable(metrics))

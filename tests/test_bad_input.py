@@ -31,7 +31,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from retrieval_workers.kb_store import MANIFEST, PassageTable, read_manifest, sha256_file, verify_file
 
-from helpers import TINY_KB_ENCODER, TINY_MODEL, cli_env
+from helpers import REPO_ROOT, TINY_KB_ENCODER, TINY_MODEL, cli_env
 
 QA_ROWS = [{"question": "where does ana live ?", "answers": ["paris"]},
            {"question": "where does bo live ?", "answers": ["rome"]},
@@ -423,6 +423,10 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cl
     (["stage=train"], ["stage=train", "service.ray_address"]),
     (["trainer.checkpoint_every_n_steps=0"], ["trainer.checkpoint_every_n_steps", ">= 1"]),
     (["ckpt_path=/nowhere/last.ckpt"], ["ckpt_path", "/nowhere/last.ckpt"]),
+    (["kb.context_encoder.pretrained=/nowhere/encoder"],
+     ["kb.context_encoder.pretrained: /nowhere/encoder is not a Hugging Face model folder"]),
+    ([f"model.question_encoder.pretrained={REPO_ROOT / 'conf'}"],
+     [f"model.question_encoder.pretrained: {REPO_ROOT / 'conf'} is not a Hugging Face model folder"]),
 ])
 def test_bad_settings_are_refused_before_anything_is_built(tmp_path, run, overrides, fragments):
     data = _qa_dir(tmp_path)

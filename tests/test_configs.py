@@ -138,8 +138,8 @@ def test_hydra_refuses_unknown_keys_and_wrong_types(tmp_path, override, key):
 @pytest.mark.parametrize("overrides, message", [
     (["+trainer.max_step=5"], "trainer.max_step: not a setting of trainer; did you mean trainer.max_steps?"),
     (["+model.question_encoder.pool=cls"], "model.question_encoder.pool: not a setting"),
-    (["model.question_encoder.pooling=maen"], "model.question_encoder.pooling: 'maen' is not one of mean, cls"),
-    (["kb.context_encoder.pooling=first"], "kb.context_encoder.pooling: 'first' is not one of mean, cls"),
+    (["model.question_encoder.pooling=maen"], "model.question_encoder.pooling: 'maen' is not one of null, mean, cls"),
+    (["kb.context_encoder.pooling=first"], "kb.context_encoder.pooling: 'first' is not one of null, mean, cls"),
     (["model.kind=rag_paragraph"], "model.kind: 'rag_paragraph' is not one of rag_sequence, rag_token"),
     (["optim.schedule=cosine"], "optim.schedule: 'cosine' is not one of constant, linear"),
     (["logger.kind=tensorboard"], "logger.kind: 'tensorboard' is not one of csv, wandb, none"),

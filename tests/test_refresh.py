@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import lightning as L
@@ -14,13 +14,13 @@ import pytest
 import ray
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import AutoModel
 
 from rag_lightning.callbacks.context_encoder_saver import SaveContextEncoder
 from rag_lightning.callbacks.index_refresh import IndexRefresh
 from rag_lightning.callbacks.index_version import IndexVersionCheckpointing
 from rag_lightning.config import (
     DataConfig,
+    EncoderConfig,
     GeneratorConfig,
     GeneratorTokenizerConfig,
     IndexConfig,
@@ -40,15 +40,16 @@ from retrieval_workers.refresh import encoder_name, launch_refresher, shutdown_r
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.types import RefreshSpec
 
-from helpers import tiny_encoder_config, unique_spec
+from helpers import tiny_encoder_config, unique_spec, write_encoder_folder
 
 
-def _knowledge_base(tmp_path: Path, num_entities: int, shards: int) -> tuple[Path, Path]:
-    """Demo QA files and a tiny-encoder KB over them; returns (data dir, kb dir)."""
+def _knowledge_base(tmp_path: Path, num_entities: int, shards: int,
+                    encoder: EncoderConfig | None = None) -> tuple[Path, Path]:
+    """Demo QA files and a KB over them (the tiny random encoder unless given); returns (data dir, kb dir)."""
     data_dir = tmp_path / "data"
     write_demo_data(data_dir, num_entities=num_entities, num_values=12, val_size=4, test_size=4)
     kb = KBConfig(source=str(data_dir / "kb.jsonl"), dir=str(tmp_path / "kb"), words_per_passage=100,
-                  max_passage_tokens=32, context_encoder=tiny_encoder_config(),
+                  max_passage_tokens=32, context_encoder=encoder or tiny_encoder_config(),
                   generator_tokenizer=GeneratorTokenizerConfig(vocab_size=2000,
                                                                extra_texts=[str(data_dir / "train.jsonl")]))
     build_knowledge_base(kb, IndexConfig(factory="Flat", shards=shards))
@@ -57,9 +58,12 @@ def _knowledge_base(tmp_path: Path, num_entities: int, shards: int) -> tuple[Pat
 
 @pytest.fixture
 def running_service(ray_cluster, tmp_path, request):
-    """A KB with its shard service and refresh coordinator; params: (entities, shards, replicas, RefreshSpec)."""
-    num_entities, shards, replicas, refresh = request.param
-    data_dir, kb_dir = _knowledge_base(tmp_path, num_entities, shards)
+    """A KB with its shard service and refresh coordinator; params: (entities, shards, replicas, RefreshSpec), and
+    optionally the kind of encoder folder (helpers.write_encoder_folder) the KB is encoded with."""
+    num_entities, shards, replicas, refresh, *folder_kind = request.param
+    encoder = EncoderConfig(pretrained=str(write_encoder_folder(tmp_path / "encoder", folder_kind[0]))) \
+        if folder_kind else None
+    data_dir, kb_dir = _knowledge_base(tmp_path, num_entities, shards, encoder)
     spec = unique_spec(kb_dir, shards=shards, replicas=replicas)
     launch_service(spec)
     coordinator = launch_refresher(spec, refresh)
@@ -70,7 +74,8 @@ def running_service(ray_cluster, tmp_path, request):
 
 def _perturbed_encoder(kb_dir: Path, seed: int):
     """The KB's context encoder with its weights moved, as training would move them."""
-    cfg = tiny_encoder_config()
+    recorded = read_manifest(kb_dir).encoder
+    cfg = EncoderConfig(**{f.name: recorded[f.name] for f in fields(EncoderConfig)})
     encoder = build_encoder(cfg, load_encoder_tokenizer(cfg)).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -117,6 +122,22 @@ def test_refresh_writes_a_version_equal_to_a_direct_encoding_and_prunes_old_ones
     manifest = read_manifest(kb_dir)
     assert manifest.active_version == 3 and manifest.kept_versions() == [2, 3]
     assert sorted(p.name for p in kb_dir.glob("v*")) == ["v2", "v3"]
+
+
+@pytest.mark.parametrize("running_service", [(20, 2, 1, RefreshSpec(batch_size=8), "dpr_context"),
+                                             (20, 2, 1, RefreshSpec(batch_size=8), "sentence_transformers")],
+                         indirect=True, ids=["dpr", "sentence_transformers"])
+def test_a_refresh_of_a_dpr_or_sentence_transformers_encoder_equals_a_direct_encoding(running_service):
+    """The snapshot carries the architecture (DPRContextEncoder, a BERT with [CLS] pooling and normalisation)."""
+    _, spec, coordinator = running_service
+    kb_dir = Path(spec.kb_dir)
+    encoder = _perturbed_encoder(kb_dir, seed=1)
+    report = _refresh(coordinator, encoder, step=5)
+    assert report.error is None and report.version == 1
+    manifest = read_manifest(kb_dir)
+    values, offsets = PassageTable(kb_dir / manifest.passages_file).token_ids("encoder_ids")
+    np.testing.assert_allclose(load_embeddings(kb_dir, manifest), encode_token_ids(encoder, values, offsets, 5),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("running_service", [(60, 3, 2, RefreshSpec(batch_size=8, keep_versions=10))], indirect=True)
@@ -203,7 +224,7 @@ def _tiny_module(kb_dir: str, spec, **retriever) -> RagModule:
 
 def _datamodule(data_dir: Path, module: RagModule) -> QADataModule:
     return QADataModule(DataConfig(dir=str(data_dir), batch_size=4, eval_batch_size=4), module.model_cfg,
-                        load_encoder_tokenizer(tiny_encoder_config()), module.generator_tokenizer)
+                        module.question_tokenizer, module.generator_tokenizer)
 
 
 def _trainer(tmp_path: Path, max_steps: int, callbacks: list) -> L.Trainer:
@@ -236,8 +257,7 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1,
                                   filename="{step}")
     refresh = IndexRefresh(spec, every_n_steps=2, blocking=True)
-    saver = SaveContextEncoder(tmp_path / "checkpoints" / "context_encoder",
-                               load_encoder_tokenizer(module.context_encoder_cfg))
+    saver = SaveContextEncoder(tmp_path / "checkpoints" / "context_encoder")
     trainer = _trainer(tmp_path, max_steps=4, callbacks=[refresh, IndexVersionCheckpointing(spec, refresh), saver,
                                                          checkpoints])
     trainer.fit(module, datamodule=_datamodule(data_dir, module))
@@ -247,10 +267,14 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
     assert step4["index_version"] == 1
     assert torch.load(tmp_path / "checkpoints" / "step=2.ckpt", weights_only=False)["index_version"] == 0
 
-    # the trained context encoder is saved in Hugging Face format beside the checkpoints
-    saved = AutoModel.from_pretrained(tmp_path / "checkpoints" / "context_encoder", add_pooling_layer=False)
-    for name, tensor in saved.state_dict().items():
-        torch.testing.assert_close(tensor, module.context_encoder.model.state_dict()[name])
+    # the trained context encoder is saved beside the checkpoints as a folder that builds it again
+    saved_cfg = EncoderConfig(pretrained=str(tmp_path / "checkpoints" / "context_encoder"))
+    saved = build_encoder(saved_cfg, load_encoder_tokenizer(saved_cfg))
+    assert (saved.pooling, saved.normalize) == (module.context_encoder.pooling, module.context_encoder.normalize)
+    trained = module.context_encoder.model.state_dict()
+    assert saved.model.state_dict().keys() == trained.keys()
+    for name, tensor in saved.model.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name])
 
     # resuming from step 4 serves version 1 again, and the next step searches it
     resumed = _tiny_module(spec.kb_dir, spec)

@@ -13,6 +13,7 @@ import torch
 from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
 from rag_lightning.config import (
     DataConfig,
+    EncoderConfig,
     GeneratorConfig,
     GeneratorTokenizerConfig,
     IndexConfig,
@@ -24,49 +25,55 @@ from rag_lightning.config import (
 from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.data.demo import write_demo_data
 from rag_lightning.kb.build import build_knowledge_base
-from rag_lightning.model.encoders import load_encoder_tokenizer
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.service import launch_service, shutdown_service
 
-from helpers import actor_pid, tiny_encoder_config, unique_spec
+from helpers import actor_pid, tiny_encoder_config, unique_spec, write_encoder_folder
 
 N_DOCS = 2
 BATCH = 4
 
 
-@pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory):
-    """Demo data for 40 made-up people (40 passages), a tiny KB in 2 shards, and its running service."""
+def _running_service(tmp_path_factory, context_encoder: EncoderConfig):
+    """Demo data for 40 made-up people (40 passages), a KB of them in 2 shards, and its running service."""
     data_dir = tmp_path_factory.mktemp("data")
     write_demo_data(data_dir, num_entities=40, num_values=12, val_size=4, test_size=4)
     kb = KBConfig(source=str(data_dir / "kb.jsonl"), dir=str(tmp_path_factory.mktemp("kb")), words_per_passage=100,
-                  max_passage_tokens=32, context_encoder=tiny_encoder_config(),
+                  max_passage_tokens=32, context_encoder=context_encoder,
                   generator_tokenizer=GeneratorTokenizerConfig(vocab_size=2000,
                                                                extra_texts=[str(data_dir / "train.jsonl")]))
     manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=2))
     assert manifest.num_passages == 40
     spec = unique_spec(kb.dir, shards=2, replicas=1)
     launch_service(spec)
+    return data_dir, spec
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tmp_path_factory):
+    """The tiny random encoder's knowledge base and service."""
+    data_dir, spec = _running_service(tmp_path_factory, tiny_encoder_config())
     yield data_dir, spec
     shutdown_service(spec)
 
 
-def _model_config(kind: str, **overrides) -> ModelConfig:
-    return ModelConfig(kind=kind, n_docs=N_DOCS, question_encoder=tiny_encoder_config(),
+def _model_config(kind: str, question_encoder: EncoderConfig | None = None, **overrides) -> ModelConfig:
+    return ModelConfig(kind=kind, n_docs=N_DOCS, question_encoder=question_encoder or tiny_encoder_config(),
                        generator=GeneratorConfig(d_model=32, layers=1, heads=2, ffn_dim=64, dropout=0.0),
                        max_context_tokens=64, max_answer_tokens=8, num_beams=2, **overrides)
 
 
-def _module_and_batch(service, kind: str, train_question_encoder: bool = True, **retriever_overrides):
+def _module_and_batch(service, kind: str, train_question_encoder: bool = True,
+                      question_encoder: EncoderConfig | None = None, **retriever_overrides):
     data_dir, spec = service
     torch.manual_seed(0)
-    model_cfg = _model_config(kind)
+    model_cfg = _model_config(kind, question_encoder)
     retriever = RetrieverConfig(train_question_encoder=train_question_encoder, **retriever_overrides)
     module = RagModule(model=asdict(model_cfg), retriever=asdict(retriever),
                        optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
     module.setup("fit")
     datamodule = QADataModule(DataConfig(dir=str(data_dir), batch_size=BATCH, eval_batch_size=BATCH), model_cfg,
-                              load_encoder_tokenizer(model_cfg.question_encoder), module.generator_tokenizer)
+                              module.question_tokenizer, module.generator_tokenizer)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     return module, datamodule, batch
@@ -145,6 +152,41 @@ def test_context_encoder_gets_gradients_only_when_trained(service):
     assert len(trainable) > 1 and all(p.grad is not None for p in trainable)
     assert sum(float(p.grad.abs().sum()) for p in trainable) > 0, "the context encoder's gradients are all zero"
     assert not module.context_encoder.model.get_input_embeddings().weight.requires_grad   # frozen by default
+
+
+@pytest.mark.parametrize("folders", [("dpr_question", "dpr_context"),
+                                     ("sentence_transformers", "sentence_transformers")], ids=["dpr", "st"])
+def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_factory, folders):
+    """DPR question and context encoders (pooler output with projection), and sentence-transformers folders
+    ([CLS] pooling, normalised): both encoders get gradients and move, their embedding tables do not, the loss
+    falls."""
+    root = tmp_path_factory.mktemp("folders")
+    question_folder, context_folder = (write_encoder_folder(root / f"{side}", kind)
+                                       for side, kind in zip(("question", "context"), folders))
+    service = _running_service(tmp_path_factory, EncoderConfig(pretrained=str(context_folder)))
+    try:
+        module, _, batch = _module_and_batch(service, "rag_sequence", question_encoder=EncoderConfig(
+            pretrained=str(question_folder)), train_ctx_encoder=True)
+        encoders = (module.question_encoder, module.context_encoder)
+        assert [type(e.model).__name__ for e in encoders] == \
+            {"dpr_question": ["DPRQuestionEncoder", "DPRContextEncoder"]}.get(folders[0], ["BertModel"] * 2)
+        before = [{n: p.detach().clone() for n, p in e.named_parameters()} for e in encoders]
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for step in range(30):
+            optimizer.zero_grad()
+            loss = module.training_step(batch, step)["loss"]
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.8 * losses[0], losses
+        for encoder, weights in zip(encoders, before):
+            embeddings = encoder.model.get_input_embeddings().weight
+            moved = {n for n, p in encoder.named_parameters() if not torch.equal(p, weights[n])}
+            assert moved and moved == {n for n, p in encoder.named_parameters() if p.requires_grad}
+            assert not embeddings.requires_grad and not any("word_embeddings" in n for n in moved)
+    finally:
+        shutdown_service(service[1])
 
 
 @pytest.mark.parametrize("kind", ["rag_sequence", "rag_token"])

@@ -30,6 +30,7 @@ from rag_lightning.kb.generator_tokenizer import extra_texts, load_generator_tok
 from rag_lightning.kb.hf_format import is_hf_passages_folder, read_hf_passages
 from rag_lightning.kb.passage_text import passage_text
 from rag_lightning.kb.source import Passage, read_documents, split_into_passages
+from rag_lightning.model.encoder_folders import resolve_encoder
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.atomic_files import staged_directory
 from retrieval_workers.kb_store import (
@@ -84,8 +85,8 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
         raise UserError("kb.source_index: only for a kb.source that is a datasets folder (transformers' RAG format)")
     else:
         passages = split_into_passages(read_documents(kb.source), kb.words_per_passage)
-    encoder_tokenizer = load_encoder_tokenizer(kb.context_encoder)
-    encoder = build_encoder(kb.context_encoder, encoder_tokenizer).eval()
+    encoder_tokenizer = load_encoder_tokenizer(kb.context_encoder, "kb.context_encoder")
+    encoder = build_encoder(kb.context_encoder, encoder_tokenizer, "kb.context_encoder").eval()
     if imported is not None and imported.embeddings.shape[1] != encoder.dim:
         raise UserError(f"kb.context_encoder: its dimension {encoder.dim} differs from the "
                         f"{imported.embeddings.shape[1]} of the embeddings in {kb.source}; give the encoder that "
@@ -136,7 +137,8 @@ def _write_and_commit(kb: KBConfig, index: IndexConfig, kb_dir: Path, passages: 
                                         add_special_tokens=False, truncation=True,
                                         max_length=kb.max_passage_tokens)["input_ids"]
     encoder_ids = encoder_tokenizer([p.title for p in passages], [p.text for p in passages], truncation=True,
-                                    max_length=kb.context_encoder.max_length)["input_ids"]
+                                    max_length=resolve_encoder(kb.context_encoder, "kb.context_encoder").max_length
+                                    )["input_ids"]
     write_passage_table(kb_dir / passages_file, {
         "id": list(range(len(passages))), "title": [p.title for p in passages], "text": [p.text for p in passages],
         "generator_ids": generator_ids, "encoder_ids": encoder_ids})

@@ -51,8 +51,9 @@ class RagModule(L.LightningModule):
         self.passages_file = manifest.passages_file
         self.generator_tokenizer = load_generator_tokenizer(
             f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}")
-        self.question_encoder = build_encoder(self.model_cfg.question_encoder,
-                                              load_encoder_tokenizer(self.model_cfg.question_encoder))
+        self.question_tokenizer = load_encoder_tokenizer(self.model_cfg.question_encoder, "model.question_encoder")
+        self.question_encoder = build_encoder(self.model_cfg.question_encoder, self.question_tokenizer,
+                                              "model.question_encoder")
         self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
         self.question_encoder.requires_grad_(self.retriever_cfg.train_question_encoder)
         self.context_encoder: TextEncoder | None = None
@@ -60,8 +61,9 @@ class RagModule(L.LightningModule):
             self.context_encoder_cfg = _structured(EncoderConfig, {f.name: manifest.encoder[f.name]
                                                                    for f in fields(EncoderConfig)
                                                                    if f.name in manifest.encoder})
-            self.context_encoder = build_encoder(self.context_encoder_cfg,
-                                                 load_encoder_tokenizer(self.context_encoder_cfg))
+            self.context_tokenizer = load_encoder_tokenizer(self.context_encoder_cfg, "kb.context_encoder")
+            self.context_encoder = build_encoder(self.context_encoder_cfg, self.context_tokenizer,
+                                                 "kb.context_encoder")
         for encoder in (self.question_encoder, self.context_encoder):
             if encoder is not None and self.retriever_cfg.freeze_embeddings:
                 encoder.model.get_input_embeddings().requires_grad_(False)
