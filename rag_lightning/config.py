@@ -68,6 +68,8 @@ class GeneratorConfig:
     ffn_dim: int = at_least(512, 1)
     dropout: float = at_least(0.0, 0.0)
     max_positions: int = at_least(512, 8)
+    train: bool = True                      # false: the generator stays as it is (no gradients, no optimizer state),
+    #                                         for training the retriever against a fixed reader
 
 
 @dataclass
@@ -81,6 +83,8 @@ class ModelConfig:
     max_answer_tokens: int = at_least(8, 4)  # with "</s> <s>" and "</s>": the demo's answers are one word
     max_context_tokens: int = at_least(256, 2)   # passage + question, per retrieved document
     num_beams: int = at_least(2, 1)         # beam search at validation and test
+    gradient_checkpointing: bool = False    # recompute the generator's and encoders' activations in the backward
+    #                                         pass: less memory for more compute
 
 
 @dataclass
@@ -257,6 +261,11 @@ class TrainConfig:
         if self.stage != "all" and not self.service.ray_address:
             raise UserError(f"stage={self.stage} needs service.ray_address: the shard actors live on a Ray "
                             "cluster that outlives each stage's processes")
+        if not (self.model.generator.train or self.retriever.train_question_encoder
+                or self.retriever.train_ctx_encoder):
+            raise UserError("model.generator.train=false and the retriever trains no encoder "
+                            "(retriever.train_question_encoder=false, retriever.train_ctx_encoder=false): nothing "
+                            "would train")
         if self.index_refresh.every_n_steps is not None and not self.retriever.train_ctx_encoder:
             raise UserError("index_refresh.every_n_steps is set but retriever.train_ctx_encoder=false: the passage "
                             "embeddings would never change; train the context encoder or set "

@@ -423,6 +423,7 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cl
     (["stage=train"], ["stage=train", "service.ray_address"]),
     (["trainer.checkpoint_every_n_steps=0"], ["trainer.checkpoint_every_n_steps", ">= 1"]),
     (["ckpt_path=/nowhere/last.ckpt"], ["ckpt_path", "/nowhere/last.ckpt"]),
+    (["model.generator.train=false"], ["model.generator.train=false", "nothing would train"]),
     (["kb.context_encoder.pretrained=/nowhere/encoder"],
      ["kb.context_encoder.pretrained: /nowhere/encoder is not a Hugging Face model folder"]),
     ([f"model.question_encoder.pretrained={REPO_ROOT / 'conf'}"],

@@ -63,11 +63,18 @@ def _model_config(kind: str, question_encoder: EncoderConfig | None = None, **ov
                        max_context_tokens=64, max_answer_tokens=8, num_beams=2, **overrides)
 
 
-def _module_and_batch(service, kind: str, train_question_encoder: bool = True,
-                      question_encoder: EncoderConfig | None = None, **retriever_overrides):
+def _trainer(root, **arguments) -> L.Trainer:
+    """A quiet one-process CPU Trainer without validation, checkpoints or logger."""
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=root,
+                     **arguments)
+
+
+def _module_and_batch(service, kind: str, train_question_encoder: bool = True, model_cfg: ModelConfig | None = None,
+                      **retriever_overrides):
     data_dir, spec = service
     torch.manual_seed(0)
-    model_cfg = _model_config(kind, question_encoder)
+    model_cfg = model_cfg or _model_config(kind)
     retriever = RetrieverConfig(train_question_encoder=train_question_encoder, **retriever_overrides)
     module = RagModule(model=asdict(model_cfg), retriever=asdict(retriever),
                        optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
@@ -165,8 +172,8 @@ def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_fa
                                        for side, kind in zip(("question", "context"), folders))
     service = _running_service(tmp_path_factory, EncoderConfig(pretrained=str(context_folder)))
     try:
-        module, _, batch = _module_and_batch(service, "rag_sequence", question_encoder=EncoderConfig(
-            pretrained=str(question_folder)), train_ctx_encoder=True)
+        module, datamodule, batch = _module_and_batch(service, "rag_sequence", model_cfg=_model_config(
+            "rag_sequence", EncoderConfig(pretrained=str(question_folder))), train_ctx_encoder=True)
         encoders = (module.question_encoder, module.context_encoder)
         assert [type(e.model).__name__ for e in encoders] == \
             {"dpr_question": ["DPRQuestionEncoder", "DPRContextEncoder"]}.get(folders[0], ["BertModel"] * 2)
@@ -185,8 +192,50 @@ def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_fa
             moved = {n for n, p in encoder.named_parameters() if not torch.equal(p, weights[n])}
             assert moved and moved == {n for n, p in encoder.named_parameters() if p.requires_grad}
             assert not embeddings.requires_grad and not any("word_embeddings" in n for n in moved)
+
+        # and in bf16 mixed precision on the CPU, through a real Trainer
+        trainer = _trainer(tmp_path_factory.mktemp("bf16"), max_steps=2, precision="bf16-mixed")
+        trainer.fit(module, datamodule=datamodule)
+        assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
     finally:
         shutdown_service(service[1])
+
+
+def test_a_frozen_generator_does_not_move_and_holds_no_optimizer_state(service, tmp_path):
+    """model.generator.train=false: the retriever trains against a fixed reader (as REPLUG does)."""
+    model_cfg = _model_config("rag_sequence")
+    model_cfg.generator.train = False
+    module, datamodule, _ = _module_and_batch(service, "rag_sequence", model_cfg=model_cfg)
+    generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
+    question_encoder = [p.detach().clone() for p in module.question_encoder.parameters()]
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.fit(module, datamodule=datamodule)
+    assert all(torch.equal(p, generator[n]) for n, p in module.rag.generator.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(question_encoder, module.question_encoder.parameters()))
+    optimizer = trainer.optimizers[0]
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.question_encoder.parameters() if p.requires_grad}
+    assert len(optimizer.state) == len(optimized)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(service):
+    """Generator, question and context encoders recompute their activations in the backward pass, to the same
+    result (dropout included: the recomputation replays the random state)."""
+    def loss_and_gradients(checkpointing: bool):
+        model_cfg = _model_config("rag_sequence", gradient_checkpointing=checkpointing)
+        module, _, batch = _module_and_batch(service, "rag_sequence", model_cfg=model_cfg, train_ctx_encoder=True)
+        assert module.rag.generator.is_gradient_checkpointing == checkpointing
+        module.train()
+        torch.manual_seed(1)
+        loss = module.training_step(batch, 0)["loss"]
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+
+    (plain_loss, plain), (checkpointed_loss, checkpointed) = loss_and_gradients(False), loss_and_gradients(True)
+    assert checkpointed_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain.keys() == checkpointed.keys() and any("context_encoder" in n for n in plain)
+    for name, gradient in plain.items():
+        torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("kind", ["rag_sequence", "rag_token"])
@@ -204,9 +253,7 @@ def test_lightning_fit_and_test(service, tmp_path):
     module, datamodule, _ = _module_and_batch(service, "rag_token")
     before = [p.detach().clone() for p in module.question_encoder.parameters()]
     metrics_callback = EvaluationMetrics(N_DOCS)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[metrics_callback])
+    trainer = _trainer(tmp_path, max_steps=3, callbacks=[metrics_callback])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
     assert "train/loss" in trainer.callback_metrics
@@ -244,9 +291,7 @@ class KillShardActor(L.Callback):
 def test_training_goes_on_when_a_shard_actor_dies_mid_training(service, tmp_path):
     """One replica per shard: the next step's search waits for Ray's restart, and no step fails."""
     module, datamodule, _ = _module_and_batch(service, "rag_sequence")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[killer := KillShardActor(2)])
+    trainer = _trainer(tmp_path, max_steps=4, callbacks=[killer := KillShardActor(2)])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 4
     assert killer.killed_pid is not None and actor_pid(module.retrieval_client.replicas[0][0]) != killer.killed_pid

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from rag_lightning.config import EncoderConfig
 from rag_lightning.errors import UserError
@@ -48,10 +48,14 @@ def build_encoder(cfg: EncoderConfig, tokenizer: PreTrainedTokenizerBase, key: s
     return TextEncoder(model, folder.pooling, tokenizer.pad_token_id, tokenizer.sep_token_id, folder.normalize)
 
 
-def _keep_first_layers(model, num_layers: int) -> None:
-    """Drop every transformer layer after the first num_layers (BERT-style layout, also inside DPR)."""
-    body = model.base_model
-    body = getattr(body, "bert_model", body)
+def transformer_body(model: PreTrainedModel) -> PreTrainedModel:
+    """The BERT-style model holding an encoder's layers: the model itself, or the BERT inside a DPR encoder."""
+    return getattr(model.base_model, "bert_model", model.base_model)
+
+
+def _keep_first_layers(model: PreTrainedModel, num_layers: int) -> None:
+    """Drop every transformer layer after the first num_layers."""
+    body = transformer_body(model)
     if num_layers < body.config.num_hidden_layers:
         body.encoder.layer = body.encoder.layer[:num_layers]
         body.config.num_hidden_layers = num_layers

@@ -23,7 +23,7 @@ from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, Retrie
 from rag_lightning.evaluation.scores import example_scores
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer
 from rag_lightning.model.contexts import join_contexts
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
+from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer, transformer_body
 from rag_lightning.model.generator import build_rag
 from retrieval_workers.encoding import TextEncoder
 from retrieval_workers.kb_store import PassageTable, read_manifest
@@ -56,6 +56,7 @@ class RagModule(L.LightningModule):
                                               "model.question_encoder")
         self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
         self.question_encoder.requires_grad_(self.retriever_cfg.train_question_encoder)
+        self.rag.generator.requires_grad_(self.model_cfg.generator.train)
         self.context_encoder: TextEncoder | None = None
         if self.retriever_cfg.train_ctx_encoder:     # the knowledge base's encoder, from the weights that built it
             self.context_encoder_cfg = _structured(EncoderConfig, {f.name: manifest.encoder[f.name]
@@ -67,6 +68,11 @@ class RagModule(L.LightningModule):
         for encoder in (self.question_encoder, self.context_encoder):
             if encoder is not None and self.retriever_cfg.freeze_embeddings:
                 encoder.model.get_input_embeddings().requires_grad_(False)
+        if self.model_cfg.gradient_checkpointing:
+            encoders = [e for e in (self.question_encoder, self.context_encoder) if e is not None]
+            for model in (self.rag.generator, *(transformer_body(e.model) for e in encoders)):
+                # non-reentrant: correct when a checkpointed block's inputs need no gradient (frozen embeddings)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.retrieval_client: RetrievalClient | None = None
         self.passages: PassageTable | None = None
 
@@ -108,12 +114,13 @@ class RagModule(L.LightningModule):
                 "search_ms": self.retrieval_client.last_search_ms}
 
     def configure_optimizers(self):
-        encoder_ids = {id(p) for p in self.question_encoder.parameters()}
-        generator_params = [p for p in self.rag.parameters() if p.requires_grad and id(p) not in encoder_ids]
-        groups = [{"params": generator_params, "lr": self.optim_cfg.lr}]
-        for encoder, lr in ((self.question_encoder, self.optim_cfg.question_encoder_lr),
-                            (self.context_encoder, self.optim_cfg.ctx_encoder_lr)):
-            params = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
+        """AdamW over the trainable parameters only (a frozen part holds no optimizer state), one learning rate
+        for the generator and one for each encoder."""
+        groups = []
+        for part, lr in ((self.rag.generator, self.optim_cfg.lr),
+                         (self.question_encoder, self.optim_cfg.question_encoder_lr),
+                         (self.context_encoder, self.optim_cfg.ctx_encoder_lr)):
+            params = [p for p in part.parameters() if p.requires_grad] if part is not None else []
             if params:
                 groups.append({"params": params, "lr": lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=self.optim_cfg.weight_decay, fused=True)
