@@ -185,7 +185,8 @@ def new_module(kind: str, tok_dir: Path, spec: ServiceSpec) -> RagModule:
 
 def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:
     return QADataModule(DataConfig(dir=str(data_dir), batch_size=BATCH), module.model_cfg,
-                        module.question_tokenizer, module.generator_tokenizer)
+                        module.question_tokenizer, module.generator_tokenizer,
+                        module.decoder_prefix)
 
 
 def timed_fit(module: RagModule, datamodule: QADataModule, steps: int, callbacks: list[Callback]) -> float:

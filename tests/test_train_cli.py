@@ -55,6 +55,27 @@ def test_tiny_training_run_writes_its_run_dir(tmp_path, subprocess_env, override
 
 
 @pytest.mark.slow
+def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_path, subprocess_env):
+    """model.generator.pretrained=minilm: the real pretrained MiniLM on both sides of the generator; the knowledge
+    base tokenizes its passages with MiniLM's tokenizer without being told, and the job evaluates, trains and
+    tests through it."""
+    from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
+    from rag_lightning.model.encoder_folders import bundled_minilm
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny",
+                           "model.generator.pretrained=minilm", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                           "data.max_eval_examples=4", f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=subprocess_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["train/steps"] == 2 and results["test/examples"] == 4 and 0 <= results["test/em"] <= 1
+    manifest = json.loads((run_dir / "kb" / "manifest.json").read_text())
+    kb_tokenizer = load_generator_tokenizer(run_dir / "kb" / manifest["encoder"]["generator_tokenizer"])
+    assert tokenizer_fingerprint(kb_tokenizer) == tokenizer_fingerprint(load_generator_tokenizer(bundled_minilm()))
+
+
+@pytest.mark.slow
 def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_path, subprocess_env):
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny",

@@ -1,8 +1,10 @@
 """RAG-Sequence and RAG-Token training steps over the real retrieval service, on tiny models and data."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -24,23 +26,34 @@ from rag_lightning.config import (
 )
 from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.data.demo import write_demo_data
+from rag_lightning.errors import UserError
 from rag_lightning.kb.build import build_knowledge_base
+from rag_lightning.kb.generator_tokenizer import extra_texts
+from rag_lightning.kb.passage_text import passage_text
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.service import launch_service, shutdown_service
 
-from helpers import actor_pid, tiny_encoder_config, unique_spec, write_encoder_folder
+from helpers import actor_pid, tiny_encoder_config, unique_spec, write_encoder_folder, write_generator_folder
 
 N_DOCS = 2
 BATCH = 4
 
 
-def _running_service(tmp_path_factory, context_encoder: EncoderConfig):
-    """Demo data for 40 made-up people (40 passages), a KB of them in 2 shards, and its running service."""
+def _demo_data(tmp_path_factory) -> Path:
+    """Demo data for 40 made-up people (40 passages)."""
     data_dir = tmp_path_factory.mktemp("data")
     write_demo_data(data_dir, num_entities=40, num_values=12, val_size=4, test_size=4)
+    return data_dir
+
+
+def _running_service(tmp_path_factory, context_encoder: EncoderConfig, data_dir: Path | None = None,
+                     generator_tokenizer: str | None = None):
+    """A KB of the demo data in 2 shards (its generator tokenizer trained on it unless a folder is given), and its
+    running service."""
+    data_dir = data_dir or _demo_data(tmp_path_factory)
     kb = KBConfig(source=str(data_dir / "kb.jsonl"), dir=str(tmp_path_factory.mktemp("kb")), words_per_passage=100,
                   max_passage_tokens=32, context_encoder=context_encoder,
-                  generator_tokenizer=GeneratorTokenizerConfig(vocab_size=2000,
+                  generator_tokenizer=GeneratorTokenizerConfig(path=generator_tokenizer, vocab_size=2000,
                                                                extra_texts=[str(data_dir / "train.jsonl")]))
     manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=2))
     assert manifest.num_passages == 40
@@ -80,7 +93,8 @@ def _module_and_batch(service, kind: str, train_question_encoder: bool = True, m
                        optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
     module.setup("fit")
     datamodule = QADataModule(DataConfig(dir=str(data_dir), batch_size=BATCH, eval_batch_size=BATCH), model_cfg,
-                              module.question_tokenizer, module.generator_tokenizer)
+                              module.question_tokenizer, module.generator_tokenizer,
+                        module.decoder_prefix)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     return module, datamodule, batch
@@ -236,6 +250,53 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(service):
     assert plain.keys() == checkpointed.keys() and any("context_encoder" in n for n in plain)
     for name, gradient in plain.items():
         torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family, kind, prefix", [("bart", "rag_sequence", ["</s>", "<s>"]),
+                                                  ("t5", "rag_token", ["<pad>"]),
+                                                  ("encoder_decoder", "rag_sequence", ["[CLS]"])])
+def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, tmp_path_factory, family, kind,
+                                                                   prefix):
+    """A BART, a T5 and an EncoderDecoderModel folder, each with its own tokenizer, which the knowledge base's
+    passages are tokenized with; each answer follows the family's decoder start."""
+    data_dir = _demo_data(tmp_path_factory)
+    texts = [passage_text(row["title"], row["text"]) for row in map(json.loads, open(data_dir / "kb.jsonl"))]
+    folder = write_generator_folder(tmp_path_factory.mktemp(family) / "generator", family,
+                                    texts + list(extra_texts([str(data_dir / "train.jsonl")])))
+    service = _running_service(tmp_path_factory, tiny_encoder_config(), data_dir, generator_tokenizer=str(folder))
+    try:
+        model_cfg = _model_config(kind)
+        model_cfg.generator.pretrained = str(folder)
+        module, _, batch = _module_and_batch(service, kind, model_cfg=model_cfg)
+        assert module.generator_tokenizer.convert_ids_to_tokens(module.decoder_prefix) == prefix
+        assert batch["labels"][0, :len(prefix)].tolist() == module.decoder_prefix
+        generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for step in range(30):
+            optimizer.zero_grad()
+            loss = module.training_step(batch, step)["loss"]
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.85 * losses[0], losses
+        unmoved = [n for n, p in module.rag.generator.named_parameters() if torch.equal(p, generator[n])]
+        assert not unmoved, unmoved
+        module.eval()
+        predictions, _ = module.predict_answers(batch)
+        assert len(predictions) == BATCH and all(isinstance(p, str) for p in predictions)
+    finally:
+        shutdown_service(service[1])
+
+
+def test_a_generator_whose_tokenizer_is_not_the_knowledge_bases_is_refused(service, tmp_path):
+    folder = write_generator_folder(tmp_path / "bart", "bart", ["words of another knowledge base"])
+    model_cfg = _model_config("rag_sequence")
+    model_cfg.generator.pretrained = str(folder)
+    with pytest.raises(UserError, match=f"^model.generator.pretrained: {folder} tokenizes with [0-9a-f]{{12}}, "
+                                        f"the knowledge base {service[1].kb_dir} with [0-9a-f]{{12}}"):
+        RagModule(model=asdict(model_cfg), retriever=asdict(RetrieverConfig()), optim=asdict(OptimConfig()),
+                  service=asdict(service[1]))
 
 
 @pytest.mark.parametrize("kind", ["rag_sequence", "rag_token"])

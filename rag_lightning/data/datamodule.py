@@ -16,19 +16,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rag_lightning.config import DataConfig, ModelConfig
 from rag_lightning.data.qa_files import QAExample, read_split
-from rag_lightning.model.generator import decoder_prefix
 
 
 class TokenizedQA(Dataset):
     """Examples with their question ids for both tokenizers and the target ids of the first answer (after the
     generator's decoder prefix)."""
 
-    def __init__(self, examples: list[QAExample], encoder_tokenizer, generator_tokenizer,
+    def __init__(self, examples: list[QAExample], encoder_tokenizer, generator_tokenizer, decoder_prefix: list[int],
                  max_question_tokens: int, max_answer_tokens: int):
         self.examples = examples
         self.encoder_ids, self.generator_ids = tokenize_questions([e.question for e in examples], encoder_tokenizer,
                                                                   generator_tokenizer, max_question_tokens)
-        prefix, eos = decoder_prefix(generator_tokenizer), generator_tokenizer.eos_token_id
+        prefix, eos = decoder_prefix, generator_tokenizer.eos_token_id
         answers = generator_tokenizer([e.answers[0] for e in examples], add_special_tokens=False, truncation=True,
                                       max_length=max_answer_tokens - len(prefix) - 1)["input_ids"]
         self.target_ids = [[*prefix, *ids, eos] for ids in answers]
@@ -107,14 +106,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 
 class QADataModule(L.LightningDataModule):
-    """The train/val/test files of `data.dir`, batched as `data` says, tokenized within `model`'s lengths."""
+    """The train/val/test files of `data.dir`, batched as `data` says, tokenized within `model`'s lengths, each
+    answer after the generator's decoder prefix (RagModule.decoder_prefix)."""
 
-    def __init__(self, data: DataConfig, model: ModelConfig, encoder_tokenizer, generator_tokenizer):
+    def __init__(self, data: DataConfig, model: ModelConfig, encoder_tokenizer, generator_tokenizer,
+                 decoder_prefix: list[int]):
         super().__init__()
         self.data_cfg = data
         self.model_cfg = model
         self.encoder_tokenizer = encoder_tokenizer
         self.generator_tokenizer = generator_tokenizer
+        self.decoder_prefix = decoder_prefix
         self.splits: dict[str, TokenizedQA] = {}
 
     def prepare_data(self) -> None:
@@ -131,7 +133,8 @@ class QADataModule(L.LightningDataModule):
             if split != "train" and self.data_cfg.max_eval_examples:
                 examples = examples[:self.data_cfg.max_eval_examples]
             self.splits[split] = TokenizedQA(examples, self.encoder_tokenizer, self.generator_tokenizer,
-                                             self.model_cfg.max_question_tokens, self.model_cfg.max_answer_tokens)
+                                             self.decoder_prefix, self.model_cfg.max_question_tokens,
+                                             self.model_cfg.max_answer_tokens)
         return self.splits[split]
 
     def train_dataloader(self) -> DataLoader:

@@ -6,15 +6,19 @@ since the passages' generator token ids were made with it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from rag_lightning.config import GeneratorTokenizerConfig
 from rag_lightning.errors import UserError
+
+if TYPE_CHECKING:       # config.py compares tokenizers with tokenizer_fingerprint
+    from rag_lightning.config import GeneratorTokenizerConfig
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -52,9 +56,17 @@ def extra_texts(paths: list[str]) -> Iterable[str]:
 
 
 def load_generator_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """A saved generator tokenizer; a BERT-style one ends its texts with [SEP], which becomes its eos."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None:
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise UserError(f"kb.generator_tokenizer.path: {path} needs a pad and an eos token")
-    if tokenizer.bos_token_id is None:
-        tokenizer.bos_token = tokenizer.cls_token or tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What identifies a tokenizer's ids: its vocabulary and special tokens (12 hex digits)."""
+    identity = {"vocab": sorted(tokenizer.get_vocab().items()),
+                "special": sorted((name, str(token)) for name, token in tokenizer.special_tokens_map.items())}
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]

@@ -1,45 +1,116 @@
-"""The Hugging Face RAG model around our question encoder: RAG-Sequence or RAG-Token with a BART generator."""
+"""The generator and the Hugging Face RAG model around our question encoder (RAG-Sequence or RAG-Token).
+
+The generator is a BART built from the config's sizes and trained from scratch, or, with
+`model.generator.pretrained`, a sequence-to-sequence folder (BART, mBART, T5/mT5: anything
+AutoModelForSeq2SeqLM loads, or an EncoderDecoderModel) with its own tokenizer, or `minilm`:
+an EncoderDecoderModel warm-started on both sides from the bundled MiniLM.
+"""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from transformers import (
+    AutoModelForSeq2SeqLM,
     BartConfig,
     BartForConditionalGeneration,
+    EncoderDecoderModel,
+    PreTrainedModel,
     RagConfig,
     RagSequenceForGeneration,
     RagTokenForGeneration,
 )
 
-from rag_lightning.config import ModelConfig
+from rag_lightning.errors import UserError
+from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer
+from rag_lightning.model.encoder_folders import bundled_minilm
 from retrieval_workers.encoding import TextEncoder
+
+if TYPE_CHECKING:       # config.py checks a generator folder with check_generator_folder
+    from rag_lightning.config import ModelConfig
 
 RAG_CLASSES = {"rag_sequence": RagSequenceForGeneration, "rag_token": RagTokenForGeneration}
 
 
-def decoder_prefix(tokenizer) -> list[int]:
-    """The tokens before every answer, BART's own "</s> <s>": decoder_start_token_id, then bos.
+def generator_folder(pretrained: str) -> Path:
+    """The folder of a pretrained generator (its tokenizer is there too): the bundled MiniLM for "minilm"."""
+    return bundled_minilm() if pretrained == "minilm" else Path(pretrained)
 
-    With the answer's first token predicted at the third decoder position, a generator trained from
+
+def decoder_prefix(tokenizer, decoder_start_token_id: int) -> list[int]:
+    """The tokens before every answer: the decoder start token, then bos where the family has one apart from it
+    (BART's "</s> <s>"; T5 starts from <pad>, a BERT decoder from [CLS]).
+
+    With the answer's first token predicted at the third decoder position, a BART trained from
     scratch learns to copy from its passages within a few hundred steps for every seed; after "<s>"
     alone some seeds stayed on the answers' prior for thousands of steps (measured on the demo).
     """
-    return [tokenizer.eos_token_id, tokenizer.bos_token_id]
+    bos = tokenizer.bos_token_id
+    return [decoder_start_token_id] + ([bos] if bos is not None and bos != decoder_start_token_id else [])
+
+
+def check_generator_folder(pretrained: str, key: str) -> str:
+    """The model type of the generator `pretrained` names; one line naming the folder if it is no
+    sequence-to-sequence model."""
+    if pretrained == "minilm":
+        return "encoder-decoder"
+    folder = Path(pretrained)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{key}: {folder} is not a Hugging Face model folder (no readable config.json)") from None
+    if config.get("model_type") != "encoder-decoder" and not config.get("is_encoder_decoder"):
+        raise UserError(f"{key}: {folder} is a {config.get('model_type')} model, not a sequence-to-sequence model "
+                        "(BART, T5, an EncoderDecoderModel, ...)")
+    return config["model_type"]
+
+
+def load_pretrained_generator(pretrained: str) -> PreTrainedModel:
+    """The sequence-to-sequence model `model.generator.pretrained` names."""
+    model_type = check_generator_folder(pretrained, "model.generator.pretrained")
+    if model_type != "encoder-decoder":
+        return AutoModelForSeq2SeqLM.from_pretrained(pretrained)
+    if pretrained == "minilm":      # encoder and decoder both from the bundled MiniLM, cross-attention new
+        folder = str(bundled_minilm())
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(folder, folder)
+    else:
+        model = EncoderDecoderModel.from_pretrained(pretrained)
+    return _ready_for_rag(model, load_generator_tokenizer(generator_folder(pretrained)))
+
+
+def _ready_for_rag(model: EncoderDecoderModel, tokenizer) -> EncoderDecoderModel:
+    """An EncoderDecoderModel without its encoder's pooler (unused: its parameters would get no gradient, which
+    DDP refuses) and with the token ids RAG and generate need where it does not set them: a BERT-style decoder
+    starts from [CLS] and ends with [SEP] (the tokenizer's eos)."""
+    if getattr(model.encoder, "pooler", None) is not None:
+        model.encoder.pooler = None
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    wanted = {"decoder_start_token_id": start, "bos_token_id": start, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
+    for config in (model.config, model.generation_config):
+        for name, token_id in wanted.items():
+            if getattr(config, name, None) is None:
+                setattr(config, name, token_id)
+    return model
 
 
 def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) -> RagSequenceForGeneration:
-    """The Hugging Face RAG model: our question encoder and a BART generator built from the config's sizes."""
+    """The Hugging Face RAG model: our question encoder and the generator model_cfg.generator describes."""
     generator_cfg = model_cfg.generator
-    bart_config = BartConfig(
-        vocab_size=len(tokenizer), d_model=generator_cfg.d_model, encoder_layers=generator_cfg.layers,
-        decoder_layers=generator_cfg.layers, encoder_attention_heads=generator_cfg.heads,
-        decoder_attention_heads=generator_cfg.heads, encoder_ffn_dim=generator_cfg.ffn_dim,
-        decoder_ffn_dim=generator_cfg.ffn_dim, dropout=generator_cfg.dropout,
-        max_position_embeddings=generator_cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=decoder_prefix(tokenizer)[0], forced_eos_token_id=None,
-        forced_bos_token_id=None)
-    generator = BartForConditionalGeneration(bart_config)
+    if generator_cfg.pretrained is not None:
+        generator = load_pretrained_generator(generator_cfg.pretrained)
+    else:
+        generator = BartForConditionalGeneration(BartConfig(
+            vocab_size=len(tokenizer), d_model=generator_cfg.d_model, encoder_layers=generator_cfg.layers,
+            decoder_layers=generator_cfg.layers, encoder_attention_heads=generator_cfg.heads,
+            decoder_attention_heads=generator_cfg.heads, encoder_ffn_dim=generator_cfg.ffn_dim,
+            decoder_ffn_dim=generator_cfg.ffn_dim, dropout=generator_cfg.dropout,
+            max_position_embeddings=generator_cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=None, forced_bos_token_id=None))
     rag_config = RagConfig.from_question_encoder_generator_configs(
-        question_encoder.model.config, bart_config, n_docs=model_cfg.n_docs,
+        question_encoder.model.config, generator.config, n_docs=model_cfg.n_docs,
         label_smoothing=model_cfg.label_smoothing, retrieval_vector_size=question_encoder.dim,
         max_combined_length=model_cfg.max_context_tokens)
     return RAG_CLASSES[model_cfg.kind](config=rag_config, question_encoder=question_encoder.model, generator=generator)

@@ -20,11 +20,12 @@ import torch
 from omegaconf import OmegaConf
 
 from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, RetrieverConfig
+from rag_lightning.errors import UserError
 from rag_lightning.evaluation.scores import example_scores
-from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer
+from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 from rag_lightning.model.contexts import join_contexts
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer, transformer_body
-from rag_lightning.model.generator import build_rag
+from rag_lightning.model.generator import build_rag, decoder_prefix, generator_folder
 from retrieval_workers.encoding import TextEncoder
 from retrieval_workers.kb_store import PassageTable, read_manifest
 from retrieval_workers.service import RetrievalClient
@@ -49,12 +50,13 @@ class RagModule(L.LightningModule):
         self.service_spec = ServiceSpec(**service)
         manifest = read_manifest(self.service_spec.kb_dir)
         self.passages_file = manifest.passages_file
-        self.generator_tokenizer = load_generator_tokenizer(
-            f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}")
+        self.generator_tokenizer = self._generator_tokenizer(f"{self.service_spec.kb_dir}/"
+                                                             f"{manifest.encoder['generator_tokenizer']}")
         self.question_tokenizer = load_encoder_tokenizer(self.model_cfg.question_encoder, "model.question_encoder")
         self.question_encoder = build_encoder(self.model_cfg.question_encoder, self.question_tokenizer,
                                               "model.question_encoder")
         self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
+        self.decoder_prefix = decoder_prefix(self.generator_tokenizer, self.rag.generator.config.decoder_start_token_id)
         self.question_encoder.requires_grad_(self.retriever_cfg.train_question_encoder)
         self.rag.generator.requires_grad_(self.model_cfg.generator.train)
         self.context_encoder: TextEncoder | None = None
@@ -75,6 +77,20 @@ class RagModule(L.LightningModule):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.retrieval_client: RetrievalClient | None = None
         self.passages: PassageTable | None = None
+
+    def _generator_tokenizer(self, kb_tokenizer_dir: str):
+        """The knowledge base's generator tokenizer, which made the passages' ids; a pretrained generator brings
+        its own, and the two must be one."""
+        kb_tokenizer = load_generator_tokenizer(kb_tokenizer_dir)
+        pretrained = self.model_cfg.generator.pretrained
+        if pretrained is None:
+            return kb_tokenizer
+        own = load_generator_tokenizer(generator_folder(pretrained))
+        if tokenizer_fingerprint(own) != tokenizer_fingerprint(kb_tokenizer):
+            raise UserError(f"model.generator.pretrained: {pretrained} tokenizes with {tokenizer_fingerprint(own)}, "
+                            f"the knowledge base {self.service_spec.kb_dir} with {tokenizer_fingerprint(kb_tokenizer)} "
+                            f"({kb_tokenizer_dir}); build it with kb.generator_tokenizer.path={pretrained}")
+        return own
 
     def setup(self, stage: str) -> None:
         """Attach to the service's shard actors and open the passage table."""

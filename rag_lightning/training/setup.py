@@ -7,13 +7,15 @@ checks the knowledge base and launches the actors (idempotently); every other pr
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
-from rag_lightning.config import TrainConfig
+from rag_lightning.config import KBConfig, TrainConfig
 from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import read_split
 from rag_lightning.errors import UserError
 from rag_lightning.kb.build import build_knowledge_base
+from rag_lightning.model.generator import generator_folder
 from retrieval_workers.kb_store import Manifest, read_manifest
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.refresh import launch_refresher
@@ -39,6 +41,14 @@ def service_spec(cfg: TrainConfig) -> ServiceSpec:
                        failover_timeout_s=cfg.service.failover_timeout_s)
 
 
+def kb_config(cfg: TrainConfig) -> KBConfig:
+    """cfg.kb, with a pretrained generator's own tokenizer as the generator tokenizer unless one is set."""
+    if cfg.model.generator.pretrained is None or cfg.kb.generator_tokenizer.path is not None:
+        return cfg.kb
+    tokenizer = replace(cfg.kb.generator_tokenizer, path=str(generator_folder(cfg.model.generator.pretrained)))
+    return replace(cfg.kb, generator_tokenizer=tokenizer)
+
+
 def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
     """Data and knowledge base checked or built, the job's Ray cluster attached or started, the actors running."""
     first = cfg.stage != "train" and process_rank() == 0
@@ -46,7 +56,7 @@ def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
         prepare_data(cfg.data)
     for split in ("train", "val", "test"):
         read_split(cfg.data.dir, split)          # every QA file checked before the expensive work
-    manifest = build_knowledge_base(cfg.kb, cfg.index) if first else read_manifest(cfg.kb.dir)
+    manifest = build_knowledge_base(kb_config(cfg), cfg.index) if first else read_manifest(cfg.kb.dir)
     if cfg.model.n_docs > manifest.num_passages:
         raise UserError(f"model.n_docs={cfg.model.n_docs} is larger than the knowledge base "
                         f"({manifest.num_passages} passages in {cfg.kb.dir})")
