@@ -67,6 +67,8 @@ class GeneratorConfig:
 
     pretrained: str | None = None           # a folder (BART, mBART, T5/mT5, an EncoderDecoderModel) or "minilm"
     #                                         (MiniLM on both sides); null: from scratch, of the sizes below
+    prefix: str | None = None               # text before every context (T5's task prefix, as transformers' RAG
+    #                                         reads it from the generator's config.prefix); null: the folder's
     d_model: int = at_least(128, 1)
     layers: int = at_least(2, 1)
     heads: int = at_least(4, 1)

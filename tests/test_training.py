@@ -267,8 +267,13 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
     try:
         model_cfg = _model_config(kind)
         model_cfg.generator.pretrained = str(folder)
+        model_cfg.generator.prefix = "answer the question :" if family == "t5" else None     # T5's task prefix
         module, _, batch = _module_and_batch(service, kind, model_cfg=model_cfg)
         assert module.generator_tokenizer.convert_ids_to_tokens(module.decoder_prefix) == prefix
+        _, context_ids, _, _ = module.retrieve(batch)
+        context_prefix = module.generator_tokenizer("answer the question :", add_special_tokens=False)["input_ids"]
+        starts = context_ids[:, :len(context_prefix)].tolist()
+        assert all(start == context_prefix for start in starts) == (family == "t5")
         assert batch["labels"][0, :len(prefix)].tolist() == module.decoder_prefix
         generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)

@@ -121,7 +121,8 @@ def _exportable_models(models: str, tmp_path: Path) -> tuple[list[str], list[str
     """The train command's overrides for a model that exports exactly, the kb.context_encoder overrides that
     import its export again, and the folder of its QA files. `minilm_bart`: MiniLM encoders, the from-scratch BART
     on the demo; `dpr_bart`, `dpr_t5`: DPR encoders (of MiniLM's weights) and a tiny BART or T5 generator folder with
-    its own tokenizer, on demo files written beforehand (the generator's tokenizer learns their words)."""
+    its own tokenizer (the T5 with a task prefix), on demo files written beforehand (the generator's tokenizer
+    learns their words)."""
     if models == "minilm_bart":
         return EXPORTABLE, MINILM_CLS_CONTEXT, tmp_path / "run" / "data"
     data = write_demo_data(tmp_path / "data", num_entities=40)      # as experiment=tiny writes it
@@ -131,8 +132,9 @@ def _exportable_models(models: str, tmp_path: Path) -> tuple[list[str], list[str
     question, context = (write_encoder_folder(tmp_path / kind, kind, minilm_weights=True)
                          for kind in ("dpr_question", "dpr_context"))
     context_overrides = [f"kb.context_encoder.pretrained={context}"]
+    t5_prefix = ["model.generator.prefix='answer: '"] if models == "dpr_t5" else []   # T5's task prefix
     return [f"model.question_encoder.pretrained={question}", *context_overrides,
-            f"model.generator.pretrained={generator}", "data.prepare=null", f"data.dir={data}",
+            f"model.generator.pretrained={generator}", *t5_prefix, "data.prepare=null", f"data.dir={data}",
             *EXPORTABLE_TRAINING], context_overrides, data
 
 

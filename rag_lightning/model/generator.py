@@ -109,6 +109,8 @@ def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) 
             max_position_embeddings=generator_cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=None, forced_bos_token_id=None))
+    if generator_cfg.prefix is not None:      # where transformers' RAG reads it (and our export carries it)
+        generator.config.prefix = generator_cfg.prefix
     rag_config = RagConfig.from_question_encoder_generator_configs(
         question_encoder.model.config, generator.config, n_docs=model_cfg.n_docs,
         label_smoothing=model_cfg.label_smoothing, retrieval_vector_size=question_encoder.dim,

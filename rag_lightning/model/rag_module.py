@@ -57,6 +57,9 @@ class RagModule(L.LightningModule):
                                               "model.question_encoder")
         self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
         self.decoder_prefix = decoder_prefix(self.generator_tokenizer, self.rag.generator.config.decoder_start_token_id)
+        context_prefix = getattr(self.rag.generator.config, "prefix", None)
+        self.context_prefix_ids: list[int] = self.generator_tokenizer(
+            context_prefix, add_special_tokens=False)["input_ids"] if context_prefix else []
         self.question_encoder.requires_grad_(self.retriever_cfg.train_question_encoder)
         self.rag.generator.requires_grad_(self.model_cfg.generator.train)
         self.context_encoder: TextEncoder | None = None
@@ -108,7 +111,7 @@ class RagModule(L.LightningModule):
             else torch.from_numpy(result.embeddings).to(q)
         doc_scores = self.retriever_cfg.score_scale * torch.einsum("bd,bkd->bk", q, doc_embeddings)
         context_ids, context_mask = join_contexts(result.token_ids, result.lengths, batch["question_generator_ids"],
-                                                  self.generator_tokenizer.eos_token_id,
+                                                  self.context_prefix_ids, self.generator_tokenizer.eos_token_id,
                                                   self.generator_tokenizer.pad_token_id,
                                                   self.model_cfg.max_context_tokens)
         return doc_scores, context_ids.to(self.device), context_mask.to(self.device), result
