@@ -49,7 +49,7 @@ class EncoderConfig:
 
     pretrained: str | None = "minilm"   # "minilm" (bundled), a model folder, or null for a random model
     tokenizer: str | None = None        # a tokenizer folder; null: the pretrained model's (MiniLM's if random)
-    pooling: str | None = choice(None, "mean", "cls")   # must agree with a sentence-transformers or DPR folder
+    pooling: str | None = choice(None, "mean", "cls")   # overrides a sentence-transformers folder's; refused for DPR
     normalize: bool | None = None       # L2-normalise the vectors (a sentence-transformers Normalize module)
     max_length: int | None = at_least(None, 2)   # tokens per text; null: max_seq_length, else 128
     num_layers: int = at_least(0, 0)       # keep only the first N layers of a pretrained model (0 = all)

@@ -83,6 +83,19 @@ def _trainer(root, **arguments) -> L.Trainer:
                      **arguments)
 
 
+def _train_on_one_batch(module: RagModule, batch: dict, steps: int) -> list[float]:
+    """AdamW (lr 1e-3) over the trainable parameters, `steps` times on the same batch; the losses."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = module.training_step(batch, step)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _module_and_batch(service, kind: str, train_question_encoder: bool = True, model_cfg: ModelConfig | None = None,
                       **retriever_overrides):
     data_dir, spec = service
@@ -192,14 +205,7 @@ def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_fa
         assert [type(e.model).__name__ for e in encoders] == \
             {"dpr_question": ["DPRQuestionEncoder", "DPRContextEncoder"]}.get(folders[0], ["BertModel"] * 2)
         before = [{n: p.detach().clone() for n, p in e.named_parameters()} for e in encoders]
-        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-        losses = []
-        for step in range(30):
-            optimizer.zero_grad()
-            loss = module.training_step(batch, step)["loss"]
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = _train_on_one_batch(module, batch, steps=30)
         assert losses[-1] < 0.8 * losses[0], losses
         for encoder, weights in zip(encoders, before):
             embeddings = encoder.model.get_input_embeddings().weight
@@ -276,14 +282,7 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
         assert all(start == context_prefix for start in starts) == (family == "t5")
         assert batch["labels"][0, :len(prefix)].tolist() == module.decoder_prefix
         generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
-        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-        losses = []
-        for step in range(30):
-            optimizer.zero_grad()
-            loss = module.training_step(batch, step)["loss"]
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = _train_on_one_batch(module, batch, steps=30)
         assert losses[-1] < 0.85 * losses[0], losses
         unmoved = [n for n, p in module.rag.generator.named_parameters() if torch.equal(p, generator[n])]
         assert not unmoved, unmoved

@@ -23,7 +23,6 @@ from transformers import (
 )
 
 from rag_lightning.errors import UserError
-from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer
 from rag_lightning.model.encoder_folders import bundled_minilm
 from retrieval_workers.encoding import TextEncoder
 
@@ -66,8 +65,8 @@ def check_generator_folder(pretrained: str, key: str) -> str:
     return config["model_type"]
 
 
-def load_pretrained_generator(pretrained: str) -> PreTrainedModel:
-    """The sequence-to-sequence model `model.generator.pretrained` names."""
+def load_pretrained_generator(pretrained: str, tokenizer) -> PreTrainedModel:
+    """The sequence-to-sequence model `model.generator.pretrained` names; tokenizer is its own."""
     model_type = check_generator_folder(pretrained, "model.generator.pretrained")
     if model_type != "encoder-decoder":
         return AutoModelForSeq2SeqLM.from_pretrained(pretrained)
@@ -76,7 +75,7 @@ def load_pretrained_generator(pretrained: str) -> PreTrainedModel:
         model = EncoderDecoderModel.from_encoder_decoder_pretrained(folder, folder)
     else:
         model = EncoderDecoderModel.from_pretrained(pretrained)
-    return _ready_for_rag(model, load_generator_tokenizer(generator_folder(pretrained)))
+    return _ready_for_rag(model, tokenizer)
 
 
 def _ready_for_rag(model: EncoderDecoderModel, tokenizer) -> EncoderDecoderModel:
@@ -99,7 +98,7 @@ def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) 
     """The Hugging Face RAG model: our question encoder and the generator model_cfg.generator describes."""
     generator_cfg = model_cfg.generator
     if generator_cfg.pretrained is not None:
-        generator = load_pretrained_generator(generator_cfg.pretrained)
+        generator = load_pretrained_generator(generator_cfg.pretrained, tokenizer)
     else:
         generator = BartForConditionalGeneration(BartConfig(
             vocab_size=len(tokenizer), d_model=generator_cfg.d_model, encoder_layers=generator_cfg.layers,
