@@ -23,13 +23,11 @@ The folder is written beside DIR and renamed into place when complete.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
 from pathlib import Path
 
-from tokenizers import processors
 from transformers import DPRConfig, DPRQuestionEncoder, RagConfig, RagTokenizer
 
 from rag_lightning.command import command
@@ -73,7 +71,8 @@ def export(cfg: ExportConfig) -> Path:
         # transformers 5 hands from_pretrained's `retriever=` on to GenerationConfig.from_pretrained, which
         # fails on it when the folder has a generation_config.json (RagToken writes one), so leave it out
         (staging / "generation_config.json").unlink(missing_ok=True)
-        _tokenizers(module).save_pretrained(str(staging))
+        RagTokenizer(question_encoder=module.question_tokenizer,
+                     generator=module.generator_tokenizer).save_pretrained(str(staging))
         write_hf_passages(staging / PASSAGES, staging / INDEX, passages, factory)
         if out.exists():
             out.rmdir()                        # the empty folder checked above
@@ -125,14 +124,6 @@ def _as_dpr_question_encoder(model) -> DPRQuestionEncoder:
     return question_encoder
 
 
-def _tokenizers(module: RagModule) -> RagTokenizer:
-    """The question encoder's tokenizer and the generator's, the latter ending each text with </s> as our
-    contexts do (transformers' retriever tokenizes passage + question as one string)."""
-    generator_tokenizer = copy.deepcopy(module.generator_tokenizer)
-    eos = generator_tokenizer.eos_token
-    generator_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"$A {eos}", special_tokens=[(eos, generator_tokenizer.eos_token_id)])
-    return RagTokenizer(question_encoder=module.question_tokenizer, generator=generator_tokenizer)
 
 
 main = command("export")(export)      # python -m rag_lightning.export, or rag-export

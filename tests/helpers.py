@@ -84,6 +84,16 @@ def write_encoder_folder(folder: Path, kind: str, minilm_weights: bool = False) 
 GENERATOR_FAMILIES = ("bart", "t5", "encoder_decoder")
 
 
+def transformers_context(tokenizer, title: str, text: str, question: str, prefix: str = "") -> list[int]:
+    """The generator ids transformers' RagRetriever makes of a retrieved passage and a question (its
+    postprocess_docs with RagConfig's default separators), written out here as the reference."""
+    if title.startswith('"'):
+        title = title[1:]
+    if title.endswith('"'):
+        title = title[:-1]
+    return tokenizer((prefix + title + " / " + text + " // " + question).replace("  ", " "))["input_ids"]
+
+
 def write_generator_folder(folder: Path, family: str, texts: list[str]) -> Path:
     """A tiny random sequence-to-sequence model of one family with its tokenizer, written with save_pretrained as
     a user's folder is: a BART or a T5 with a word-level tokenizer learnt from `texts` (each family's special

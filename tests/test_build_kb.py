@@ -16,7 +16,7 @@ from rag_lightning.config import IndexConfig
 from rag_lightning.errors import UserError
 from rag_lightning.kb.build import build_knowledge_base
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer
-from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
+from rag_lightning.kb.passage_text import DOC_SEP
 from rag_lightning.kb.source import read_documents, split_into_passages
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.encoding import encode_token_ids
@@ -80,7 +80,7 @@ def test_build_round_trip(tmp_path):
 
     # generator token ids: the KB's saved tokenizer over "title / text //"
     generator_tokenizer = load_generator_tokenizer(kb_dir / manifest.encoder["generator_tokenizer"])
-    want_generator = generator_tokenizer([p.title + TITLE_SEP + p.text + DOC_SEP for p in expected],
+    want_generator = generator_tokenizer([p.title + " / " + p.text + " //" for p in expected],
                                          add_special_tokens=False, truncation=True,
                                          max_length=kb.max_passage_tokens)["input_ids"]
     values, offsets = table.token_ids("generator_ids")

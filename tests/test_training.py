@@ -33,7 +33,14 @@ from rag_lightning.kb.passage_text import passage_text
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.service import launch_service, shutdown_service
 
-from helpers import actor_pid, tiny_encoder_config, unique_spec, write_encoder_folder, write_generator_folder
+from helpers import (
+    actor_pid,
+    tiny_encoder_config,
+    transformers_context,
+    unique_spec,
+    write_encoder_folder,
+    write_generator_folder,
+)
 
 N_DOCS = 2
 BATCH = 4
@@ -120,18 +127,15 @@ def test_training_lowers_the_loss_and_trains_the_question_encoder(service, kind)
                                          "rag_token": "RagTokenForGeneration"}[kind]
     assert batch["question_ids"].shape[0] == BATCH and batch["labels"].shape[0] == BATCH
 
-    # one retrieval: n_docs passages per question, contexts are passage ids + question ids + eos
+    # one retrieval: n_docs passages per question, each context the ids transformers' RagRetriever makes
     doc_scores, context_ids, context_mask, result = module.retrieve(batch)
     assert doc_scores.shape == (BATCH, N_DOCS) and doc_scores.requires_grad
     assert result.ids.shape == (BATCH, N_DOCS) and np.all(result.ids >= 0)
     assert context_ids.shape[0] == BATCH * N_DOCS and context_mask.shape == context_ids.shape
-    eos = module.generator_tokenizer.eos_token_id
-    for row in range(BATCH * N_DOCS):
-        b, j = divmod(row, N_DOCS)
-        n = int(result.lengths[b, j])
-        length = int(context_mask[row].sum())
-        assert context_ids[row, :n].tolist() == result.token_ids[b, j, :n].tolist()
-        assert context_ids[row, n:length].tolist() == list(batch["question_generator_ids"][b]) + [eos]
+    passages = module.passages.titles_and_texts(result.ids.reshape(-1))
+    for row, (title, text) in enumerate(passages):
+        want = transformers_context(module.generator_tokenizer, title, text, batch["questions"][row // N_DOCS])
+        assert context_ids[row, :int(context_mask[row].sum())].tolist() == want
 
     question_encoder_params = [p for p in module.question_encoder.parameters()]
     rag_param_ids = {id(p) for p in module.rag.parameters()}
@@ -276,10 +280,11 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
         model_cfg.generator.prefix = "answer the question :" if family == "t5" else None     # T5's task prefix
         module, _, batch = _module_and_batch(service, kind, model_cfg=model_cfg)
         assert module.generator_tokenizer.convert_ids_to_tokens(module.decoder_prefix) == prefix
-        _, context_ids, _, _ = module.retrieve(batch)
-        context_prefix = module.generator_tokenizer("answer the question :", add_special_tokens=False)["input_ids"]
-        starts = context_ids[:, :len(context_prefix)].tolist()
-        assert all(start == context_prefix for start in starts) == (family == "t5")
+        _, context_ids, context_mask, result = module.retrieve(batch)
+        title, text = module.passages.titles_and_texts(result.ids[:1, :1].reshape(-1))[0]
+        want = transformers_context(module.generator_tokenizer, title, text, batch["questions"][0],
+                                    prefix=model_cfg.generator.prefix or "")
+        assert context_ids[0, :int(context_mask[0].sum())].tolist() == want
         assert batch["labels"][0, :len(prefix)].tolist() == module.decoder_prefix
         generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
         losses = _train_on_one_batch(module, batch, steps=30)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rag_lightning.config import DataConfig, ModelConfig
 from rag_lightning.data.qa_files import QAExample, read_split
+from rag_lightning.model.contexts import question_ids
 
 
 class TokenizedQA(Dataset):
@@ -41,11 +42,10 @@ class TokenizedQA(Dataset):
 
 def tokenize_questions(questions: list[str], encoder_tokenizer, generator_tokenizer,
                        max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Each question's ids for the question encoder (with its special tokens) and for the generator (without)."""
+    """Each question's ids for the question encoder (with its special tokens) and for the generator (as they read
+    after a passage, without)."""
     encoder_ids = encoder_tokenizer(questions, truncation=True, max_length=max_tokens)["input_ids"]
-    generator_ids = generator_tokenizer(questions, add_special_tokens=False, truncation=True,
-                                        max_length=max_tokens)["input_ids"]
-    return encoder_ids, generator_ids
+    return encoder_ids, question_ids(generator_tokenizer, questions, max_tokens)
 
 
 def question_batch(encoder_ids: list[list[int]], generator_ids: list[list[int]], encoder_pad_id: int) -> dict:

@@ -28,7 +28,7 @@ from rag_lightning.config import IndexConfig, KBConfig
 from rag_lightning.errors import UserError
 from rag_lightning.kb.generator_tokenizer import extra_texts, load_generator_tokenizer, train_tokenizer
 from rag_lightning.kb.hf_format import is_hf_passages_folder, read_hf_passages
-from rag_lightning.kb.passage_text import passage_text
+from rag_lightning.kb.passage_text import PASSAGE_FORMAT, passage_text
 from rag_lightning.kb.source import Passage, read_documents, split_into_passages
 from rag_lightning.model.encoder_folders import resolve_encoder
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
@@ -180,6 +180,7 @@ def _remove_uncommitted(kb_dir: Path, names: list[str]) -> None:
 def _fingerprint(kb: KBConfig, index: IndexConfig) -> str:
     settings = {k: v for k, v in asdict(kb).items() if k not in ("dir", "rebuild", "encode_batch_size")}
     settings["index"] = {"factory": index.factory, "shards": index.shards}
+    settings["passage_format"] = PASSAGE_FORMAT
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for path in [kb.source, kb.source_index, *kb.generator_tokenizer.extra_texts]:
         if path is not None:        # a file, or every file of a datasets folder

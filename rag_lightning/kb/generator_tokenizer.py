@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from rag_lightning.errors import UserError
@@ -40,6 +40,9 @@ def train_tokenizer(cfg: GeneratorTokenizerConfig, texts: Iterable[str]) -> PreT
     else:
         raise UserError(f"kb.generator_tokenizer.kind: {cfg.kind!r} is not one of wordlevel, bpe")
     tokenizer.train_from_iterator(texts, trainer)
+    bos, eos = SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(   # BART's: a context reads "<s> ... </s>"
+        single=f"{bos} $A {eos}", special_tokens=[(token, tokenizer.token_to_id(token)) for token in (bos, eos)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 

@@ -2,9 +2,9 @@
 
 One training step: encode the questions (gradients flow), ONE search call per shard for
 the top-k passages with their embeddings and token ids, doc_scores = q . doc embeddings,
-contexts = stored passage ids + question ids, then the RAG marginal NLL. With
-retriever.train_ctx_encoder the retrieved passages are re-embedded by the current context
-encoder, so gradients reach it too. Validation and test steps generate answers and return
+contexts = stored passage ids + question ids (laid out as transformers' RagRetriever does), then
+the RAG marginal NLL. With retriever.train_ctx_encoder the retrieved passages are re-embedded by
+the current context encoder, so gradients reach it too. Validation and test steps generate answers and return
 each example's record and scores; the EvaluationMetrics callback adds them up.
 
 What happens around the steps lives in callbacks (rag_lightning/callbacks/): index
@@ -23,7 +23,7 @@ from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, Retrie
 from rag_lightning.errors import UserError
 from rag_lightning.evaluation.scores import example_scores
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
-from rag_lightning.model.contexts import join_contexts
+from rag_lightning.model.contexts import ContextLayout, join_contexts
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer, transformer_body
 from rag_lightning.model.generator import build_rag, decoder_prefix, generator_folder
 from retrieval_workers.encoding import TextEncoder
@@ -57,9 +57,8 @@ class RagModule(L.LightningModule):
                                               "model.question_encoder")
         self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
         self.decoder_prefix = decoder_prefix(self.generator_tokenizer, self.rag.generator.config.decoder_start_token_id)
-        context_prefix = getattr(self.rag.generator.config, "prefix", None)
-        self.context_prefix_ids: list[int] = self.generator_tokenizer(
-            context_prefix, add_special_tokens=False)["input_ids"] if context_prefix else []
+        self.context_layout = ContextLayout.of(self.generator_tokenizer,
+                                               getattr(self.rag.generator.config, "prefix", None))
         self.question_encoder.requires_grad_(self.retriever_cfg.train_question_encoder)
         self.rag.generator.requires_grad_(self.model_cfg.generator.train)
         self.context_encoder: TextEncoder | None = None
@@ -111,9 +110,7 @@ class RagModule(L.LightningModule):
             else torch.from_numpy(result.embeddings).to(q)
         doc_scores = self.retriever_cfg.score_scale * torch.einsum("bd,bkd->bk", q, doc_embeddings)
         context_ids, context_mask = join_contexts(result.token_ids, result.lengths, batch["question_generator_ids"],
-                                                  self.context_prefix_ids, self.generator_tokenizer.eos_token_id,
-                                                  self.generator_tokenizer.pad_token_id,
-                                                  self.model_cfg.max_context_tokens)
+                                                  self.context_layout, self.model_cfg.max_context_tokens)
         return doc_scores, context_ids.to(self.device), context_mask.to(self.device), result
 
     def embed_passages(self, ids: np.ndarray) -> torch.Tensor:
