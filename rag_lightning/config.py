@@ -22,6 +22,7 @@ from rag_lightning.errors import UserError
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 from rag_lightning.model.encoder_folders import resolve_encoder
 from rag_lightning.model.generator import check_generator_folder, generator_folder
+from rag_lightning.model.rag_folder import read_rag_folder
 from retrieval_workers.ray_runtime import RayUnreachable, check_reachable
 from retrieval_workers.types import RefreshSpec, ServiceSpec
 
@@ -83,19 +84,58 @@ class GeneratorConfig:
             check_generator_folder(self.pretrained, f"{key}.pretrained")
 
 
+# What model.n_docs, model.label_smoothing and model.max_context_tokens are when neither the config nor
+# model.init_from's RAG folder sets them
+MODEL_DEFAULTS = {"n_docs": 3, "label_smoothing": 0.0, "max_context_tokens": 256}
+
+
 @dataclass
 class ModelConfig:
     kind: str = choice("rag_sequence", "rag_token")
-    n_docs: int = at_least(3, 1)            # passages retrieved per question
+    init_from: str | None = None            # a whole RAG folder (transformers' save_pretrained, as the hub's
+    #                                         facebook/rag-*, or our export): its question encoder, generator,
+    #                                         tokenizers, and the three values below where they are null
+    n_docs: int | None = at_least(None, 1)  # passages retrieved per question; null: init_from's, else 3
     question_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    label_smoothing: float = at_least(0.0, 0.0)
+    label_smoothing: float | None = at_least(None, 0.0)   # null: init_from's, else 0
     max_question_tokens: int = at_least(32, 2)
     max_answer_tokens: int = at_least(8, 4)  # with "</s> <s>" and "</s>": the demo's answers are one word
-    max_context_tokens: int = at_least(256, 2)   # passage + question, per retrieved document
+    max_context_tokens: int | None = at_least(None, 2)    # passage + question, per retrieved document; null:
+    #                                                       init_from's max_combined_length, else 256
     num_beams: int = at_least(2, 1)         # beam search at validation and test
     gradient_checkpointing: bool = False    # recompute the generator's and encoders' activations in the backward
     #                                         pass: less memory for more compute
+
+    def check(self, key: str) -> None:
+        if self.init_from is not None:
+            if self.generator.pretrained is not None:
+                raise UserError(f"{key}.generator.pretrained: {key}.init_from={self.init_from} brings its "
+                                f"generator; set one of the two")
+            if self.question_encoder != EncoderConfig():
+                raise UserError(f"{key}.question_encoder: {key}.init_from={self.init_from} brings its question "
+                                f"encoder (DPR); leave {key}.question_encoder unset")
+        self.fill_unset(key)
+
+    def fill_unset(self, key: str = "model") -> ModelConfig:
+        """Set n_docs, label_smoothing and max_context_tokens where null: from init_from's RAG folder, else
+        MODEL_DEFAULTS. Returns self."""
+        values = MODEL_DEFAULTS
+        if self.init_from is not None:
+            folder = read_rag_folder(self.init_from, f"{key}.init_from")
+            values = {"n_docs": folder.n_docs, "label_smoothing": folder.label_smoothing,
+                      "max_context_tokens": folder.max_combined_length}
+        for name, value in values.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
+
+    def own_generator_tokenizer(self) -> Path | None:
+        """The folder of the tokenizer the generator brings (init_from's generator_tokenizer/, a pretrained
+        generator's folder); None for a generator trained from scratch on the knowledge base's tokenizer."""
+        if self.init_from is not None:
+            return read_rag_folder(self.init_from, "model.init_from").generator_tokenizer_dir
+        return generator_folder(self.generator.pretrained) if self.generator.pretrained is not None else None
 
 
 @dataclass
@@ -277,14 +317,12 @@ class TrainConfig:
             raise UserError("model.generator.train=false and the retriever trains no encoder "
                             "(retriever.train_question_encoder=false, retriever.train_ctx_encoder=false): nothing "
                             "would train")
-        generator, tokenizer_path = self.model.generator.pretrained, self.kb.generator_tokenizer.path
-        if generator is not None and tokenizer_path is not None:
-            own, kb = (tokenizer_fingerprint(load_generator_tokenizer(p)) for p in (generator_folder(generator),
-                                                                                   tokenizer_path))
+        own_tokenizer, tokenizer_path = self.model.own_generator_tokenizer(), self.kb.generator_tokenizer.path
+        if own_tokenizer is not None and tokenizer_path is not None:
+            own, kb = (tokenizer_fingerprint(load_generator_tokenizer(p)) for p in (own_tokenizer, tokenizer_path))
             if own != kb:
-                raise UserError(f"kb.generator_tokenizer.path: {tokenizer_path} ({kb}) is not the tokenizer of "
-                                f"model.generator.pretrained={generator} ({own}); leave it unset to use the "
-                                "generator's")
+                raise UserError(f"kb.generator_tokenizer.path: {tokenizer_path} ({kb}) is not the tokenizer of the "
+                                f"generator ({own_tokenizer}: {own}); leave it unset to use the generator's")
         if self.index_refresh.every_n_steps is not None and not self.retriever.train_ctx_encoder:
             raise UserError("index_refresh.every_n_steps is set but retriever.train_ctx_encoder=false: the passage "
                             "embeddings would never change; train the context encoder or set "

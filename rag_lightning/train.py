@@ -80,7 +80,8 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     module = RagModule(model=asdict(cfg.model), retriever=asdict(cfg.retriever), optim=asdict(cfg.optim),
                        service=asdict(spec), data_dir=str(Path(cfg.data.dir).resolve()))
     if module.question_encoder.dim != manifest.dim:
-        raise UserError(f"model.question_encoder: its dimension {module.question_encoder.dim} differs from the "
+        key = "model.init_from" if cfg.model.init_from is not None else "model.question_encoder"
+        raise UserError(f"{key}: the question encoder's dimension {module.question_encoder.dim} differs from the "
                         f"knowledge base's {manifest.dim} (kb.context_encoder); use encoders of one size")
     if resume_from is not None:
         check_checkpoint_fits(resume_from, module, asdict(cfg.model))

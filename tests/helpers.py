@@ -149,6 +149,86 @@ def write_generator_folder(folder: Path, family: str, texts: list[str]) -> Path:
     return folder
 
 
+def demo_generator_folder(folder: Path, family: str, data_dir: Path) -> Path:
+    """write_generator_folder with a tokenizer that learns the words of the demo data in data_dir (its passages
+    and training answers)."""
+    from rag_lightning.kb.generator_tokenizer import extra_texts
+    from rag_lightning.kb.passage_text import passage_text
+
+    texts = [passage_text(row["title"], row["text"]) for row in map(json.loads, open(data_dir / "kb.jsonl"))]
+    return write_generator_folder(folder, family, texts + list(extra_texts([str(data_dir / "train.jsonl")])))
+
+
+def write_rag_folder(folder: Path, question_encoder: Path, generator: Path, **rag_values) -> Path:
+    """A whole RAG checkpoint as the hub's facebook/rag-* are laid out, from a DPR question encoder folder and a
+    generator folder (NOTES: from_pretrained_question_encoder_generator, then save_pretrained and
+    RagTokenizer.save_pretrained); rag_values (n_docs, max_combined_length, ...) go into its RagConfig."""
+    from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenizer
+
+    rag = RagSequenceForGeneration.from_pretrained_question_encoder_generator(str(question_encoder), str(generator))
+    rag.config.retrieval_vector_size = rag.question_encoder.config.projection_dim or \
+        rag.question_encoder.config.hidden_size
+    for name, value in rag_values.items():
+        setattr(rag.config, name, value)
+    rag.save_pretrained(str(folder))
+    RagTokenizer(question_encoder=AutoTokenizer.from_pretrained(str(question_encoder)),
+                 generator=AutoTokenizer.from_pretrained(str(generator))).save_pretrained(str(folder))
+    return folder
+
+
+def demo_data(tmp_path_factory) -> Path:
+    """Demo data for 40 made-up people (40 passages)."""
+    from rag_lightning.data.demo import write_demo_data
+
+    data_dir = tmp_path_factory.mktemp("data")
+    write_demo_data(data_dir, num_entities=40, num_values=12, val_size=4, test_size=4)
+    return data_dir
+
+
+def running_service(tmp_path_factory, context_encoder: EncoderConfig, data_dir: Path | None = None,
+                    generator_tokenizer: str | None = None) -> tuple[Path, ServiceSpec]:
+    """A KB of the demo data in 2 shards (its generator tokenizer trained on it unless a folder is given), and its
+    running service: the data folder and the service's spec."""
+    from rag_lightning.config import IndexConfig
+    from rag_lightning.kb.build import build_knowledge_base
+    from retrieval_workers.service import launch_service
+
+    data_dir = data_dir or demo_data(tmp_path_factory)
+    kb = KBConfig(source=str(data_dir / "kb.jsonl"), dir=str(tmp_path_factory.mktemp("kb")), words_per_passage=100,
+                  max_passage_tokens=32, context_encoder=context_encoder,
+                  generator_tokenizer=GeneratorTokenizerConfig(path=generator_tokenizer, vocab_size=2000,
+                                                               extra_texts=[str(data_dir / "train.jsonl")]))
+    manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=2))
+    assert manifest.num_passages == 40
+    spec = unique_spec(kb.dir, shards=2, replicas=1)
+    launch_service(spec)
+    return data_dir, spec
+
+
+def qa_data_and_first_batch(module, data_dir: Path, model_cfg, batch_size: int):
+    """The QA files in data_dir as the module's datamodule (set up for fitting), and its first training batch."""
+    from rag_lightning.config import DataConfig
+    from rag_lightning.data.datamodule import QADataModule
+
+    datamodule = QADataModule(DataConfig(dir=str(data_dir), batch_size=batch_size, eval_batch_size=batch_size),
+                              model_cfg, module.question_tokenizer, module.generator_tokenizer, module.decoder_prefix)
+    datamodule.setup("fit")
+    return datamodule, next(iter(datamodule.train_dataloader()))
+
+
+def train_on_one_batch(module, batch: dict, steps: int) -> list[float]:
+    """AdamW (lr 1e-3) over the trainable parameters, `steps` times on the same batch; the losses."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = module.training_step(batch, step)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def write_documents(path: Path, num_docs: int, words_per_doc: int = 24, seed: int = 0) -> list[dict]:
     """A JSONL knowledge-base source of made-up documents; returns the rows written."""
     rng = random.Random(seed)

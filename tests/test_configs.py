@@ -2,6 +2,7 @@
 config composes, and `checked()` refuses bad keys and values naming the key, for every entry point."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from rag_lightning.config import TrainConfig, checked, register_configs, with_current_names
+from rag_lightning.config import MODEL_DEFAULTS, TrainConfig, checked, register_configs, with_current_names
 from rag_lightning.errors import UserError
 
-from helpers import write_encoder_folder, write_generator_folder
+from helpers import write_encoder_folder, write_generator_folder, write_rag_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"
@@ -47,7 +48,9 @@ def schema_defaults(run_dir: Path) -> TrainConfig:
     """TrainConfig() with its interpolations resolved as in a run whose run dir is run_dir."""
     node = OmegaConf.structured(TrainConfig)
     node.paths.run_dir = str(run_dir)
-    return OmegaConf.to_object(node)
+    defaults = OmegaConf.to_object(node)
+    defaults.model.fill_unset()     # n_docs, label_smoothing, max_context_tokens: null in the schema, set by checked()
+    return defaults
 
 
 def test_the_default_run_is_the_schema_defaults(tmp_path):
@@ -209,8 +212,53 @@ def test_a_generator_folder_is_checked_with_its_tokenizer_against_the_knowledge_
     raw = compose_raw("train", [f"model.generator.pretrained={generator}",
                                 f"kb.generator_tokenizer.path={encoder}"], tmp_path)
     with pytest.raises(UserError, match=f"^kb.generator_tokenizer.path: {encoder} \\([0-9a-f]{{12}}\\) is not the "
-                                        f"tokenizer of model.generator.pretrained={generator}"):
+                                        f"tokenizer of the generator \\({generator}: "):
         checked(raw)
     same = compose_raw("train", [f"model.generator.pretrained={generator}",
                                  f"kb.generator_tokenizer.path={generator}"], tmp_path)
     assert checked(same).model.generator.pretrained == str(generator)
+
+
+def test_a_rag_folder_gives_its_values_unless_the_config_sets_them(tmp_path):
+    """model.init_from: n_docs, max_combined_length and label_smoothing come from the folder's RagConfig, a model.*
+    override wins, and without a folder they are MODEL_DEFAULTS."""
+    generator = write_generator_folder(tmp_path / "bart", "bart", ["some words"])
+    rag = write_rag_folder(tmp_path / "rag", write_encoder_folder(tmp_path / "dpr", "dpr_question"), generator,
+                           n_docs=7, max_combined_length=100, label_smoothing=0.1)
+
+    def values(overrides: list[str]) -> dict:
+        model = compose_config("train", overrides, tmp_path).model
+        return {name: getattr(model, name) for name in MODEL_DEFAULTS}
+
+    assert values([f"model.init_from={rag}"]) == {"n_docs": 7, "max_context_tokens": 100, "label_smoothing": 0.1}
+    assert values([f"model.init_from={rag}", "model.n_docs=4", "model.label_smoothing=0"]) == {
+        "n_docs": 4, "max_context_tokens": 100, "label_smoothing": 0.0}
+    assert values([]) == MODEL_DEFAULTS == {"n_docs": 3, "max_context_tokens": 256, "label_smoothing": 0.0}
+
+
+def test_a_rag_folder_that_is_none_or_conflicts_is_refused(tmp_path):
+    """One line naming the key and the folder, at config time."""
+    generator = write_generator_folder(tmp_path / "bart", "bart", ["some words"])
+    question_encoder = write_encoder_folder(tmp_path / "dpr", "dpr_question")
+    rag = write_rag_folder(tmp_path / "rag", question_encoder, generator)
+    other_separators = write_rag_folder(tmp_path / "rag_sep", question_encoder, generator, title_sep=" | ")
+    no_tokenizers = write_rag_folder(tmp_path / "rag_bare", question_encoder, generator)
+    shutil.rmtree(no_tokenizers / "generator_tokenizer")
+    for overrides, message in [
+        ([f"model.init_from={generator}"], f"model.init_from: {generator} is a bart model, not a RAG model"),
+        ([f"model.init_from={tmp_path / 'nowhere'}"],
+         f"model.init_from: {tmp_path / 'nowhere'} is not a Hugging Face model folder"),
+        ([f"model.init_from={other_separators}"],
+         f"model.init_from: {other_separators}/config.json joins title, text and question with title_sep=' | '"),
+        ([f"model.init_from={no_tokenizers}"], f"model.init_from: {no_tokenizers} has no generator_tokenizer/"),
+        ([f"model.init_from={rag}", f"model.generator.pretrained={generator}"],
+         f"model.generator.pretrained: model.init_from={rag} brings its generator"),
+        ([f"model.init_from={rag}", "model.question_encoder.pretrained=null"],
+         f"model.question_encoder: model.init_from={rag} brings its question encoder"),
+        ([f"model.init_from={rag}", f"kb.generator_tokenizer.path={question_encoder}"],
+         f"kb.generator_tokenizer.path: {question_encoder} ("),
+    ]:
+        with pytest.raises(UserError) as refused:
+            compose_config("train", overrides, tmp_path)
+        assert str(refused.value).startswith(message), (overrides, str(refused.value))
+    assert f"is not the tokenizer of the generator ({rag}/generator_tokenizer: " in str(refused.value)

@@ -1,10 +1,8 @@
 """RAG-Sequence and RAG-Token training steps over the real retrieval service, on tiny models and data."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -14,30 +12,25 @@ import torch
 
 from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
 from rag_lightning.config import (
-    DataConfig,
     EncoderConfig,
     GeneratorConfig,
-    GeneratorTokenizerConfig,
-    IndexConfig,
-    KBConfig,
     ModelConfig,
     OptimConfig,
     RetrieverConfig,
 )
-from rag_lightning.data.datamodule import QADataModule
-from rag_lightning.data.demo import write_demo_data
 from rag_lightning.errors import UserError
-from rag_lightning.kb.build import build_knowledge_base
-from rag_lightning.kb.generator_tokenizer import extra_texts
-from rag_lightning.kb.passage_text import passage_text
 from rag_lightning.model.rag_module import RagModule
-from retrieval_workers.service import launch_service, shutdown_service
+from retrieval_workers.service import shutdown_service
 
 from helpers import (
     actor_pid,
+    demo_data,
+    demo_generator_folder,
+    qa_data_and_first_batch,
+    running_service,
     tiny_encoder_config,
+    train_on_one_batch,
     transformers_context,
-    unique_spec,
     write_encoder_folder,
     write_generator_folder,
 )
@@ -46,33 +39,10 @@ N_DOCS = 2
 BATCH = 4
 
 
-def _demo_data(tmp_path_factory) -> Path:
-    """Demo data for 40 made-up people (40 passages)."""
-    data_dir = tmp_path_factory.mktemp("data")
-    write_demo_data(data_dir, num_entities=40, num_values=12, val_size=4, test_size=4)
-    return data_dir
-
-
-def _running_service(tmp_path_factory, context_encoder: EncoderConfig, data_dir: Path | None = None,
-                     generator_tokenizer: str | None = None):
-    """A KB of the demo data in 2 shards (its generator tokenizer trained on it unless a folder is given), and its
-    running service."""
-    data_dir = data_dir or _demo_data(tmp_path_factory)
-    kb = KBConfig(source=str(data_dir / "kb.jsonl"), dir=str(tmp_path_factory.mktemp("kb")), words_per_passage=100,
-                  max_passage_tokens=32, context_encoder=context_encoder,
-                  generator_tokenizer=GeneratorTokenizerConfig(path=generator_tokenizer, vocab_size=2000,
-                                                               extra_texts=[str(data_dir / "train.jsonl")]))
-    manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=2))
-    assert manifest.num_passages == 40
-    spec = unique_spec(kb.dir, shards=2, replicas=1)
-    launch_service(spec)
-    return data_dir, spec
-
-
 @pytest.fixture(scope="module")
 def service(ray_cluster, tmp_path_factory):
     """The tiny random encoder's knowledge base and service."""
-    data_dir, spec = _running_service(tmp_path_factory, tiny_encoder_config())
+    data_dir, spec = running_service(tmp_path_factory, tiny_encoder_config())
     yield data_dir, spec
     shutdown_service(spec)
 
@@ -90,19 +60,6 @@ def _trainer(root, **arguments) -> L.Trainer:
                      **arguments)
 
 
-def _train_on_one_batch(module: RagModule, batch: dict, steps: int) -> list[float]:
-    """AdamW (lr 1e-3) over the trainable parameters, `steps` times on the same batch; the losses."""
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for step in range(steps):
-        optimizer.zero_grad()
-        loss = module.training_step(batch, step)["loss"]
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
 def _module_and_batch(service, kind: str, train_question_encoder: bool = True, model_cfg: ModelConfig | None = None,
                       **retriever_overrides):
     data_dir, spec = service
@@ -112,11 +69,7 @@ def _module_and_batch(service, kind: str, train_question_encoder: bool = True, m
     module = RagModule(model=asdict(model_cfg), retriever=asdict(retriever),
                        optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
     module.setup("fit")
-    datamodule = QADataModule(DataConfig(dir=str(data_dir), batch_size=BATCH, eval_batch_size=BATCH), model_cfg,
-                              module.question_tokenizer, module.generator_tokenizer,
-                        module.decoder_prefix)
-    datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    datamodule, batch = qa_data_and_first_batch(module, data_dir, model_cfg, BATCH)
     return module, datamodule, batch
 
 
@@ -201,7 +154,7 @@ def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_fa
     root = tmp_path_factory.mktemp("folders")
     question_folder, context_folder = (write_encoder_folder(root / f"{side}", kind)
                                        for side, kind in zip(("question", "context"), folders))
-    service = _running_service(tmp_path_factory, EncoderConfig(pretrained=str(context_folder)))
+    service = running_service(tmp_path_factory, EncoderConfig(pretrained=str(context_folder)))
     try:
         module, datamodule, batch = _module_and_batch(service, "rag_sequence", model_cfg=_model_config(
             "rag_sequence", EncoderConfig(pretrained=str(question_folder))), train_ctx_encoder=True)
@@ -209,7 +162,7 @@ def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_fa
         assert [type(e.model).__name__ for e in encoders] == \
             {"dpr_question": ["DPRQuestionEncoder", "DPRContextEncoder"]}.get(folders[0], ["BertModel"] * 2)
         before = [{n: p.detach().clone() for n, p in e.named_parameters()} for e in encoders]
-        losses = _train_on_one_batch(module, batch, steps=30)
+        losses = train_on_one_batch(module, batch, steps=30)
         assert losses[-1] < 0.8 * losses[0], losses
         for encoder, weights in zip(encoders, before):
             embeddings = encoder.model.get_input_embeddings().weight
@@ -269,11 +222,9 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
                                                                    prefix):
     """A BART, a T5 and an EncoderDecoderModel folder, each with its own tokenizer, which the knowledge base's
     passages are tokenized with; each answer follows the family's decoder start."""
-    data_dir = _demo_data(tmp_path_factory)
-    texts = [passage_text(row["title"], row["text"]) for row in map(json.loads, open(data_dir / "kb.jsonl"))]
-    folder = write_generator_folder(tmp_path_factory.mktemp(family) / "generator", family,
-                                    texts + list(extra_texts([str(data_dir / "train.jsonl")])))
-    service = _running_service(tmp_path_factory, tiny_encoder_config(), data_dir, generator_tokenizer=str(folder))
+    data_dir = demo_data(tmp_path_factory)
+    folder = demo_generator_folder(tmp_path_factory.mktemp(family) / "generator", family, data_dir)
+    service = running_service(tmp_path_factory, tiny_encoder_config(), data_dir, generator_tokenizer=str(folder))
     try:
         model_cfg = _model_config(kind)
         model_cfg.generator.pretrained = str(folder)
@@ -287,7 +238,7 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
         assert context_ids[0, :int(context_mask[0].sum())].tolist() == want
         assert batch["labels"][0, :len(prefix)].tolist() == module.decoder_prefix
         generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
-        losses = _train_on_one_batch(module, batch, steps=30)
+        losses = train_on_one_batch(module, batch, steps=30)
         assert losses[-1] < 0.85 * losses[0], losses
         unmoved = [n for n, p in module.rag.generator.named_parameters() if torch.equal(p, generator[n])]
         assert not unmoved, unmoved

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import faiss
@@ -16,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from rag_lightning.config import MODEL_DEFAULTS, ModelConfig, OptimConfig, RetrieverConfig
 from rag_lightning.data.demo import write_demo_data
-from rag_lightning.kb.generator_tokenizer import extra_texts
-from rag_lightning.kb.passage_text import passage_text
+from rag_lightning.model.rag_module import RagModule
+from rag_lightning.model.trained_model import load_trained_model
 from retrieval_workers.index_shard import IndexShard
 from retrieval_workers.kb_store import load_embeddings, read_manifest
 
@@ -26,9 +28,9 @@ from helpers import (
     REPO_ROOT,
     TINY_KB_ENCODER,
     cli_env,
+    demo_generator_folder,
     write_documents,
     write_encoder_folder,
-    write_generator_folder,
 )
 
 # unscaled scores (transformers' RAG scores by the raw output of its DPR question encoder), a short training
@@ -126,9 +128,7 @@ def _exportable_models(models: str, tmp_path: Path) -> tuple[list[str], list[str
     if models == "minilm_bart":
         return EXPORTABLE, MINILM_CLS_CONTEXT, tmp_path / "run" / "data"
     data = write_demo_data(tmp_path / "data", num_entities=40)      # as experiment=tiny writes it
-    texts = [passage_text(row["title"], row["text"]) for row in map(json.loads, open(data / "kb.jsonl"))]
-    generator = write_generator_folder(tmp_path / "generator", models.removeprefix("dpr_"),
-                                       texts + list(extra_texts([str(data / "train.jsonl")])))
+    generator = demo_generator_folder(tmp_path / "generator", models.removeprefix("dpr_"), data)
     question, context = (write_encoder_folder(tmp_path / kind, kind, minilm_weights=True)
                          for kind in ("dpr_question", "dpr_context"))
     context_overrides = [f"kb.context_encoder.pretrained={context}"]
@@ -177,7 +177,22 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, mode
                                rtol=1e-4, atol=1e-4)
     assert answers == [o["answer"] for o in ours]
 
-    # and back: the exported passages and index import as a knowledge base with the same embeddings
+    # and back: the exported model loads through model.init_from as the model it came from
+    trained = load_trained_model(str(checkpoint)).module
+    back = RagModule(model=asdict(ModelConfig(kind=kind, init_from=str(out))),
+                     retriever=asdict(RetrieverConfig(score_scale=1.0)), optim=asdict(OptimConfig()),
+                     service=asdict(trained.service_spec)).eval()
+    for name in MODEL_DEFAULTS:         # n_docs, max_context_tokens, label_smoothing: from the export's RagConfig
+        assert getattr(back.model_cfg, name) == getattr(trained.model_cfg, name), name
+    assert back.context_layout == trained.context_layout
+    generator = trained.rag.generator.state_dict()
+    assert all(torch.equal(tensor, generator[name]) for name, tensor in back.rag.generator.state_dict().items())
+    questions = [o["question"] for o in ours]
+    question_ids = back.question_tokenizer(questions, padding=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(back.question_encoder(question_ids), trained.question_encoder(question_ids))
+
+    # and the exported passages and index import as a knowledge base with the same embeddings
     kb_dir = tmp_path / "imported"
     _cli("rag_lightning.build_kb", f"kb.source={out / 'passages'}", f"kb.source_index={out / 'index.faiss'}",
          f"kb.dir={kb_dir}", *context_overrides, f"hydra.run.dir={tmp_path / 'import'}")

@@ -72,16 +72,16 @@ def load_pretrained_generator(pretrained: str, tokenizer) -> PreTrainedModel:
         return AutoModelForSeq2SeqLM.from_pretrained(pretrained)
     if pretrained == "minilm":      # encoder and decoder both from the bundled MiniLM, cross-attention new
         folder = str(bundled_minilm())
-        model = EncoderDecoderModel.from_encoder_decoder_pretrained(folder, folder)
-    else:
-        model = EncoderDecoderModel.from_pretrained(pretrained)
-    return _ready_for_rag(model, tokenizer)
+        return ready_for_rag(EncoderDecoderModel.from_encoder_decoder_pretrained(folder, folder), tokenizer)
+    return ready_for_rag(EncoderDecoderModel.from_pretrained(pretrained), tokenizer)
 
 
-def _ready_for_rag(model: EncoderDecoderModel, tokenizer) -> EncoderDecoderModel:
-    """An EncoderDecoderModel without its encoder's pooler (unused: its parameters would get no gradient, which
-    DDP refuses) and with the token ids RAG and generate need where it does not set them: a BERT-style decoder
-    starts from [CLS] and ends with [SEP] (the tokenizer's eos)."""
+def ready_for_rag(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
+    """The generator as RAG trains it: an EncoderDecoderModel loses its encoder's pooler (unused: its parameters
+    would get no gradient, which DDP refuses) and gets the token ids RAG and generate need where it does not set
+    them: a BERT-style decoder starts from [CLS] and ends with [SEP] (the tokenizer's eos). Other models as they are."""
+    if not isinstance(model, EncoderDecoderModel):
+        return model
     if getattr(model.encoder, "pooler", None) is not None:
         model.encoder.pooler = None
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
@@ -92,6 +92,16 @@ def _ready_for_rag(model: EncoderDecoderModel, tokenizer) -> EncoderDecoderModel
             if getattr(config, name, None) is None:
                 setattr(config, name, token_id)
     return model
+
+
+def set_model_values(rag: RagSequenceForGeneration, model_cfg: ModelConfig) -> RagSequenceForGeneration:
+    """The RAG model with model_cfg's values in its config (where transformers' RAG and our export read them):
+    n_docs, label_smoothing, max_combined_length, and the generator's prefix when model.generator.prefix is set."""
+    rag.config.n_docs, rag.config.label_smoothing = model_cfg.n_docs, model_cfg.label_smoothing
+    rag.config.max_combined_length = model_cfg.max_context_tokens
+    if model_cfg.generator.prefix is not None:
+        rag.generator.config.prefix = model_cfg.generator.prefix
+    return rag
 
 
 def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) -> RagSequenceForGeneration:
@@ -108,10 +118,7 @@ def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) 
             max_position_embeddings=generator_cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=None, forced_bos_token_id=None))
-    if generator_cfg.prefix is not None:      # where transformers' RAG reads it (and our export carries it)
-        generator.config.prefix = generator_cfg.prefix
     rag_config = RagConfig.from_question_encoder_generator_configs(
-        question_encoder.model.config, generator.config, n_docs=model_cfg.n_docs,
-        label_smoothing=model_cfg.label_smoothing, retrieval_vector_size=question_encoder.dim,
-        max_combined_length=model_cfg.max_context_tokens)
-    return RAG_CLASSES[model_cfg.kind](config=rag_config, question_encoder=question_encoder.model, generator=generator)
+        question_encoder.model.config, generator.config, retrieval_vector_size=question_encoder.dim)
+    rag = RAG_CLASSES[model_cfg.kind](config=rag_config, question_encoder=question_encoder.model, generator=generator)
+    return set_model_values(rag, model_cfg)

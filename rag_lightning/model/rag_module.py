@@ -25,8 +25,9 @@ from rag_lightning.evaluation.scores import example_scores
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 from rag_lightning.model.contexts import ContextLayout, join_contexts
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer, transformer_body
-from rag_lightning.model.generator import build_rag, decoder_prefix, generator_folder
-from retrieval_workers.encoding import TextEncoder
+from rag_lightning.model.generator import build_rag, decoder_prefix
+from rag_lightning.model.rag_folder import load_rag_folder
+from retrieval_workers.encoding import POOLER, TextEncoder
 from retrieval_workers.kb_store import PassageTable, read_manifest
 from retrieval_workers.service import RetrievalClient
 from retrieval_workers.types import SearchResult, ServiceSpec
@@ -44,7 +45,7 @@ class RagModule(L.LightningModule):
     def __init__(self, model: dict, retriever: dict, optim: dict, service: dict, data_dir: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.model_cfg: ModelConfig = _structured(ModelConfig, model)
+        self.model_cfg: ModelConfig = _structured(ModelConfig, model).fill_unset()
         self.retriever_cfg: RetrieverConfig = _structured(RetrieverConfig, retriever)
         self.optim_cfg: OptimConfig = _structured(OptimConfig, optim)
         self.service_spec = ServiceSpec(**service)
@@ -52,10 +53,15 @@ class RagModule(L.LightningModule):
         self.passages_file = manifest.passages_file
         self.generator_tokenizer = self._generator_tokenizer(f"{self.service_spec.kb_dir}/"
                                                              f"{manifest.encoder['generator_tokenizer']}")
-        self.question_tokenizer = load_encoder_tokenizer(self.model_cfg.question_encoder, "model.question_encoder")
-        self.question_encoder = build_encoder(self.model_cfg.question_encoder, self.question_tokenizer,
-                                              "model.question_encoder")
-        self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
+        if self.model_cfg.init_from is None:
+            self.question_tokenizer = load_encoder_tokenizer(self.model_cfg.question_encoder, "model.question_encoder")
+            self.question_encoder = build_encoder(self.model_cfg.question_encoder, self.question_tokenizer,
+                                                  "model.question_encoder")
+            self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
+        else:       # a whole RAG folder: its DPR question encoder scores passages by its pooler output
+            self.rag, self.question_tokenizer = load_rag_folder(self.model_cfg, self.generator_tokenizer)
+            self.question_encoder = TextEncoder(self.rag.question_encoder, POOLER, self.question_tokenizer.pad_token_id,
+                                                self.question_tokenizer.sep_token_id)
         self.decoder_prefix = decoder_prefix(self.generator_tokenizer, self.rag.generator.config.decoder_start_token_id)
         self.context_layout = ContextLayout.of(self.generator_tokenizer,
                                                getattr(self.rag.generator.config, "prefix", None))
@@ -84,14 +90,15 @@ class RagModule(L.LightningModule):
         """The knowledge base's generator tokenizer, which made the passages' ids; a pretrained generator brings
         its own, and the two must be one."""
         kb_tokenizer = load_generator_tokenizer(kb_tokenizer_dir)
-        pretrained = self.model_cfg.generator.pretrained
-        if pretrained is None:
+        own_dir = self.model_cfg.own_generator_tokenizer()
+        if own_dir is None:
             return kb_tokenizer
-        own = load_generator_tokenizer(generator_folder(pretrained))
+        own = load_generator_tokenizer(own_dir)
         if tokenizer_fingerprint(own) != tokenizer_fingerprint(kb_tokenizer):
-            raise UserError(f"model.generator.pretrained: {pretrained} tokenizes with {tokenizer_fingerprint(own)}, "
-                            f"the knowledge base {self.service_spec.kb_dir} with {tokenizer_fingerprint(kb_tokenizer)} "
-                            f"({kb_tokenizer_dir}); build it with kb.generator_tokenizer.path={pretrained}")
+            key = "model.init_from" if self.model_cfg.init_from is not None else "model.generator.pretrained"
+            raise UserError(f"{key}: {own_dir} tokenizes with {tokenizer_fingerprint(own)}, the knowledge base "
+                            f"{self.service_spec.kb_dir} with {tokenizer_fingerprint(kb_tokenizer)} "
+                            f"({kb_tokenizer_dir}); build it with kb.generator_tokenizer.path={own_dir}")
         return own
 
     def setup(self, stage: str) -> None:

@@ -15,7 +15,6 @@ from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import read_split
 from rag_lightning.errors import UserError
 from rag_lightning.kb.build import build_knowledge_base
-from rag_lightning.model.generator import generator_folder
 from retrieval_workers.kb_store import Manifest, read_manifest
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.refresh import launch_refresher
@@ -42,11 +41,11 @@ def service_spec(cfg: TrainConfig) -> ServiceSpec:
 
 
 def kb_config(cfg: TrainConfig) -> KBConfig:
-    """cfg.kb, with a pretrained generator's own tokenizer as the generator tokenizer unless one is set."""
-    if cfg.model.generator.pretrained is None or cfg.kb.generator_tokenizer.path is not None:
+    """cfg.kb, with the tokenizer a pretrained generator brings as the generator tokenizer unless one is set."""
+    own_tokenizer = cfg.model.own_generator_tokenizer()
+    if own_tokenizer is None or cfg.kb.generator_tokenizer.path is not None:
         return cfg.kb
-    tokenizer = replace(cfg.kb.generator_tokenizer, path=str(generator_folder(cfg.model.generator.pretrained)))
-    return replace(cfg.kb, generator_tokenizer=tokenizer)
+    return replace(cfg.kb, generator_tokenizer=replace(cfg.kb.generator_tokenizer, path=str(own_tokenizer)))
 
 
 def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
