@@ -25,8 +25,9 @@ encoder of the bundled MiniLM's weights, and the MiniLM encoder-decoder generato
 parameters), trained by ours through `model.init_from` and by the baseline through its
 `--rag_dir`, for --pretrained-steps steps (batch, n_docs and context length as above; ours
 retrieves from a knowledge base of the same passages encoded by one MiniLM layer, the
-baseline from random vectors of the same size). ratio_pretrained is the smaller of the two
-kinds' ours / baseline (target >= 1.2).
+baseline from random vectors of the same size). RAG-Sequence only: the baseline's RAG-Token
+loop sets padded labels to -100, which a BERT decoder cannot embed (IndexError).
+ratio_pretrained = ours / baseline (target >= 1.2).
 
     python bench/train_throughput.py                          # the measurement: 20,000 passages, 30 steps
     python bench/train_throughput.py --passages 2000 --steps 8 --pretrained-steps 4   # a quick check that it runs
@@ -297,10 +298,7 @@ def summarize(rates: dict[str, float], args: argparse.Namespace) -> dict:
     summary["floor_fraction"] = min(summary[f"floor_fraction_{kind}"] for kind in KINDS)
     ratios = [summary[f"ratio_{kind}"] for kind in KINDS]
     if args.pretrained_steps:
-        for kind in KINDS:
-            summary[f"ratio_pretrained_{kind}"] = round(rates[f"ours_pretrained_{kind}"]
-                                                        / rates[f"baseline_pretrained_{kind}"], 4)
-        summary["ratio_pretrained"] = min(summary[f"ratio_pretrained_{kind}"] for kind in KINDS)
+        summary["ratio_pretrained"] = round(rates["ours_pretrained"] / rates["baseline_pretrained"], 4)
         ratios.append(summary["ratio_pretrained"])
     summary["meets_targets"] = min(ratios) >= TARGET_RATIO and summary["floor_fraction"] >= TARGET_FLOOR_FRACTION
     return summary
@@ -336,13 +334,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             one_minilm_layer = EncoderConfig(pretrained="minilm", num_layers=1)   # the vectors' size is what counts
             pretrained = build_kb(kb_file, rag_dir / "generator_tokenizer", work / "kb_pretrained", one_minilm_layer)
             launch_service(pretrained)
-            for kind in KINDS:
-                rates[f"ours_pretrained_{kind}"] = timed(f"ours_pretrained_{kind}", run_ours, kind,
-                                                         pretrained_steps + WARMUP_STEPS, pretrained, data_dir,
-                                                         rag_dir=rag_dir)
-                rates[f"baseline_pretrained_{kind}"] = timed(f"baseline_pretrained_{kind}", run_baseline,
-                                                             args.baseline, kind, pretrained_steps, args.threads,
-                                                             kb_file, data_dir, ["--rag_dir", str(rag_dir)])
+            rates["ours_pretrained"] = timed("ours_pretrained", run_ours, "sequence", pretrained_steps + WARMUP_STEPS,
+                                             pretrained, data_dir, rag_dir=rag_dir)
+            rates["baseline_pretrained"] = timed("baseline_pretrained", run_baseline, args.baseline, "sequence",
+                                                 pretrained_steps, args.threads, kb_file, data_dir,
+                                                 ["--rag_dir", str(rag_dir)])
             shutdown_service(pretrained)
     finally:
         ray.shutdown()

@@ -86,8 +86,9 @@ def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cl
         assert retriever.generator_tokenizer.batch_decode(generated, skip_special_tokens=True) == answers
 
         # and it trains: the loss falls, the generator and the question encoder move
-        module.train()
+        module.train()      # both parts were loaded in eval mode (from_pretrained); both train, with dropout
         parts = (module.question_encoder, module.rag.generator)
+        assert all(m.training for part in parts for m in part.modules())
         before = [[p.detach().clone() for p in part.parameters()] for part in parts]
         losses = train_on_one_batch(module, batch, steps=20)
         assert losses[-1] < 0.85 * losses[0], losses

@@ -119,6 +119,8 @@ def test_training_lowers_the_loss_and_trains_the_question_encoder(service, kind)
 
 def test_frozen_question_encoder_gets_no_gradient(service):
     module, _, batch = _module_and_batch(service, "rag_sequence", train_question_encoder=False)
+    module.train()      # dropout for what trains, none in the frozen retriever
+    assert module.rag.generator.training and not any(m.training for m in module.question_encoder.modules())
     module.training_step(batch, 0)["loss"].backward()
     assert all(not p.requires_grad and p.grad is None for p in module.question_encoder.parameters())
     assert sum(float(p.grad.abs().sum()) for p in module.rag.generator.parameters() if p.grad is not None) > 0

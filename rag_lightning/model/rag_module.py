@@ -85,6 +85,18 @@ class RagModule(L.LightningModule):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.retrieval_client: RetrievalClient | None = None
         self.passages: PassageTable | None = None
+        self.train()        # from_pretrained leaves a model in eval mode, and Lightning keeps the modes it finds
+
+    def train(self, mode: bool = True) -> RagModule:
+        """Training mode (dropout on) for the parts that train; a frozen part stays in eval mode, so a fixed
+        retriever or reader behaves in training as it does at evaluation."""
+        super().train(mode)
+        for part, trains in ((self.question_encoder, self.retriever_cfg.train_question_encoder),
+                             (self.context_encoder, self.retriever_cfg.train_ctx_encoder),
+                             (self.rag.generator, self.model_cfg.generator.train)):
+            if part is not None and not trains:
+                part.eval()
+        return self
 
     def _generator_tokenizer(self, kb_tokenizer_dir: str):
         """The knowledge base's generator tokenizer, which made the passages' ids; a pretrained generator brings
