@@ -124,8 +124,6 @@ def _as_dpr_question_encoder(model) -> DPRQuestionEncoder:
     return question_encoder
 
 
-
-
 main = command("export")(export)      # python -m rag_lightning.export, or rag-export
 
 
