@@ -53,14 +53,7 @@ import ray
 import torch
 from common import measure_and_print
 from lightning.pytorch.callbacks import Callback
-from transformers import (
-    AutoTokenizer,
-    BertModel,
-    DPRConfig,
-    DPRQuestionEncoder,
-    RagSequenceForGeneration,
-    RagTokenizer,
-)
+from transformers import AutoTokenizer, BertModel
 
 from rag_lightning.config import (
     DataConfig,
@@ -74,9 +67,11 @@ from rag_lightning.config import (
     RetrieverConfig,
 )
 from rag_lightning.data.datamodule import QADataModule
+from rag_lightning.export import as_dpr_question_encoder
 from rag_lightning.kb.build import build_knowledge_base
 from rag_lightning.model.encoder_folders import bundled_minilm
 from rag_lightning.model.generator import load_pretrained_generator
+from rag_lightning.model.rag_folder import write_rag_folder
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import launch_service, shutdown_service
@@ -162,19 +157,12 @@ def write_pretrained_rag_folder(folder: Path) -> Path:
     encoder-decoder generator, with both tokenizers."""
     minilm = bundled_minilm()
     tokenizer = AutoTokenizer.from_pretrained(str(minilm))
-    bert = BertModel.from_pretrained(str(minilm), add_pooling_layer=False)
-    question_encoder = DPRQuestionEncoder(DPRConfig(**{k: v for k, v in bert.config.to_dict().items()
-                                                       if k not in ("model_type", "architectures")}))
-    question_encoder.question_encoder.bert_model.load_state_dict(bert.state_dict())
+    question_encoder = as_dpr_question_encoder(BertModel.from_pretrained(str(minilm), add_pooling_layer=False))
     generator = load_pretrained_generator("minilm", tokenizer)
     for part, model in (("question_encoder", question_encoder), ("generator", generator)):
         model.save_pretrained(str(folder / part))
-    rag = RagSequenceForGeneration.from_pretrained_question_encoder_generator(str(folder / "question_encoder"),
-                                                                             str(folder / "generator"))
-    rag.config.retrieval_vector_size = bert.config.hidden_size
-    rag.save_pretrained(str(folder / "rag"))
-    RagTokenizer(question_encoder=tokenizer, generator=tokenizer).save_pretrained(str(folder / "rag"))
-    return folder / "rag"
+        tokenizer.save_pretrained(str(folder / part))
+    return write_rag_folder(folder / "rag", folder / "question_encoder", folder / "generator")
 
 
 # --- ours and floor -----------------------------------------------------------------------------------------

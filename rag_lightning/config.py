@@ -22,7 +22,7 @@ from rag_lightning.errors import UserError
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 from rag_lightning.model.encoder_folders import resolve_encoder
 from rag_lightning.model.generator import check_generator_folder, generator_folder
-from rag_lightning.model.rag_folder import read_rag_folder
+from rag_lightning.model.rag_folder import GENERATOR_TOKENIZER, read_rag_folder
 from retrieval_workers.ray_runtime import RayUnreachable, check_reachable
 from retrieval_workers.types import RefreshSpec, ServiceSpec
 
@@ -134,7 +134,7 @@ class ModelConfig:
         """The folder of the tokenizer the generator brings (init_from's generator_tokenizer/, a pretrained
         generator's folder); None for a generator trained from scratch on the knowledge base's tokenizer."""
         if self.init_from is not None:
-            return read_rag_folder(self.init_from, "model.init_from").generator_tokenizer_dir
+            return Path(self.init_from) / GENERATOR_TOKENIZER       # the folder was checked by check()
         return generator_folder(self.generator.pretrained) if self.generator.pretrained is not None else None
 
 

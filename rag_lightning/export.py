@@ -97,7 +97,7 @@ def _knowledge_base(trained: TrainedModel) -> tuple[HFPassages, str]:
 
 def _transformers_model(module: RagModule, passages_path: Path, index_path: Path):
     """The module's RAG model with its question encoder as a DPRQuestionEncoder."""
-    question_encoder = _as_dpr_question_encoder(module.question_encoder.model)
+    question_encoder = as_dpr_question_encoder(module.question_encoder.model)
     generator = module.rag.generator
     cfg = module.model_cfg
     config = RagConfig.from_question_encoder_generator_configs(
@@ -108,7 +108,7 @@ def _transformers_model(module: RagModule, passages_path: Path, index_path: Path
     return RAG_CLASSES[cfg.kind](config=config, question_encoder=question_encoder, generator=generator).eval()
 
 
-def _as_dpr_question_encoder(model) -> DPRQuestionEncoder:
+def as_dpr_question_encoder(model) -> DPRQuestionEncoder:
     """A DPR question encoder as it is; a BERT as a DPRQuestionEncoder of the same weights."""
     if isinstance(model, DPRQuestionEncoder):
         return model

@@ -159,23 +159,6 @@ def demo_generator_folder(folder: Path, family: str, data_dir: Path) -> Path:
     return write_generator_folder(folder, family, texts + list(extra_texts([str(data_dir / "train.jsonl")])))
 
 
-def write_rag_folder(folder: Path, question_encoder: Path, generator: Path, **rag_values) -> Path:
-    """A whole RAG checkpoint as the hub's facebook/rag-* are laid out, from a DPR question encoder folder and a
-    generator folder (NOTES: from_pretrained_question_encoder_generator, then save_pretrained and
-    RagTokenizer.save_pretrained); rag_values (n_docs, max_combined_length, ...) go into its RagConfig."""
-    from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenizer
-
-    rag = RagSequenceForGeneration.from_pretrained_question_encoder_generator(str(question_encoder), str(generator))
-    rag.config.retrieval_vector_size = rag.question_encoder.config.projection_dim or \
-        rag.question_encoder.config.hidden_size
-    for name, value in rag_values.items():
-        setattr(rag.config, name, value)
-    rag.save_pretrained(str(folder))
-    RagTokenizer(question_encoder=AutoTokenizer.from_pretrained(str(question_encoder)),
-                 generator=AutoTokenizer.from_pretrained(str(generator))).save_pretrained(str(folder))
-    return folder
-
-
 def demo_data(tmp_path_factory) -> Path:
     """Demo data for 40 made-up people (40 passages)."""
     from rag_lightning.data.demo import write_demo_data

@@ -15,8 +15,9 @@ from omegaconf import OmegaConf, open_dict
 
 from rag_lightning.config import MODEL_DEFAULTS, TrainConfig, checked, register_configs, with_current_names
 from rag_lightning.errors import UserError
+from rag_lightning.model.rag_folder import write_rag_folder
 
-from helpers import write_encoder_folder, write_generator_folder, write_rag_folder
+from helpers import write_encoder_folder, write_generator_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF = REPO_ROOT / "conf"

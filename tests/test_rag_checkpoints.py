@@ -11,6 +11,7 @@ import torch
 from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, RetrieverConfig
 from rag_lightning.kb.hf_format import HFPassages, write_hf_passages
 from rag_lightning.model.generator import RAG_CLASSES
+from rag_lightning.model.rag_folder import write_rag_folder
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 from retrieval_workers.service import shutdown_service
@@ -22,7 +23,6 @@ from helpers import (
     running_service,
     train_on_one_batch,
     write_encoder_folder,
-    write_rag_folder,
 )
 
 N_DOCS, MAX_COMBINED_LENGTH, BATCH = 2, 96, 4     # long enough that no context is cut (transformers cuts elsewhere)

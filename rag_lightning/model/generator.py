@@ -49,16 +49,21 @@ def decoder_prefix(tokenizer, decoder_start_token_id: int) -> list[int]:
     return [decoder_start_token_id] + ([bos] if bos is not None and bos != decoder_start_token_id else [])
 
 
+def read_model_config(folder: Path, key: str) -> dict:
+    """A Hugging Face model folder's config.json; one line naming `key` and the folder when there is none."""
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{key}: {folder} is not a Hugging Face model folder (no readable config.json)") from None
+
+
 def check_generator_folder(pretrained: str, key: str) -> str:
     """The model type of the generator `pretrained` names; one line naming the folder if it is no
     sequence-to-sequence model."""
     if pretrained == "minilm":
         return "encoder-decoder"
     folder = Path(pretrained)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{key}: {folder} is not a Hugging Face model folder (no readable config.json)") from None
+    config = read_model_config(folder, key)
     if config.get("model_type") != "encoder-decoder" and not config.get("is_encoder_decoder"):
         raise UserError(f"{key}: {folder} is a {config.get('model_type')} model, not a sequence-to-sequence model "
                         "(BART, T5, an EncoderDecoderModel, ...)")

@@ -9,16 +9,15 @@ The weights are the same for RAG-Sequence and RAG-Token, so `model.kind` chooses
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, RagConfig, RagSequenceForGeneration
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, RagConfig, RagSequenceForGeneration, RagTokenizer
 
 from rag_lightning.errors import UserError
 from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
-from rag_lightning.model.generator import RAG_CLASSES, ready_for_rag, set_model_values
+from rag_lightning.model.generator import RAG_CLASSES, read_model_config, ready_for_rag, set_model_values
 
 if TYPE_CHECKING:       # config.py reads a RAG folder with read_rag_folder
     from rag_lightning.config import ModelConfig
@@ -39,19 +38,12 @@ class RagFolder:
     def question_tokenizer_dir(self) -> Path:
         return self.path / QUESTION_TOKENIZER
 
-    @property
-    def generator_tokenizer_dir(self) -> Path:
-        return self.path / GENERATOR_TOKENIZER
-
 
 def read_rag_folder(path: str, key: str) -> RagFolder:
     """The RAG folder at `path` (the config at `key`), checked: one line naming the folder when it is no RAG model
     we can train."""
     folder = Path(path)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{key}: {folder} is not a Hugging Face model folder (no readable config.json)") from None
+    config = read_model_config(folder, key)
     if config.get("model_type") != "rag":
         raise UserError(f"{key}: {folder} is a {config.get('model_type')} model, not a RAG model (transformers' "
                         "RagSequenceForGeneration or RagTokenForGeneration, as the hub's facebook/rag-*)")
@@ -82,3 +74,17 @@ def load_rag_folder(model_cfg: ModelConfig, generator_tokenizer) -> tuple[RagSeq
     rag = RAG_CLASSES[model_cfg.kind].from_pretrained(str(folder.path))
     rag.generator = ready_for_rag(rag.generator, generator_tokenizer)
     return set_model_values(rag, model_cfg), AutoTokenizer.from_pretrained(str(folder.question_tokenizer_dir))
+
+
+def write_rag_folder(folder: Path, question_encoder: Path, generator: Path, **rag_values) -> Path:
+    """A RAG folder, laid out as the hub's facebook/rag-* are, from a DPR question encoder folder and a generator
+    folder (each with its tokenizer); rag_values (n_docs, max_combined_length, ...) go into its RagConfig."""
+    rag = RagSequenceForGeneration.from_pretrained_question_encoder_generator(str(question_encoder), str(generator))
+    rag.config.retrieval_vector_size = rag.question_encoder.config.projection_dim or \
+        rag.question_encoder.config.hidden_size
+    for name, value in rag_values.items():
+        setattr(rag.config, name, value)
+    rag.save_pretrained(str(folder))
+    RagTokenizer(question_encoder=AutoTokenizer.from_pretrained(str(question_encoder)),
+                 generator=AutoTokenizer.from_pretrained(str(generator))).save_pretrained(str(folder))
+    return folder
