@@ -23,7 +23,7 @@ from common import measure_and_print
 
 from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig
 from rag_lightning.data.prepare import write_nq_open
-from rag_lightning.evaluation.metrics import answer_in_passages
+from rag_lightning.evaluation.scores import passage_ranks, retrieval_scores
 from rag_lightning.kb.build import build_knowledge_base
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
@@ -43,13 +43,12 @@ def recall(kb_dir: Path, encoder_cfg: EncoderConfig, questions: list[dict]) -> d
     with torch.no_grad():
         vectors = encoder(ids).numpy()
     top = np.argsort(-(vectors @ embeddings.T), axis=1, kind="stable")[:, :max(KS)]
-    figures = {}
-    for k in KS:
-        retrieved = [[passages[j] for j in row[:k]] for row in top]
-        figures[f"recall@{k}"] = float(np.mean([answer_in_passages([text for _, text in r], q["answers"])
-                                                for r, q in zip(retrieved, questions)]))
-        figures[f"gold_recall@{k}"] = float(np.mean([any(title in q["gold_titles"] for title, _ in r)
-                                                     for r, q in zip(retrieved, questions)]))
+    sums: dict[str, float] = {}
+    for row, question in zip(top, questions):
+        ranks = passage_ranks([passages[j] for j in row], question["answers"], question["gold_titles"])
+        for name, value in retrieval_scores(*ranks, has_gold=True, ks=list(KS)).items():
+            sums[name] = sums.get(name, 0.0) + value
+    figures = {f"{name}@{k}": sums[f"{name}@{k}"] / len(questions) for k in KS for name in ("recall", "gold_recall")}
     return figures
 
 

@@ -245,7 +245,7 @@ def prefetch(module: RagModule, datamodule: QADataModule, steps: int) -> ReplayR
     L.seed_everything(SEED, verbose=False)
     batches = list(itertools.islice(datamodule.train_dataloader(), steps))
     with torch.no_grad():
-        results = [module.retrieve(batch)[3] for batch in batches]
+        results = [module.retrieve(batch).result for batch in batches]
     return ReplayRetriever(batches, results)
 
 

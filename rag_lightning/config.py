@@ -84,6 +84,14 @@ class GeneratorConfig:
             check_generator_folder(self.pretrained, f"{key}.pretrained")
 
 
+# The ranks k at which retrieval is scored (recall@k, mrr@k, gold_recall@k), in validation, test and evaluate
+RECALL_AT = (1, 5, 20, 100)
+
+def check_ranks(ks: list[int], key: str) -> None:
+    if not ks or min(ks) < 1:
+        raise UserError(f"{key}: {ks} is not a list of ranks >= 1")
+
+
 # What model.n_docs, model.label_smoothing and model.max_context_tokens are when neither the config nor
 # model.init_from's RAG folder sets them
 MODEL_DEFAULTS = {"n_docs": 3, "label_smoothing": 0.0, "max_context_tokens": 256}
@@ -149,6 +157,23 @@ class RetrieverConfig:
     score_scale: float = at_least(20.0, 0.0)   # doc_scores = score_scale x (q . d), the logits of RAG's prior over
     #                                             passages: 20 is the scale the bundled MiniLM was trained with
     #                                             (cosine x 20); 1 for encoders trained on raw inner products (DPR)
+    objective: str = choice("marginal", "distant", "pdist", "emdr2")   # what the encoders learn from:
+    #   marginal: RAG's loss, as the generator; distant: InfoNCE with the candidates holding an answer (or of a
+    #   gold title) as positives, the others and the batch's as negatives; pdist: Atlas' perplexity distillation;
+    #   emdr2: EMDR2. All but marginal stop the RAG loss's gradient into the doc scores.
+    objective_weight: float = at_least(1.0, 0.0)   # loss = RAG loss + objective_weight x the objective's
+    temperature: float = at_least(1.0, 0.001)      # distant: of the InfoNCE logits; pdist: of the reader's scores
+    positives: str = choice("answer_or_title", "answer")   # distant: a candidate holding a gold answer or of a gold
+    #                                                        title is a positive; answer: only one holding an answer
+    #                                                        (where a title names an article of many passages)
+    candidates: int | None = at_least(None, 1)     # passages asked of the service per question, re-scored by the
+    #                                                current encoders; the best model.n_docs go to the reader.
+    #                                                null: model.n_docs
+    eval_k: list[int] = field(default_factory=lambda: list(RECALL_AT))   # retrieval scored at these k in
+    #                                                                      validation and test
+
+    def check(self, key: str) -> None:
+        check_ranks(self.eval_k, f"{key}.eval_k")
 
 
 @dataclass
@@ -323,6 +348,14 @@ class TrainConfig:
             if own != kb:
                 raise UserError(f"kb.generator_tokenizer.path: {tokenizer_path} ({kb}) is not the tokenizer of the "
                                 f"generator ({own_tokenizer}: {own}); leave it unset to use the generator's")
+        retriever = self.retriever
+        if retriever.candidates is not None and retriever.candidates < self.model.n_docs:
+            raise UserError(f"retriever.candidates={retriever.candidates} is smaller than model.n_docs="
+                            f"{self.model.n_docs}: the reader reads the best n_docs of the candidates")
+        if retriever.objective != "marginal" and not (retriever.train_question_encoder
+                                                       or retriever.train_ctx_encoder):
+            raise UserError(f"retriever.objective={retriever.objective} trains the retriever, but neither encoder "
+                            "trains: set retriever.train_question_encoder=true (or train_ctx_encoder)")
         if self.index_refresh.every_n_steps is not None and not self.retriever.train_ctx_encoder:
             raise UserError("index_refresh.every_n_steps is set but retriever.train_ctx_encoder=false: the passage "
                             "embeddings would never change; train the context encoder or set "
@@ -338,16 +371,39 @@ class BuildKBConfig:
 
 
 @dataclass
-class EvaluateConfig:
-    """`python -m rag_lightning.evaluate ckpt_path=... [data=...]`."""
+class KnowledgeBaseRef:
+    dir: str | None = None               # a knowledge base built by build_kb or train (its kb/ folder)
 
-    ckpt_path: str = MISSING
+
+@dataclass
+class EvaluateConfig:
+    """`python -m rag_lightning.evaluate ckpt_path=... [data=...] [mode=retrieval]`, or, scoring a knowledge
+    base's own encoder without a checkpoint, `python -m rag_lightning.evaluate mode=retrieval kb.dir=... data=...`."""
+
+    ckpt_path: str | None = None
+    mode: str = choice("answers", "retrieval")   # retrieval: rank passages only (no generation), at every k
+    k: list[int] = field(default_factory=lambda: list(RECALL_AT))   # ranks at which retrieval is scored
+    kb: KnowledgeBaseRef = field(default_factory=KnowledgeBaseRef)
     data: DataConfig | None = None       # null: the QA files the checkpoint trained on; or e.g. data=nq_open
     split: str = "test"
     batch_size: int = at_least(32, 1)
     max_examples: int = at_least(0, 0)      # 0 = all
     service: ServiceConfig = field(default_factory=ServiceConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def check(self, key: str) -> None:
+        check_ranks(self.k, "k")
+        if self.ckpt_path is not None and self.kb.dir is not None:
+            raise UserError(f"kb.dir: {self.ckpt_path} brings its knowledge base; give ckpt_path or kb.dir")
+        if self.ckpt_path is None and self.kb.dir is None:
+            raise UserError("ckpt_path: give a checkpoint (ckpt_path=...), or a knowledge base to score its own "
+                            "encoder (mode=retrieval kb.dir=... data=...)")
+        if self.ckpt_path is None and self.mode != "retrieval":
+            raise UserError(f"mode: kb.dir={self.kb.dir} without a checkpoint has no reader to answer with; "
+                            "add mode=retrieval")
+        if self.ckpt_path is None and self.data is None:
+            raise UserError("data: a knowledge base alone names no questions; give data=files data.dir=DIR "
+                            "(or data=nq_open)")
 
 
 @dataclass

@@ -51,11 +51,12 @@ def generate(cfg: GenerateConfig) -> list[dict]:
             batch = question_batch(*tokenize_questions(chunk, module.question_tokenizer, module.generator_tokenizer,
                                                        module.model_cfg.max_question_tokens),
                                    module.question_tokenizer.pad_token_id)
-            answers, result = module.predict_answers(batch)
+            answers, retrieved = module.predict_answers(batch)
+            ids, scores = retrieved.ids[:, :module.model_cfg.n_docs], retrieved.scores.float().numpy()
             for i, (question, answer) in enumerate(zip(chunk, answers)):
-                passages = module.passages.titles_and_texts(result.ids[i])
+                passages = module.passages.titles_and_texts(ids[i])
                 answered.append({"question": question, "answer": answer, "retrieved": [
-                    {"id": int(result.ids[i, j]), "title": title, "text": text, "score": float(result.scores[i, j])}
+                    {"id": int(ids[i, j]), "title": title, "text": text, "score": float(scores[i, j])}
                     for j, (title, text) in enumerate(passages)]})
     for record in answered:
         print(f"\nquestion: {record['question']}\nanswer:   {record['answer']}")

@@ -90,7 +90,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
 
     refresh = IndexRefresh(spec, cfg.index_refresh.every_n_steps, blocking=cfg.index_refresh.blocking) \
         if cfg.index_refresh.every_n_steps is not None else None
-    metrics = EvaluationMetrics(cfg.model.n_docs)
+    metrics = EvaluationMetrics(module.eval_k)
     callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir, cfg.trainer.checkpoint_every_n_steps), metrics,
                                    RetrievalMonitor(spec.kb_dir, cfg.service.entropy_window),
                                    IndexVersionCheckpointing(spec, refresh)]

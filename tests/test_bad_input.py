@@ -386,6 +386,24 @@ def test_n_docs_larger_than_the_knowledge_base(tmp_path, run):
     _assert_user_error(proc, "model.n_docs=5", "3 passages")
 
 
+@pytest.mark.parametrize("gold_titles, overrides, fragment", [
+    (False, [], "no question names gold titles"),
+    (True, ["retriever.positives=answer"], "(retriever.positives=answer)"),   # the titles do not count then
+])
+def test_distant_supervision_without_any_positive_in_the_data(tmp_path, run, gold_titles, overrides, fragment):
+    """No training answer occurs in a passage (and no gold title counts): refused once the knowledge base is read,
+    before any model is built."""
+    data = _qa_dir(tmp_path)
+    _write_jsonl(data / "train.jsonl", [{**row, "answers": ["lisbon"], **({"gold_titles": ["ana"]} if gold_titles
+                                                                          else {})} for row in QA_ROWS])
+    proc = _train(run, ["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
+                        *TINY_MODEL, "retriever.objective=distant", "retriever.train_question_encoder=true",
+                        *overrides], tmp_path)
+    _assert_user_error(proc, "retriever.objective=distant: no passage of", "holds an answer of the first 3 training",
+                       fragment)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_unknown_model_kind(tmp_path, run):
     data = _qa_dir(tmp_path)
     proc = _train(run, ["data=files", f"data.dir={data}", "model.kind=rag_paragraph"], tmp_path)

@@ -162,6 +162,11 @@ def test_hydra_refuses_unknown_keys_and_wrong_types(tmp_path, override, key):
     (["index_refresh=background"], "index_refresh.every_n_steps is set but retriever.train_ctx_encoder=false"),
     (["stage=train"], "stage=train needs service.ray_address"),
     (["data=files"], "data.dir: no folder at"),
+    (["retriever.objective=contrastive"],
+     "retriever.objective: 'contrastive' is not one of marginal, distant, pdist, emdr2"),
+    (["retriever.candidates=2", "model.n_docs=3"], "retriever.candidates=2 is smaller than model.n_docs=3"),
+    (["retriever.objective=pdist"], "retriever.objective=pdist trains the retriever, but neither encoder trains"),
+    (["retriever.eval_k=[0,5]"], "retriever.eval_k: [0, 5] is not a list of ranks >= 1"),
 ])
 def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message):
     raw = compose_raw("train", overrides, tmp_path)
@@ -176,6 +181,12 @@ def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message)
      "index.shard: not a setting of index; did you mean index.shards?"),
     ("evaluate", ["ckpt_path=x.ckpt", "batch_size=0"], "batch_size must be >= 1 (got 0)"),
     ("evaluate", ["ckpt_path=x.ckpt", "data=files", "data.dir=qa", "data.prepare=squad"], "data.prepare: 'squad'"),
+    ("evaluate", [], "ckpt_path: give a checkpoint (ckpt_path=...), or a knowledge base"),
+    ("evaluate", ["ckpt_path=x.ckpt", "kb.dir=kb"], "kb.dir: x.ckpt brings its knowledge base"),
+    ("evaluate", ["kb.dir=kb", "data=nq_open"], "mode: kb.dir=kb without a checkpoint has no reader"),
+    ("evaluate", ["kb.dir=kb", "mode=retrieval"], "data: a knowledge base alone names no questions"),
+    ("evaluate", ["ckpt_path=x.ckpt", "mode=answer"], "mode: 'answer' is not one of answers, retrieval"),
+    ("evaluate", ["ckpt_path=x.ckpt", "k=[]"], "k: [] is not a list of ranks >= 1"),
     ("generate", ["ckpt_path=x.ckpt"], 'give either question="..." or questions=FILE'),
     ("generate", ["ckpt_path=x.ckpt", "question=hi", "service.num_cpus=0"], "service.num_cpus must be >= 1"),
     ("export", ["ckpt_path=x.ckpt", "out=o", "+format=onnx"], "format: not a setting of the config"),

@@ -58,7 +58,8 @@ def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cl
         _, batch = qa_data_and_first_batch(module, data_dir, module.model_cfg, BATCH)
         module.eval()
         with torch.no_grad():
-            doc_scores, context_ids, context_mask, result = module.retrieve(batch)
+            retrieved = module.retrieve(batch)
+            doc_scores, context_ids, context_mask = module.reader_inputs(batch, retrieved)
             loss = module.rag(context_input_ids=context_ids, context_attention_mask=context_mask,
                               doc_scores=doc_scores, labels=batch["labels"], n_docs=N_DOCS, reduce_loss=False).loss
             answers = module.generate_answers(doc_scores, context_ids, context_mask)
@@ -80,7 +81,7 @@ def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cl
             out = theirs(**inputs, labels=batch["labels"], reduce_loss=False, output_retrieved=True)
             generated = theirs.generate(**inputs, num_beams=2, max_new_tokens=8)
 
-        assert out.retrieved_doc_ids.tolist() == result.ids.tolist()
+        assert out.retrieved_doc_ids.tolist() == retrieved.ids.tolist()
         torch.testing.assert_close(out.doc_scores, doc_scores, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
         assert retriever.generator_tokenizer.batch_decode(generated, skip_special_tokens=True) == answers

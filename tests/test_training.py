@@ -19,6 +19,7 @@ from rag_lightning.config import (
     RetrieverConfig,
 )
 from rag_lightning.errors import UserError
+from rag_lightning.evaluation.metrics import contains_answer
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.service import shutdown_service
 
@@ -37,6 +38,7 @@ from helpers import (
 
 N_DOCS = 2
 BATCH = 4
+K_CANDIDATES = 10       # passages re-scored per question where a test over-retrieves
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +83,12 @@ def test_training_lowers_the_loss_and_trains_the_question_encoder(service, kind)
     assert batch["question_ids"].shape[0] == BATCH and batch["labels"].shape[0] == BATCH
 
     # one retrieval: n_docs passages per question, each context the ids transformers' RagRetriever makes
-    doc_scores, context_ids, context_mask, result = module.retrieve(batch)
+    retrieved = module.retrieve(batch)
+    doc_scores, context_ids, context_mask = module.reader_inputs(batch, retrieved)
     assert doc_scores.shape == (BATCH, N_DOCS) and doc_scores.requires_grad
-    assert result.ids.shape == (BATCH, N_DOCS) and np.all(result.ids >= 0)
+    assert retrieved.ids.shape == (BATCH, N_DOCS) and np.all(retrieved.ids >= 0)
     assert context_ids.shape[0] == BATCH * N_DOCS and context_mask.shape == context_ids.shape
-    passages = module.passages.titles_and_texts(result.ids.reshape(-1))
+    passages = module.passages.titles_and_texts(retrieved.ids.reshape(-1))
     for row, (title, text) in enumerate(passages):
         want = transformers_context(module.generator_tokenizer, title, text, batch["questions"][row // N_DOCS])
         assert context_ids[row, :int(context_mask[row].sum())].tolist() == want
@@ -136,7 +139,7 @@ def test_context_encoder_gets_gradients_only_when_trained(service):
     module, _, batch = _module_and_batch(service, "rag_sequence", train_ctx_encoder=True)
     # it starts from the knowledge base's encoder: re-embedding the retrieved passages gives the stored rows
     module.eval()          # no dropout
-    _, _, _, result = module.retrieve(batch)
+    result = module.retrieve(batch).result
     with torch.no_grad():
         np.testing.assert_allclose(module.embed_passages(result.ids).numpy(), result.embeddings, rtol=1e-4, atol=1e-5)
     module.train()
@@ -233,8 +236,9 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
         model_cfg.generator.prefix = "answer the question :" if family == "t5" else None     # T5's task prefix
         module, _, batch = _module_and_batch(service, kind, model_cfg=model_cfg)
         assert module.generator_tokenizer.convert_ids_to_tokens(module.decoder_prefix) == prefix
-        _, context_ids, context_mask, result = module.retrieve(batch)
-        title, text = module.passages.titles_and_texts(result.ids[:1, :1].reshape(-1))[0]
+        retrieved = module.retrieve(batch)
+        _, context_ids, context_mask = module.reader_inputs(batch, retrieved)
+        title, text = module.passages.titles_and_texts(retrieved.ids[:1, :1].reshape(-1))[0]
         want = transformers_context(module.generator_tokenizer, title, text, batch["questions"][0],
                                     prefix=model_cfg.generator.prefix or "")
         assert context_ids[0, :int(context_mask[0].sum())].tolist() == want
@@ -265,17 +269,17 @@ def test_a_generator_whose_tokenizer_is_not_the_knowledge_bases_is_refused(servi
 def test_predict_answers_returns_one_string_per_question(service, kind):
     module, _, batch = _module_and_batch(service, kind)
     module.eval()
-    predictions, result = module.predict_answers(batch)
+    predictions, retrieved = module.predict_answers(batch)
     assert isinstance(predictions, list) and len(predictions) == len(batch["questions"]) == BATCH
     assert all(isinstance(p, str) for p in predictions)
-    assert result.ids.shape == (BATCH, N_DOCS)
+    assert retrieved.ids.shape == (BATCH, N_DOCS)
 
 
 def test_lightning_fit_and_test(service, tmp_path):
     """A real Trainer: configure_optimizers, a few optimizer steps, then test metrics over every test example."""
     module, datamodule, _ = _module_and_batch(service, "rag_token")
     before = [p.detach().clone() for p in module.question_encoder.parameters()]
-    metrics_callback = EvaluationMetrics(N_DOCS)
+    metrics_callback = EvaluationMetrics(module.eval_k)
     trainer = _trainer(tmp_path, max_steps=3, callbacks=[metrics_callback])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
@@ -283,17 +287,21 @@ def test_lightning_fit_and_test(service, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, module.question_encoder.parameters())), \
         "the question encoder must be updated by training"
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    assert set(metrics) == {"test/em", "test/f1", f"test/recall@{N_DOCS}", "test/loss", "test/examples",
-                            f"test/gold_recall@{N_DOCS}"}      # the demo data names each question's gold passage
+    assert module.eval_k == [1, N_DOCS, 5, 20, 100]     # retriever.eval_k's defaults and n_docs
+    retrieval_names = [f"{name}@{k}" for k in module.eval_k for name in ("recall", "mrr", "gold_recall")]
+    # the demo data names each question's gold passage
+    assert set(metrics) == {f"test/{name}" for name in ["em", "f1", "loss", "examples", *retrieval_names]}
     # the metrics are the means of the per-example records, one record per test example
     records = metrics_callback.scores.records
     assert metrics["test/examples"] == len(records) == len(datamodule.splits["test"])
     assert [r["question"] for r in records] == [e.question for e in datamodule.splits["test"].examples]
-    for name in ("em", "f1", f"recall@{N_DOCS}", "loss", f"gold_recall@{N_DOCS}"):
+    for name in ("em", "f1", "loss", *retrieval_names):
         assert metrics[f"test/{name}"] == pytest.approx(sum(r["scores"][name] for r in records) / len(records))
-    # gold recall: a record's gold title is among its retrieved titles
+    # gold recall at n_docs: a record's gold title is among the titles the reader read
     assert [r["scores"][f"gold_recall@{N_DOCS}"] for r in records] == \
         [float(any(p["title"] in r["gold_titles"] for p in r["retrieved"])) for r in records]
+    assert all(metrics[f"test/recall@{a}"] <= metrics[f"test/recall@{b}"]
+               for a, b in zip(module.eval_k, module.eval_k[1:]))
     assert metrics["test/loss"] > 0
 
 
@@ -318,3 +326,73 @@ def test_training_goes_on_when_a_shard_actor_dies_mid_training(service, tmp_path
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 4
     assert killer.killed_pid is not None and actor_pid(module.retrieval_client.replicas[0][0]) != killer.killed_pid
+
+
+@pytest.mark.parametrize("objective", ["distant", "pdist", "emdr2"])
+def test_the_objective_trains_the_retriever_and_the_rag_loss_the_generator(service, objective):
+    """objective_weight 0: the step's loss is the RAG loss, and the question encoder gets no gradient from it;
+    weight 1: the generator's gradients are those of the RAG loss alone, the question encoder's are not zero."""
+    gradients = {}
+    for weight in (0.0, 1.0):
+        module, _, batch = _module_and_batch(service, "rag_sequence", objective=objective, objective_weight=weight,
+                                             candidates=4)
+        module.eval()           # no dropout: both steps see the same numbers
+        module.training_step(batch, 0)["loss"].backward()
+        gradients[weight] = ({n: p.grad.clone() for n, p in module.rag.generator.named_parameters()
+                              if p.grad is not None},
+                             [p.grad for p in module.question_encoder.parameters() if p.requires_grad])
+    generator_alone, encoder_alone = gradients[0.0]
+    assert generator_alone and all(g is None or not g.any() for g in encoder_alone)
+    generator_both, encoder_both = gradients[1.0]
+    assert generator_both.keys() == generator_alone.keys()
+    for name, grad in generator_both.items():
+        torch.testing.assert_close(grad, generator_alone[name], msg=name)
+    assert sum(float(g.abs().sum()) for g in encoder_both if g is not None) > 0
+
+
+def test_candidates_are_reranked_by_the_current_context_encoder(service):
+    """The context encoder changed after the index was built: the reader's passages are the best n_docs of the
+    K candidates by fresh scores."""
+    module, _, batch = _module_and_batch(service, "rag_sequence", train_ctx_encoder=True, candidates=6)
+    module.eval()
+    with torch.no_grad():
+        for p in module.context_encoder.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        retrieved = module.retrieve(batch)
+        candidates = retrieved.result.ids[:, :6]
+        questions = module.question_encoder(batch["question_ids"])
+        fresh = torch.einsum("bd,bkd->bk", questions, module.embed_passages(candidates))
+    best = np.take_along_axis(candidates, fresh.argsort(dim=1, descending=True).numpy(), axis=1)
+    np.testing.assert_array_equal(retrieved.ids[:, :N_DOCS], best[:, :N_DOCS])
+    assert all(set(a) == set(b) for a, b in zip(retrieved.ids[:, :6], candidates))
+    torch.testing.assert_close(retrieved.scores, module.retriever_cfg.score_scale * fresh.sort(1, descending=True)[0])
+    changed = np.mean([set(a[:N_DOCS]) != set(b[:N_DOCS]) for a, b in zip(best, candidates)])
+    assert retrieved.reranked == changed > 0, "the changed encoder must change some reader passages"
+
+
+def test_distant_supervision_trains_the_question_encoder_toward_its_positives(service):
+    """The retriever's probability mass on the candidates that hold an answer grows over a few steps."""
+    module, _, batch = _module_and_batch(service, "rag_sequence", objective="distant", candidates=K_CANDIDATES)
+
+    def positive_mass() -> float:
+        with torch.no_grad():
+            retrieved = module.retrieve(batch)
+            prior = torch.softmax(retrieved.scores, 1).numpy()
+        return float((prior * module.positive_candidates(batch, retrieved.ids[:, :K_CANDIDATES])).sum(1).mean())
+
+    module.eval()
+    ids = module.retrieve(batch).ids[:, :K_CANDIDATES]
+    answer_or_title = module.positive_candidates(batch, ids)
+    module.retriever_cfg.positives = "answer"
+    holding_an_answer = module.positive_candidates(batch, ids)
+    module.retriever_cfg.positives = "answer_or_title"
+    _, texts = zip(*module.passages.titles_and_texts(ids))
+    answers = [a for a in batch["answers"] for _ in range(K_CANDIDATES)]      # each question's, for each candidate
+    assert holding_an_answer.ravel().tolist() == [contains_answer(t, a) for t, a in zip(texts, answers)]
+    assert (answer_or_title >= holding_an_answer).all()
+    before = positive_mass()
+    assert before > 0, "some question must have a positive among its candidates"
+    module.train()
+    train_on_one_batch(module, batch, steps=15)
+    module.eval()
+    assert positive_mass() > before + 0.05, before

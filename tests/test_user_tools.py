@@ -19,10 +19,11 @@ import torch
 
 from rag_lightning.config import MODEL_DEFAULTS, ModelConfig, OptimConfig, RetrieverConfig
 from rag_lightning.data.demo import write_demo_data
+from rag_lightning.evaluation.metrics import normalize_answer
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.model.trained_model import load_trained_model
 from retrieval_workers.index_shard import IndexShard
-from retrieval_workers.kb_store import load_embeddings, read_manifest
+from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 
 from helpers import (
     REPO_ROOT,
@@ -77,7 +78,8 @@ def test_evaluate_reproduces_the_training_test_and_writes_every_prediction(tiny_
     assert [p["question"] for p in predictions] == [q["question"] for q in test_questions]
     assert [p["answers"] for p in predictions] == [q["answers"] for q in test_questions]
     for p in predictions:
-        assert set(p) == {"question", "prediction", "answers", "gold_titles", "em", "f1", "retrieved"}
+        assert set(p) == {"question", "prediction", "answers", "gold_titles", "em", "f1", "retrieved", "answer_rank",
+                          "gold_rank"}
         assert len(p["retrieved"]) == 2 and p["retrieved"][0]["score"] >= p["retrieved"][1]["score"]
     gold_hits = [any(r["title"] in p["gold_titles"] for r in p["retrieved"]) for p in predictions]
     assert results["test/gold_recall@2"] == sum(gold_hits) / len(gold_hits)
@@ -98,6 +100,105 @@ def test_evaluate_on_other_qa_files_without_gold_passages(tiny_run, tmp_path):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["dev/examples"] == 3 and "dev/gold_recall@2" not in results
     assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == 3
+
+
+def _brute_force_scores(questions: torch.Tensor, kb_dir: Path, examples: list[dict], ks: list[int]) -> dict:
+    """recall@k, mrr@k and gold_recall@k of question vectors against every passage embedding of the knowledge base's
+    active version, ranked by numpy, with the answers matched as EM normalises them."""
+    manifest = read_manifest(kb_dir)
+    titles_and_texts = PassageTable(kb_dir / manifest.passages_file).titles_and_texts(range(manifest.num_passages))
+    order = np.argsort(-(questions.numpy() @ load_embeddings(kb_dir, manifest).T), axis=1, kind="stable")
+    sums: dict[str, float] = {}
+    for example, ranked in zip(examples, order):
+        normalized = [f" {normalize_answer(a)} " for a in example["answers"]]
+        answer_rank = next(r for r, i in enumerate(ranked, 1)
+                           if any(a in f" {normalize_answer(titles_and_texts[i][1])} " for a in normalized))
+        gold_rank = next(r for r, i in enumerate(ranked, 1) if titles_and_texts[i][0] in example["gold_titles"])
+        for k in ks:
+            for name, value in ((f"recall@{k}", answer_rank <= k), (f"mrr@{k}", (answer_rank <= k) / answer_rank),
+                                (f"gold_recall@{k}", gold_rank <= k)):
+                sums[name] = sums.get(name, 0.0) + float(value)
+    return {f"test/{name}": total / len(examples) for name, total in sums.items()}
+
+
+@pytest.mark.slow
+def test_retrieval_only_evaluate_equals_a_brute_force_ranking(tiny_run, tmp_path):
+    """mode=retrieval at k up to above the knowledge base's size (n_docs is 2): no generation, the checkpoint's
+    question encoder ranked against every stored embedding."""
+    trained = json.loads((tiny_run / "results.json").read_text())
+    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "mode=retrieval", "k=[1,5,20,100]",
+         f"hydra.run.dir={tmp_path / 'eval'}")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    ks = [1, 2, 5, 20, 100]         # and n_docs
+    examples = [json.loads(line) for line in (tiny_run / "data" / "test.jsonl").read_text().splitlines()]
+    module = load_trained_model(trained["best_checkpoint"]).module
+    question_ids = module.question_tokenizer([e["question"] for e in examples], padding=True, truncation=True,
+                                             max_length=module.model_cfg.max_question_tokens,
+                                             return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = _brute_force_scores(module.question_encoder(question_ids), tiny_run / "kb", examples, ks)
+    assert set(results) == {*expected, "test/examples", "ckpt_path", "data_dir", "kb/index_version", "wall_time_s"}
+    for name, value in expected.items():
+        assert results[name] == pytest.approx(value, abs=1e-9), name
+    assert results["test/recall@2"] == trained["test/recall@2"]      # what the training's test measured
+    assert results["test/recall@1"] < results["test/recall@20"] == 1.0    # the test questions are answerable
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all("prediction" not in p and len(p["retrieved"]) == 2 for p in predictions)
+    assert np.mean([p["answer_rank"] <= 5 for p in predictions]) == results["test/recall@5"]
+
+
+@pytest.mark.slow
+def test_retrieval_only_evaluate_without_a_checkpoint_scores_the_knowledge_bases_encoder(tiny_run, tmp_path):
+    from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
+    from rag_lightning.model.rag_module import kb_encoder_config
+
+    kb_dir = tiny_run / "kb"
+    _cli("rag_lightning.evaluate", "mode=retrieval", f"kb.dir={kb_dir}", "data=files",
+         f"data.dir={tiny_run / 'data'}", "k=[1,3,50]", f"hydra.run.dir={tmp_path / 'eval'}")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    examples = [json.loads(line) for line in (tiny_run / "data" / "test.jsonl").read_text().splitlines()]
+    encoder_cfg = kb_encoder_config(read_manifest(kb_dir))
+    tokenizer = load_encoder_tokenizer(encoder_cfg, "kb")
+    encoder = build_encoder(encoder_cfg, tokenizer, "kb").eval()
+    question_ids = tokenizer([e["question"] for e in examples], padding=True, truncation=True,
+                             max_length=encoder_cfg.max_length or ModelConfig.max_question_tokens,
+                             return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = _brute_force_scores(encoder(question_ids), kb_dir, examples, [1, 3, 50])
+    for name, value in expected.items():
+        assert results[name] == pytest.approx(value, abs=1e-9), name
+    assert results["kb_dir"] == str(kb_dir) and results["test/examples"] == len(examples)
+
+
+@pytest.mark.slow
+def test_retrieval_only_evaluate_re_encodes_for_a_trained_context_encoder(tmp_path):
+    """A checkpoint whose context encoder trained past the index it trained against (no refresh): the knowledge
+    base is re-encoded by that encoder into a new version, which the ranking uses, and no version is pruned."""
+    run_dir = tmp_path / "run"
+    _cli("rag_lightning.train", "experiment=tiny", "retriever.train_ctx_encoder=true", "optim.ctx_encoder_lr=1e-2",
+         "evaluate_before_training=false", f"hydra.run.dir={run_dir}")
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    _cli("rag_lightning.evaluate", f"ckpt_path={checkpoint}", "mode=retrieval", "k=[1,5]",
+         f"hydra.run.dir={tmp_path / 'eval'}")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    kb_dir = run_dir / "kb"
+    manifest = read_manifest(kb_dir)
+    assert results["kb/index_version"] == manifest.active_version == 1 and manifest.kept_versions() == [0, 1]
+    module = load_trained_model(str(checkpoint)).module
+    module.passages = PassageTable(kb_dir / manifest.passages_file)
+    with torch.no_grad():
+        fresh = module.embed_passages(np.arange(manifest.num_passages)[None, :])[0].numpy()
+    np.testing.assert_allclose(load_embeddings(kb_dir, manifest), fresh, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(load_embeddings(kb_dir, manifest, version=0), fresh, atol=1e-3), \
+        "the context encoder must have moved in training"
+    examples = [json.loads(line) for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()]
+    question_ids = module.question_tokenizer([e["question"] for e in examples], padding=True, truncation=True,
+                                             max_length=module.model_cfg.max_question_tokens,
+                                             return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = _brute_force_scores(module.question_encoder(question_ids), kb_dir, examples, [1, 2, 5])
+    for name, value in expected.items():
+        assert results[name] == pytest.approx(value, abs=1e-9), name
 
 
 @pytest.mark.slow

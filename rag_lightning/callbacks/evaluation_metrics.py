@@ -2,7 +2,8 @@
 
 Each process adds up the scores of its share of the split; at the end of the epoch the
 sums of every process are added together before dividing, so the logged figures are the
-whole split's (val/em, val/f1, val/recall@k, val/loss, val/gold_recall@k, val/examples).
+whole split's (val/em, val/f1, val/loss, val/examples, and val/recall@k, val/mrr@k and
+val/gold_recall@k at every k of retriever.eval_k and n_docs).
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from rag_lightning.evaluation.scores import SplitScores
 
 
 class EvaluationMetrics(L.Callback):
-    def __init__(self, n_docs: int):
-        self.n_docs = n_docs
-        self.scores = SplitScores(n_docs)       # the split being evaluated, or the last one evaluated
+    def __init__(self, ks: list[int]):
+        self.ks = ks
+        self.scores = SplitScores(ks)           # the split being evaluated, or the last one evaluated
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.scores = SplitScores(self.n_docs)
+        self.scores = SplitScores(self.ks)
 
     on_test_epoch_start = on_validation_epoch_start
 

@@ -1,4 +1,4 @@
-"""Answer metrics: exact match and token F1 with SQuAD normalisation, and retrieval recall@k."""
+"""Answer metrics: exact match and token F1 with SQuAD normalisation, and whether a passage holds an answer."""
 from __future__ import annotations
 
 import re
@@ -32,7 +32,8 @@ def _token_f1(prediction: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def answer_in_passages(passages: list[str], answers: list[str]) -> float:
-    """1.0 if a normalised answer occurs, on word boundaries, in a normalised retrieved passage."""
-    texts = [f" {normalize_answer(p)} " for p in passages]
-    return float(any(f" {normalize_answer(a)} " in t for a in answers if normalize_answer(a) for t in texts))
+def contains_answer(passage: str, answers: list[str]) -> bool:
+    """Whether a normalised answer occurs, on word boundaries, in the normalised passage (DPR's answer match)."""
+    text = f" {normalize_answer(passage)} "
+    return any(f" {normalize_answer(a)} " in text for a in answers if normalize_answer(a))
+

@@ -1,18 +1,22 @@
 """RagModule: Hugging Face RAG-Sequence / RAG-Token trained with Lightning over our retrieval service.
 
 One training step: encode the questions (gradients flow), ONE search call per shard for
-the top-k passages with their embeddings and token ids, doc_scores = q . doc embeddings,
-contexts = stored passage ids + question ids (laid out as transformers' RagRetriever does), then
-the RAG marginal NLL. With retriever.train_ctx_encoder the retrieved passages are re-embedded by
-the current context encoder, so gradients reach it too. Validation and test steps generate answers and return
-each example's record and scores; the EvaluationMetrics callback adds them up.
+the top K candidates (retriever.candidates, at least n_docs) with their embeddings and
+token ids, scores = q . candidate embeddings, and the best n_docs go to the reader:
+contexts = stored passage ids + question ids (laid out as transformers' RagRetriever does),
+then the RAG marginal NLL. With retriever.train_ctx_encoder the candidates are re-embedded by
+the current context encoder, so gradients reach it too, and re-ranked by those fresh scores.
+retriever.objective says what the retriever learns from: the RAG loss (marginal) or an
+objective of its own (rag_lightning/model/retriever_objectives.py), the RAG loss then
+training the generator alone. Validation and test steps generate answers and return each
+example's record and scores, retrieval scored at every k; EvaluationMetrics adds them up.
 
 What happens around the steps lives in callbacks (rag_lightning/callbacks/): index
 versions in checkpoints, the background refresh, the saved context encoder, metrics.
 """
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import lightning as L
 import numpy as np
@@ -21,14 +25,16 @@ from omegaconf import OmegaConf
 
 from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, RetrieverConfig
 from rag_lightning.errors import UserError
-from rag_lightning.evaluation.scores import example_scores
+from rag_lightning.evaluation.metrics import contains_answer
+from rag_lightning.evaluation.scores import answer_scores, ranked_records
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 from rag_lightning.model.contexts import ContextLayout, join_contexts
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer, transformer_body
 from rag_lightning.model.generator import build_rag, decoder_prefix
 from rag_lightning.model.rag_folder import load_rag_folder
+from rag_lightning.model.retriever_objectives import answer_log_likelihoods, distant_loss, emdr2_loss, pdist_loss
 from retrieval_workers.encoding import POOLER, TextEncoder
-from retrieval_workers.kb_store import PassageTable, read_manifest
+from retrieval_workers.kb_store import Manifest, PassageTable, read_manifest
 from retrieval_workers.service import RetrievalClient
 from retrieval_workers.types import SearchResult, ServiceSpec
 
@@ -69,9 +75,7 @@ class RagModule(L.LightningModule):
         self.rag.generator.requires_grad_(self.model_cfg.generator.train)
         self.context_encoder: TextEncoder | None = None
         if self.retriever_cfg.train_ctx_encoder:     # the knowledge base's encoder, from the weights that built it
-            self.context_encoder_cfg = _structured(EncoderConfig, {f.name: manifest.encoder[f.name]
-                                                                   for f in fields(EncoderConfig)
-                                                                   if f.name in manifest.encoder})
+            self.context_encoder_cfg = kb_encoder_config(manifest)
             self.context_tokenizer = load_encoder_tokenizer(self.context_encoder_cfg, "kb.context_encoder")
             self.context_encoder = build_encoder(self.context_encoder_cfg, self.context_tokenizer,
                                                  "kb.context_encoder")
@@ -121,16 +125,47 @@ class RagModule(L.LightningModule):
 
     # --- retrieval ---------------------------------------------------------------------------------------
 
-    def retrieve(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SearchResult]:
-        """doc_scores [B, k] (differentiable in the question encoder), contexts [B*k, L] and their mask."""
-        q = self.question_encoder(batch["question_ids"])
-        result = self.retrieval_client.search(q.detach().float().cpu().numpy(), self.model_cfg.n_docs)
-        doc_embeddings = self.embed_passages(result.ids).to(q) if self.context_encoder is not None \
-            else torch.from_numpy(result.embeddings).to(q)
-        doc_scores = self.retriever_cfg.score_scale * torch.einsum("bd,bkd->bk", q, doc_embeddings)
-        context_ids, context_mask = join_contexts(result.token_ids, result.lengths, batch["question_generator_ids"],
-                                                  self.context_layout, self.model_cfg.max_context_tokens)
-        return doc_scores, context_ids.to(self.device), context_mask.to(self.device), result
+    @property
+    def candidates(self) -> int:
+        """Passages asked of the service per question and scored by the current encoders (at least n_docs)."""
+        return max(self.retriever_cfg.candidates or self.model_cfg.n_docs, self.model_cfg.n_docs)
+
+    @property
+    def eval_k(self) -> list[int]:
+        """The ranks at which validation and test score retrieval: retriever.eval_k and n_docs."""
+        return sorted({*self.retriever_cfg.eval_k, self.model_cfg.n_docs})
+
+    def retrieve(self, batch: dict, depth: int = 0) -> Retrieved:
+        """The batch's passages, best first: the top `candidates` scored by the current encoders (differentiable in
+        them), then the service's ranks below down to `depth` (for evaluation at larger k)."""
+        questions = self.question_encoder(batch["question_ids"])
+        k = min(self.candidates, len(self.passages))
+        result = self.retrieval_client.search(questions.detach().float().cpu().numpy(),
+                                              min(max(depth, k), len(self.passages)))
+        ids, token_ids, lengths, reranked = result.ids, result.token_ids[:, :k], result.lengths[:, :k], 0.0
+        if self.context_encoder is not None:
+            embeddings = self.embed_passages(ids[:, :k]).to(questions)
+        else:
+            embeddings = torch.from_numpy(result.embeddings[:, :k]).to(questions)
+        scores = self.retriever_cfg.score_scale * torch.einsum("bd,bkd->bk", questions, embeddings)
+        if self.context_encoder is not None:     # the index holds older embeddings than today's: re-rank
+            order = torch.argsort(scores.detach(), dim=1, descending=True, stable=True)
+            n = self.model_cfg.n_docs
+            reranked = float((order[:, :n].sort(1).values != torch.arange(n, device=order.device)).any(1)
+                             .float().mean())
+            rows, cpu_order = np.arange(len(ids))[:, None], order.cpu().numpy()
+            ids = np.concatenate([ids[:, :k][rows, cpu_order], ids[:, k:]], axis=1)
+            scores, embeddings = scores.gather(1, order), embeddings[torch.from_numpy(rows).to(order.device), order]
+            token_ids, lengths = token_ids[rows, cpu_order], lengths[rows, cpu_order]
+        return Retrieved(questions, ids, scores, embeddings, token_ids, lengths, reranked, result)
+
+    def reader_inputs(self, batch: dict, retrieved: Retrieved) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reader's n_docs best passages: doc_scores [B, n_docs], contexts [B * n_docs, L] and their mask."""
+        n = self.model_cfg.n_docs
+        context_ids, context_mask = join_contexts(retrieved.token_ids[:, :n], retrieved.lengths[:, :n],
+                                                  batch["question_generator_ids"], self.context_layout,
+                                                  self.model_cfg.max_context_tokens)
+        return retrieved.scores[:, :n], context_ids.to(self.device), context_mask.to(self.device)
 
     def embed_passages(self, ids: np.ndarray) -> torch.Tensor:
         """Embed the passages with these ids [B, k] by the current context encoder: [B, k, D], with gradients."""
@@ -140,13 +175,51 @@ class RagModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
-        doc_scores, context_ids, context_mask, result = self.retrieve(batch)
-        out = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask, doc_scores=doc_scores,
+        retrieved = self.retrieve(batch)
+        doc_scores, context_ids, context_mask = self.reader_inputs(batch, retrieved)
+        marginal = self.retriever_cfg.objective == "marginal"
+        out = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask,
+                       doc_scores=doc_scores if marginal else doc_scores.detach(),   # the objective trains it
                        labels=batch["labels"], n_docs=self.model_cfg.n_docs, reduce_loss=False)
         loss = out.loss.mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["answers"]))
-        return {"loss": loss, "retrieved_ids": result.ids, "index_version": result.version,
-                "search_ms": self.retrieval_client.last_search_ms}
+        batch_size = len(batch["answers"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if not marginal:
+            objective = self.retriever_objective(batch, retrieved, doc_scores, out.logits)
+            self.log("train/retriever_loss", objective, batch_size=batch_size, sync_dist=True)
+            loss = loss + self.retriever_cfg.objective_weight * objective
+        if self.context_encoder is not None:
+            self.log("retrieval/reranked", retrieved.reranked, batch_size=batch_size)
+        return {"loss": loss, "retrieved_ids": retrieved.ids[:, :self.model_cfg.n_docs],
+                "index_version": retrieved.result.version, "search_ms": self.retrieval_client.last_search_ms}
+
+    def retriever_objective(self, batch: dict, retrieved: Retrieved, doc_scores: torch.Tensor,
+                            logits: torch.Tensor) -> torch.Tensor:
+        """The loss the retriever learns from under a retriever.objective other than marginal."""
+        cfg = self.retriever_cfg
+        if cfg.objective == "distant":
+            ids = retrieved.ids[:, :retrieved.scores.shape[1]]
+            positive = torch.from_numpy(self.positive_candidates(batch, ids)).to(self.device)
+            loss, without_positive = distant_loss(retrieved.questions, retrieved.embeddings,
+                                                  torch.from_numpy(ids).to(self.device), positive,
+                                                  cfg.score_scale, cfg.temperature)
+            self.log("retrieval/without_positive", without_positive / len(ids), batch_size=len(ids))
+            return loss
+        answer_ll = answer_log_likelihoods(logits, batch["labels"], self.model_cfg.n_docs,
+                                           self.generator_tokenizer.pad_token_id)
+        if cfg.objective == "pdist":
+            return pdist_loss(doc_scores, answer_ll, cfg.temperature)
+        return emdr2_loss(doc_scores, answer_ll)
+
+    def positive_candidates(self, batch: dict, ids: np.ndarray) -> np.ndarray:
+        """Which candidates [B, K] are distant supervision's positives: those holding a gold answer, and unless
+        retriever.positives=answer those of a gold title."""
+        k, titles_count = ids.shape[1], self.retriever_cfg.positives == "answer_or_title"
+        passages = self.passages.titles_and_texts(ids)
+        return np.array([[contains_answer(text, answers) or (titles_count and title in gold_titles)
+                          for title, text in passages[i * k:(i + 1) * k]]
+                         for i, (answers, gold_titles) in enumerate(zip(batch["answers"], batch["gold_titles"]))],
+                        dtype=bool).reshape(ids.shape)
 
     def configure_optimizers(self):
         """AdamW over the trainable parameters only (a frozen part holds no optimizer state), one learning rate
@@ -175,9 +248,9 @@ class RagModule(L.LightningModule):
     # --- evaluation ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict_answers(self, batch: dict) -> tuple[list[str], SearchResult]:
-        doc_scores, context_ids, context_mask, result = self.retrieve(batch)
-        return self.generate_answers(doc_scores, context_ids, context_mask), result
+    def predict_answers(self, batch: dict) -> tuple[list[str], Retrieved]:
+        retrieved = self.retrieve(batch)
+        return self.generate_answers(*self.reader_inputs(batch, retrieved)), retrieved
 
     def generate_answers(self, doc_scores: torch.Tensor, context_ids: torch.Tensor,
                          context_mask: torch.Tensor) -> list[str]:
@@ -188,33 +261,50 @@ class RagModule(L.LightningModule):
         return self.generator_tokenizer.batch_decode(generated, skip_special_tokens=True)
 
     @torch.no_grad()
-    def evaluate_batch(self, batch: dict) -> list[dict]:
-        """A record of each example: question, prediction, gold answers and titles, the retrieved passages, and
-        its scores (EM, F1, answer recall@k, answer NLL, gold-passage recall where the gold titles are known)."""
-        doc_scores, context_ids, context_mask, result = self.retrieve(batch)
-        predictions = self.generate_answers(doc_scores, context_ids, context_mask)
-        nll = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask, doc_scores=doc_scores,
-                       labels=batch["labels"], n_docs=self.model_cfg.n_docs, reduce_loss=False).loss
-        k = self.model_cfg.n_docs
-        passages = self.passages.titles_and_texts(result.ids)
-        records = []
-        for i, (prediction, answers, gold_titles) in enumerate(zip(predictions, batch["answers"],
-                                                                   batch["gold_titles"])):
-            retrieved = passages[i * k:(i + 1) * k]
-            scores = example_scores(prediction, answers, gold_titles, retrieved, float(nll[i]))
-            records.append({
-                "question": batch["questions"][i], "prediction": prediction, "answers": answers,
-                "gold_titles": gold_titles,
-                "retrieved": [{"id": int(result.ids[i, j]), "title": title, "score": float(result.scores[i, j])}
-                              for j, (title, _) in enumerate(retrieved)],
-                "scores": scores})
+    def evaluate_batch(self, batch: dict, ks: list[int], answers: bool = True) -> list[dict]:
+        """A record of each example (rag_lightning/evaluation/scores.py): its ranked passages scored at every k
+        of ks, and with `answers` its generated answer's EM, F1 and the gold answer's NLL."""
+        retrieved = self.retrieve(batch, depth=max(ks))
+        n = self.model_cfg.n_docs
+        records = ranked_records(batch, retrieved.ids, retrieved.scores[:, :n].float().cpu().numpy(),
+                                 self.passages, ks)
+        if answers:
+            doc_scores, context_ids, context_mask = self.reader_inputs(batch, retrieved)
+            predictions = self.generate_answers(doc_scores, context_ids, context_mask)
+            nll = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask,
+                           doc_scores=doc_scores, labels=batch["labels"], n_docs=n, reduce_loss=False).loss
+            for record, prediction, loss in zip(records, predictions, nll.tolist()):
+                record["prediction"] = prediction
+                record["scores"].update(answer_scores(prediction, record["answers"], loss))
         return records
 
     def validation_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        return self.evaluate_batch(batch)
+        return self.evaluate_batch(batch, self.eval_k)
 
     def test_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        return self.evaluate_batch(batch)
+        return self.evaluate_batch(batch, self.eval_k)
+
+
+@dataclass
+class Retrieved:
+    """A batch's retrieved passages, best first. The first K (retriever.candidates, at least n_docs) carry the
+    current encoders' scores and vectors, re-ranked by them when the context encoder trains (the index holds
+    older embeddings); ranks below K, asked for by evaluation at larger k, are in the service's order."""
+
+    questions: torch.Tensor     # [B, D] question vectors
+    ids: np.ndarray             # [B, depth] passage ids
+    scores: torch.Tensor        # [B, K] score_scale x (q . d): the logits of the prior over passages
+    embeddings: torch.Tensor    # [B, K, D] the candidates' vectors (today's when the context encoder trains)
+    token_ids: np.ndarray       # [B, K, L] the candidates' generator ids, PAD_TOKEN-padded
+    lengths: np.ndarray         # [B, K]
+    reranked: float             # share of questions whose n_docs best passages the re-ranking changed
+    result: SearchResult        # the service's answer, as it came
+
+
+def kb_encoder_config(manifest: Manifest) -> EncoderConfig:
+    """The encoder that built the knowledge base, as its manifest records it."""
+    return _structured(EncoderConfig, {f.name: manifest.encoder[f.name] for f in fields(EncoderConfig)
+                                       if f.name in manifest.encoder})
 
 
 def _structured(schema, values: dict):

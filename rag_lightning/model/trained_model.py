@@ -5,7 +5,8 @@ trained with (its hyperparameters, plain dicts), the weights, and the index vers
 last trained against. Serving starts shard actors of its own (on a local Ray, or on the
 cluster at service.ray_address) under a name of their own, so a training job using the
 same knowledge base is never disturbed, and moves them to that index version if it is
-still on disk.
+still on disk (or, for a checkpoint that trained its context encoder, to a new version
+encoded with it).
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from rag_lightning.callbacks.index_version import CHECKPOINT_KEY
 from rag_lightning.config import ServiceConfig
 from rag_lightning.errors import UserError
 from rag_lightning.model.rag_module import RagModule
-from retrieval_workers.kb_store import Manifest, read_manifest
+from retrieval_workers.kb_store import Manifest, read_manifest, read_version_step
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect, local_ray_answers
+from retrieval_workers.refresh import launch_refresher, shutdown_refresher
 from retrieval_workers.service import launch_service, shutdown_service, switch_version
+from retrieval_workers.types import RefreshSpec, ServiceSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 class TrainedModel:
     module: RagModule                 # on the CPU, in eval mode
     index_version: int | None         # the index version it last trained against (None: not recorded)
+    global_step: int                  # the optimizer steps its weights have had
 
 
 def load_trained_model(ckpt_path: str) -> TrainedModel:
@@ -45,7 +49,7 @@ def load_trained_model(ckpt_path: str) -> TrainedModel:
         raise UserError(f"ckpt_path: {ckpt_path} is not a checkpoint of rag_lightning.train")
     module = RagModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
-    return TrainedModel(module.eval(), checkpoint.get(CHECKPOINT_KEY))
+    return TrainedModel(module.eval(), checkpoint.get(CHECKPOINT_KEY), int(checkpoint.get("global_step", 0)))
 
 
 def index_version_to_serve(trained: TrainedModel, manifest: Manifest) -> int:
@@ -62,24 +66,55 @@ def index_version_to_serve(trained: TrainedModel, manifest: Manifest) -> int:
 
 @contextmanager
 def serving(trained: TrainedModel, service: ServiceConfig) -> Iterator[int]:
-    """Shard actors of the module's knowledge base, for this process alone; yields the index version they serve."""
+    """Shard actors of the module's knowledge base, for this process alone; yields the index version they serve.
+
+    A checkpoint that trained its context encoder is served an index of that encoder: when the version it last
+    trained against holds older embeddings, the knowledge base is re-encoded into a new version first."""
     module = trained.module
-    spec = replace(module.service_spec, namespace=service.namespace,
-                   name_prefix=f"serve-{os.getpid()}", failover_timeout_s=service.failover_timeout_s)
-    owns_ray = not (service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
-    connect(service.ray_address, namespace=spec.namespace, host=service.host, dashboard=service.dashboard,
-            num_cpus=service.num_cpus, temp_dir=service.temp_dir)
-    try:
-        launch_service(spec)
+    with serving_knowledge_base(module.service_spec, service) as spec:
         manifest = read_manifest(spec.kb_dir)
         version = index_version_to_serve(trained, manifest)
         if version != manifest.active_version:
             switch_version(spec, version)
         module.service_spec = spec
+        if module.context_encoder is not None and read_version_step(spec.kb_dir, manifest, version) \
+                < trained.global_step:
+            version = encode_new_version(spec, module, trained.global_step)
         module.setup("predict")
         yield version
+
+
+@contextmanager
+def serving_knowledge_base(spec: ServiceSpec, service: ServiceConfig) -> Iterator[ServiceSpec]:
+    """Shard actors of spec's knowledge base for this process alone (under a name of its own, on a local Ray or on
+    the cluster at service.ray_address); yields their spec."""
+    spec = replace(spec, namespace=service.namespace, name_prefix=f"serve-{os.getpid()}",
+                   failover_timeout_s=service.failover_timeout_s)
+    owns_ray = not (service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
+    connect(service.ray_address, namespace=spec.namespace, host=service.host, dashboard=service.dashboard,
+            num_cpus=service.num_cpus, temp_dir=service.temp_dir)
+    try:
+        launch_service(spec)
+        yield spec
     finally:
         if local_ray_answers():   # a signal to the whole process group may have ended a local Ray
+            shutdown_refresher(spec)
             shutdown_service(spec)
         if owns_ray:
             ray.shutdown()
+
+
+def encode_new_version(spec: ServiceSpec, module: RagModule, global_step: int) -> int:
+    """Re-encode the knowledge base with the module's context encoder into a new index version, served from now
+    on; no version is pruned (a training job may be using one). Returns the new version."""
+    log.info("the index is older than the checkpoint's context encoder (step %d): re-encoding the knowledge base",
+             global_step)
+    kept = len(read_manifest(spec.kb_dir).kept_versions())
+    coordinator = launch_refresher(spec, RefreshSpec(keep_versions=kept + 1))
+    report = ray.get(coordinator.refresh.remote([ray.put(module.context_encoder.snapshot(global_step))],
+                                                global_step))
+    if report.error is not None:
+        raise RuntimeError(f"re-encoding {spec.kb_dir} with the checkpoint's context encoder failed: {report.error}")
+    log.info("index version %d (weights of step %d): %d passages in %.1fs", report.version, global_step,
+             report.passages, report.wall_s)
+    return report.version

@@ -10,12 +10,15 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from rag_lightning.config import KBConfig, TrainConfig
 from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import read_split
 from rag_lightning.errors import UserError
+from rag_lightning.evaluation.metrics import normalize_answer
 from rag_lightning.kb.build import build_knowledge_base
-from retrieval_workers.kb_store import Manifest, read_manifest
+from retrieval_workers.kb_store import Manifest, PassageTable, read_manifest
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.refresh import launch_refresher
 from retrieval_workers.service import launch_service
@@ -56,6 +59,8 @@ def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
     for split in ("train", "val", "test"):
         read_split(cfg.data.dir, split)          # every QA file checked before the expensive work
     manifest = build_knowledge_base(kb_config(cfg), cfg.index) if first else read_manifest(cfg.kb.dir)
+    if first and cfg.retriever.objective == "distant":
+        check_distant_supervision(cfg, manifest)
     if cfg.model.n_docs > manifest.num_passages:
         raise UserError(f"model.n_docs={cfg.model.n_docs} is larger than the knowledge base "
                         f"({manifest.num_passages} passages in {cfg.kb.dir})")
@@ -70,3 +75,29 @@ def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
                                                worker_gpus=refresh.worker_gpus, batch_size=refresh.batch_size,
                                                keep_versions=refresh.keep_versions))
     return manifest
+
+
+DISTANT_CHECK_QUESTIONS = 500   # training questions whose answers are looked for in the passages
+PASSAGES_PER_READ = 10_000
+
+
+def check_distant_supervision(cfg: TrainConfig, manifest: Manifest) -> None:
+    """retriever.objective=distant needs positives: gold titles in the training data (unless retriever.positives=
+    answer), or answers that passages hold (looked for among the answers of the first training questions; the
+    passages are read until one is found)."""
+    examples = read_split(cfg.data.dir, "train")
+    titles_count = cfg.retriever.positives == "answer_or_title"
+    if titles_count and any(e.gold_titles for e in examples):
+        return
+    checked = examples[:DISTANT_CHECK_QUESTIONS]
+    needles = {f" {normalize_answer(a)} " for e in checked for a in e.answers if normalize_answer(a)}
+    passages = PassageTable(Path(cfg.kb.dir) / manifest.passages_file)
+    for start in tqdm(range(0, len(passages), PASSAGES_PER_READ), desc="looking for answers in the passages",
+                      unit="chunk", mininterval=2.0):
+        texts = passages.titles_and_texts(range(start, min(start + PASSAGES_PER_READ, len(passages))))
+        if any(needle in f" {normalize_answer(text)} " for _, text in texts for needle in needles):
+            return
+    titles = ", and no question names gold titles" if titles_count else " (retriever.positives=answer)"
+    raise UserError(f"retriever.objective=distant: no passage of {cfg.kb.dir} holds an answer of the first "
+                    f"{len(checked)} training questions of {cfg.data.dir}{titles}; distant supervision would find "
+                    "no positive")
