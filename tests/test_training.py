@@ -396,3 +396,18 @@ def test_distant_supervision_trains_the_question_encoder_toward_its_positives(se
     train_on_one_batch(module, batch, steps=15)
     module.eval()
     assert positive_mass() > before + 0.05, before
+
+
+def test_the_retriever_learns_against_a_fixed_reader(service):
+    """model.generator.train=false with pdist (as REPLUG): the reader's log-likelihoods teach the question encoder,
+    and the generator neither trains nor gets gradients."""
+    model_cfg = _model_config("rag_sequence")
+    model_cfg.generator.train = False
+    module, _, batch = _module_and_batch(service, "rag_sequence", model_cfg=model_cfg, objective="pdist")
+    assert not any(m.training for m in module.rag.generator.modules()), "a fixed reader runs in eval mode"
+    generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
+    encoder = [p.detach().clone() for p in module.question_encoder.parameters() if p.requires_grad]
+    train_on_one_batch(module, batch, steps=3)
+    assert all(p.grad is None and torch.equal(p, generator[n]) for n, p in module.rag.generator.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in
+               zip(encoder, [p for p in module.question_encoder.parameters() if p.requires_grad]))
