@@ -1,0 +1,74 @@
+"""Two hosts made on this machine (tests/two_hosts.py): reachable from each other, each under its own name."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from two_hosts import two_hosts
+
+pytestmark = pytest.mark.multinode
+
+SERVER = """
+import socket, sys
+s = socket.socket(); s.bind((sys.argv[1], 45678)); s.listen(1)
+print("listening", flush=True)
+conn, peer = s.accept(); print(socket.gethostname(), peer[0], conn.recv(16).decode(), flush=True)
+"""
+CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 45678), timeout=10); s.sendall(socket.gethostname().encode())
+"""
+
+
+def test_two_hosts_reach_each_other_under_their_own_names_and_are_removed_afterwards():
+    with two_hosts() as (a, b):
+        server = b.start(sys.executable, "-c", SERVER, b.address, stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "listening"
+        assert a.run(sys.executable, "-c", CLIENT, b.address).returncode == 0
+        out, _ = server.communicate(timeout=10)
+        assert out.split() == [b.name, a.address, a.name]
+        # a host has a loopback of its own: a server on this machine's 127.0.0.1 is out of its reach
+        with socket.socket() as outside:
+            outside.bind(("127.0.0.1", 45678))
+            outside.listen(1)
+            assert a.run(sys.executable, "-c", CLIENT, "127.0.0.1").returncode != 0
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert a.name not in namespaces and b.name not in namespaces
+
+
+RAY_DRIVER = """
+import ray, socket, sys
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+ray.init(address=sys.argv[1])
+print(sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]))
+group = ray.util.placement_group([{"CPU": 1}] * 2, strategy="STRICT_SPREAD")
+ray.get(group.ready(), timeout=60)
+where = ray.remote(num_cpus=1)(lambda: socket.gethostname())
+print(sorted(ray.get([where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, bundle)).remote()
+                      for bundle in range(2)])))
+"""
+
+
+def test_a_ray_head_and_a_ray_worker_on_two_hosts():
+    """`ray start` on each host, as slurm/train.sbatch starts them (token authentication, Ray's default): both
+    nodes join, and a placement group spread over them runs its tasks under each host's name."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    with two_hosts() as (a, b), tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as temp_dir:
+        # (the session's socket paths must stay within 107 bytes)
+        head = a.run(ray, "start", "--head", f"--node-ip-address={a.address}", "--port=6379", "--num-cpus=1",
+                     "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                     env=env, timeout=120)
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = b.run(ray, "start", f"--address={a.address}:6379", f"--node-ip-address={b.address}",
+                       "--num-cpus=1", "--disable-usage-stats", env=env, timeout=120)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        driver = a.run(sys.executable, "-c", RAY_DRIVER, f"{a.address}:6379", env=env, timeout=120)
+        assert driver.returncode == 0, driver.stderr[-2000:]
+        assert driver.stdout.splitlines()[-2:] == [str(sorted([a.address, b.address])), str(sorted([a.name, b.name]))]
