@@ -32,8 +32,16 @@ def _token_f1(prediction: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def answer_patterns(answers: list[str]) -> set[str]:
+    """The normalised answers, each between spaces: what contains_answer looks for in a normalised passage."""
+    return {f" {normalize_answer(a)} " for a in answers if normalize_answer(a)}
+
+
+def holds_pattern(passage: str, patterns: set[str]) -> bool:
+    text = f" {normalize_answer(passage)} "
+    return any(pattern in text for pattern in patterns)
+
+
 def contains_answer(passage: str, answers: list[str]) -> bool:
     """Whether a normalised answer occurs, on word boundaries, in the normalised passage (DPR's answer match)."""
-    text = f" {normalize_answer(passage)} "
-    return any(f" {normalize_answer(a)} " in text for a in answers if normalize_answer(a))
-
+    return holds_pattern(passage, answer_patterns(answers))

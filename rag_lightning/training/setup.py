@@ -14,9 +14,9 @@ from tqdm import tqdm
 
 from rag_lightning.config import KBConfig, TrainConfig
 from rag_lightning.data.prepare import prepare_data
-from rag_lightning.data.qa_files import read_split
+from rag_lightning.data.qa_files import QAExample, read_split
 from rag_lightning.errors import UserError
-from rag_lightning.evaluation.metrics import normalize_answer
+from rag_lightning.evaluation.metrics import answer_patterns, holds_pattern
 from rag_lightning.kb.build import build_knowledge_base
 from retrieval_workers.kb_store import Manifest, PassageTable, read_manifest
 from retrieval_workers.ray_runtime import connect
@@ -56,11 +56,11 @@ def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
     first = cfg.stage != "train" and process_rank() == 0
     if first:
         prepare_data(cfg.data)
-    for split in ("train", "val", "test"):
-        read_split(cfg.data.dir, split)          # every QA file checked before the expensive work
+    # every QA file checked before the expensive work
+    splits = {split: read_split(cfg.data.dir, split) for split in ("train", "val", "test")}
     manifest = build_knowledge_base(kb_config(cfg), cfg.index) if first else read_manifest(cfg.kb.dir)
     if first and cfg.retriever.objective == "distant":
-        check_distant_supervision(cfg, manifest)
+        check_distant_supervision(cfg, manifest, splits["train"])
     if cfg.model.n_docs > manifest.num_passages:
         raise UserError(f"model.n_docs={cfg.model.n_docs} is larger than the knowledge base "
                         f"({manifest.num_passages} passages in {cfg.kb.dir})")
@@ -81,21 +81,20 @@ DISTANT_CHECK_QUESTIONS = 500   # training questions whose answers are looked fo
 PASSAGES_PER_READ = 10_000
 
 
-def check_distant_supervision(cfg: TrainConfig, manifest: Manifest) -> None:
-    """retriever.objective=distant needs positives: gold titles in the training data (unless retriever.positives=
+def check_distant_supervision(cfg: TrainConfig, manifest: Manifest, examples: list[QAExample]) -> None:
+    """retriever.objective=distant needs positives: gold titles in the training examples (unless retriever.positives=
     answer), or answers that passages hold (looked for among the answers of the first training questions; the
     passages are read until one is found)."""
-    examples = read_split(cfg.data.dir, "train")
     titles_count = cfg.retriever.positives == "answer_or_title"
     if titles_count and any(e.gold_titles for e in examples):
         return
     checked = examples[:DISTANT_CHECK_QUESTIONS]
-    needles = {f" {normalize_answer(a)} " for e in checked for a in e.answers if normalize_answer(a)}
+    patterns = answer_patterns([a for e in checked for a in e.answers])
     passages = PassageTable(Path(cfg.kb.dir) / manifest.passages_file)
     for start in tqdm(range(0, len(passages), PASSAGES_PER_READ), desc="looking for answers in the passages",
                       unit="chunk", mininterval=2.0):
         texts = passages.titles_and_texts(range(start, min(start + PASSAGES_PER_READ, len(passages))))
-        if any(needle in f" {normalize_answer(text)} " for _, text in texts for needle in needles):
+        if any(holds_pattern(text, patterns) for _, text in texts):
             return
     titles = ", and no question names gold titles" if titles_count else " (retriever.positives=answer)"
     raise UserError(f"retriever.objective=distant: no passage of {cfg.kb.dir} holds an answer of the first "
