@@ -3,10 +3,10 @@
     python -m retrieval_workers.launch --address HOST:PORT --kb-dir KB --shards 2 --replicas 2
     python -m retrieval_workers.launch --address HOST:PORT --kb-dir KB --shards 2 --replicas 2 --teardown
 
-S x R named, detached IndexShard actors in a placement group spread over the cluster's
-nodes. Launching is idempotent: actors that exist are reused, so a script may run it on
+S x R named, detached IndexShard actors; the R replicas of each shard in a placement group
+spread over the cluster's nodes. Launching is idempotent: actors that exist are reused, so a script may run it on
 every (re)start of a job. Training processes then attach by name (`service.ray_address`,
-`service.namespace`). The teardown kills the actors and removes their placement group.
+`service.namespace`). The teardown kills the actors and removes their placement groups.
 """
 from __future__ import annotations
 

@@ -33,20 +33,21 @@ RemoteIndexShard = ray.remote(concurrency_groups={CONTROL: 2})(IndexShard)
 def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
     """Create every shard replica actor (existing ones are reused) and wait until all are loaded.
 
-    The actors sit in one placement group of S x R bundles with the SPREAD strategy, so on a
-    cluster of several nodes the replicas land on different nodes where they can.
+    The R replicas of a shard sit in a placement group of their own, of R bundles with the SPREAD strategy, so
+    on a cluster of several nodes they land on different nodes where there are enough (and a node lost takes
+    at most one replica of a shard with it). SPREAD, not STRICT_SPREAD: on fewer nodes than replicas, and after
+    a node is lost, the replicas share nodes instead of waiting for one that may never come.
     """
     manifest = read_manifest(spec.kb_dir)
     if len(manifest.shards) != spec.num_shards:
         raise ValueError(f"index.shards={spec.num_shards} but the knowledge base in {spec.kb_dir} "
                          f"has {len(manifest.shards)} shards; rebuild it or change index.shards")
-    group = _placement_group(spec, timeout_s)
+    groups = [_placement_group(spec, shard, timeout_s) for shard in range(spec.num_shards)]
     actors = [
         RemoteIndexShard.options(
             name=spec.actor_name(shard, replica), namespace=spec.namespace, get_if_exists=True,
             lifetime="detached", num_cpus=spec.actor_cpus, max_restarts=-1, max_concurrency=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=replica * spec.num_shards + shard),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(groups[shard], placement_group_bundle_index=replica),
         ).remote(spec.kb_dir, shard, spec.omp_threads, spec.search_params)
         for shard in range(spec.num_shards) for replica in range(spec.num_replicas)
     ]
@@ -62,17 +63,18 @@ def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
         raise
 
 
-def _placement_group(spec: ServiceSpec, timeout_s: float) -> PlacementGroup:
-    """The service's named placement group, created on first use."""
+def _placement_group(spec: ServiceSpec, shard: int, timeout_s: float) -> PlacementGroup:
+    """The placement group of a shard's replicas, created on first use."""
+    name = spec.placement_group_name(shard)
     try:
-        group = ray.util.get_placement_group(spec.placement_group_name())
+        group = ray.util.get_placement_group(name)
     except ValueError:
         bundle = {"CPU": max(spec.actor_cpus, 0.001)}        # Ray refuses empty bundles
-        group = ray.util.placement_group([bundle] * (spec.num_shards * spec.num_replicas), strategy="SPREAD",
-                                         name=spec.placement_group_name(), lifetime="detached")
+        group = ray.util.placement_group([bundle] * spec.num_replicas, strategy="SPREAD", name=name,
+                                         lifetime="detached")
     if not group.wait(timeout_s):
-        raise RuntimeError(f"placement group {spec.placement_group_name()!r} for {spec.num_shards} x "
-                           f"{spec.num_replicas} shard actors was not placed within {timeout_s:.0f}s")
+        raise RuntimeError(f"placement group {name!r} for the {spec.num_replicas} replicas of shard {shard} was not "
+                           f"placed within {timeout_s:.0f}s")
     return group
 
 
@@ -90,17 +92,17 @@ def switch_version(spec: ServiceSpec, version: int, timeout_s: float = 600.0) ->
 
 
 def shutdown_service(spec: ServiceSpec) -> None:
-    """Kill every shard replica actor of the spec that is alive, and remove their placement group."""
+    """Kill every shard replica actor of the spec that is alive, and remove their placement groups."""
     for shard in range(spec.num_shards):
         for replica in range(spec.num_replicas):
             try:
                 ray.kill(ray.get_actor(spec.actor_name(shard, replica), namespace=spec.namespace))
             except ValueError:
                 pass
-    try:
-        ray.util.remove_placement_group(ray.util.get_placement_group(spec.placement_group_name()))
-    except ValueError:
-        pass
+        try:
+            ray.util.remove_placement_group(ray.util.get_placement_group(spec.placement_group_name(shard)))
+        except ValueError:
+            pass
 
 
 class RetrievalClient:

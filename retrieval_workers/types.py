@@ -23,8 +23,8 @@ class ServiceSpec:
     def actor_name(self, shard: int, replica: int) -> str:
         return f"{self.name_prefix}-shard{shard}-replica{replica}"
 
-    def placement_group_name(self) -> str:
-        return f"{self.name_prefix}-shards-{self.num_shards}x{self.num_replicas}"
+    def placement_group_name(self, shard: int) -> str:
+        return f"{self.name_prefix}-shard{shard}-replicas-{self.num_replicas}"
 
 
 @dataclass

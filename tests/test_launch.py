@@ -36,9 +36,10 @@ def test_launcher_is_idempotent_places_a_group_and_tears_down(ray_cluster, two_s
     assert again.returncode == 0, again.stderr[-2000:]
     assert _actor_ids(spec) == ids, "a second launch must reuse the running actors"
 
-    group = ray.util.get_placement_group(spec.placement_group_name())
-    assert group.bundle_count == 4
-    assert ray.util.placement_group_table(group)["strategy"] == "SPREAD"
+    for shard in range(2):      # a group of its own for each shard's replicas
+        group = ray.util.get_placement_group(spec.placement_group_name(shard))
+        assert group.bundle_count == 2
+        assert ray.util.placement_group_table(group)["strategy"] == "SPREAD"
 
     embeddings = load_embeddings(spec.kb_dir, read_manifest(spec.kb_dir))
     queries = embeddings[[3, 17]]
@@ -50,8 +51,8 @@ def test_launcher_is_idempotent_places_a_group_and_tears_down(ray_cluster, two_s
     for s in range(2):
         with pytest.raises(ValueError):
             ray.get_actor(spec.actor_name(s, 0), namespace=spec.namespace)
-    with pytest.raises(ValueError):
-        ray.util.get_placement_group(spec.placement_group_name())
+        with pytest.raises(ValueError):
+            ray.util.get_placement_group(spec.placement_group_name(s))
 
 
 def test_launcher_refuses_a_missing_knowledge_base(ray_cluster, tmp_path, subprocess_env):

@@ -1,20 +1,25 @@
 """Two hosts on this machine for the multi-node tests: network namespaces joined by a veth pair.
 
-Each host has its own network namespace (loopback and one address on the veth), and the commands run on it
-get a UTS namespace of their own with the host's name, so Ray, SLURM and Lightning see two machines. The
-addresses are in 10.213.7.0/24, outside this machine's own subnet; nothing is routed anywhere else, so all the
-traffic stays between the two hosts and their loopbacks. `two_hosts()` tears everything down afterwards, also
-when the test fails.
+Each host has its own network namespace (loopback and one address on its end of the veth, named `eth0` on
+both), and the commands run on it get a UTS namespace of their own with the host's name, so Ray, SLURM and
+Lightning see two machines. Both names resolve on both hosts: `ip netns exec` mounts /etc/netns/<name>/hosts
+over /etc/hosts for the commands it runs. The addresses are in 10.213.7.0/24, outside this machine's own
+subnet; nothing is routed anywhere else, so all the traffic stays between the two hosts and their loopbacks.
+`two_hosts()` tears everything down afterwards, also when the test fails.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 SUBNET_PREFIX = "10.213.7"
+INTERFACE = "eth0"      # each host's end of the veth (e.g. GLOO_SOCKET_IFNAME)
+NETNS_ETC = Path("/etc/netns")
 
 
 @dataclass
@@ -46,13 +51,19 @@ def two_hosts(prefix: str | None = None) -> Iterator[tuple[Host, Host]]:
         _ip("link", "add", f"{prefix}va", "type", "veth", "peer", "name", f"{prefix}vb")
         for host, link in zip(hosts, (f"{prefix}va", f"{prefix}vb")):
             _ip("link", "set", link, "netns", host.name)
-            _ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", link)
-            _ip("-n", host.name, "link", "set", link, "up")
+            _ip("-n", host.name, "link", "set", link, "name", INTERFACE)
+            _ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", INTERFACE)
+            _ip("-n", host.name, "link", "set", INTERFACE, "up")
+        names = "127.0.0.1 localhost\n" + "".join(f"{host.address} {host.name}\n" for host in hosts)
+        for host in hosts:
+            (NETNS_ETC / host.name).mkdir(parents=True, exist_ok=True)
+            (NETNS_ETC / host.name / "hosts").write_text(names)
         yield hosts
     finally:
         for host in hosts:
             kill_host_processes(host)
             subprocess.run(["ip", "netns", "del", host.name], capture_output=True)     # the veth goes with it
+            shutil.rmtree(NETNS_ETC / host.name, ignore_errors=True)
 
 
 def kill_host_processes(host: Host) -> None:
