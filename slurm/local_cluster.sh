@@ -6,9 +6,14 @@
 set -euo pipefail
 STATE=${SLURM_LOCAL_STATE:-/var/tmp/rag-lightning-slurm}
 
+# this cluster's daemons by their pid files: other SLURM daemons on the machine (the multi-node tests start some in
+# network namespaces of their own) are not this cluster's
+running() { [[ -s $STATE/$1.pid ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+
 if [[ "${1:-start}" == stop ]]; then
-    pkill -x slurmd || true
-    pkill -x slurmctld || true
+    for daemon in slurmd slurmctld; do
+        if running $daemon; then kill "$(cat "$STATE/$daemon.pid")"; fi
+    done
     exit 0
 fi
 if [[ $(id -u) != 0 ]]; then echo "local_cluster.sh: run as root" >&2; exit 1; fi
@@ -45,8 +50,8 @@ CONF
 
 [[ -s /etc/munge/munge.key ]] || mungekey -c
 pgrep -x munged >/dev/null || munged --force
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+running slurmctld || slurmctld
+running slurmd || slurmd
 for _ in $(seq 60); do
     if sinfo -h -o %T 2>/dev/null | grep -qx idle; then echo "SLURM node $host idle"; exit 0; fi
     scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true

@@ -10,9 +10,11 @@ import itertools
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
+import pytest
 import ray
 import torch
 
@@ -251,3 +253,18 @@ def cli_env() -> dict[str, str]:
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     return env
+
+
+def skip_unless_required(reason: str | None, required_by: str) -> None:
+    """Skip the test for `reason` (what this machine lacks; None: nothing), or fail it when the environment variable
+    `required_by` is 1, as .ci/run sets it where the packages and root are there."""
+    if reason and os.environ.get(required_by) == "1":
+        pytest.fail(reason)
+    if reason:
+        pytest.skip(reason)
+
+
+def missing_slurm() -> str | None:
+    """Why SLURM daemons cannot run here, or None."""
+    missing = [binary for binary in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(binary) is None]
+    return f"no SLURM here: missing {missing}" if missing else "SLURM tests need root" if os.getuid() else None

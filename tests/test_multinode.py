@@ -8,32 +8,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from retrieval_workers.types import ServiceSpec
 
-from helpers import cli_env
-from two_hosts import INTERFACE, two_hosts
+from helpers import REPO_ROOT, cli_env, missing_slurm, skip_unless_required
+from two_hosts import INTERFACE, Host, kill_host_processes, two_hosts
 
 pytestmark = pytest.mark.multinode
 
 
 @pytest.fixture(autouse=True)
 def root_with_namespaces():
-    missing = [b for b in ("ip", "unshare") if shutil.which(b) is None]
-    reason = f"no network namespaces here: missing {missing}" if missing else \
-        "multi-node tests need root" if os.getuid() else None
-    if reason:
-        if os.environ.get("RAG_LIGHTNING_REQUIRE_MULTINODE") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    missing = [binary for binary in ("ip", "nsenter", "unshare") if shutil.which(binary) is None]
+    skip_unless_required(f"no network namespaces here: missing {missing}" if missing else
+                         "multi-node tests need root" if os.getuid() else None, "RAG_LIGHTNING_REQUIRE_MULTINODE")
 
 SERVER = """
 import socket, sys
@@ -63,22 +62,37 @@ def test_two_hosts_reach_each_other_under_their_own_names_and_are_removed_afterw
     assert a.name not in namespaces and b.name not in namespaces
 
 
+@dataclass
+class TwoNodeRay:
+    """A Ray cluster on two hosts, its nodes started with `ray start` as slurm/train.sbatch starts them (token
+    authentication, Ray's default): the head on host a, a worker on host b."""
+
+    a: Host
+    b: Host
+    temp_dir: str       # the nodes' session files (their socket paths must stay within 107 bytes)
+    env: dict           # for every command on the hosts
+
+    @property
+    def address(self) -> str:
+        return f"{self.a.address}:6379"
+
+    def start_node(self, host: Host) -> None:
+        """The head on host a; a worker joining it on any other host (again, after the host was lost)."""
+        role = (["--head", "--port=6379", "--include-dashboard=false"] if host is self.a
+                else [f"--address={self.address}"])
+        started = host.run(str(Path(sys.executable).with_name("ray")), "start", *role,
+                           f"--node-ip-address={host.address}", "--num-cpus=2", "--disable-usage-stats",
+                           f"--temp-dir={self.temp_dir}", env=self.env, timeout=120)
+        assert started.returncode == 0, started.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
-def ray_on_two_hosts(tmp_path_factory):
-    """`ray start --head` on host a and `ray start --address` on host b, as slurm/train.sbatch starts them (token
-    authentication, Ray's default); yields (a, b, the head's address, the environment for commands on the hosts)."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    env = {**cli_env(), "RAY_AUTH_MODE": "token", "GLOO_SOCKET_IFNAME": INTERFACE}
+def ray_on_two_hosts():
     with two_hosts("rlray") as (a, b), tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as temp_dir:
-        # (the session's socket paths must stay within 107 bytes)
-        head = a.run(ray, "start", "--head", f"--node-ip-address={a.address}", "--port=6379", "--num-cpus=2",
-                     "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-                     env=env, timeout=120)
-        assert head.returncode == 0, head.stderr[-2000:]
-        worker = b.run(ray, "start", f"--address={a.address}:6379", f"--node-ip-address={b.address}",
-                       "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}", env=env, timeout=120)
-        assert worker.returncode == 0, worker.stderr[-2000:]
-        yield a, b, f"{a.address}:6379", env
+        cluster = TwoNodeRay(a, b, temp_dir, {**cli_env(), "RAY_AUTH_MODE": "token", "GLOO_SOCKET_IFNAME": INTERFACE})
+        cluster.start_node(a)
+        cluster.start_node(b)
+        yield cluster
 
 
 RAY_DRIVER = """
@@ -97,7 +111,7 @@ ray.util.remove_placement_group(group)
 
 def test_a_ray_head_and_a_ray_worker_on_two_hosts(ray_on_two_hosts):
     """Both nodes join, and a placement group spread over them runs its tasks under each host's name."""
-    a, b, address, env = ray_on_two_hosts
+    a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
     driver = a.run(sys.executable, "-c", RAY_DRIVER, address, env=env, timeout=120)
     assert driver.returncode == 0, driver.stderr[-2000:]
     assert driver.stdout.splitlines()[-2:] == [str(sorted([a.address, b.address])), str(sorted([a.name, b.name]))]
@@ -121,7 +135,7 @@ print(json.dumps(where))
 def test_the_replicas_of_each_shard_run_on_different_nodes(ray_on_two_hosts, two_shard_kb):
     """`retrieval_workers.launch` with 2 shards x 2 replicas: Ray's node ids of the two replicas of each shard
     differ (and so do the hostnames their processes see), and each node holds one replica of every shard."""
-    a, b, address, env = ray_on_two_hosts
+    a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
     spec = ServiceSpec(kb_dir=str(two_shard_kb), num_shards=2, num_replicas=2, namespace="multinode")
     launch = a.run(sys.executable, "-m", "retrieval_workers.launch", f"--address={address}",
                    f"--kb-dir={two_shard_kb}", "--shards=2", "--replicas=2", "--namespace=multinode",
@@ -134,3 +148,231 @@ def test_the_replicas_of_each_shard_run_on_different_nodes(ray_on_two_hosts, two
     for shard in range(2):
         replicas = [where[spec.actor_name(shard, replica)] for replica in range(2)]
         assert sorted(replicas) == sorted([[a.address, a.name], [b.address, b.name]]), (shard, where)
+
+
+def _train(host, run_dir: Path, env: dict, *overrides: str, **kwargs) -> subprocess.Popen:
+    return host.start(sys.executable, "-m", "rag_lightning.train", *overrides, f"hydra.run.dir={run_dir}",
+                      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _finished(process: subprocess.Popen, timeout_s: float = 600) -> str:
+    output, _ = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.slow
+def test_a_two_node_ddp_run_matches_the_one_node_run(ray_on_two_hosts, tmp_path):
+    """One training process on each host (trainer.num_nodes=2, gloo over the veth, the shard service's replicas
+    on both nodes) with batch 4 each trains to the metrics of one process on one node with batch 8, within the
+    tolerance of tests/test_train_cli.py's two-process DDP test (whose docstring says why these are equal).
+
+    As slurm/train.sbatch runs it: `stage=prepare` on the first node (data, knowledge base, shard actors), then
+    `stage=train` on every node, each told its rank as a launcher would (RANK, NODE_RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR on host a).
+    """
+    a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
+    common = ["experiment=tiny", "model.generator.dropout=0", "data.demo_entities=100", "data.max_eval_examples=9",
+              "trainer.max_steps=10", "trainer.val_check_interval=5", "optim.lr=3e-3", "trainer.strategy=ddp"]
+    single = subprocess.run([sys.executable, "-m", "rag_lightning.train", *common, "data.batch_size=8",
+                             f"hydra.run.dir={tmp_path / 'single'}"], cwd=REPO_ROOT, env=cli_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    run_dir = tmp_path / "two_nodes"
+    cluster = [*common, "data.batch_size=4", f"service.ray_address={address}", "service.namespace=two_nodes",
+               "index.replicas=2"]
+    _finished(_train(a, run_dir, env, *cluster, "stage=prepare"))
+    ranks = [_train(host, run_dir, {**env, "RANK": str(rank), "NODE_RANK": str(rank), "LOCAL_RANK": "0",
+                                    "WORLD_SIZE": "2", "MASTER_ADDR": a.address, "MASTER_PORT": "29511"},
+                    *cluster, "stage=train", "trainer.num_nodes=2")
+             for rank, host in enumerate((a, b))]
+    outputs = [_finished(rank) for rank in ranks]
+    assert "GLOBAL_RANK: 1" in outputs[1] and "MEMBER: 2/2" in outputs[0] + outputs[1]
+
+    one_node = json.loads((tmp_path / "single" / "results.json").read_text())
+    two_nodes = json.loads((run_dir / "results.json").read_text())
+    assert one_node["test/examples"] == two_nodes["test/examples"] == 9
+    assert one_node["train/steps"] == two_nodes["train/steps"] == 10
+    assert two_nodes["test/loss"] < two_nodes["initial/loss"] - 0.1          # it trained
+    assert two_nodes["test/loss"] == pytest.approx(one_node["test/loss"], rel=1e-4)
+    for key in ("test/em", "test/f1", "test/recall@2", "initial/loss", "initial/recall@2"):
+        assert two_nodes[key] == pytest.approx(one_node[key], rel=1e-6), key
+
+
+SEARCHER = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from retrieval_workers.kb_store import load_embeddings, read_manifest
+from retrieval_workers.ray_runtime import connect
+from retrieval_workers.service import RetrievalClient
+from retrieval_workers.types import ServiceSpec
+address, kb_dir, namespace, stop = sys.argv[1:]
+spec = ServiceSpec(kb_dir=kb_dir, num_shards=2, num_replicas=2, namespace=namespace, failover_timeout_s=60)
+connect(address, namespace=namespace)
+clients = [RetrievalClient(spec, replica_offset=offset) for offset in (0, 1)]   # together they prefer every replica
+embeddings = load_embeddings(kb_dir, read_manifest(kb_dir))
+queries = embeddings[:8]
+expected = np.argsort(-(queries @ embeddings.T), axis=1, kind="stable")[:, :3]
+print("searching", flush=True)
+searches = 0
+while not Path(stop).exists():
+    for client in clients:
+        np.testing.assert_array_equal(client.search(queries, k=3).ids, expected)
+        searches += 1
+    time.sleep(0.05)
+print(json.dumps({"searches": searches, "failovers": sum(client.failovers for client in clients)}))
+"""
+
+
+def _wait_for_checkpoint(run_dir: Path, processes: list[subprocess.Popen], timeout_s: float = 300) -> int:
+    """The step of the first periodic checkpoint, once one is written."""
+    deadline = time.monotonic() + timeout_s
+    while not (saved := list((run_dir / "checkpoints").glob("step*.ckpt"))):
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    return _step(saved[0])
+
+
+def _step(checkpoint: Path | str) -> int:
+    return int(re.search(r"step(\d+)\.ckpt$", str(checkpoint)).group(1))
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ray_on_two_hosts, tmp_path):
+    """Every process of host b is killed (its Ray node and the shard replicas on it) while a trainer on host a
+    trains and a searcher on host a searches with two clients that together prefer every replica. No search
+    fails and every answer stays exact (the replicas on a answer for the lost ones, then Ray restarts the lost
+    ones on a), and the trainer finishes all its steps."""
+    a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
+    run_dir, steps = tmp_path / "run", 200
+    overrides = ["experiment=tiny", f"service.ray_address={address}", "service.namespace=node_loss",
+                 "index.replicas=2", f"trainer.max_steps={steps}", "trainer.val_check_interval=100",
+                 "trainer.checkpoint_every_n_steps=20"]
+    _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
+    spec = ServiceSpec(kb_dir=str(run_dir / "kb"), num_shards=2, num_replicas=2, namespace="node_loss")
+    names = [spec.actor_name(shard, replica) for shard in range(2) for replica in range(2)]
+    before = json.loads(a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names, env=env,
+                              timeout=120).stdout.splitlines()[-1])
+    assert sorted(host for _, host in before.values()) == [a.name, a.name, b.name, b.name]
+
+    stop = tmp_path / "stop"
+    searcher = a.start(sys.executable, "-c", SEARCHER, address, spec.kb_dir, "node_loss", str(stop), cwd=REPO_ROOT,
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert searcher.stdout.readline().strip() == "searching", searcher.stderr.read()[-3000:]
+    trainer = _train(a, run_dir, env, *overrides, "stage=train")
+    _wait_for_checkpoint(run_dir, [trainer, searcher])
+    kill_host_processes(b)
+    output = _finished(trainer)
+    stop.touch()
+    out, err = searcher.communicate(timeout=120)
+    assert searcher.returncode == 0, err[-3000:]
+    searched = json.loads(out.splitlines()[-1])
+    assert searched["searches"] > 0 and searched["failovers"] >= 2, searched    # each lost replica was preferred
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["train/steps"] == steps and "test/em" in results, output[-2000:]
+    after = json.loads(a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names, env=env,
+                             timeout=180).stdout.splitlines()[-1])
+    assert [host for _, host in after.values()] == [a.name] * 4, after       # restarted on the surviving node
+    ray_on_two_hosts.start_node(b)
+
+
+@pytest.mark.slow
+def test_a_two_node_ddp_job_that_lost_a_node_resumes_from_its_last_checkpoint_when_resubmitted(
+        ray_on_two_hosts, tmp_path):
+    """A DDP rank lost with its node takes the job down (the other rank's next collective fails, or the scheduler
+    ends it); the job submitted again, on two nodes, resumes from its newest checkpoint and the global step goes
+    on from there to the end."""
+    a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
+    run_dir, steps = tmp_path / "run", 200
+    overrides = ["experiment=tiny", f"service.ray_address={address}", "service.namespace=ddp_loss",
+                 "index.replicas=2", f"trainer.max_steps={steps}", "trainer.val_check_interval=100",
+                 "trainer.checkpoint_every_n_steps=20", "trainer.strategy=ddp", "trainer.num_nodes=2",
+                 "data.batch_size=4"]
+    _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
+
+    def submit() -> list[subprocess.Popen]:
+        return [_train(host, run_dir, {**env, "RANK": str(rank), "NODE_RANK": str(rank), "LOCAL_RANK": "0",
+                                       "WORLD_SIZE": "2", "MASTER_ADDR": a.address, "MASTER_PORT": "29512"},
+                       *overrides, "stage=train") for rank, host in enumerate((a, b))]
+
+    first = submit()
+    _wait_for_checkpoint(run_dir, first)
+    kill_host_processes(b)
+    survivor, _ = first[0].communicate(timeout=120)     # ends on its own: no hang on the lost peer
+    assert first[0].returncode != 0 and not (run_dir / "results.json").exists(), survivor[-2000:]
+    saved = max(_step(p) for p in (run_dir / "checkpoints").glob("step*.ckpt"))
+    assert saved < steps
+
+    ray_on_two_hosts.start_node(b)
+    outputs = [_finished(rank) for rank in submit()]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert _step(results["train/resumed_from"]) >= saved, outputs[0][-2000:]
+    assert results["train/steps"] == steps and "test/em" in results
+
+
+SLURM_CONF = """ClusterName=two_hosts
+SlurmctldHost={a.name}({a.address})
+SlurmUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+StateSaveLocation={state}/ctld
+SlurmdSpoolDir={state}/%n
+SlurmctldPidFile={state}/slurmctld.pid
+SlurmdPidFile={state}/slurmd-%n.pid
+SlurmctldLogFile={state}/slurmctld.log
+SlurmdLogFile={state}/slurmd-%n.log
+SchedulerType=sched/backfill
+MpiDefault=none
+NodeName={a.name} NodeAddr={a.address} CPUs=2 RealMemory=4000 State=UNKNOWN
+NodeName={b.name} NodeAddr={b.address} CPUs=2 RealMemory=4000 State=UNKNOWN
+PartitionName=two Nodes={a.name},{b.name} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
+    """slurmctld and a slurmd on host a, a slurmd on host b (each in its namespace, a spool dir per node, the
+    nodes' addresses on the veth): `sbatch -N 2 slurm/train.sbatch experiment=tiny` starts a Ray head on a and a
+    worker on b, one training process on each node, and writes results.json."""
+    skip_unless_required(missing_slurm(), "RAG_LIGHTNING_REQUIRE_SLURM")
+    subprocess.run(["bash", "-c", "[[ -s /etc/munge/munge.key ]] || mungekey -c; pgrep -x munged || munged --force"],
+                   check=True, capture_output=True)
+    with two_hosts("rlslurm") as (a, b):
+        state = tmp_path / "slurm"
+        for spool in (a.name, b.name):
+            (state / spool).mkdir(parents=True)
+        conf = state / "slurm.conf"
+        conf.write_text(SLURM_CONF.format(a=a, b=b, state=state))
+        env = {**cli_env(), "SLURM_CONF": str(conf), "GLOO_SOCKET_IFNAME": INTERFACE,
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])}
+        a.start("slurmctld", "-D", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for host in (a, b):
+            host.start("slurmd", "-D", "-N", host.name, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while a.run("sinfo", "-h", "-o", "%T %D", env=env).stdout.split() != ["idle", "2"]:
+            assert time.monotonic() < deadline, a.run("sinfo", env=env).stdout + (state / "slurmctld.log").read_text()
+            time.sleep(1)
+
+        run_dir = tmp_path / "run"
+        submitted = a.run("sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", "--cpus-per-task=2",
+                          f"--output={run_dir}.out", str(REPO_ROOT / "slurm" / "train.sbatch"), "experiment=tiny",
+                          cwd=REPO_ROOT, env={**env, "RUN_DIR": str(run_dir)})
+        assert submitted.returncode == 0, submitted.stderr
+        job = submitted.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + 600
+        while a.run("squeue", "-h", "-j", job, env=env).stdout.strip():
+            assert time.monotonic() < deadline, Path(f"{run_dir}.out").read_text()[-3000:]
+            time.sleep(2)
+        output = Path(f"{run_dir}.out").read_text()
+        assert (run_dir / "results.json").is_file(), output[-3000:]
+        assert f"nodes {a.name} {b.name}, Ray head {a.address}:" in output and "Ray is up on 2 node(s)" in output
+        assert "MEMBER: 2/2" in output and "GLOBAL_RANK: 1" in output
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["train/steps"] == 6 and "test/em" in results

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,19 +17,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, missing_slurm, skip_unless_required
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
-    reason = f"no SLURM here: missing {missing}" if missing else "SLURM tests need root" if os.getuid() else None
-    if reason:
-        if os.environ.get("RAG_LIGHTNING_REQUIRE_SLURM") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    skip_unless_required(missing_slurm(), "RAG_LIGHTNING_REQUIRE_SLURM")
     proc = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "local_cluster.sh")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

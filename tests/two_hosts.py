@@ -2,8 +2,8 @@
 
 Each host has its own network namespace (loopback and one address on its end of the veth, named `eth0` on
 both), and the commands run on it get a UTS namespace of their own with the host's name, so Ray, SLURM and
-Lightning see two machines. Both names resolve on both hosts: `ip netns exec` mounts /etc/netns/<name>/hosts
-over /etc/hosts for the commands it runs. The addresses are in 10.213.7.0/24, outside this machine's own
+Lightning see two machines, and a hosts file of their own (/etc/netns/<name>/hosts, as `ip netns exec` would
+use it) in which both names resolve. The addresses are in 10.213.7.0/24, outside this machine's own
 subnet; nothing is routed anywhere else, so all the traffic stays between the two hosts and their loopbacks.
 `two_hosts()` tears everything down afterwards, also when the test fails.
 """
@@ -28,9 +28,14 @@ class Host:
     address: str        # its address on the veth
 
     def command(self, *argv: str) -> list[str]:
-        """argv run on this host: in its network namespace, under its own hostname."""
-        return ["ip", "netns", "exec", self.name, "unshare", "--uts", "sh", "-c",
-                f'hostname {self.name} && exec "$@"', "sh", *argv]
+        """argv run on this host: in its network namespace, under its own hostname, with its own /etc/hosts.
+
+        nsenter enters the network namespace only (`ip netns exec` would also mount a fresh /sys, without the
+        cgroup file systems slurmd needs); the hosts file is bound over /etc/hosts in a mount namespace of its own.
+        """
+        return ["nsenter", f"--net=/run/netns/{self.name}", "unshare", "--mount", "--uts", "sh", "-c",
+                f'mount --bind {NETNS_ETC / self.name / "hosts"} /etc/hosts && hostname {self.name} && exec "$@"',
+                "sh", *argv]
 
     def run(self, *argv: str, timeout: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(*argv), capture_output=True, text=True, timeout=timeout, **kwargs)
