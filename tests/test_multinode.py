@@ -88,7 +88,7 @@ class TwoNodeRay:
 
 @pytest.fixture(scope="module")
 def ray_on_two_hosts():
-    with two_hosts("rlray") as (a, b), tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as temp_dir:
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as temp_dir, two_hosts("rlray") as (a, b):
         cluster = TwoNodeRay(a, b, temp_dir, {**cli_env(), "RAY_AUTH_MODE": "token", "GLOO_SOCKET_IFNAME": INTERFACE})
         cluster.start_node(a)
         cluster.start_node(b)
@@ -344,10 +344,11 @@ def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
     skip_unless_required(missing_slurm(), "RAG_LIGHTNING_REQUIRE_SLURM")
     subprocess.run(["bash", "-c", "[[ -s /etc/munge/munge.key ]] || mungekey -c; pgrep -x munged || munged --force"],
                    check=True, capture_output=True)
-    with two_hosts("rlslurm") as (a, b):
-        state = tmp_path / "slurm"
+    # (slurmstepd's socket paths in the spool dirs must stay within 108 bytes)
+    with tempfile.TemporaryDirectory(prefix="slurm", dir="/tmp") as state_dir, two_hosts("rlslurm") as (a, b):
+        state = Path(state_dir)
         for spool in (a.name, b.name):
-            (state / spool).mkdir(parents=True)
+            (state / spool).mkdir()
         conf = state / "slurm.conf"
         conf.write_text(SLURM_CONF.format(a=a, b=b, state=state))
         env = {**cli_env(), "SLURM_CONF": str(conf), "GLOO_SOCKET_IFNAME": INTERFACE,
@@ -367,8 +368,9 @@ def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
         assert submitted.returncode == 0, submitted.stderr
         job = submitted.stdout.strip().split(";")[0]
         deadline = time.monotonic() + 600
-        while a.run("squeue", "-h", "-j", job, env=env).stdout.strip():
-            assert time.monotonic() < deadline, Path(f"{run_dir}.out").read_text()[-3000:]
+        while queued := a.run("squeue", "-h", "-j", job, "-o", "%T %r", env=env).stdout.strip():
+            assert time.monotonic() < deadline and "held" not in queued, (
+                queued, *[(state / log).read_text()[-2000:] for log in ("slurmd-rlslurma.log", "slurmd-rlslurmb.log")])
             time.sleep(2)
         output = Path(f"{run_dir}.out").read_text()
         assert (run_dir / "results.json").is_file(), output[-3000:]

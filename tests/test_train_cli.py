@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from rag_lightning.training.setup import is_first_process
+
 from helpers import REPO_ROOT
 
 TINY = OmegaConf.load(REPO_ROOT / "conf" / "experiment" / "tiny.yaml")
@@ -182,3 +184,19 @@ def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path
     assert resumed and int(resumed.group(1)) >= saved[-1], "resumed from the newest checkpoint, not from step 0"
     assert results["train/steps"] == steps
     assert "initial/em" not in results
+
+
+@pytest.mark.parametrize(("launcher_env", "first"), [
+    ({}, True),
+    ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "3", "LOCAL_RANK": "1"}, False),          # torchrun
+    ({"SLURM_PROCID": "0"}, True), ({"SLURM_PROCID": "2", "NODE_RANK": "0"}, False),              # srun
+    ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1"}, False),                   # Lightning's
+])
+def test_only_the_jobs_first_process_prepares(monkeypatch, launcher_env, first):
+    """The first process of the job prepares the data, knowledge base and shard actors, whatever launched it:
+    on a second node started with Lightning's own launcher (NODE_RANK=1, no LOCAL_RANK yet) it is not."""
+    for variable in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in launcher_env.items():
+        monkeypatch.setenv(variable, value)
+    assert is_first_process() is first

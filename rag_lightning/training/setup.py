@@ -25,13 +25,14 @@ from retrieval_workers.service import launch_service
 from retrieval_workers.types import RefreshSpec, ServiceSpec
 
 
-def process_rank() -> int:
-    """This process's global rank as its launcher set it: torchrun's RANK, srun's SLURM_PROCID, or the
-    LOCAL_RANK Lightning's DDP launcher gives the processes it starts; 0 for a plain `python` process."""
-    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+def is_first_process() -> bool:
+    """Whether this is the job's first process, as its launcher says: torchrun's RANK, srun's SLURM_PROCID, or
+    Lightning's (NODE_RANK for the node, whose first process then starts the others with LOCAL_RANK set); a plain
+    `python` process is the first."""
+    for variable in ("RANK", "SLURM_PROCID"):
         if variable in os.environ:
-            return int(os.environ[variable])
-    return 0
+            return int(os.environ[variable]) == 0
+    return all(int(os.environ.get(variable, 0)) == 0 for variable in ("NODE_RANK", "LOCAL_RANK"))
 
 
 def service_spec(cfg: TrainConfig) -> ServiceSpec:
@@ -53,7 +54,7 @@ def kb_config(cfg: TrainConfig) -> KBConfig:
 
 def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
     """Data and knowledge base checked or built, the job's Ray cluster attached or started, the actors running."""
-    first = cfg.stage != "train" and process_rank() == 0
+    first = cfg.stage != "train" and is_first_process()
     if first:
         prepare_data(cfg.data)
     # every QA file checked before the expensive work
