@@ -363,6 +363,46 @@ class TrainConfig:
 
 
 @dataclass
+class PlanSettings:
+    """What `python -m rag_lightning.plan` needs beyond a training run's config: the knowledge base at full size,
+    the cluster's nodes, and figures measured of the run. The nodes and their GPUs are the run's trainer.num_nodes
+    and trainer.devices. null: as the run's config says, or the planner's stated assumption."""
+
+    passages: float | None = at_least(None, 1)          # passages in the knowledge base, e.g. 21e6 (required)
+    dim: int | None = at_least(None, 1)                 # embedding dimension; null: the context encoder's output
+    generator_tokens: float | None = at_least(None, 1)  # mean generator token ids a passage; null:
+    #                                                     kb.max_passage_tokens
+    encoder_tokens: float | None = at_least(None, 1)    # tokens the context encoder reads a passage (encoding cost,
+    #                                                     stored ids); null: the encoder's max_length
+    text_bytes: float | None = at_least(None, 1)        # UTF-8 bytes of a passage's title and text; null: 6 bytes a
+    #                                                     word x kb.words_per_passage
+    node_memory_gib: float = at_least(512.0, 0.001)     # host memory of one node
+    gpus_per_node: int | None = at_least(None, 0)       # null: trainer.devices (the trainer ranks use them all)
+    steps_per_s: float = at_least(1.0, 0.0001)          # optimizer steps a second of the whole job
+    torch_process_gib: float = at_least(8.0, 0.0)       # host memory of one trainer rank or encoder actor
+    actor_base_mib: float | None = at_least(None, 0.0)  # a shard actor's memory besides its data; null: measured
+    encode_rate: float | None = at_least(None, 0.0001)  # passages/s of one encoder actor; null: from the planner's
+    #                                                     table of measured rates, scaled to the encoder
+
+    def check(self, key: str) -> None:
+        if self.passages is None:
+            raise UserError(f"{key}.passages: give the knowledge base's passage count, e.g. {key}.passages=21e6")
+
+
+@dataclass
+class PlanConfig(TrainConfig):
+    """`python -m rag_lightning.plan plan.passages=21e6 [experiment=...] [overrides of the training run]`."""
+
+    plan: PlanSettings = field(default_factory=PlanSettings)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        if self.trainer.devices == "auto":
+            raise UserError("trainer.devices: the plan needs the processes per node; give a count, e.g. "
+                            "trainer.devices=8")
+
+
+@dataclass
 class BuildKBConfig:
     kb: KBConfig = field(default_factory=KBConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -482,7 +522,9 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
+    # train.yaml's schema is a group option, so that conf/plan.yaml can compose a training run on PlanConfig
+    store.store(group="schema", name="train", node=TrainConfig, package="_global_")
+    store.store(group="schema", name="plan", node=PlanConfig, package="_global_")
     store.store(name="build_kb_schema", node=BuildKBConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
     store.store(name="generate_schema", node=GenerateConfig)

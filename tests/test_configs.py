@@ -3,7 +3,7 @@ config composes, and `checked()` refuses bad keys and values naming the key, for
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from rag_lightning.config import MODEL_DEFAULTS, TrainConfig, checked, register_configs, with_current_names
+from rag_lightning.config import (
+    MODEL_DEFAULTS,
+    PlanConfig,
+    TrainConfig,
+    checked,
+    register_configs,
+    with_current_names,
+)
 from rag_lightning.errors import UserError
 from rag_lightning.model.rag_folder import write_rag_folder
 
@@ -24,7 +31,7 @@ CONF = REPO_ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = sorted((group.name, option.stem) for group in CONF.iterdir() if group.is_dir()
                        and group.name not in ("experiment", "hydra") for option in group.glob("*.yaml"))
-ENTRY_POINTS = ("train", "build_kb", "evaluate", "generate", "export")
+ENTRY_POINTS = ("train", "build_kb", "evaluate", "generate", "export", "plan")
 
 
 def compose_raw(config_name: str, overrides: list[str], run_dir: Path):
@@ -190,11 +197,24 @@ def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message)
     ("generate", ["ckpt_path=x.ckpt"], 'give either question="..." or questions=FILE'),
     ("generate", ["ckpt_path=x.ckpt", "question=hi", "service.num_cpus=0"], "service.num_cpus must be >= 1"),
     ("export", ["ckpt_path=x.ckpt", "out=o", "+format=onnx"], "format: not a setting of the config"),
+    ("plan", [], "plan.passages: give the knowledge base's passage count"),
+    ("plan", ["plan.passages=1e6", "+plan.nodes=4"], "plan.nodes: not a setting of plan"),
+    ("plan", ["plan.passages=1e6", "plan.steps_per_s=0"], "plan.steps_per_s must be >= 0.0001 (got 0.0)"),
 ])
 def test_every_entry_point_checks_its_config(tmp_path, entry, overrides, message):
     with pytest.raises(UserError) as error:
         checked(compose_raw(entry, overrides, tmp_path))
     assert message in str(error.value)
+
+
+def test_the_plan_composes_a_training_run_and_its_own_keys(tmp_path):
+    """`python -m rag_lightning.plan` takes a training run's config as it is (experiment, group options,
+    overrides) and adds plan.*."""
+    overrides = ["experiment=nq_open_e2e", "index=ivfpq", "trainer.num_nodes=4"]
+    plan = compose_config("plan", [*overrides, "plan.passages=21e6"], tmp_path)
+    train = compose_config("train", overrides, tmp_path)
+    assert isinstance(plan, PlanConfig) and plan.plan.passages == 21e6
+    assert {f.name: getattr(plan, f.name) for f in fields(TrainConfig)} == vars(train)
 
 
 def test_checked_accepts_every_valid_choice(tmp_path):
