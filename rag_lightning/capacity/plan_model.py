@@ -13,7 +13,8 @@ n passages (plan.passages), S shards, R replicas, N nodes (trainer.num_nodes), G
                       all: bench/plan_figures.py), but they are reclaimable, so a node's resident memory leaves
                       them out and its page cache holds them
   layout              actor i = s x R + r on node i mod N: the R replicas of a shard on R different nodes while
-                      R <= N, and the nodes' actor counts within one of each other
+                      R <= N (as the service's placement groups, one a shard, place them), and the nodes' actor
+                      counts within one of each other (how Ray spreads the shards is its own choice)
   node                resident: its actors (at their peak) + G trainer ranks + its encoder actors (encoder j on
                       node j mod N), each torch process plan.torch_process_gib; then its actors' embeddings as
                       page cache
@@ -119,8 +120,9 @@ def make_plan(cfg: PlanConfig) -> Plan:
              "embeddings_gib": embeddings_bytes / GIB, "rss_gib": (steady + embeddings_bytes) / GIB}
     assumptions += [f"torch process host memory: {p.torch_process_gib:g} GiB a trainer rank or encoder actor "
                     "(plan.torch_process_gib); Ray's own processes and object store are not counted",
-                    "layout: shard actor i = shard x R + replica on node i mod N; the service asks Ray for a SPREAD "
-                    "placement group, which spreads best-effort and does not know which actors replicate a shard",
+                    "layout: shard actor i = shard x R + replica on node i mod N; the service puts each shard's "
+                    "replicas in a SPREAD placement group of their own, which gives them different nodes while "
+                    "R <= N (tests/test_multinode.py), and Ray spreads the shards over the nodes as it can",
                     "embeddings: memory-mapped; the pages searches touch count in the actor's RSS as page cache"]
 
     node_rows = _node_layout(shards, replicas, nodes, ranks, refresh_cfg.workers if refreshing else 0)
