@@ -12,7 +12,7 @@ from pathlib import Path
 from rag_lightning.command import command
 from rag_lightning.config import GenerateConfig
 from rag_lightning.data.datamodule import question_batch, tokenize_questions
-from rag_lightning.data.text_files import jsonl_rows, read_utf8
+from rag_lightning.data.text_files import jsonl_rows, read_utf8, utf8_lines
 from rag_lightning.errors import UserError
 from rag_lightning.model.trained_model import load_trained_model, serving
 from retrieval_workers.atomic_files import atomic_write_bytes
@@ -23,12 +23,11 @@ def read_questions(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"questions: file not found: {path}")
-    text = read_utf8(file)
     if file.suffix != ".jsonl":
-        questions = [line.strip() for line in text.splitlines() if line.strip()]
+        questions = [line.strip() for line in read_utf8(file).splitlines() if line.strip()]
     else:
         questions = []
-        for number, row in jsonl_rows(file, text):
+        for number, row in jsonl_rows(file, utf8_lines(file)):
             if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
                 raise UserError(f"{file}:{number}: needs a non-empty string 'question'")
             questions.append(row["question"].strip())

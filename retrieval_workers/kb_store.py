@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -205,18 +207,28 @@ class PassageTable:
         return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
-def write_passage_table(path: str | Path, columns: dict[str, list]) -> None:
-    """Write an Arrow IPC file atomically (temp name, fsync, rename)."""
-    path = Path(path)
-    table = pa.table({
-        "id": pa.array(columns["id"], pa.int64()),
-        "title": pa.array(columns["title"], pa.string()),
-        "text": pa.array(columns["text"], pa.string()),
-        "generator_ids": pa.array(columns["generator_ids"], pa.list_(pa.int32())),
-        "encoder_ids": pa.array(columns["encoder_ids"], pa.list_(pa.int32())),
-    })
-    with atomic_output(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=65536)
+PASSAGE_SCHEMA = pa.schema([("id", pa.int64()), ("title", pa.string()), ("text", pa.string()),
+                            ("generator_ids", pa.list_(pa.int32())), ("encoder_ids", pa.list_(pa.int32()))])
+ROWS_PER_RECORD_BATCH = 65536       # the most rows of one record batch in the file
+
+
+@contextmanager
+def passage_table_writer(path: str | Path) -> Iterator[Callable[[dict[str, Sequence]], None]]:
+    """Write the passage table (an Arrow IPC file) atomically, rows appended in order by the function this yields:
+    each call takes a chunk of rows as columns (id, title, text, generator_ids, encoder_ids). The file appears
+    under its name (temp name, fsync, rename) when the block ends without an exception."""
+    with atomic_output(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, PASSAGE_SCHEMA) as writer:
+        def append(columns: dict[str, Sequence]) -> None:
+            chunk = pa.table({name: pa.array(columns[name], PASSAGE_SCHEMA.field(name).type)
+                              for name in PASSAGE_SCHEMA.names}, schema=PASSAGE_SCHEMA)
+            writer.write_table(chunk, max_chunksize=ROWS_PER_RECORD_BATCH)
+        yield append
+
+
+def write_passage_table(path: str | Path, columns: dict[str, Sequence]) -> None:
+    """Write a whole passage table at once (passage_table_writer with one chunk)."""
+    with passage_table_writer(path) as append:
+        append(columns)
 
 
 def shard_ranges(num_passages: int, num_shards: int) -> list[tuple[int, int]]:

@@ -61,7 +61,7 @@ def test_build_round_trip(tmp_path):
     kb_dir = Path(kb.dir)
 
     # passages: the source split into passages of at most 8 words, in order, each keeping its title
-    expected = split_into_passages(read_documents(source), kb.words_per_passage)
+    expected = list(split_into_passages(read_documents(source), kb.words_per_passage))
     assert len(expected) == 18
     assert [(p.title, p.text) for p in expected][:3] == [
         (rows[0]["title"], " ".join(rows[0]["text"].split()[i:i + 8])) for i in (0, 8, 16)]
@@ -138,6 +138,35 @@ def test_generator_vocabulary_covers_the_passage_separators(tmp_path):
     assert generator_tokenizer.convert_ids_to_tokens(passages[0][-1]) == DOC_SEP.strip()
     assert generator_tokenizer.unk_token_id not in values
     assert all(ids[-1] == passages[0][-1] for ids in passages)
+
+
+def test_a_build_in_several_chunks_equals_one_in_one_chunk(tmp_path, monkeypatch):
+    """The passages stream through tokenizing and the passage table CHUNK_PASSAGES at a time: chunks of 7 (the
+    last one short) give the same passage table, embeddings and indexes as one chunk, and the stages count every
+    passage."""
+    source = tmp_path / "docs.jsonl"
+    write_documents(source, num_docs=12, words_per_doc=20)       # 36 passages
+    built = {}
+    for chunk in (1000, 7):
+        monkeypatch.setattr(build_kb_module, "CHUNK_PASSAGES", chunk)
+        torch.manual_seed(1234)
+        stages = build_kb_module.BuildStages()
+        kb_dir = tmp_path / f"kb-{chunk}"
+        built[chunk] = (kb_dir, build_knowledge_base(tiny_kb_config(source, kb_dir),
+                                                     IndexConfig(factory="Flat", shards=2), stages))
+        assert stages.passages == 36 and stages.total_s > 0
+        assert all(seconds >= 0 for seconds in stages.seconds().values())
+    (one_dir, one), (many_dir, many) = built[1000], built[7]
+    assert many.num_passages == one.num_passages == 36 and many.shards == one.shards
+    one_table = PassageTable(one_dir / one.passages_file)._table
+    many_table = PassageTable(many_dir / many.passages_file)._table
+    assert many_table.num_rows == 36 and many_table.column("id").to_pylist() == list(range(36))
+    assert many_table.schema == one_table.schema and many_table.equals(one_table)
+    np.testing.assert_array_equal(load_embeddings(many_dir, many), load_embeddings(one_dir, one))
+    for shard in range(len(one.shards)):
+        assert (many_dir / many.shard_index_file(shard)).read_bytes() == \
+            (one_dir / one.shard_index_file(shard)).read_bytes()
+    _assert_kb_whole(many_dir)
 
 
 # --- reuse and replacement ----------------------------------------------------------------------------------

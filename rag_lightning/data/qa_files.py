@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rag_lightning.data.text_files import jsonl_rows, read_utf8
+from rag_lightning.data.text_files import jsonl_rows, read_utf8, utf8_lines
 from rag_lightning.errors import UserError
 
 
@@ -40,7 +40,7 @@ def read_split(data_dir: str | Path, split: str) -> list[QAExample]:
 
 def _read_jsonl(path: Path) -> list[QAExample]:
     examples = []
-    for number, row in jsonl_rows(path, read_utf8(path)):
+    for number, row in jsonl_rows(path, utf8_lines(path)):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
             raise UserError(f"{path}:{number}: needs a non-empty string 'question'")
         answers = row.get("answers")

@@ -5,11 +5,17 @@ with title, text and embeddings, e.g. from its use_own_knowledge_dataset.py, wit
 `kb.source_index` its FAISS index file): its passages and embeddings are imported as they
 are and re-indexed into shards; kb.context_encoder must be the encoder that made them.
 
-Nothing is encoded before the source file and the config have been checked. The build
-writes new files beside any existing ones and commits by replacing manifest.json, so an
-interrupted build leaves the previous knowledge base whole; a build that stops with an
-exception (a stop signal arrives as one) also removes what it wrote that no committed
-manifest references. An identical earlier build (same source bytes and settings) is reused.
+No stage holds the whole corpus: the passages stream from the source twice. The first pass
+checks every row, counts the passages and trains the generator tokenizer on them (unless one
+is given); the second tokenizes them CHUNK_PASSAGES at a time and appends each chunk to the
+passage table. Each shard is then encoded from the memory-mapped table and indexed. So
+nothing is encoded before the source file and the config have been checked.
+
+The build writes new files beside any existing ones and commits by replacing manifest.json, so
+an interrupted build leaves the previous knowledge base whole; a build that stops with an
+exception (a stop signal arrives as one) also removes what it wrote that no committed manifest
+references. An identical earlier build (same source bytes and settings) is reused. The seconds
+of each stage are logged at the end (BuildStages).
 """
 from __future__ import annotations
 
@@ -19,49 +25,87 @@ import logging
 import re
 import shutil
 import tempfile
-from dataclasses import asdict
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import chain, islice
 from pathlib import Path
 
 import faiss
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from rag_lightning.config import IndexConfig, KBConfig
 from rag_lightning.errors import UserError
 from rag_lightning.kb.generator_tokenizer import extra_texts, load_generator_tokenizer, train_tokenizer
-from rag_lightning.kb.hf_format import is_hf_passages_folder, read_hf_passages
+from rag_lightning.kb.hf_format import HFPassages, is_hf_passages_folder, read_hf_passages
 from rag_lightning.kb.passage_text import PASSAGE_FORMAT, passage_text
 from rag_lightning.kb.source import Passage, read_documents, split_into_passages
 from rag_lightning.model.encoder_folders import resolve_encoder
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.atomic_files import staged_directory
+from retrieval_workers.encoding import TextEncoder
 from retrieval_workers.kb_store import (
     KnowledgeBaseError,
     Manifest,
     PassageTable,
     commit_version,
+    passage_table_writer,
     read_manifest,
     sha256_file,
     shard_ranges,
-    write_passage_table,
     write_version_info,
 )
-from retrieval_workers.shard_build import build_shard, write_shard
+from retrieval_workers.shard_build import ShardTimes, build_shard, write_shard
 
 log = logging.getLogger(__name__)
 
+CHUNK_PASSAGES = 10_000     # passages tokenized and appended to the passage table at a time
+IDS_ONLY = {"return_attention_mask": False, "return_token_type_ids": False}   # the masks would be made as Python
+#                                                                              lists, for nothing
 
-def check_index_config(index: IndexConfig, dim: int, num_passages: int) -> None:
-    """Refuse a bad index config before any encoding, naming the key."""
+
+@dataclass
+class BuildStages(ShardTimes):
+    """The passages of a build and the seconds of each stage; the shard stages (encode, index train, index add,
+    write of the index and embeddings files) are summed over the shards."""
+
+    passages: int = 0
+    split_s: float = 0.0                # reading the source and splitting it into passages, both passes
+    tokenizer_train_s: float = 0.0      # training the generator tokenizer, reading excluded
+    tokenize_s: float = 0.0             # both tokenizers over every passage
+    table_write_s: float = 0.0          # appending the tokenized chunks to the passage table
+    commit_s: float = 0.0               # checksums of the files and the manifest
+    total_s: float = 0.0                # the whole build
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds of each stage, in build order."""
+        return {"split": self.split_s, "tokenizer_train": self.tokenizer_train_s, "tokenize": self.tokenize_s,
+                "table_write": self.table_write_s, "encode": self.encode_s, "index_train": self.index_train_s,
+                "index_add": self.index_add_s, "write": self.write_s, "commit": self.commit_s}
+
+    def describe(self) -> str:
+        stages = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds().items())
+        return f"{self.passages} passages in {self.total_s:.1f} s: {stages}"
+
+
+def check_index_config(index: IndexConfig, dim: int, num_passages: int | None) -> None:
+    """Refuse a bad index config before any encoding, naming the key; with num_passages None, only what needs no
+    passage count (before the source is read)."""
     if index.shards < 1 or index.replicas < 1:
         raise UserError(f"index.shards and index.replicas must be >= 1 (got {index.shards}, {index.replicas})")
-    shard_size = num_passages // index.shards
-    if shard_size < 1:
-        raise UserError(f"index.shards={index.shards} is more than the {num_passages} passages")
     try:
         probe = faiss.index_factory(dim, index.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         first_line = str(e).strip().splitlines()[-1]
         raise UserError(f"index.factory: {index.factory!r} is not a FAISS index factory string "
                         f"({first_line})") from None
+    if num_passages is None:
+        return
+    shard_size = num_passages // index.shards
+    if shard_size < 1:
+        raise UserError(f"index.shards={index.shards} is more than the {num_passages} passages")
     ivf = faiss.try_extract_index_ivf(probe)
     pq = getattr(faiss.downcast_index(ivf if ivf is not None else probe), "pq", None)
     needed = max(ivf.nlist if ivf is not None else 0, pq.ksub if pq is not None else 0)
@@ -70,8 +114,11 @@ def check_index_config(index: IndexConfig, dim: int, num_passages: int) -> None:
                         f"the smallest shard has {shard_size}; use a smaller index or fewer index.shards")
 
 
-def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
-    """Build (or reuse) the knowledge base described by kb and index; returns its manifest."""
+def build_knowledge_base(kb: KBConfig, index: IndexConfig, stages: BuildStages | None = None) -> Manifest:
+    """Build (or reuse) the knowledge base described by kb and index; returns its manifest. The passage count and
+    the seconds of each stage go into `stages` when one is given (a reused build has no stages)."""
+    started = time.perf_counter()
+    stages = stages if stages is not None else BuildStages()
     if kb.source is None:
         raise UserError("kb.source: no source file given (a .tsv, .csv or .jsonl with title and text)")
     if kb.words_per_passage < 1:
@@ -79,32 +126,42 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
     kb_dir = Path(kb.dir)
     _check_writable(kb_dir)
     imported = read_hf_passages(kb.source, kb.source_index) if is_hf_passages_folder(kb.source) else None
-    if imported is not None:
-        passages = [Passage(title, text) for title, text in zip(imported.titles, imported.texts)]
-    elif kb.source_index is not None:
+    if imported is None and kb.source_index is not None:
         raise UserError("kb.source_index: only for a kb.source that is a datasets folder (transformers' RAG format)")
-    else:
-        passages = split_into_passages(read_documents(kb.source), kb.words_per_passage)
     encoder_tokenizer = load_encoder_tokenizer(kb.context_encoder, "kb.context_encoder")
     encoder = build_encoder(kb.context_encoder, encoder_tokenizer, "kb.context_encoder").eval()
     if imported is not None and imported.embeddings.shape[1] != encoder.dim:
         raise UserError(f"kb.context_encoder: its dimension {encoder.dim} differs from the "
                         f"{imported.embeddings.shape[1]} of the embeddings in {kb.source}; give the encoder that "
                         "made them")
-    check_index_config(index, encoder.dim, len(passages))
+    check_index_config(index, encoder.dim, None)
 
     fingerprint = _fingerprint(kb, index)
     previous = _existing_manifest(kb_dir)
     if previous is not None and previous.fingerprint == fingerprint and not kb.rebuild:
         log.info("knowledge base in %s is up to date (%d passages), reusing it", kb_dir, previous.num_passages)
+        stages.passages = previous.num_passages
         return previous
 
+    def passages() -> Iterator[Passage]:
+        """A new pass over the passages, read as they are consumed; the reading time goes to stages.split_s."""
+        return _timed(_source_passages(kb, imported), stages)
+
+    log.info("reading and checking %s%s", kb.source,
+             "" if kb.generator_tokenizer.path else ", training the generator tokenizer on its passages")
+    generator_tokenizer, num_passages = _first_pass(kb, passages(), stages)
+    check_index_config(index, encoder.dim, num_passages)
+    stages.passages = num_passages
     tag = fingerprint[:12]
     version = previous.next_version() if previous is not None else 0
     tokenizer_dir, passages_file = f"generator_tokenizer-{tag}", f"passages-{tag}.arrow"
     try:
-        manifest = _write_and_commit(kb, index, kb_dir, passages, imported, encoder, encoder_tokenizer, fingerprint,
-                                     version, tokenizer_dir, passages_file)
+        with staged_directory(kb_dir / tokenizer_dir) as staging:
+            generator_tokenizer.save_pretrained(str(staging))
+        _write_passage_table(kb, kb_dir / passages_file, passages(), num_passages, generator_tokenizer,
+                             encoder_tokenizer, stages)
+        manifest = _index_and_commit(kb, index, kb_dir, num_passages, imported, encoder, fingerprint, version,
+                                     tokenizer_dir, passages_file, stages)
     except BaseException:
         # interrupted (a signal arrives as an exception) or failed: what the committed manifest does not reference
         # is this build's and goes; an earlier knowledge base in kb_dir stays whole
@@ -116,34 +173,89 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig) -> Manifest:
         except BaseException:
             _remove_unreferenced(kb_dir, previous, manifest)    # stopped half way (a second signal is ignored)
             raise
+    stages.total_s = time.perf_counter() - started
     log.info("knowledge base ready in %s: %d passages, %d shards, index %s, version %d",
-             kb_dir, len(passages), index.shards, index.factory, version)
+             kb_dir, num_passages, index.shards, index.factory, version)
+    log.info("build stages: %s", stages.describe())
     return manifest
 
 
-def _write_and_commit(kb: KBConfig, index: IndexConfig, kb_dir: Path, passages: list[Passage], imported, encoder,
-                      encoder_tokenizer, fingerprint: str, version: int, tokenizer_dir: str,
-                      passages_file: str) -> Manifest:
-    """Write the generator tokenizer, the passage table and index version `version`, then commit the manifest."""
-    generator_tokenizer = (load_generator_tokenizer(kb.generator_tokenizer.path) if kb.generator_tokenizer.path
-                           else train_tokenizer(kb.generator_tokenizer,
-                                                [passage_text(p.title, p.text) for p in passages]
-                                                + list(extra_texts(kb.generator_tokenizer.extra_texts))))
-    with staged_directory(kb_dir / tokenizer_dir) as staging:
-        generator_tokenizer.save_pretrained(str(staging))
+def _source_passages(kb: KBConfig, imported: HFPassages | None) -> Iterator[Passage]:
+    if imported is not None:
+        return (Passage(title, text) for title, text in zip(imported.titles, imported.texts))
+    return split_into_passages(read_documents(kb.source), kb.words_per_passage)
 
-    log.info("tokenizing %d passages", len(passages))
-    generator_ids = generator_tokenizer([passage_text(p.title, p.text) for p in passages],
-                                        add_special_tokens=False, truncation=True,
-                                        max_length=kb.max_passage_tokens)["input_ids"]
-    encoder_ids = encoder_tokenizer([p.title for p in passages], [p.text for p in passages], truncation=True,
-                                    max_length=resolve_encoder(kb.context_encoder, "kb.context_encoder").max_length
-                                    )["input_ids"]
-    write_passage_table(kb_dir / passages_file, {
-        "id": list(range(len(passages))), "title": [p.title for p in passages], "text": [p.text for p in passages],
-        "generator_ids": generator_ids, "encoder_ids": encoder_ids})
 
-    manifest = Manifest(num_passages=len(passages), dim=encoder.dim, shards=shard_ranges(len(passages), index.shards),
+def _timed(items: Iterable, stages: BuildStages) -> Iterator:
+    """The items, with the time spent making each added to stages.split_s."""
+    items = iter(items)
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            stages.split_s += time.perf_counter() - started
+        yield item
+
+
+def _first_pass(kb: KBConfig, passages: Iterator[Passage],
+                stages: BuildStages) -> tuple[PreTrainedTokenizerBase, int]:
+    """Read every passage once (every row checked): the generator tokenizer, trained on them as they stream by
+    unless kb.generator_tokenizer.path gives one, and the number of passages."""
+    count = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal count
+        for passage in passages:
+            count += 1
+            yield passage_text(passage.title, passage.text)
+
+    if kb.generator_tokenizer.path:
+        tokenizer = load_generator_tokenizer(kb.generator_tokenizer.path)
+        deque(texts(), maxlen=0)
+    else:
+        started, reading_before = time.perf_counter(), stages.split_s
+        tokenizer = train_tokenizer(kb.generator_tokenizer,
+                                    chain(texts(), extra_texts(kb.generator_tokenizer.extra_texts)))
+        stages.tokenizer_train_s = time.perf_counter() - started - (stages.split_s - reading_before)
+    return tokenizer, count
+
+
+def _write_passage_table(kb: KBConfig, path: Path, passages: Iterator[Passage], num_passages: int,
+                         generator_tokenizer: PreTrainedTokenizerBase, encoder_tokenizer: PreTrainedTokenizerBase,
+                         stages: BuildStages) -> None:
+    """Tokenize the passages CHUNK_PASSAGES at a time and append each chunk to the passage table at path."""
+    max_encoder_tokens = resolve_encoder(kb.context_encoder, "kb.context_encoder").max_length
+    first_id = 0
+    with passage_table_writer(path) as append:
+        chunks = iter(lambda: list(islice(passages, CHUNK_PASSAGES)), [])
+        for chunk in tqdm(chunks, total=-(-num_passages // CHUNK_PASSAGES), desc="tokenizing passages", unit="chunk",
+                          mininterval=2.0):
+            started = time.perf_counter()
+            titles, texts = [p.title for p in chunk], [p.text for p in chunk]
+            generator_ids = generator_tokenizer([passage_text(p.title, p.text) for p in chunk],
+                                                add_special_tokens=False, truncation=True,
+                                                max_length=kb.max_passage_tokens, **IDS_ONLY)["input_ids"]
+            encoder_ids = encoder_tokenizer(titles, texts, truncation=True, max_length=max_encoder_tokens,
+                                            **IDS_ONLY)["input_ids"]
+            tokenized = time.perf_counter()
+            append({"id": range(first_id, first_id + len(chunk)), "title": titles, "text": texts,
+                    "generator_ids": generator_ids, "encoder_ids": encoder_ids})
+            stages.tokenize_s += tokenized - started
+            stages.table_write_s += time.perf_counter() - tokenized
+            first_id += len(chunk)
+        closing = time.perf_counter()
+    stages.table_write_s += time.perf_counter() - closing       # the file's end, fsync and rename
+
+
+def _index_and_commit(kb: KBConfig, index: IndexConfig, kb_dir: Path, num_passages: int,
+                      imported: HFPassages | None, encoder: TextEncoder, fingerprint: str, version: int,
+                      tokenizer_dir: str, passages_file: str, stages: BuildStages) -> Manifest:
+    """Write index version `version` (every shard encoded from the passage table, or the imported embeddings
+    indexed), then commit the manifest."""
+    manifest = Manifest(num_passages=num_passages, dim=encoder.dim, shards=shard_ranges(num_passages, index.shards),
                         active_version=version, index_factory=index.factory, passages_file=passages_file,
                         encoder={**asdict(kb.context_encoder), "generator_tokenizer": tokenizer_dir},
                         fingerprint=fingerprint)
@@ -151,12 +263,15 @@ def _write_and_commit(kb: KBConfig, index: IndexConfig, kb_dir: Path, passages: 
     with staged_directory(kb_dir / manifest.version_dir(version)) as staging:
         for shard, (start, end) in enumerate(manifest.shards):
             if imported is not None:
-                write_shard(staging, shard, imported.embeddings[start:end], index.factory)
+                stages.add(write_shard(staging, shard, imported.embeddings[start:end], index.factory))
             else:
-                build_shard(encoder, table, shard, start, end, index.factory, staging, kb.encode_batch_size)
+                stages.add(build_shard(encoder, table, shard, start, end, index.factory, staging,
+                                       kb.encode_batch_size))
         write_version_info(staging, version, global_step=0)
+    started = time.perf_counter()
     manifest.files[passages_file] = sha256_file(kb_dir / passages_file)
     commit_version(kb_dir, manifest, version, keep=1)
+    stages.commit_s = time.perf_counter() - started
     return manifest
 
 

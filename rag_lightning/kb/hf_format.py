@@ -8,6 +8,7 @@ passage i. The export command writes one; build_kb imports one (`kb.source=FOLDE
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,8 @@ COLUMNS = ("title", "text", "embeddings")
 
 @dataclass
 class HFPassages:
-    titles: list[str]
-    texts: list[str]
+    titles: Sequence[str]         # read from the folder, the dataset's columns: rows are read as they are iterated
+    texts: Sequence[str]
     embeddings: np.ndarray        # float32 [n, D]
 
 
@@ -55,7 +56,7 @@ def read_hf_passages(folder: str | Path, index_file: str | None = None) -> HFPas
         raise UserError(f"kb.source: {folder}: 'embeddings' must hold one vector of one size per row")
     if index_file is not None:
         _check_index(index_file, *embeddings.shape)
-    return HFPassages(list(titles), list(texts), embeddings)
+    return HFPassages(titles, texts, embeddings)
 
 
 def _check_index(index_file: str, rows: int, dim: int) -> None:
