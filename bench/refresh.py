@@ -46,6 +46,7 @@ from train_throughput import (  # noqa: E402
     DEFAULT_BASELINE,
     DIM,
     HEADS,
+    INDEX_FACTORY,
     LAYERS,
     MAX_CONTEXT_TOKENS,
     MAX_QUESTION_TOKENS,
@@ -80,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--passages", type=int, default=20000, help="knowledge base size")
     p.add_argument("--steps", type=int, default=300, help="training steps of each run")
     p.add_argument("--every", type=int, default=100, help="index_refresh.every_n_steps")
-    p.add_argument("--index", default="HNSW32", help="FAISS index factory string of the shards")
+    p.add_argument("--index", default=INDEX_FACTORY, help="FAISS index factory string of the shards")
     p.add_argument("--work-dir", type=Path, help="where data and KB go, kept (default: a temp dir)")
     p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help="path of hf_baseline.py (for its data)")
     return p.parse_args()
@@ -153,7 +154,7 @@ def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, steps: int, every: i
 def measure(args: argparse.Namespace, work: Path) -> dict:
     data_dir, kb_dir = work / "data", (work / "kb").resolve()
     kb_file, tok_dir = write_data(load_baseline(args.baseline), work, args.passages, args.steps)
-    build_kb(kb_file, tok_dir, kb_dir, factory=args.index)
+    build_kb(kb_file, tok_dir, kb_dir, encoder_config(tok_dir), factory=args.index)
     spec = ServiceSpec(kb_dir=str(kb_dir), num_shards=2, num_replicas=1)
     connect(namespace=spec.namespace, num_cpus=2)   # before pinning: Ray's workers keep both cores
     os.sched_setaffinity(0, {TRAINER_CORE})

@@ -143,12 +143,13 @@ def encoder_config(tok_dir: Path) -> EncoderConfig:
                          num_heads=HEADS, pooling="cls")
 
 
-def build_kb(kb_file: Path, tok_dir: Path, kb_dir: Path, context_encoder: EncoderConfig) -> ServiceSpec:
+def build_kb(kb_file: Path, tok_dir: Path, kb_dir: Path, context_encoder: EncoderConfig,
+             factory: str = INDEX_FACTORY) -> ServiceSpec:
     """The knowledge base of kb_file (its generator ids made by the tokenizer in tok_dir); its service's spec."""
     kb = KBConfig(source=str(kb_file), dir=str(kb_dir), words_per_passage=100,   # 60-word passages stay whole
                   context_encoder=context_encoder,
                   generator_tokenizer=GeneratorTokenizerConfig(path=str(tok_dir), extra_texts=[]))
-    build_knowledge_base(kb, IndexConfig(factory=INDEX_FACTORY, shards=SHARDS, replicas=REPLICAS))
+    build_knowledge_base(kb, IndexConfig(factory=factory, shards=SHARDS, replicas=REPLICAS))
     return ServiceSpec(kb_dir=str(kb_dir.resolve()), num_shards=SHARDS, num_replicas=REPLICAS)
 
 
