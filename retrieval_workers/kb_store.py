@@ -199,7 +199,8 @@ class PassageTable:
         return out
 
     def token_ids(self, column: str, start: int = 0, end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids of rows [start, end) as (flat values, offsets), zero-copy from the mapped file."""
+        """Token ids of rows [start, end) as (flat values, offsets): zero-copy from the mapped file when the rows
+        lie in one record batch, else copied into memory once (a shard actor's token ids are resident memory)."""
         chunk = self._table.column(column).slice(start, (end if end is not None else len(self)) - start)
         lists = chunk.combine_chunks()
         offsets = lists.offsets.to_numpy()
