@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +68,6 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "nq-open-oracle.jsonl.gz")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the data and knowledge bases here")

@@ -199,7 +199,6 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("bench/refresh.py needs two cores (one for training, one for the encoder actor)")

@@ -34,7 +34,6 @@ import hashlib
 import itertools
 import logging
 import multiprocessing as mp
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -324,9 +323,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 
 def main() -> None:
-    args = parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    measure_and_print(measure, args)
+    measure_and_print(measure, parse_args())
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -277,9 +276,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 
 def main() -> None:
-    args = parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    measure_and_print(measure, args)
+    measure_and_print(measure, parse_args())
 
 
 if __name__ == "__main__":

@@ -336,7 +336,6 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     measure_and_print(measure, args)
 

@@ -268,3 +268,15 @@ def missing_slurm() -> str | None:
     """Why SLURM daemons cannot run here, or None."""
     missing = [binary for binary in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(binary) is None]
     return f"no SLURM here: missing {missing}" if missing else "SLURM tests need root" if os.getuid() else None
+
+
+def assert_trained_alike(one_process: dict, ddp: dict) -> None:
+    """results.json of a DDP run against one process on the same global batches (tests/test_train_cli.py's two-process
+    test says why they must agree): the same examples and steps, it trained, the test NLL within 1e-4 relative
+    (float summation order), EM, F1 and recall equal."""
+    assert one_process["test/examples"] == ddp["test/examples"] == 9
+    assert one_process["train/steps"] == ddp["train/steps"] == 10
+    assert ddp["test/loss"] < ddp["initial/loss"] - 0.1          # it trained
+    assert ddp["test/loss"] == pytest.approx(one_process["test/loss"], rel=1e-4)
+    for key in ("test/em", "test/f1", "test/recall@2", "initial/loss", "initial/recall@2"):
+        assert ddp[key] == pytest.approx(one_process[key], rel=1e-6), key

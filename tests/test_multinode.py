@@ -22,7 +22,7 @@ import pytest
 
 from retrieval_workers.types import ServiceSpec
 
-from helpers import REPO_ROOT, cli_env, missing_slurm, skip_unless_required
+from helpers import REPO_ROOT, assert_trained_alike, cli_env, missing_slurm, skip_unless_required
 from two_hosts import INTERFACE, Host, kill_host_processes, two_hosts
 
 pytestmark = pytest.mark.multinode
@@ -190,14 +190,8 @@ def test_a_two_node_ddp_run_matches_the_one_node_run(ray_on_two_hosts, tmp_path)
     outputs = [_finished(rank) for rank in ranks]
     assert "GLOBAL_RANK: 1" in outputs[1] and "MEMBER: 2/2" in outputs[0] + outputs[1]
 
-    one_node = json.loads((tmp_path / "single" / "results.json").read_text())
-    two_nodes = json.loads((run_dir / "results.json").read_text())
-    assert one_node["test/examples"] == two_nodes["test/examples"] == 9
-    assert one_node["train/steps"] == two_nodes["train/steps"] == 10
-    assert two_nodes["test/loss"] < two_nodes["initial/loss"] - 0.1          # it trained
-    assert two_nodes["test/loss"] == pytest.approx(one_node["test/loss"], rel=1e-4)
-    for key in ("test/em", "test/f1", "test/recall@2", "initial/loss", "initial/recall@2"):
-        assert two_nodes[key] == pytest.approx(one_node[key], rel=1e-6), key
+    assert_trained_alike(json.loads((tmp_path / "single" / "results.json").read_text()),
+                         json.loads((run_dir / "results.json").read_text()))
 
 
 SEARCHER = """
@@ -312,53 +306,30 @@ def test_a_two_node_ddp_job_that_lost_a_node_resumes_from_its_last_checkpoint_wh
     assert results["train/steps"] == steps and "test/em" in results
 
 
-SLURM_CONF = """ClusterName=two_hosts
-SlurmctldHost={a.name}({a.address})
-SlurmUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-StateSaveLocation={state}/ctld
-SlurmdSpoolDir={state}/%n
-SlurmctldPidFile={state}/slurmctld.pid
-SlurmdPidFile={state}/slurmd-%n.pid
-SlurmctldLogFile={state}/slurmctld.log
-SlurmdLogFile={state}/slurmd-%n.log
-SchedulerType=sched/backfill
-MpiDefault=none
-NodeName={a.name} NodeAddr={a.address} CPUs=2 RealMemory=4000 State=UNKNOWN
-NodeName={b.name} NodeAddr={b.address} CPUs=2 RealMemory=4000 State=UNKNOWN
-PartitionName=two Nodes={a.name},{b.name} Default=YES MaxTime=INFINITE State=UP
-"""
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
-    """slurmctld and a slurmd on host a, a slurmd on host b (each in its namespace, a spool dir per node, the
-    nodes' addresses on the veth): `sbatch -N 2 slurm/train.sbatch experiment=tiny` starts a Ray head on a and a
-    worker on b, one training process on each node, and writes results.json."""
+    """slurmctld and a slurmd on host a, a slurmd on host b (each in its namespace; slurm/local_cluster.sh writes
+    the config: a spool dir per node, the nodes' addresses on the veth): `sbatch -N 2 slurm/train.sbatch
+    experiment=tiny` starts a Ray head on a and a worker on b, one training process on each node, and writes
+    results.json."""
     skip_unless_required(missing_slurm(), "RAG_LIGHTNING_REQUIRE_SLURM")
-    subprocess.run(["bash", "-c", "[[ -s /etc/munge/munge.key ]] || mungekey -c; pgrep -x munged || munged --force"],
-                   check=True, capture_output=True)
     # (slurmstepd's socket paths in the spool dirs must stay within 108 bytes)
-    with tempfile.TemporaryDirectory(prefix="slurm", dir="/tmp") as state_dir, two_hosts("rlslurm") as (a, b):
-        state = Path(state_dir)
-        for spool in (a.name, b.name):
-            (state / spool).mkdir()
-        conf = state / "slurm.conf"
-        conf.write_text(SLURM_CONF.format(a=a, b=b, state=state))
-        env = {**cli_env(), "SLURM_CONF": str(conf), "GLOO_SOCKET_IFNAME": INTERFACE,
+    with tempfile.TemporaryDirectory(prefix="slurm", dir="/tmp") as state, two_hosts("rlslurm") as (a, b):
+        env = {**cli_env(), "SLURM_CONF": f"{state}/slurm.conf", "GLOO_SOCKET_IFNAME": INTERFACE,
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])}
+        subprocess.run(["bash", str(REPO_ROOT / "slurm" / "local_cluster.sh"), "conf"], check=True,
+                       env={**env, "SLURM_LOCAL_STATE": state,
+                            "SLURM_LOCAL_NODES": f"{a.name}={a.address} {b.name}={b.address}"})
         a.start("slurmctld", "-D", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for host in (a, b):
             host.start("slurmd", "-D", "-N", host.name, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while a.run("sinfo", "-h", "-o", "%T %D", env=env).stdout.split() != ["idle", "2"]:
-            assert time.monotonic() < deadline, a.run("sinfo", env=env).stdout + (state / "slurmctld.log").read_text()
+            assert time.monotonic() < deadline, (a.run("sinfo", env=env).stdout,
+                                                 Path(state, "slurmctld.log").read_text()[-3000:])
             time.sleep(1)
 
         run_dir = tmp_path / "run"
@@ -370,7 +341,7 @@ def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
         deadline = time.monotonic() + 600
         while queued := a.run("squeue", "-h", "-j", job, "-o", "%T %r", env=env).stdout.strip():
             assert time.monotonic() < deadline and "held" not in queued, (
-                queued, *[(state / log).read_text()[-2000:] for log in ("slurmd-rlslurma.log", "slurmd-rlslurmb.log")])
+                queued, *[Path(state, f"slurmd-{host.name}.log").read_text()[-2000:] for host in (a, b)])
             time.sleep(2)
         output = Path(f"{run_dir}.out").read_text()
         assert (run_dir / "results.json").is_file(), output[-3000:]
