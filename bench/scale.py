@@ -67,6 +67,7 @@ ENCODE_BATCH = 128
 REFRESH_WORKERS = 2              # encoder actors of the refresh, one CPU (torch thread) each
 BATCH, K = 8, 5
 MEMORY_SAMPLE_S = 0.2
+MEASURABLE_S = 0.001            # a stage shorter than this has no passages/s
 GIB = 2 ** 30
 TARGETS = {"build_s": 1800, "peak_memory_gb": 16}
 
@@ -121,8 +122,9 @@ def build(source: Path, kb_dir: Path, factory: str) -> BuildStages:
     return stages
 
 
-def per_second(passages: int, seconds: float) -> float:
-    return round(passages / seconds, 1) if seconds > 0 else float("inf")
+def per_second(passages: int, seconds: float) -> float | None:
+    """Passages a second; None for a stage that took no measurable time (HNSW needs no training)."""
+    return round(passages / seconds, 1) if seconds >= MEASURABLE_S else None
 
 
 def index_figures(times: ShardTimes, index_bytes: int, passages: int) -> dict:
