@@ -1,5 +1,5 @@
-"""Two hosts made on this machine (tests/two_hosts.py): reachable from each other, each under its own name, and a
-Ray cluster across them.
+"""The multi-node path on two hosts made on this machine (tests/two_hosts.py): a Ray cluster across them, the shard
+service's replicas spread over both, one DDP rank on each, SLURM with a slurmd on each, and a node lost mid-training.
 
 Marked `multinode`. Without root or iproute2 these tests are skipped, unless RAG_LIGHTNING_REQUIRE_MULTINODE=1 (set
 by .ci/run): then they fail.
