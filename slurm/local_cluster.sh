@@ -28,7 +28,7 @@ for bin in slurmctld slurmd sbatch munged; do
     command -v "$bin" >/dev/null || { echo "local_cluster.sh: $bin not found; apt-get install slurmctld slurmd slurm-client munge" >&2; exit 1; }
 done
 
-cpus=$(nproc)
+cpus=$(nproc --all)      # not `nproc`: it follows OMP_NUM_THREADS, which the tests set to 1
 memory_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 3 / 4 ))
 controller=${NODES[0]%%=*} controller_address=${NODES[0]#*=}
 mkdir -p "$(dirname "$CONF")" "$STATE/ctld" /run/munge
