@@ -255,6 +255,18 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def last_json_object(output: str) -> dict:
+    """The last line of a program's output that is a JSON object. Ray's log monitor prints to the driver's stdout
+    too (a lost node's "lagging heartbeats" warning, for one), sometimes after the program's own last line."""
+    for line in reversed(output.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise AssertionError(f"no JSON object in the output: {output[-2000:]!r}")
+
+
 def skip_unless_required(reason: str | None, required_by: str) -> None:
     """Skip the test for `reason` (what this machine lacks; None: nothing), or fail it when the environment variable
     `required_by` is 1, as .ci/run sets it where the packages and root are there."""

@@ -12,7 +12,7 @@ import ray
 from retrieval_workers.kb_store import load_embeddings, read_manifest
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 
-from helpers import REPO_ROOT, TEST_NAMESPACE, unique_spec
+from helpers import REPO_ROOT, TEST_NAMESPACE, last_json_object, unique_spec
 
 
 def _launch(address: str, spec, *extra: str, env=None) -> subprocess.CompletedProcess:
@@ -85,7 +85,7 @@ def test_a_second_job_on_the_node_gets_its_own_ray(ray_cluster, two_shard_kb, su
         proc = subprocess.run([sys.executable, "-c", JOB], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        other = json.loads(proc.stdout.strip().splitlines()[-1])
+        other = last_json_object(proc.stdout)
         assert other["address"] != ray_cluster
         assert other["session_dir"].startswith("/tmp/ray_")
         assert not other["session_dir"].startswith(ray._private.worker.global_worker.node.get_session_dir_path())

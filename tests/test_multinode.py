@@ -22,7 +22,7 @@ import pytest
 
 from retrieval_workers.types import ServiceSpec
 
-from helpers import REPO_ROOT, assert_trained_alike, cli_env, missing_slurm, skip_unless_required
+from helpers import REPO_ROOT, assert_trained_alike, cli_env, last_json_object, missing_slurm, skip_unless_required
 from two_hosts import INTERFACE, Host, kill_host_processes, two_hosts
 
 pytestmark = pytest.mark.multinode
@@ -144,7 +144,7 @@ def test_the_replicas_of_each_shard_run_on_different_nodes(ray_on_two_hosts, two
     names = [spec.actor_name(shard, replica) for shard in range(2) for replica in range(2)]
     found = a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "multinode", *names, env=env, timeout=120)
     assert found.returncode == 0, found.stderr[-3000:]
-    where = json.loads(found.stdout.splitlines()[-1])
+    where = last_json_object(found.stdout)
     for shard in range(2):
         replicas = [where[spec.actor_name(shard, replica)] for replica in range(2)]
         assert sorted(replicas) == sorted([[a.address, a.name], [b.address, b.name]]), (shard, where)
@@ -247,8 +247,8 @@ def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ra
     _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
     spec = ServiceSpec(kb_dir=str(run_dir / "kb"), num_shards=2, num_replicas=2, namespace="node_loss")
     names = [spec.actor_name(shard, replica) for shard in range(2) for replica in range(2)]
-    before = json.loads(a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names, env=env,
-                              timeout=120).stdout.splitlines()[-1])
+    before = last_json_object(a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names,
+                                    env=env, timeout=120).stdout)
     assert sorted(host for _, host in before.values()) == [a.name, a.name, b.name, b.name]
 
     stop = tmp_path / "stop"
@@ -262,12 +262,12 @@ def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ra
     stop.touch()
     out, err = searcher.communicate(timeout=120)
     assert searcher.returncode == 0, err[-3000:]
-    searched = json.loads(out.splitlines()[-1])
+    searched = last_json_object(out)
     assert searched["searches"] > 0 and searched["failovers"] >= 2, searched    # each lost replica was preferred
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == steps and "test/em" in results, output[-2000:]
-    after = json.loads(a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names, env=env,
-                             timeout=180).stdout.splitlines()[-1])
+    after = last_json_object(a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names,
+                                   env=env, timeout=180).stdout)
     assert [host for _, host in after.values()] == [a.name] * 4, after       # restarted on the surviving node
     ray_on_two_hosts.start_node(b)
 
