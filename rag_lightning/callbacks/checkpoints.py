@@ -1,34 +1,61 @@
 """Where a job's checkpoints go and which one a restarted job resumes from.
 
-A run directory holds `checkpoints/best-stepN.ckpt` (best validation EM), `last.ckpt`
-(written with it), `checkpoints/stepN.ckpt` (every trainer.checkpoint_every_n_steps
-steps, the newest kept) and, after a SLURM pre-emption signal, Lightning's
-`hpc_ckpt_K.ckpt`. A job started again on the same run directory (a requeued SLURM job:
-its run directory is keyed on the job id) resumes from the newest of them. Lightning writes
-each through a temporary file that is moved into place, so none is ever half written.
-The names hold no "=" (Lightning's default), which Hydra's command line would refuse in
-`ckpt_path=...` unless quoted.
+A run directory holds `checkpoints/best-stepN.ckpt` (best validation EM),
+`checkpoints/last.ckpt` (the newest state: after every validation and when training ends),
+`checkpoints/stepN.ckpt` (every trainer.checkpoint_every_n_steps steps, the newest kept)
+and, after a SLURM pre-emption signal, Lightning's `hpc_ckpt_K.ckpt`. A job started again
+on the same run directory (a requeued SLURM job: its run directory is keyed on the job id)
+resumes from the newest of them. Lightning writes each through a temporary file that is
+moved into place, so none is ever half written. The names hold no "=" (Lightning's
+default), which Hydra's command line would refuse in `ckpt_path=...` unless quoted.
 """
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 
+import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from rag_lightning.errors import UserError
 
 
-def checkpoint_callbacks(run_dir: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
-    """The best-by-validation checkpoint (first, the trainer's `checkpoint_callback`), and the periodic one."""
+def checkpoint_callbacks(run_dir: Path, every_n_steps: int | None) -> list[Checkpoint]:
+    """The best-by-validation checkpoint (first, the trainer's `checkpoint_callback`), the last one, and the
+    periodic one."""
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}", monitor="val/em",
-                                 mode="max", save_last=True, auto_insert_metric_name=False)]
+                                 mode="max", auto_insert_metric_name=False),
+                 LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")]
     if every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", save_top_k=1,
                                          every_n_train_steps=every_n_steps, auto_insert_metric_name=False))
     return callbacks
+
+
+class LastCheckpoint(Checkpoint):
+    """Keeps `path` the newest state of training: written after every validation and when training ends.
+    (Lightning's own `save_last` writes it only when another checkpoint is saved at that step, so with a best-only
+    callback it stays at the best validation, not the last state.) A `Checkpoint`, so Lightning runs it after the
+    other callbacks, whose states it saves."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._saved_at_step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if self._saved_at_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            self._saved_at_step = trainer.global_step
 
 
 def resume_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:

@@ -1,0 +1,63 @@
+"""The checkpoint files of a run (rag_lightning/callbacks/checkpoints.py) on a tiny Lightning module whose validation
+EM only falls, so the best checkpoint stays at the first validation while training goes on past the last one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rag_lightning.callbacks.checkpoints import checkpoint_callbacks, resume_checkpoint
+
+
+class FallingEM(L.LightningModule):
+    """One weight; validation logs val/em = 1 / step, worse at every validation."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return ((self.weight - batch) ** 2).mean()
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val/em", 1.0 / self.global_step)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.ones(20, 1))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(torch.ones(1, 1))
+
+
+def _fit(run_dir: Path, max_steps: int, ckpt_path: str | None = None) -> L.Trainer:
+    trainer = L.Trainer(max_steps=max_steps, val_check_interval=2, num_sanity_val_steps=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
+                        callbacks=checkpoint_callbacks(run_dir, every_n_steps=3))
+    trainer.fit(FallingEM(), ckpt_path=ckpt_path, weights_only=True)
+    return trainer
+
+
+def _step(path: Path | str) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_last_checkpoint_is_the_end_of_training_not_the_best_validation(tmp_path):
+    """Validations at steps 2, 4, 6, the best at 2, training to step 7: best-step2.ckpt holds step 2, last.ckpt
+    step 7 (Lightning's save_last alone would leave it at 2), step6.ckpt the newest periodic one; a restart resumes
+    from last.ckpt and keeps the best checkpoint it had."""
+    checkpoints = tmp_path / "checkpoints"
+    trainer = _fit(tmp_path, max_steps=7)
+    assert trainer.checkpoint_callback.best_model_path == str(checkpoints / "best-step2.ckpt")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step2.ckpt", "last.ckpt", "step6.ckpt"]
+    assert [_step(checkpoints / name) for name in ("best-step2.ckpt", "last.ckpt", "step6.ckpt")] == [2, 7, 6]
+
+    resume_from = resume_checkpoint(tmp_path, None)
+    assert resume_from == str(checkpoints / "last.ckpt")
+    resumed = _fit(tmp_path, max_steps=9, ckpt_path=resume_from)
+    assert resumed.global_step == 9 and _step(checkpoints / "last.ckpt") == 9
+    assert resumed.checkpoint_callback.best_model_path == str(checkpoints / "best-step2.ckpt")
