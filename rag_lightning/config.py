@@ -10,7 +10,9 @@ the `check()` methods. Every entry point calls it before any work starts.
 from __future__ import annotations
 
 import difflib
+import math
 import re
+import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -460,6 +462,22 @@ class GenerateConfig:
     def check(self, key: str) -> None:
         if (self.question is None) == (self.questions is None):
             raise UserError('give either question="..." or questions=FILE')
+        if self.output is not None:
+            check_file_writable(self.output, "output")
+
+
+def check_file_writable(path: str, key: str) -> None:
+    """Refuse, naming key, a file path a command would write only after its work: a folder, or a path whose
+    folder is missing or cannot be written (tried by creating a file there, which root's permissions cannot
+    fake)."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{key}: {path} is a folder; give the path of a file")
+    try:
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as e:
+        raise UserError(f"{key}: cannot write {path} ({e.strerror} at {target.parent})") from None
 
 
 @dataclass
@@ -483,6 +501,9 @@ def with_current_names(overrides: list[str]) -> list[str]:
 
 def checked(cfg: DictConfig) -> Any:
     """The composed config as its schema's dataclass, every key and value checked (UserError naming the key)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{missing[0]}: required; give {missing[0]}=...")
     _check_keys(cfg, OmegaConf.get_type(cfg), "")
     config = OmegaConf.to_object(cfg)
     _check_values(config, "")
@@ -491,15 +512,21 @@ def checked(cfg: DictConfig) -> Any:
 
 def _check_keys(node: DictConfig, schema: type, prefix: str) -> None:
     """Refuse a key that Hydra's `+key=value` added to a structured node but its schema does not declare."""
-    names = {f.name: f for f in fields(schema)}
+    names = {f.name for f in fields(schema)}
     for key in node.keys():
         if key not in names:
-            close = difflib.get_close_matches(str(key), list(names), n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            raise UserError(f"{prefix}{key}: not a setting of {prefix.rstrip('.') or 'the config'}{hint}")
+            raise not_a_setting(f"{prefix}{key}", schema)
         child = node[key]
         if isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
             _check_keys(child, OmegaConf.get_type(child), f"{prefix}{key}.")
+
+
+def not_a_setting(full_key: str, schema: type) -> UserError:
+    """The error for a key that the dataclass schema of its parent does not declare, with the closest name."""
+    prefix, _, key = full_key.rpartition(".")
+    close = difflib.get_close_matches(key, [f.name for f in fields(schema)], n=1)
+    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+    return UserError(f"{full_key}: not a setting of {prefix or 'the config'}{hint}")
 
 
 def _check_values(config: Any, prefix: str) -> None:
@@ -511,6 +538,8 @@ def _check_values(config: Any, prefix: str) -> None:
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
             names = ", ".join("null" if c is None else str(c) for c in f.metadata["choices"])
             raise UserError(f"{key}: {value!r} is not one of {names}")
+        elif "min" in f.metadata and value is not None and not math.isfinite(value):
+            raise UserError(f"{key}: {value} is not a finite number")
         elif "min" in f.metadata and value is not None and value < f.metadata["min"]:
             raise UserError(f"{key} must be >= {f.metadata['min']} (got {value})")
     if hasattr(config, "check"):

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from rag_lightning.callbacks.checkpoints import check_checkpoint_fits, checkpoint_callbacks, resume_checkpoint
 from rag_lightning.callbacks.context_encoder_saver import SaveContextEncoder
 from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
+from rag_lightning.callbacks.finite_loss import StopOnNonFiniteLoss
 from rag_lightning.callbacks.index_refresh import IndexRefresh
 from rag_lightning.callbacks.index_version import IndexVersionCheckpointing
 from rag_lightning.callbacks.retrieval_monitor import RetrievalMonitor
@@ -34,7 +35,7 @@ from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.errors import UserError
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.training.loggers import build_logger
-from rag_lightning.training.setup import prepare, service_spec
+from rag_lightning.training.setup import check_trainer_arguments, prepare, service_spec
 from retrieval_workers.atomic_files import atomic_write_bytes
 from retrieval_workers.kb_store import Manifest, read_manifest
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, local_ray_answers
@@ -53,6 +54,7 @@ def train(cfg: TrainConfig) -> dict:
     the second in every process `srun` starts.
     """
     started = time.time()
+    check_trainer_arguments(cfg.trainer)
     run_dir = Path(cfg.paths.run_dir)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -91,7 +93,8 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     refresh = IndexRefresh(spec, cfg.index_refresh.every_n_steps, blocking=cfg.index_refresh.blocking) \
         if cfg.index_refresh.every_n_steps is not None else None
     metrics = EvaluationMetrics(module.eval_k)
-    callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir, cfg.trainer.checkpoint_every_n_steps), metrics,
+    callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir, cfg.trainer.checkpoint_every_n_steps),
+                                   StopOnNonFiniteLoss(), metrics,
                                    RetrievalMonitor(spec.kb_dir, cfg.service.entropy_window),
                                    IndexVersionCheckpointing(spec, refresh)]
     if refresh is not None:

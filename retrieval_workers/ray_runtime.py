@@ -38,13 +38,23 @@ class RayUnreachable(ConnectionError):
 
 
 def check_reachable(address: str, setting: str | None = None, timeout_s: float = REACH_TIMEOUT_S) -> None:
-    """Raise RayUnreachable unless something accepts a TCP connection at the address's host:port.
+    """Raise RayUnreachable unless a Ray cluster answers at the address within timeout_s.
 
-    ray.init(address=...) on an address where nothing listens retries for minutes without a word (and,
-    blocked in Ray's C++ client, lets no signal handler run); this answers within timeout_s. Ray's own
-    words for "find the address yourself", `auto` and `local`, are left to Ray.
+    ray.init(address=...) on an address where nothing listens, or where something that is not Ray accepts the
+    connection and stays silent, retries for minutes without a word (and, blocked in Ray's C++ client, lets no
+    signal handler run); this answers within seconds. Ray's GCS and its client server both speak gRPC, so the
+    check is that the port answers HTTP/2's connection preface. `auto` is resolved as Ray resolves it (the
+    RAY_ADDRESS variable, else the cluster `ray start` last started on this machine); `local` (start a new
+    Ray) is left to Ray.
     """
-    if address in ("auto", "local"):
+    if address == "local":
+        return
+    if address == "auto":
+        found = _auto_address(setting)
+        try:
+            check_reachable(found, setting, timeout_s)
+        except RayUnreachable as e:
+            raise RayUnreachable(f"auto found {found}, but {e}", setting) from None
         return
     scheme, _, rest = address.rpartition("://")
     host, colon, port = rest.rpartition(":")
@@ -55,14 +65,50 @@ def check_reachable(address: str, setting: str | None = None, timeout_s: float =
         raise RayUnreachable(f"{address!r} is not a Ray address: give the cluster's GCS address HOST:PORT "
                              "(or ray://HOST:PORT for a Ray client server), or null to start a local Ray", setting)
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
+        answers_grpc = _answers_http2((host, int(port)), timeout_s)
     except OSError as e:
         reason = (f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError)
                   else e.strerror or str(e) or type(e).__name__)
         start = "" if scheme else f" (`ray start --head --port {port}`)"
         raise RayUnreachable(f"no Ray cluster answers at {address} ({reason}); start one there{start}, give the "
                              "address of a running one, or null to start a local Ray", setting) from None
+    if not answers_grpc:
+        raise RayUnreachable(f"{address} accepts connections but is not a Ray cluster (no gRPC answer within "
+                             f"{timeout_s:g} s); give the address `ray start --head` printed, or null to start a "
+                             "local Ray", setting)
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_EMPTY_SETTINGS = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])     # a frame header: length 0, type 4 (SETTINGS)
+
+
+def _answers_http2(address: tuple[str, int], timeout_s: float) -> bool:
+    """Whether the server at address answers HTTP/2's client preface with a SETTINGS frame within timeout_s, as
+    every gRPC server does at once. OSError when nothing accepts the connection."""
+    with socket.create_connection(address, timeout=timeout_s) as connection:
+        try:
+            connection.sendall(HTTP2_PREFACE + HTTP2_EMPTY_SETTINGS)
+            header = b""
+            while len(header) < len(HTTP2_EMPTY_SETTINGS):
+                chunk = connection.recv(len(HTTP2_EMPTY_SETTINGS) - len(header))
+                if not chunk:
+                    return False
+                header += chunk
+        except OSError:         # silent until the timeout, or reset
+            return False
+    return header[3] == HTTP2_EMPTY_SETTINGS[3]
+
+
+def _auto_address(setting: str | None) -> str:
+    """The address `auto` stands for, found as ray.init(address="auto") finds it; RayUnreachable if none is."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        return canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError as e:
+        found = str(e).split(". Please")[0]      # Ray's advice that follows is about its own command line
+        raise RayUnreachable(f"auto: {found}; give the cluster's address HOST:PORT, or null to start a local Ray",
+                             setting) from None
 
 
 def local_ray_answers(timeout_s: float = 1.0) -> bool:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -446,6 +447,18 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cl
      ["kb.context_encoder.pretrained: /nowhere/encoder is not a Hugging Face model folder"]),
     ([f"model.question_encoder.pretrained={REPO_ROOT / 'conf'}"],
      [f"model.question_encoder.pretrained: {REPO_ROOT / 'conf'} is not a Hugging Face model folder"]),
+    (["optim.lr=nan"], ["optim.lr: nan is not a finite number"]),
+    (["trainer=gpu"], ["trainer.accelerator=gpu: No supported gpu backend found"]),     # this machine has no GPU
+    (["trainer.precision=foo"], ["trainer.precision=foo: Precision 'foo' is invalid"]),
+    (["trainer.strategy=ddq"], ["trainer.strategy=ddq: You selected an invalid strategy name"]),
+    # what Hydra refuses while composing: one line too, not its several
+    (["trainer.max_step=5"], ["trainer.max_step: not a setting of trainer; did you mean trainer.max_steps?"]),
+    (["model.question_encoder.hidden_sise=3"],
+     ["model.question_encoder.hidden_sise: not a setting of model.question_encoder; did you mean "
+      "model.question_encoder.hidden_size?"]),
+    (["trainer.max_steps=abc"], ["trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"]),
+    (["model=rag_paragraph"], ["model=rag_paragraph: no such option; model is one of rag_sequence, rag_token"]),
+    (["trainer.max_steps=[1"], ["trainer.max_steps=[1: not an override Hydra can read"]),
 ])
 def test_bad_settings_are_refused_before_anything_is_built(tmp_path, run, overrides, fragments):
     data = _qa_dir(tmp_path)
@@ -462,6 +475,36 @@ def test_a_ray_address_where_nothing_answers(tmp_path, run, key):
                         *TINY_MODEL, f"{key}={UNREACHABLE_RAY}"], tmp_path)
     _assert_user_error(proc, "service.ray_address", UNREACHABLE_RAY)
     assert not (tmp_path / "run" / "kb").exists(), "refused before the data and the knowledge base are built"
+
+
+def test_a_ray_address_that_answers_but_is_not_ray(tmp_path, run):
+    """Something that accepts TCP connections and says nothing (Ray's client used to wait on it for minutes,
+    after the knowledge base was built) is refused within seconds, before the build."""
+    data = _qa_dir(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        proc = _train(run, ["data=files", f"data.dir={data}", f"service.ray_address={address}"], tmp_path)
+    _assert_user_error(proc, f"service.ray_address: {address} accepts connections but is not a Ray cluster")
+    assert not (tmp_path / "run" / "kb").exists()
+
+
+def test_ray_address_auto_with_no_cluster(tmp_path, run, monkeypatch):
+    """`auto` is resolved as Ray resolves it; with no cluster to find, one line before anything is built. (Ray
+    also looks for the GCS processes running on this machine: the Rays other tests started are hidden from it.)"""
+    from ray._private import services
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    data = _qa_dir(tmp_path)
+    proc = _train(run, ["data=files", f"data.dir={data}", "service.ray_address=auto"], tmp_path)
+    _assert_user_error(proc, "service.ray_address: auto: Could not find any running Ray instance")
+    assert not (tmp_path / "run" / "kb").exists()
+
+
+def test_a_hydra_composition_error_on_the_command_line_is_one_line(tmp_path, cli):
+    """The process boundary of Hydra's errors: the real command line, exit code 2, one line."""
+    proc = cli("rag_lightning.build_kb", ["kb.source=x.jsonl", "index.shard=3"], tmp_path)
+    _assert_user_error(proc, "index.shard: not a setting of index; did you mean index.shards?")
 
 
 # --- an existing knowledge base, output folders -------------------------------------------------------------

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from rag_lightning.callbacks.checkpoints import checkpoint_callbacks, resume_checkpoint
+from rag_lightning.callbacks.finite_loss import StopOnNonFiniteLoss
+from rag_lightning.errors import UserError
 
 
 class FallingEM(L.LightningModule):
@@ -61,3 +64,26 @@ def test_last_checkpoint_is_the_end_of_training_not_the_best_validation(tmp_path
     resumed = _fit(tmp_path, max_steps=9, ckpt_path=resume_from)
     assert resumed.global_step == 9 and _step(checkpoints / "last.ckpt") == 9
     assert resumed.checkpoint_callback.best_model_path == str(checkpoints / "best-step2.ckpt")
+
+
+class NanAtStep4(FallingEM):
+    """FallingEM whose training loss is NaN at step 4, as after a learning rate far too high."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == 4 else loss
+
+
+def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights_or_a_checkpoint(tmp_path):
+    module = NanAtStep4()
+    trainer = L.Trainer(max_steps=7, val_check_interval=2, num_sanity_val_steps=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[*checkpoint_callbacks(tmp_path, every_n_steps=3), StopOnNonFiniteLoss()])
+    with pytest.raises(UserError, match="the training loss is nan at step 4: stopped"):
+        trainer.fit(module, weights_only=True)
+    assert torch.isfinite(module.weight).all()
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step2.ckpt", "last.ckpt", "step3.ckpt"]
+    for name in ("best-step2.ckpt", "last.ckpt", "step3.ckpt"):
+        state = torch.load(checkpoints / name, map_location="cpu", weights_only=True)
+        assert state["global_step"] <= 4 and torch.isfinite(state["state_dict"]["weight"]).all()

@@ -174,6 +174,8 @@ def test_hydra_refuses_unknown_keys_and_wrong_types(tmp_path, override, key):
     (["retriever.candidates=2", "model.n_docs=3"], "retriever.candidates=2 is smaller than model.n_docs=3"),
     (["retriever.objective=pdist"], "retriever.objective=pdist trains the retriever, but neither encoder trains"),
     (["retriever.eval_k=[0,5]"], "retriever.eval_k: [0, 5] is not a list of ranks >= 1"),
+    (["optim.lr=nan"], "optim.lr: nan is not a finite number"),
+    (["trainer.gradient_clip_val=inf"], "trainer.gradient_clip_val: inf is not a finite number"),
 ])
 def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message):
     raw = compose_raw("train", overrides, tmp_path)
@@ -196,10 +198,17 @@ def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message)
     ("evaluate", ["ckpt_path=x.ckpt", "k=[]"], "k: [] is not a list of ranks >= 1"),
     ("generate", ["ckpt_path=x.ckpt"], 'give either question="..." or questions=FILE'),
     ("generate", ["ckpt_path=x.ckpt", "question=hi", "service.num_cpus=0"], "service.num_cpus must be >= 1"),
+    ("generate", ["question=hi"], "ckpt_path: required; give ckpt_path=..."),
+    ("generate", ["ckpt_path=x.ckpt", "question=hi", "output=/nowhere/answers.jsonl"],
+     "output: cannot write /nowhere/answers.jsonl (No such file or directory at /nowhere)"),
+    ("generate", ["ckpt_path=x.ckpt", "question=hi", "output=/"], "output: / is a folder"),
+    ("export", ["ckpt_path=x.ckpt"], "out: required; give out=..."),
     ("export", ["ckpt_path=x.ckpt", "out=o", "+format=onnx"], "format: not a setting of the config"),
     ("plan", [], "plan.passages: give the knowledge base's passage count"),
     ("plan", ["plan.passages=1e6", "+plan.nodes=4"], "plan.nodes: not a setting of plan"),
     ("plan", ["plan.passages=1e6", "plan.steps_per_s=0"], "plan.steps_per_s must be >= 0.0001 (got 0.0)"),
+    ("plan", ["plan.passages=nan"], "plan.passages: nan is not a finite number"),
+    ("plan", ["plan.passages=inf"], "plan.passages: inf is not a finite number"),
 ])
 def test_every_entry_point_checks_its_config(tmp_path, entry, overrides, message):
     with pytest.raises(UserError) as error:

@@ -1,4 +1,5 @@
-"""A local Ray started by connect() listens on loopback only and reports a loopback address."""
+"""A local Ray started by connect() listens on loopback only, reports a loopback address, and answers the check
+that an address is a Ray cluster."""
 from __future__ import annotations
 
 import ipaddress
@@ -11,6 +12,8 @@ import tempfile
 
 import psutil
 import ray  # noqa: F401  (puts Ray's bundled psutil, ray/thirdparty_files, on the path)
+
+from retrieval_workers.ray_runtime import check_reachable
 
 from helpers import REPO_ROOT
 
@@ -79,6 +82,7 @@ def test_a_local_ray_listens_on_loopback_only(subprocess_env):
         processes = _ray_processes(psutil.Process(proc.pid), temp_dir)
         host, _, port = started["address"].rpartition(":")
         assert host == "127.0.0.1" and started["nodes"] == ["127.0.0.1"], started
+        check_reachable(started["address"])       # its GCS answers as check_reachable expects of a Ray cluster
         sockets = _listening(processes)
         # the GCS on the reported port, the raylet, and the worker that ran the task are among them
         assert ("gcs_server", int(port)) in {(name, p) for _, name, _, p in sockets}, sockets

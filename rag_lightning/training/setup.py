@@ -6,13 +6,17 @@ checks the knowledge base and launches the actors (idempotently); every other pr
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
-from rag_lightning.config import KBConfig, TrainConfig
+from rag_lightning.config import KBConfig, TrainConfig, TrainerConfig
 from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import QAExample, read_split
 from rag_lightning.errors import UserError
@@ -33,6 +37,32 @@ def is_first_process() -> bool:
         if variable in os.environ:
             return int(os.environ[variable]) == 0
     return all(int(os.environ.get(variable, 0)) == 0 for variable in ("NODE_RANK", "LOCAL_RANK"))
+
+
+# The Trainer arguments Lightning checks when a Trainer is made, in the order they are tried: the first group it
+# refuses names the setting at fault
+LIGHTNING_CHECKED = (("accelerator", "devices", "num_nodes"), ("strategy",), ("precision",))
+
+
+def check_trainer_arguments(trainer: TrainerConfig) -> None:
+    """Refuse what Lightning's Trainer would refuse (an accelerator this machine has not, an unknown strategy or
+    precision), naming the setting, by making a Trainer of these arguments now: before the knowledge base is
+    built and Ray started, not after."""
+    arguments = trainer.lightning_arguments()
+    lightning_log = logging.getLogger("lightning.pytorch")      # its "GPU available: ..." lines come at fit
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
+        tried: dict[str, Any] = {}
+        for names in LIGHTNING_CHECKED:
+            tried.update({name: arguments[name] for name in names})
+            try:
+                L.Trainer(**tried, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+            except (MisconfigurationException, ValueError) as e:
+                raise UserError(f"trainer.{names[0]}={arguments[names[0]]}: {e}") from None
+    finally:
+        lightning_log.setLevel(level)
 
 
 def service_spec(cfg: TrainConfig) -> ServiceSpec:
