@@ -54,18 +54,21 @@ def _stop(signum: int, frame) -> None:
 
 
 def _install_stop_handlers() -> dict[int, object]:
-    """Handle SIGTERM and SIGINT where nothing else does yet (a default handler); returns the handlers replaced.
+    """Handle SIGTERM and SIGINT where no function of someone else's does yet; returns the handlers replaced.
 
-    A handler someone installed before the command started (a launcher such as submitit's) is left alone.
-    Lightning installs its own later, during fit, and chains this one (see _stop); the SLURM requeue signal,
-    SIGUSR1, is never touched. Only the main thread can set handlers.
+    A default or ignored disposition is taken over: a process that a non-interactive shell started in the
+    background (`cmd &` in a script, a CI harness) inherits SIGINT ignored, and Python keeps it so; a command
+    that honoured it would sleep through the `kill -INT` meant to stop it. A handler function someone installed
+    before the command started (a launcher such as submitit's) is left alone. Lightning installs its own later,
+    during fit, and chains this one (see _stop); the SLURM requeue signal, SIGUSR1, is never touched. Only the
+    main thread can set handlers.
     """
     if threading.current_thread() is not threading.main_thread():
         return {}
     replaced = {}
     for signum in STOP_SIGNALS:
         current = signal.getsignal(signum)
-        if current in (signal.SIG_DFL, signal.default_int_handler):
+        if current in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler):
             replaced[signum] = current
             signal.signal(signum, _stop)
     return replaced

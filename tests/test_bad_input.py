@@ -647,12 +647,18 @@ main()
 """
 
 
-def _signal_a_held_build(cwd: Path, held_at: str, signum: int, overrides: list[str]) -> subprocess.CompletedProcess:
-    """Start build_kb held at `held_at`, send it `signum` once it is held there, and wait for it to end."""
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _signal_a_held_build(cwd: Path, held_at: str, signum: int, overrides: list[str], background: bool
+                         ) -> subprocess.CompletedProcess:
+    """Start build_kb held at `held_at`, send it `signum` once it is held there, and wait for it to end.
+    background: started as a non-interactive shell starts `cmd &`, with SIGINT ignored."""
     with open(cwd / "stdout", "w+") as out, open(cwd / "stderr", "w+") as err:
         proc = subprocess.Popen([sys.executable, "-c", HELD_BUILD, held_at, *TINY_KB_ENCODER, *overrides,
                                  f"hydra.run.dir={cwd / 'run'}"], cwd=cwd, env=cli_env(), stdout=out, stderr=err,
-                                text=True)
+                                text=True, preexec_fn=_ignore_sigint if background else None)
         try:
             deadline = time.monotonic() + 300         # only a guard against a hang
             while proc.poll() is None and not (cwd / "held").exists() and time.monotonic() < deadline:
@@ -668,13 +674,17 @@ def _signal_a_held_build(cwd: Path, held_at: str, signum: int, overrides: list[s
                                        (cwd / "stderr").read_text())
 
 
-@pytest.mark.parametrize("held_at, signum, earlier", [
+@pytest.mark.parametrize("held_at, signum, earlier, background", [
     # over an earlier knowledge base: the tokenizer and the passage table written, a version folder being staged
-    ("build_shard", signal.SIGTERM, True),
+    ("build_shard", signal.SIGTERM, True, False),
     # into a new kb.dir: the version folder renamed into place, the manifest not yet written
-    ("commit_version", signal.SIGINT, False),
-], ids=["SIGTERM-while-indexing-over-an-earlier-kb", "SIGINT-before-the-commit-into-a-new-dir"])
-def test_a_signal_during_a_build_leaves_nothing_of_it(tmp_path, built_kb, held_at, signum, earlier):
+    ("commit_version", signal.SIGINT, False, False),
+    # the same, in a process that inherited SIGINT ignored (a script's `cmd &`, some CI harnesses), which the
+    # build used to honour, sleeping on
+    ("commit_version", signal.SIGINT, False, True),
+], ids=["SIGTERM-while-indexing-over-an-earlier-kb", "SIGINT-before-the-commit-into-a-new-dir",
+        "SIGINT-to-a-background-process-before-the-commit"])
+def test_a_signal_during_a_build_leaves_nothing_of_it(tmp_path, built_kb, held_at, signum, earlier, background):
     """A build stopped by a signal: one line naming the signal, exit code 128 + its number, no traceback, and
     none of the build's files left in kb.dir. An earlier knowledge base there (from another source, so everything
     the build writes has a new name) is byte for byte as it was, and still loads."""
@@ -682,7 +692,7 @@ def test_a_signal_during_a_build_leaves_nothing_of_it(tmp_path, built_kb, held_a
     before, entries = (_files(kb), _entries(kb)) if earlier else ({}, [])
     source = _write_jsonl(tmp_path / "other.jsonl", [*KB_ROWS, {"title": "di", "text": "di lives in lima ."}])
     proc = _signal_a_held_build(tmp_path, held_at, signum, [f"kb.source={source}", f"kb.dir={kb}",
-                                                            "index.shards=1"])
+                                                            "index.shards=1"], background)
     assert proc.returncode == 128 + signum, (proc.returncode, proc.stderr[-3000:])
     _assert_one_error_line(proc, f"stopped by {signal.Signals(signum).name}")
     assert _entries(kb) == entries and _files(kb) == before

@@ -42,8 +42,13 @@ def _lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error: ")]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_a_command_after_its_cleanup_with_one_line(capsys, signum):
+@pytest.mark.parametrize("signum, inherited", [(signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.SIG_DFL),
+                                               (signal.SIGINT, signal.SIG_IGN)],
+                         ids=["SIGTERM", "SIGINT", "SIGINT-inherited-ignored"])
+def test_a_signal_stops_a_command_after_its_cleanup_with_one_line(capsys, signum, inherited):
+    """Also where the process was started with SIGINT ignored, as a non-interactive shell starts `cmd &`."""
+    if inherited is signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_IGN)
     cleaned = []
 
     @exit_on_user_error
