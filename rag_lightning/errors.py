@@ -53,6 +53,24 @@ def _stop(signum: int, frame) -> None:
         raise Interrupted(signum)
 
 
+def record_stop(signum: int) -> None:
+    """Take note of a stop signal without raising: for handlers that stop the command at a point of their
+    choosing (rag_lightning.callbacks.stop_signals: the next training step, on every rank together)."""
+    global _received
+    if _received is None:
+        _received = signum
+
+
+def stop_received() -> int | None:
+    """The first stop signal this command got, if any."""
+    return _received
+
+
+def handles_stop_signal(signum: int) -> bool:
+    """Whether the command's own handler (installed by exit_on_user_error) is the one that gets signum now."""
+    return signal.getsignal(signum) is _stop
+
+
 def _install_stop_handlers() -> dict[int, object]:
     """Handle SIGTERM and SIGINT where no function of someone else's does yet; returns the handlers replaced.
 

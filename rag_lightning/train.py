@@ -29,6 +29,7 @@ from rag_lightning.callbacks.index_refresh import IndexRefresh
 from rag_lightning.callbacks.index_version import IndexVersionCheckpointing
 from rag_lightning.callbacks.retrieval_monitor import RetrievalMonitor
 from rag_lightning.callbacks.sample_table import SampleTable
+from rag_lightning.callbacks.stop_signals import StopTogether
 from rag_lightning.command import command
 from rag_lightning.config import TrainConfig
 from rag_lightning.data.datamodule import QADataModule
@@ -94,7 +95,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
         if cfg.index_refresh.every_n_steps is not None else None
     metrics = EvaluationMetrics(module.eval_k)
     callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir, cfg.trainer.checkpoint_every_n_steps),
-                                   StopOnNonFiniteLoss(), metrics,
+                                   StopOnNonFiniteLoss(), StopTogether(), metrics,
                                    RetrievalMonitor(spec.kb_dir, cfg.service.entropy_window),
                                    IndexVersionCheckpointing(spec, refresh)]
     if refresh is not None:

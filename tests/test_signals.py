@@ -11,9 +11,13 @@ import signal
 import sys
 import time
 
+import lightning as L
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from rag_lightning import errors
+from rag_lightning.callbacks.stop_signals import StopTogether
 from rag_lightning.errors import Interrupted, exit_on_user_error
 from retrieval_workers.atomic_files import staged_directory
 
@@ -230,3 +234,47 @@ def test_a_staging_folder_is_removed_when_its_writer_is_stopped(tmp_path):
         (staging / "half").write_text("half written")
         raise Interrupted(signal.SIGTERM)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"] and (final / "kept").exists()
+
+
+class SignalledAtStep3(L.LightningModule):
+    """One weight; sends this process `signum` during its training step 3 and records the handler it finds then."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.signum, self.handler_in_training = signum, None
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.global_step == 3:
+            self.handler_in_training = signal.getsignal(self.signum)
+            os.kill(os.getpid(), self.signum)
+        return ((self.weight - batch) ** 2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.ones(20, 1))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_during_training_a_signal_is_noted_and_acted_on_at_the_next_step(capsys, signum):
+    """While fit runs, the handler of a stop signal only takes note of it (no collective, no exception in the
+    middle of a step, where Lightning's own SIGTERM handler ran a broadcast); the next step's start stops
+    training, on every rank together (the ranks agree on the signal by an all-reduce); the command ends as for
+    any stop."""
+    module = SignalledAtStep3(signum)
+    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[StopTogether()])
+
+    @exit_on_user_error
+    def main():
+        trainer.fit(module)
+
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 128 + signum
+    assert module.handler_in_training == StopTogether._take_note
+    assert trainer.global_step == 4, "stopped at the start of the step after the signal"
+    assert _lines(capsys.readouterr().err) == [f"error: stopped by {signal.Signals(signum).name}; unfinished files "
+                                                "were removed"]

@@ -1,6 +1,7 @@
 """The whole job from the command line on a tiny config: data, KB, Ray service, evaluate, fit, test."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from rag_lightning.training.setup import is_first_process
@@ -178,6 +180,41 @@ def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path
     assert resumed and int(resumed.group(1)) >= saved[-1], "resumed from the newest checkpoint, not from step 0"
     assert results["train/steps"] == steps
     assert "initial/em" not in results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM-to-rank-0", "SIGINT-to-the-group"])
+def test_a_stop_signal_ends_every_rank_of_a_ddp_run_together(tmp_path, subprocess_env, signum, to_group):
+    """SIGTERM to rank 0, or Ctrl+C to the job's process group (what scancel and a terminal send), during a 2-process
+    DDP run: every rank stops at the same step boundary and ends with one line and exit code 128 + the signal's
+    number; the checkpoints written stay whole. (Lightning's own SIGTERM handler ran a broadcast wherever the
+    signal landed, and both ranks hung in their collectives.)"""
+    run_dir, name = tmp_path / "run", signal.Signals(signum).name
+    command = [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", "trainer.devices=2",
+               "trainer.strategy=ddp", "data.batch_size=4", "trainer.max_steps=5000", "trainer.val_check_interval=100",
+               "trainer.checkpoint_every_n_steps=2", f"hydra.run.dir={run_dir}"]
+    with open(tmp_path / "stderr", "w+") as err:
+        job = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=err,
+                               start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not list((run_dir / "checkpoints").glob("step*.ckpt")):
+                assert job.poll() is None and time.monotonic() < deadline, "no periodic checkpoint appeared"
+                time.sleep(0.2)
+            os.killpg(job.pid, signum) if to_group else job.send_signal(signum)
+            job.wait(timeout=120)       # a guard against the hang, not a figure
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert job.returncode == 128 + signum, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    # one line a rank (rank 1's may be cut short by the group's SIGKILL above, once rank 0 has ended)
+    assert errors and set(errors) == {f"error: stopped by {name}; unfinished files were removed"}, errors
+    assert "Traceback" not in stderr and not (run_dir / "results.json").exists()
+    for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
+        assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] >= 2, checkpoint
 
 
 @pytest.mark.parametrize(("launcher_env", "first"), [
