@@ -221,12 +221,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(service):
 
 
 @pytest.mark.parametrize("family, kind, prefix", [("bart", "rag_sequence", ["</s>", "<s>"]),
-                                                  ("t5", "rag_token", ["<pad>"]),
+                                                  ("t5", "rag_sequence", ["<pad>"]), ("t5", "rag_token", ["<pad>"]),
                                                   ("encoder_decoder", "rag_sequence", ["[CLS]"])])
 def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, tmp_path_factory, family, kind,
                                                                    prefix):
-    """A BART, a T5 and an EncoderDecoderModel folder, each with its own tokenizer, which the knowledge base's
-    passages are tokenized with; each answer follows the family's decoder start."""
+    """A BART, a T5 (under both model kinds: its config has no bos_token_id, which RAG-Sequence's loss reads) and an
+    EncoderDecoderModel folder, each with its own tokenizer, which the knowledge base's passages are tokenized
+    with; each answer follows the family's decoder start. They train, and answer as evaluate and generate do."""
     data_dir = demo_data(tmp_path_factory)
     folder = demo_generator_folder(tmp_path_factory.mktemp(family) / "generator", family, data_dir)
     service = running_service(tmp_path_factory, tiny_encoder_config(), data_dir, generator_tokenizer=str(folder))
@@ -249,8 +250,9 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
         unmoved = [n for n, p in module.rag.generator.named_parameters() if torch.equal(p, generator[n])]
         assert not unmoved, unmoved
         module.eval()
-        predictions, _ = module.predict_answers(batch)
-        assert len(predictions) == BATCH and all(isinstance(p, str) for p in predictions)
+        records = module.evaluate_batch(batch, [N_DOCS])    # generated answers, and the gold answers' NLL
+        assert len(records) == BATCH
+        assert all(isinstance(r["prediction"], str) and math.isfinite(r["scores"]["loss"]) for r in records)
     finally:
         shutdown_service(service[1])
 
