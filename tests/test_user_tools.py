@@ -240,8 +240,8 @@ def _exportable_models(models: str, tmp_path: Path) -> tuple[list[str], list[str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, models", [("rag_sequence", "minilm_bart"), ("rag_token", "minilm_bart"),
-                                          ("rag_sequence", "dpr_bart"), ("rag_token", "dpr_t5")])
+@pytest.mark.parametrize("kind, models", [("rag_sequence", "minilm_bart"), ("rag_token", "dpr_bart"),
+                                          ("rag_sequence", "dpr_t5"), ("rag_token", "dpr_t5")])
 def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, models, tmp_path):
     from transformers import RagRetriever, RagTokenizer
 
