@@ -33,7 +33,7 @@ def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cl
                                                                           family):
     """DPR question encoder + BART (RAG-Sequence) and + T5 with a task prefix in its config (both kinds), tiny and
     random; the knowledge base is encoded by a DPR context encoder and tokenized by the folder's generator
-    tokenizer."""
+    tokenizer. Scores use the default retriever.score_scale: 1 for a RAG folder's DPR encoder."""
     from transformers import RagRetriever
 
     folder = tmp_path_factory.mktemp(kind)
@@ -51,9 +51,9 @@ def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cl
                               generator_tokenizer=str(rag_dir / "generator_tokenizer"))
     try:
         model_cfg = ModelConfig(kind=kind, init_from=str(rag_dir), num_beams=2, max_answer_tokens=8)
-        module = RagModule(model=asdict(model_cfg), retriever=asdict(RetrieverConfig(train_question_encoder=True,
-                                                                                     score_scale=1.0)),
+        module = RagModule(model=asdict(model_cfg), retriever=asdict(RetrieverConfig(train_question_encoder=True)),
                            optim=asdict(OptimConfig()), service=asdict(spec))
+        assert module.retriever_cfg.score_scale == 1.0
         module.setup("fit")
         assert (module.model_cfg.n_docs, module.model_cfg.max_context_tokens) == (N_DOCS, MAX_COMBINED_LENGTH)
         assert bool(module.context_layout.prefix) == (family == "t5")      # read from the folder's generator

@@ -154,8 +154,9 @@ def test_context_encoder_gets_gradients_only_when_trained(service):
                                      ("sentence_transformers", "sentence_transformers")], ids=["dpr", "st"])
 def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_factory, folders):
     """DPR question and context encoders (pooler output with projection), and sentence-transformers folders
-    ([CLS] pooling, normalised): both encoders get gradients and move, their embedding tables do not, the loss
-    falls."""
+    ([CLS] pooling, normalised), each with the score scale of its vectors (retriever.score_scale left null: 1 for
+    DPR's raw inner products, 20 for cosines): both encoders get gradients and move, their embedding tables do
+    not, the loss falls."""
     root = tmp_path_factory.mktemp("folders")
     question_folder, context_folder = (write_encoder_folder(root / f"{side}", kind)
                                        for side, kind in zip(("question", "context"), folders))
@@ -164,6 +165,7 @@ def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_fa
         module, datamodule, batch = _module_and_batch(service, "rag_sequence", model_cfg=_model_config(
             "rag_sequence", EncoderConfig(pretrained=str(question_folder))), train_ctx_encoder=True)
         encoders = (module.question_encoder, module.context_encoder)
+        assert module.retriever_cfg.score_scale == {"dpr_question": 1.0}.get(folders[0], 20.0)
         assert [type(e.model).__name__ for e in encoders] == \
             {"dpr_question": ["DPRQuestionEncoder", "DPRContextEncoder"]}.get(folders[0], ["BertModel"] * 2)
         before = [{n: p.detach().clone() for n, p in e.named_parameters()} for e in encoders]

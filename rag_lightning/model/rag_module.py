@@ -53,10 +53,12 @@ class RagModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg: ModelConfig = _structured(ModelConfig, model).fill_unset()
-        self.retriever_cfg: RetrieverConfig = _structured(RetrieverConfig, retriever)
         self.optim_cfg: OptimConfig = _structured(OptimConfig, optim)
         self.service_spec = ServiceSpec(**service)
         manifest = read_manifest(self.service_spec.kb_dir)
+        self.retriever_cfg: RetrieverConfig = _structured(RetrieverConfig, retriever).fill_unset(
+            self.model_cfg, kb_encoder_config(manifest))
+        self.hparams.retriever = {**retriever, "score_scale": self.retriever_cfg.score_scale}   # checkpoints keep it
         self.passages_file = manifest.passages_file
         self.generator_tokenizer = self._generator_tokenizer(f"{self.service_spec.kb_dir}/"
                                                              f"{manifest.encoder['generator_tokenizer']}")
