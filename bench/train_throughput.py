@@ -217,7 +217,6 @@ def new_module(kind: str, spec: ServiceSpec, tok_dir: Path | None = None, rag_di
         model = ModelConfig(question_encoder=encoder_config(tok_dir), generator=generator, **sizes)
     else:
         model = ModelConfig(init_from=str(rag_dir), **sizes)
-        retriever.score_scale = 1.0     # DPR: raw inner products, as transformers' RAG scores them
     optim = OptimConfig(lr=LR, question_encoder_lr=LR, warmup_steps=0)
     return RagModule(model=asdict(model), retriever=asdict(retriever), optim=asdict(optim), service=asdict(spec))
 

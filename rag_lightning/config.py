@@ -22,9 +22,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rag_lightning.errors import UserError
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
-from rag_lightning.model.encoder_folders import resolve_encoder
+from rag_lightning.model.encoder_folders import default_score_scale, resolve_encoder
 from rag_lightning.model.generator import check_generator_folder, generator_folder
 from rag_lightning.model.rag_folder import GENERATOR_TOKENIZER, read_rag_folder
+from retrieval_workers.encoding import POOLER
 from retrieval_workers.ray_runtime import RayUnreachable, check_reachable
 from retrieval_workers.types import RefreshSpec, ServiceSpec
 
@@ -147,6 +148,14 @@ class ModelConfig:
             return Path(self.init_from) / GENERATOR_TOKENIZER       # the folder was checked by check()
         return generator_folder(self.generator.pretrained) if self.generator.pretrained is not None else None
 
+    def question_vectors(self) -> tuple[str, bool]:
+        """How the question encoder makes its vectors: (pooling, normalised). init_from's is a DPR encoder: its
+        pooler output, not normalised."""
+        if self.init_from is not None:
+            return POOLER, False
+        folder = resolve_encoder(self.question_encoder, "model.question_encoder")
+        return folder.pooling, folder.normalize
+
 
 @dataclass
 class RetrieverConfig:
@@ -156,9 +165,10 @@ class RetrieverConfig:
     train_question_encoder: bool = False    # the demo's MiniLM retrieves its passages (recall@1 0.985) untrained
     train_ctx_encoder: bool = False         # re-embed retrieved passages in the step, so gradients reach it
     freeze_embeddings: bool = True          # keep the encoders' token embedding tables fixed (most optimizer work)
-    score_scale: float = at_least(20.0, 0.0)   # doc_scores = score_scale x (q . d), the logits of RAG's prior over
-    #                                             passages: 20 is the scale the bundled MiniLM was trained with
-    #                                             (cosine x 20); 1 for encoders trained on raw inner products (DPR)
+    score_scale: float | None = at_least(None, 0.0)   # doc_scores = score_scale x (q . d), the logits of RAG's
+    #   prior over passages. null: as the encoders say: 20 where question and passage vectors are both normalised
+    #   (cosines; the scale sentence-transformers, and so the bundled MiniLM, trains with), else 1 (raw inner
+    #   products: DPR, and any encoder with normalize=false)
     objective: str = choice("marginal", "distant", "pdist", "emdr2")   # what the encoders learn from:
     #   marginal: RAG's loss, as the generator; distant: InfoNCE with the candidates holding an answer (or of a
     #   gold title) as positives, the others and the batch's as negatives; pdist: Atlas' perplexity distillation;
@@ -176,6 +186,14 @@ class RetrieverConfig:
 
     def check(self, key: str) -> None:
         check_ranks(self.eval_k, f"{key}.eval_k")
+
+    def fill_unset(self, model: ModelConfig, context_encoder: EncoderConfig) -> RetrieverConfig:
+        """Set score_scale where null: as the question encoder of `model` and the knowledge base's context encoder
+        make their vectors (default_score_scale). Returns self."""
+        if self.score_scale is None:
+            passages_normalized = resolve_encoder(context_encoder, "kb.context_encoder").normalize
+            self.score_scale = default_score_scale(model.question_vectors()[1], passages_normalized)
+        return self
 
 
 @dataclass
@@ -336,6 +354,7 @@ class TrainConfig:
     stage: str = choice("all", "prepare", "train")   # prepare: data, KB, shard actors, then exit; train: attach
 
     def check(self, key: str) -> None:
+        self.retriever.fill_unset(self.model, self.kb.context_encoder)
         if self.stage != "all" and not self.service.ray_address:
             raise UserError(f"stage={self.stage} needs service.ray_address: the shard actors live on a Ray "
                             "cluster that outlives each stage's processes")

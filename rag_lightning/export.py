@@ -17,7 +17,8 @@ transformers' RAG scores passages by the pooler output of a DPRQuestionEncoder, 
 question encoder is exported as it is; a BERT-style one becomes a DPRQuestionEncoder of the
 same weights (whose output is the [CLS] vector), so it exports exactly only when trained with
 `model.question_encoder.pooling=cls` and `normalize=false`; and every model needs
-`retriever.score_scale=1`.
+`retriever.score_scale=1` (the default for vectors that are not normalised). `train` says at start-up when a
+run's checkpoints will not export exactly (export_mismatch).
 The passages carry the embeddings of the index version the checkpoint trained against.
 The folder is written beside DIR and renamed into place when complete.
 """
@@ -52,13 +53,10 @@ def export(cfg: ExportConfig) -> Path:
         raise UserError(f"out: {out} exists and is not an empty folder; export writes a new one")
     trained = load_trained_model(cfg.ckpt_path)
     module = trained.module
-    encoder, scale = module.question_encoder, module.retriever_cfg.score_scale
-    if encoder.pooling not in ("cls", POOLER) or encoder.normalize or scale != 1:
-        raise UserError(f"ckpt_path: {cfg.ckpt_path} was trained with model.question_encoder.pooling="
-                        f"{encoder.pooling}, normalize={str(encoder.normalize).lower()} and retriever.score_scale="
-                        f"{scale:g}; transformers' RAG scores passages by the raw [CLS] vector of its question "
-                        "encoder (DPRQuestionEncoder), so only pooling=cls (or a DPR encoder), normalize=false and "
-                        "score_scale=1 export exactly")
+    encoder = module.question_encoder
+    mismatch = export_mismatch(encoder.pooling, encoder.normalize, module.retriever_cfg.score_scale)
+    if mismatch is not None:
+        raise UserError(f"ckpt_path: {cfg.ckpt_path} was trained with {mismatch}")
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     try:
         staging.mkdir(parents=True)
@@ -83,6 +81,17 @@ def export(cfg: ExportConfig) -> Path:
     log.info("exported %s (%d passages) to %s; it was evaluated with generate(num_beams=%d, max_new_tokens=%d)",
              cfg.ckpt_path, len(passages.titles), out, module.model_cfg.num_beams, module.model_cfg.max_answer_tokens)
     return out
+
+
+def export_mismatch(pooling: str, normalize: bool, score_scale: float) -> str | None:
+    """What keeps a model from exporting exactly, given how its question encoder makes its vectors and the scale
+    of its scores; None when nothing does. train says it at start-up, export refuses the checkpoint with it."""
+    if pooling in ("cls", POOLER) and not normalize and score_scale == 1:
+        return None
+    return (f"model.question_encoder.pooling={pooling}, normalize={str(normalize).lower()} and retriever.score_scale="
+            f"{score_scale:g}; transformers' RAG scores passages by the raw [CLS] vector of its question encoder "
+            "(DPRQuestionEncoder), so only pooling=cls (or a DPR encoder), normalize=false and score_scale=1 export "
+            "exactly")
 
 
 def _knowledge_base(trained: TrainedModel) -> tuple[HFPassages, str]:

@@ -34,9 +34,10 @@ from rag_lightning.command import command
 from rag_lightning.config import TrainConfig
 from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.errors import UserError
+from rag_lightning.export import export_mismatch
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.training.loggers import build_logger
-from rag_lightning.training.setup import check_trainer_arguments, prepare, service_spec
+from rag_lightning.training.setup import check_trainer_arguments, is_first_process, prepare, service_spec
 from retrieval_workers.atomic_files import atomic_write_bytes
 from retrieval_workers.kb_store import Manifest, read_manifest
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, local_ray_answers
@@ -60,6 +61,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True)
+    if is_first_process():
+        warn_unless_exportable(cfg)
     resume_from = resume_checkpoint(run_dir, cfg.ckpt_path)
     spec = service_spec(cfg)
     owns_ray = not (cfg.service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
@@ -75,6 +78,13 @@ def train(cfg: TrainConfig) -> dict:
                 shutdown_refresher(spec)
                 shutdown_service(spec)
             ray.shutdown()
+
+
+def warn_unless_exportable(cfg: TrainConfig) -> None:
+    """One warning line when export would refuse this run's checkpoints (the check export makes)."""
+    mismatch = export_mismatch(*cfg.model.question_vectors(), cfg.retriever.score_scale)
+    if mismatch is not None:
+        log.warning("rag_lightning.export will refuse this run's checkpoints: it trains with %s", mismatch)
 
 
 def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: ServiceSpec, resume_from: str | None,

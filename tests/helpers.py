@@ -148,6 +148,8 @@ def write_generator_folder(folder: Path, family: str, texts: list[str]) -> Path:
         tokenizer.backend_tokenizer.post_processor = template
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+    if family == "t5":      # as the hub's t5 and flan-t5 folders: T5's config declares no bos token
+        assert "bos_token_id" not in json.loads((folder / "config.json").read_text())
     return folder
 
 

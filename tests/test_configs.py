@@ -2,6 +2,7 @@
 config composes, and `checked()` refuses bad keys and values naming the key, for every entry point."""
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import fields, replace
 from pathlib import Path
@@ -58,6 +59,7 @@ def schema_defaults(run_dir: Path) -> TrainConfig:
     node.paths.run_dir = str(run_dir)
     defaults = OmegaConf.to_object(node)
     defaults.model.fill_unset()     # n_docs, label_smoothing, max_context_tokens: null in the schema, set by checked()
+    defaults.retriever.fill_unset(defaults.model, defaults.kb.context_encoder)     # score_scale, likewise
     return defaults
 
 
@@ -275,6 +277,37 @@ def test_a_rag_folder_gives_its_values_unless_the_config_sets_them(tmp_path):
     assert values([f"model.init_from={rag}", "model.n_docs=4", "model.label_smoothing=0"]) == {
         "n_docs": 4, "max_context_tokens": 100, "label_smoothing": 0.0}
     assert values([]) == MODEL_DEFAULTS == {"n_docs": 3, "max_context_tokens": 256, "label_smoothing": 0.0}
+    # its question encoder is DPR (raw inner products): retriever.score_scale 1 whatever kb.context_encoder is
+    assert compose_config("train", [f"model.init_from={rag}"], tmp_path).retriever.score_scale == 1.0
+
+
+@pytest.mark.parametrize("question, context, overrides, scale, exports", [
+    ("minilm", "minilm", [], 20.0, False),         # the default: MiniLM, normalised (cosines) and mean-pooled
+    ("sentence_transformers", "sentence_transformers", [], 20.0, False),      # normalised, [CLS] pooling
+    ("dpr_question", "dpr_context", [], 1.0, True),
+    ("dpr_question", "dpr_context", ["retriever.score_scale=20"], 20.0, False),     # a value set wins
+    ("bert_style", "bert_style", [], 1.0, False),   # not normalised, but mean-pooled
+    ("bert_style", "bert_style", ["model.question_encoder.pooling=cls"], 1.0, True),
+    ("sentence_transformers", "bert_style", [], 1.0, False),   # the passages' vectors are not normalised
+])
+def test_the_score_scale_follows_the_encoders_and_train_warns_when_export_would_refuse(
+        tmp_path, caplog, question, context, overrides, scale, exports):
+    """retriever.score_scale null: 20 (sentence-transformers' scale of cosines) where question and passage vectors
+    are both normalised, else 1; and train says in one warning line when export will refuse the run."""
+    from rag_lightning.train import warn_unless_exportable
+
+    folders = {side: kind if kind == "minilm" else write_encoder_folder(tmp_path / side, kind)
+               for side, kind in (("question", question), ("context", context))}
+    cfg = compose_config("train", [f"model.question_encoder.pretrained={folders['question']}",
+                                   f"kb.context_encoder.pretrained={folders['context']}", *overrides], tmp_path)
+    assert cfg.retriever.score_scale == scale
+    with caplog.at_level(logging.WARNING, logger="rag_lightning.train"):
+        warn_unless_exportable(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rag_lightning.train"]
+    assert len(warnings) == (0 if exports else 1), warnings
+    for warning in warnings:
+        assert warning.startswith("rag_lightning.export will refuse this run's checkpoints: it trains with "
+                                  "model.question_encoder.pooling=") and "\n" not in warning
 
 
 def test_a_rag_folder_that_is_none_or_conflicts_is_refused(tmp_path):

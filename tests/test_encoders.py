@@ -3,6 +3,7 @@ L2 normalisation), for questions and for passages; and every kind of encoder fol
 BERT-style) gives the vectors its own library gives, in the trainer, in a refresh snapshot and saved back."""
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from transformers import BertModel, DPRContextEncoder, DPRQuestionEncoder
 
 from rag_lightning.config import EncoderConfig
 from rag_lightning.errors import UserError
-from rag_lightning.model.encoder_folders import resolve_encoder, save_encoder_folder
+from rag_lightning.model.encoder_folders import COSINE_SCORE_SCALE, resolve_encoder, save_encoder_folder
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.encoding import TextEncoder, encode_token_ids
 
@@ -75,6 +76,14 @@ def test_normalisation_can_be_switched_off(minilm):
         unit, plain = encoder(ids), raw(ids)
     assert not torch.allclose(plain.norm(dim=1), torch.ones(len(QUESTIONS)), atol=1e-3)
     torch.testing.assert_close(unit, torch.nn.functional.normalize(plain, dim=1))
+
+
+def test_cosine_scores_are_scaled_as_sentence_transformers_trains_them():
+    """retriever.score_scale's default for normalised vectors is the scale of sentence-transformers' contrastive
+    loss, with which MiniLM was trained (its model card: cosine similarities, cross-entropy over the batch)."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    assert inspect.signature(MultipleNegativesRankingLoss).parameters["scale"].default == COSINE_SCORE_SCALE
 
 
 # --- every kind of encoder folder, tiny random models written with save_pretrained ---------------------------------

@@ -148,6 +148,8 @@ def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_en
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads((run_dir / "results.json").read_text())
     assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
+    # the tiny run will not export (mean-pooled, normalised): said once at start-up, by the first process alone
+    assert (proc.stderr + proc.stdout).count("rag_lightning.export will refuse this run's checkpoints") == 1
     assert len(list((tmp_path / "ddp" / "wandb").glob("offline-run-*"))) == 1, "only rank 0 logs to W&B"
 
     assert_trained_alike(results["single"], results["ddp"])

@@ -154,8 +154,9 @@ def test_context_encoder_gets_gradients_only_when_trained(service):
                                      ("sentence_transformers", "sentence_transformers")], ids=["dpr", "st"])
 def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_factory, folders):
     """DPR question and context encoders (pooler output with projection), and sentence-transformers folders
-    ([CLS] pooling, normalised): both encoders get gradients and move, their embedding tables do not, the loss
-    falls."""
+    ([CLS] pooling, normalised), each with the score scale of its vectors (retriever.score_scale left null: 1 for
+    DPR's raw inner products, 20 for cosines): both encoders get gradients and move, their embedding tables do
+    not, the loss falls."""
     root = tmp_path_factory.mktemp("folders")
     question_folder, context_folder = (write_encoder_folder(root / f"{side}", kind)
                                        for side, kind in zip(("question", "context"), folders))
@@ -164,6 +165,7 @@ def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_fa
         module, datamodule, batch = _module_and_batch(service, "rag_sequence", model_cfg=_model_config(
             "rag_sequence", EncoderConfig(pretrained=str(question_folder))), train_ctx_encoder=True)
         encoders = (module.question_encoder, module.context_encoder)
+        assert module.retriever_cfg.score_scale == {"dpr_question": 1.0}.get(folders[0], 20.0)
         assert [type(e.model).__name__ for e in encoders] == \
             {"dpr_question": ["DPRQuestionEncoder", "DPRContextEncoder"]}.get(folders[0], ["BertModel"] * 2)
         before = [{n: p.detach().clone() for n, p in e.named_parameters()} for e in encoders]
@@ -221,12 +223,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(service):
 
 
 @pytest.mark.parametrize("family, kind, prefix", [("bart", "rag_sequence", ["</s>", "<s>"]),
-                                                  ("t5", "rag_token", ["<pad>"]),
+                                                  ("t5", "rag_sequence", ["<pad>"]), ("t5", "rag_token", ["<pad>"]),
                                                   ("encoder_decoder", "rag_sequence", ["[CLS]"])])
 def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, tmp_path_factory, family, kind,
                                                                    prefix):
-    """A BART, a T5 and an EncoderDecoderModel folder, each with its own tokenizer, which the knowledge base's
-    passages are tokenized with; each answer follows the family's decoder start."""
+    """A BART, a T5 (under both model kinds: its config has no bos_token_id, which RAG-Sequence's loss reads) and an
+    EncoderDecoderModel folder, each with its own tokenizer, which the knowledge base's passages are tokenized
+    with; each answer follows the family's decoder start. They train, and answer as evaluate and generate do."""
     data_dir = demo_data(tmp_path_factory)
     folder = demo_generator_folder(tmp_path_factory.mktemp(family) / "generator", family, data_dir)
     service = running_service(tmp_path_factory, tiny_encoder_config(), data_dir, generator_tokenizer=str(folder))
@@ -249,8 +252,9 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
         unmoved = [n for n, p in module.rag.generator.named_parameters() if torch.equal(p, generator[n])]
         assert not unmoved, unmoved
         module.eval()
-        predictions, _ = module.predict_answers(batch)
-        assert len(predictions) == BATCH and all(isinstance(p, str) for p in predictions)
+        records = module.evaluate_batch(batch, [N_DOCS])    # generated answers, and the gold answers' NLL
+        assert len(records) == BATCH
+        assert all(isinstance(r["prediction"], str) and math.isfinite(r["scores"]["loss"]) for r in records)
     finally:
         shutdown_service(service[1])
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from rag_lightning.callbacks.checkpoints import read_checkpoint
 from rag_lightning.config import MODEL_DEFAULTS, ModelConfig, OptimConfig, RetrieverConfig
 from rag_lightning.data.demo import write_demo_data
 from rag_lightning.evaluation.metrics import normalize_answer
@@ -34,9 +35,10 @@ from helpers import (
     write_encoder_folder,
 )
 
-# unscaled scores (transformers' RAG scores by the raw output of its DPR question encoder), a short training
-EXPORTABLE_TRAINING = ["retriever.score_scale=1", "model.num_beams=2", "trainer.max_steps=40",
-                       "trainer.val_check_interval=20", "optim.lr=3e-3", "evaluate_before_training=false"]
+# a short training; its scores are unscaled by default (retriever.score_scale: 1 for vectors that are not
+# normalised), as transformers' RAG scores by the raw output of its DPR question encoder
+EXPORTABLE_TRAINING = ["model.num_beams=2", "trainer.max_steps=40", "trainer.val_check_interval=20",
+                       "optim.lr=3e-3", "evaluate_before_training=false"]
 # MiniLM with [CLS] pooling and no normalisation on both sides: exportable, and pretrained, so questions retrieve
 # differently
 MINILM_CLS_CONTEXT = ["kb.context_encoder.pretrained=minilm", "kb.context_encoder.num_layers=0",
@@ -240,8 +242,8 @@ def _exportable_models(models: str, tmp_path: Path) -> tuple[list[str], list[str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, models", [("rag_sequence", "minilm_bart"), ("rag_token", "minilm_bart"),
-                                          ("rag_sequence", "dpr_bart"), ("rag_token", "dpr_t5")])
+@pytest.mark.parametrize("kind, models", [("rag_sequence", "minilm_bart"), ("rag_token", "dpr_bart"),
+                                          ("rag_sequence", "dpr_t5"), ("rag_token", "dpr_t5")])
 def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, models, tmp_path):
     from transformers import RagRetriever, RagTokenizer
 
@@ -249,8 +251,12 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, mode
 
     run_dir, out = tmp_path / "run", tmp_path / "exported"
     overrides, context_overrides, data_dir = _exportable_models(models, tmp_path)
-    _cli("rag_lightning.train", "experiment=tiny", f"model={kind}", *overrides, f"hydra.run.dir={run_dir}")
+    trained_run = _cli("rag_lightning.train", "experiment=tiny", f"model={kind}", *overrides,
+                       f"hydra.run.dir={run_dir}")
+    assert "export will refuse" not in trained_run.stdout + trained_run.stderr     # no start-up warning
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    # retriever.score_scale left null: the checkpoint keeps the scale it resolved to (1: raw inner products)
+    assert read_checkpoint(str(checkpoint))["hyper_parameters"]["retriever"]["score_scale"] == 1.0
     _cli("rag_lightning.export", f"ckpt_path={checkpoint}", f"out={out}")
     questions_file = data_dir / "test.jsonl"
     _cli("rag_lightning.generate", f"ckpt_path={checkpoint}", f"questions={questions_file}",
@@ -280,9 +286,8 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, mode
 
     # and back: the exported model loads through model.init_from as the model it came from
     trained = load_trained_model(str(checkpoint)).module
-    back = RagModule(model=asdict(ModelConfig(kind=kind, init_from=str(out))),
-                     retriever=asdict(RetrieverConfig(score_scale=1.0)), optim=asdict(OptimConfig()),
-                     service=asdict(trained.service_spec)).eval()
+    back = RagModule(model=asdict(ModelConfig(kind=kind, init_from=str(out))), retriever=asdict(RetrieverConfig()),
+                     optim=asdict(OptimConfig()), service=asdict(trained.service_spec)).eval()
     for name in MODEL_DEFAULTS:         # n_docs, max_context_tokens, label_smoothing: from the export's RagConfig
         assert getattr(back.model_cfg, name) == getattr(trained.model_cfg, name), name
     assert back.context_layout == trained.context_layout

@@ -26,6 +26,9 @@ DPR, BERT_STYLE = "dpr", "bert_style"
 DPR_ARCHITECTURES = ("DPRQuestionEncoder", "DPRContextEncoder")
 _MODULE_TYPES = ("Transformer", "Pooling", "Normalize")   # the sentence-transformers modules we run
 _POOLING_MODES = {"mean": "mean", "mean_tokens": "mean", "cls": "cls", "cls_token": "cls"}   # both file formats
+# The scale of cosine scores: sentence-transformers trains normalised vectors with logits of 20 x the cosine (the
+# default scale of its MultipleNegativesRankingLoss), and the bundled MiniLM (all-MiniLM-L6-v2) was trained so
+COSINE_SCORE_SCALE = 20.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ def resolve_encoder(cfg: EncoderConfig, key: str) -> EncoderFolder:
     return EncoderFolder(found.kind, found.model_dir, cfg.pooling or found.pooling,
                          found.normalize if cfg.normalize is None else cfg.normalize,
                          cfg.max_length or found.max_length)
+
+
+def default_score_scale(question_normalized: bool, passages_normalized: bool) -> float:
+    """retriever.score_scale where the config leaves it null: COSINE_SCORE_SCALE when question and passage vectors
+    are both normalised (the scores are cosines, in [-1, 1]), else 1 (raw inner products, as DPR's)."""
+    return COSINE_SCORE_SCALE if question_normalized and passages_normalized else 1.0
 
 
 def read_encoder_folder(folder: Path, key: str) -> EncoderFolder:

@@ -101,12 +101,26 @@ def ready_for_rag(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
 
 def set_model_values(rag: RagSequenceForGeneration, model_cfg: ModelConfig) -> RagSequenceForGeneration:
     """The RAG model with model_cfg's values in its config (where transformers' RAG and our export read them):
-    n_docs, label_smoothing, max_combined_length, and the generator's prefix when model.generator.prefix is set."""
+    n_docs, label_smoothing, max_combined_length, and the generator's prefix when model.generator.prefix is set.
+    Every model we build or load comes through here, so its generator's bos token is declared here too."""
     rag.config.n_docs, rag.config.label_smoothing = model_cfg.n_docs, model_cfg.label_smoothing
     rag.config.max_combined_length = model_cfg.max_context_tokens
     if model_cfg.generator.prefix is not None:
         rag.generator.config.prefix = model_cfg.generator.prefix
+    for config in (rag.config.generator, rag.generator.config):     # one object when loaded from a RAG folder
+        declare_bos_token(config)
     return rag
+
+
+def declare_bos_token(generator_config) -> None:
+    """Give a generator config without a bos_token_id one of None (no bos token), as T5's lacks it.
+
+    transformers' RAG-Sequence loss reads config.generator.bos_token_id, which a transformers 5 config has only
+    where its family declares one: T5's (and so the hub's t5 and flan-t5 folders) has none, and RAG-Sequence ends
+    in an AttributeError at its first step. Set on the generator's own config too, an export writes it into its
+    RagConfig (as null), so plain transformers runs RAG-Sequence on the exported folder as well."""
+    if not hasattr(generator_config, "bos_token_id"):
+        generator_config.bos_token_id = None
 
 
 def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) -> RagSequenceForGeneration:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, RetrieverConfig
@@ -52,10 +53,12 @@ class RagModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg: ModelConfig = _structured(ModelConfig, model).fill_unset()
-        self.retriever_cfg: RetrieverConfig = _structured(RetrieverConfig, retriever)
         self.optim_cfg: OptimConfig = _structured(OptimConfig, optim)
         self.service_spec = ServiceSpec(**service)
         manifest = read_manifest(self.service_spec.kb_dir)
+        self.retriever_cfg: RetrieverConfig = _structured(RetrieverConfig, retriever).fill_unset(
+            self.model_cfg, kb_encoder_config(manifest))
+        self.hparams.retriever = {**retriever, "score_scale": self.retriever_cfg.score_scale}   # checkpoints keep it
         self.passages_file = manifest.passages_file
         self.generator_tokenizer = self._generator_tokenizer(f"{self.service_spec.kb_dir}/"
                                                              f"{manifest.encoder['generator_tokenizer']}")
@@ -254,6 +257,13 @@ class RagModule(L.LightningModule):
 
     def generate_answers(self, doc_scores: torch.Tensor, context_ids: torch.Tensor,
                          context_mask: torch.Tensor) -> list[str]:
+        if self.model_cfg.kind == "rag_sequence":
+            # transformers 5's RAG-Sequence generate gives its generator no attention mask, so the generator reads
+            # the contexts' padding: padded as transformers' RagRetriever pads them (to max_context_tokens), the
+            # answers are those of the exported model, and the same whatever else is in the batch
+            extra = max(self.model_cfg.max_context_tokens - context_ids.shape[1], 0)
+            context_ids = F.pad(context_ids, (0, extra), value=self.context_layout.pad)
+            context_mask = F.pad(context_mask, (0, extra), value=0)
         generated = self.rag.generate(context_input_ids=context_ids, context_attention_mask=context_mask,
                                       doc_scores=doc_scores, n_docs=self.model_cfg.n_docs,
                                       num_beams=self.model_cfg.num_beams,
