@@ -174,6 +174,8 @@ def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path
     saved = sorted(int(re.search(r"step(\d+)", p.name).group(1))
                    for p in (run_dir / "checkpoints").glob("step*.ckpt"))
     assert not (run_dir / "results.json").exists() and saved and saved[-1] < steps
+    first_rows = _metrics_rows(run_dir)
+    assert any(row["test/em"] for row in first_rows)        # the evaluation before training
 
     second = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -182,6 +184,10 @@ def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path
     assert resumed and int(resumed.group(1)) >= saved[-1], "resumed from the newest checkpoint, not from step 0"
     assert results["train/steps"] == steps
     assert "initial/em" not in results
+    rows = _metrics_rows(run_dir)
+    kept = [{key: row[key] for key in first_rows[0]} for row in rows[:len(first_rows)]]
+    assert kept == first_rows and len(rows) > len(first_rows), "the resumed run appends to the first run's rows"
+    assert any(row["test/em"] for row in rows[len(first_rows):])
 
 
 @pytest.mark.slow
