@@ -99,9 +99,10 @@ def _restore_handlers(replaced: dict[int, object]) -> None:
 
 
 def exit_on_user_error(main):
-    """Run main; a UserError (or a corrupted knowledge base, or a Ray address where nothing answers) prints one
-    line and exits 2, no traceback. SIGTERM and SIGINT stop it the same way, with one line and exit code
+    """Run main; a UserError (or a corrupted knowledge base, a Ray address where nothing answers, a full disk)
+    prints one line and exits 2, no traceback. SIGTERM and SIGINT stop it the same way, with one line and exit code
     128 + the signal's number, after the cleanup on the way out has removed what the command had not finished."""
+    from retrieval_workers.atomic_files import DISK_FULL
     from retrieval_workers.kb_store import KnowledgeBaseError
     from retrieval_workers.ray_runtime import RayUnreachable
 
@@ -116,11 +117,13 @@ def exit_on_user_error(main):
             _exit(f"error: {e}", 2)
         except RayUnreachable as e:     # the address came from the config, or from the job's environment
             _exit(f"error: {e.setting or RAY_ADDRESS_KEY}: {e}", 2)
-        except Exception:
-            if _received is None:
-                raise
-            log.debug("while stopping on %s", signal.Signals(_received).name, exc_info=True)
-            _exit_stopped(_received)
+        except Exception as e:
+            if _received is not None:
+                log.debug("while stopping on %s", signal.Signals(_received).name, exc_info=True)
+                _exit_stopped(_received)
+            if isinstance(e, OSError) and e.errno in DISK_FULL:    # raised by atomic_files, naming the file
+                _exit(f"error: {e.filename}: {e.strerror}; it was not written (what was there before is kept)", 2)
+            raise
         except BaseException as e:
             # Interrupted, or a SystemExit or KeyboardInterrupt that a library raised after the signal (Lightning:
             # SIGTERMException after its step, or sys.exit(1) after its Ctrl+C cleanup)

@@ -21,7 +21,12 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from rag_lightning.callbacks.checkpoints import check_checkpoint_fits, checkpoint_callbacks, resume_checkpoint
+from rag_lightning.callbacks.checkpoints import (
+    AtomicCheckpointIO,
+    check_checkpoint_fits,
+    checkpoint_callbacks,
+    resume_checkpoint,
+)
 from rag_lightning.callbacks.context_encoder_saver import SaveContextEncoder
 from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
 from rag_lightning.callbacks.finite_loss import StopOnNonFiniteLoss
@@ -118,8 +123,9 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     trainer = L.Trainer(
         **cfg.trainer.lightning_arguments(), default_root_dir=run_dir, logger=logger, callbacks=callbacks,
         use_distributed_sampler=False,          # QADataModule shards every split itself
-        # submitit (hydra/launcher=slurm) handles the pre-emption signal and the resubmission itself
-        plugins=[SLURMEnvironment(auto_requeue=False)] if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else None)
+        plugins=[AtomicCheckpointIO(),
+                 # submitit (hydra/launcher=slurm) handles the pre-emption signal and the resubmission itself
+                 *([SLURMEnvironment(auto_requeue=False)] if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else [])])
 
     results: dict = {}
     if cfg.evaluate_before_training and resume_from is None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -396,3 +398,12 @@ def test_more_shards_than_passages_is_refused_with_the_passage_count(tmp_path):
     with pytest.raises(UserError, match=r"index\.shards=20 is more than the 12 passages"):
         build_knowledge_base(tiny_kb_config(source, tmp_path / "kb"), IndexConfig(factory="Flat", shards=20))
     assert not (tmp_path / "kb" / MANIFEST).exists()
+
+
+def test_every_file_of_a_knowledge_base_has_the_mode_a_plain_open_gives(two_shard_kb):
+    """manifest.json and the passage table were written 0600 (mkstemp's mode), the other files 0644."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(two_shard_kb).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in two_shard_kb.rglob("*") if p.is_file()}
+    assert "manifest.json" in modes and modes == dict.fromkeys(modes, 0o666 & ~umask)

@@ -5,22 +5,38 @@ A run directory holds `checkpoints/best-stepN.ckpt` (best validation EM),
 `checkpoints/stepN.ckpt` (every trainer.checkpoint_every_n_steps steps, the newest kept)
 and, after a SLURM pre-emption signal, Lightning's `hpc_ckpt_K.ckpt`. A job started again
 on the same run directory (a requeued SLURM job: its run directory is keyed on the job id)
-resumes from the newest of them. Lightning writes each through a temporary file that is
-moved into place, so none is ever half written. The names hold no "=" (Lightning's
+resumes from the newest of them. AtomicCheckpointIO writes each under a temporary name beside
+its final one and renames it, so none is ever half written, not even on a full disk. The names hold no "=" (Lightning's
 default), which Hydra's command line would refuse in `ckpt_path=...` unless quoted.
 """
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from rag_lightning.errors import UserError
+from retrieval_workers.atomic_files import atomic_write_bytes
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writing, renamed into place from beside the final name (retrieval_workers.atomic_files).
+    Lightning's own goes through fsspec's transaction, which writes a temporary file in /tmp and copies it over:
+    on a full disk that left a truncated last.ckpt under its final name, which resuming then refused."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buffer.getbuffer())
 
 
 def checkpoint_callbacks(run_dir: Path, every_n_steps: int | None) -> list[Checkpoint]:
