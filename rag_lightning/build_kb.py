@@ -9,11 +9,13 @@ from __future__ import annotations
 from rag_lightning.command import command
 from rag_lightning.config import BuildKBConfig
 from rag_lightning.kb.build import build_knowledge_base
+from retrieval_workers.kb_lock import writer_lock
 
 
 @command("build_kb")
 def main(cfg: BuildKBConfig) -> None:
-    build_knowledge_base(cfg.kb, cfg.index)
+    with writer_lock(cfg.kb.dir):     # refused while a job writes there (retrieval_workers/kb_lock.py)
+        build_knowledge_base(cfg.kb, cfg.index)
 
 
 if __name__ == "__main__":

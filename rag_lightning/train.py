@@ -42,7 +42,13 @@ from rag_lightning.errors import UserError
 from rag_lightning.export import export_mismatch
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.training.loggers import build_logger
-from rag_lightning.training.setup import check_trainer_arguments, is_first_process, prepare, service_spec
+from rag_lightning.training.setup import (
+    check_trainer_arguments,
+    is_first_process,
+    kb_writer_lock,
+    prepare,
+    service_spec,
+)
 from retrieval_workers.atomic_files import atomic_write_bytes
 from retrieval_workers.kb_store import Manifest, read_manifest
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, local_ray_answers
@@ -71,18 +77,19 @@ def train(cfg: TrainConfig) -> dict:
     resume_from = resume_checkpoint(run_dir, cfg.ckpt_path)
     spec = service_spec(cfg)
     owns_ray = not (cfg.service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
-    try:
-        manifest = prepare(cfg, spec)
-        if cfg.stage == "prepare":
-            log.info("data, knowledge base and %d x %d shard actors ready", spec.num_shards, spec.num_replicas)
-            return {}
-        return fit_and_test(cfg, run_dir, manifest, spec, resume_from, started)
-    finally:
-        if owns_ray and ray.is_initialized():    # (a user error may come before Ray is started)
-            if local_ray_answers():   # a signal to the whole process group may have ended it, actors and all
-                shutdown_refresher(spec)
-                shutdown_service(spec)
-            ray.shutdown()
+    with kb_writer_lock(cfg):       # held until the refresher is shut down
+        try:
+            manifest = prepare(cfg, spec)
+            if cfg.stage == "prepare":
+                log.info("data, knowledge base and %d x %d shard actors ready", spec.num_shards, spec.num_replicas)
+                return {}
+            return fit_and_test(cfg, run_dir, manifest, spec, resume_from, started)
+        finally:
+            if owns_ray and ray.is_initialized():    # (a user error may come before Ray is started)
+                if local_ray_answers():   # a signal to the whole process group may have ended it, actors and all
+                    shutdown_refresher(spec)
+                    shutdown_service(spec)
+                ray.shutdown()
 
 
 def warn_unless_exportable(cfg: TrainConfig) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
+from retrieval_workers.kb_lock import LOCK_NAME
 from retrieval_workers.kb_store import MANIFEST, PassageTable, read_manifest, sha256_file, verify_file
 
 from helpers import REPO_ROOT, TINY_KB_ENCODER, TINY_MODEL, cli_env
@@ -508,6 +509,42 @@ def test_a_hydra_composition_error_on_the_command_line_is_one_line(tmp_path, cli
 
 
 # --- an existing knowledge base, output folders -------------------------------------------------------------
+
+
+# holds the writer lock of the folder argv[1] until killed, as a job building or refreshing it would
+LOCK_HOLDER = """
+import sys, time
+from retrieval_workers.kb_lock import writer_lock
+with writer_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_job_on_a_knowledge_base_in_use_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, run,
+                                                                                                built_kb):
+    """Another job building or training on the same kb.dir used to rebuild it under the running one (deleting the
+    version files its shard actors served): now one line naming the folder and its holder, the knowledge base
+    untouched. A holder killed outright (SIGKILL) leaves no stale lock."""
+    data, _ = built_kb
+    kb = Path(shutil.copytree(built_kb[1], tmp_path / "kb"))
+    before = _files(kb)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(kb)], env=cli_env(), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        other_source = _write_jsonl(tmp_path / "other.jsonl", [*KB_ROWS, {"title": "di", "text": "di is in lima ."}])
+        for proc in (_build_kb(run, [f"kb.source={other_source}", f"kb.dir={kb}", "index.shards=1"], tmp_path),
+                     _train(run, ["data=files", f"data.dir={data}", f"kb.dir={kb}", "index.shards=1",
+                                  *TINY_KB_ENCODER, *TINY_MODEL], tmp_path)):
+            _assert_user_error(proc, f"{kb} is in use by another job (pid {holder.pid} on ")
+        assert {name: data for name, data in _files(kb).items() if name != LOCK_NAME} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    proc = _build_kb(run, [f"kb.source={data / 'kb.jsonl'}", f"kb.dir={kb}", "index.shards=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(kb) == before, "the same build is reused, and the lock file is gone with its holder"
 
 
 def test_index_of_another_dimension_than_the_manifest(tmp_path, cli, built_kb):

@@ -46,6 +46,7 @@ from rag_lightning.model.encoder_folders import resolve_encoder
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.atomic_files import staged_directory
 from retrieval_workers.encoding import TextEncoder
+from retrieval_workers.kb_lock import LOCK_NAME
 from retrieval_workers.kb_store import (
     KnowledgeBaseError,
     Manifest,
@@ -323,8 +324,8 @@ def _check_writable(kb_dir: Path) -> None:
         if re.fullmatch(r"v\d+", entry.name):
             return not entry.is_dir() or not all(re.fullmatch(r"shard_\d+\.(faiss|embeddings\.npy)|version\.json",
                                                               file.name) for file in entry.iterdir())
-        return not re.fullmatch(r"manifest\.json|passages-\w+\.arrow|generator_tokenizer-\w+|\..+\.(staging|tmp)",
-                                entry.name)
+        return not re.fullmatch(r"manifest\.json|passages-\w+\.arrow|generator_tokenizer-\w+|\..+\.(staging|tmp)"
+                                rf"|{re.escape(LOCK_NAME)}", entry.name)
 
     try:
         kb_dir.mkdir(parents=True, exist_ok=True)

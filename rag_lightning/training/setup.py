@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from rag_lightning.data.qa_files import QAExample, read_split
 from rag_lightning.errors import UserError
 from rag_lightning.evaluation.metrics import answer_patterns, holds_pattern
 from rag_lightning.kb.build import build_knowledge_base
+from retrieval_workers.kb_lock import writer_lock
 from retrieval_workers.kb_store import Manifest, PassageTable, read_manifest
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.refresh import launch_refresher
@@ -63,6 +65,13 @@ def check_trainer_arguments(trainer: TrainerConfig) -> None:
                 raise UserError(f"trainer.{names[0]}={arguments[names[0]]}: {e}") from None
     finally:
         lightning_log.setLevel(level)
+
+
+def kb_writer_lock(cfg: TrainConfig) -> AbstractContextManager:
+    """The knowledge base's writer lock (retrieval_workers/kb_lock.py), for the job's first process to hold for the
+    whole job: it builds the knowledge base, and the refresher it launches re-encodes it. A second job on the same
+    kb.dir is refused at once instead of rebuilding the folder under this one. Other processes take none."""
+    return writer_lock(cfg.kb.dir) if cfg.stage != "train" and is_first_process() else nullcontext()
 
 
 def service_spec(cfg: TrainConfig) -> ServiceSpec:
