@@ -42,6 +42,7 @@ from rag_lightning.errors import UserError
 from rag_lightning.export import export_mismatch
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.training.loggers import build_logger
+from rag_lightning.training.rendezvous import serve_rendezvous_on_job_address
 from rag_lightning.training.setup import (
     check_trainer_arguments,
     is_first_process,
@@ -133,6 +134,8 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
         plugins=[AtomicCheckpointIO(),
                  # submitit (hydra/launcher=slurm) handles the pre-emption signal and the resubmission itself
                  *([SLURMEnvironment(auto_requeue=False)] if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else [])])
+
+    serve_rendezvous_on_job_address(trainer)
 
     results: dict = {}
     if cfg.evaluate_before_training and resume_from is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -210,6 +212,11 @@ def test_a_stop_signal_ends_every_rank_of_a_ddp_run_together(tmp_path, subproces
             while not list((run_dir / "checkpoints").glob("step*.ckpt")):
                 assert job.poll() is None and time.monotonic() < deadline, "no periodic checkpoint appeared"
                 time.sleep(0.2)
+            # rank 0's rendezvous store, like everything else of the job, listens on loopback only
+            listening = {ipaddress.ip_address(c.laddr.ip) for c in psutil.Process(job.pid).net_connections("inet")
+                         if c.status == psutil.CONN_LISTEN}
+            assert listening and all((getattr(ip, "ipv4_mapped", None) or ip).is_loopback for ip in listening), \
+                listening
             os.killpg(job.pid, signum) if to_group else job.send_signal(signum)
             job.wait(timeout=120)       # a guard against the hang, not a figure
         finally:
