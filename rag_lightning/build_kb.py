@@ -14,7 +14,7 @@ from retrieval_workers.kb_lock import writer_lock
 
 @command("build_kb")
 def main(cfg: BuildKBConfig) -> None:
-    with writer_lock(cfg.kb.dir):     # refused while a job writes there (retrieval_workers/kb_lock.py)
+    with writer_lock(cfg.kb.dir, "kb.dir"):     # refused while a job writes there (retrieval_workers/kb_lock.py)
         build_knowledge_base(cfg.kb, cfg.index)
 
 

@@ -27,13 +27,18 @@ class KnowledgeBaseBusy(KnowledgeBaseError):
 
 
 @contextmanager
-def writer_lock(kb_dir: str | Path) -> Iterator[None]:
-    """Hold kb_dir's writer lock while the body runs (the folder is created if need be); KnowledgeBaseBusy at
-    once if another process holds it."""
+def writer_lock(kb_dir: str | Path, setting: str | None = None) -> Iterator[None]:
+    """Hold kb_dir's writer lock while the body runs (the folder is created if need be): KnowledgeBaseBusy at
+    once if another process holds it, KnowledgeBaseError if the folder cannot be written. `setting`, the caller's
+    name for the folder (rag_lightning: kb.dir), begins those messages."""
     kb_dir = Path(kb_dir)
-    kb_dir.mkdir(parents=True, exist_ok=True)
     path = kb_dir / LOCK_NAME
-    fd = _locked(path)
+    named = f"{setting}: {kb_dir}" if setting else str(kb_dir)
+    try:
+        kb_dir.mkdir(parents=True, exist_ok=True)
+        fd = _locked(path, named)
+    except OSError as e:
+        raise KnowledgeBaseError(f"{named} is not writable ({e.strerror})") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
     try:
@@ -43,7 +48,7 @@ def writer_lock(kb_dir: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _locked(path: Path) -> int:
+def _locked(path: Path, named: str) -> int:
     """A descriptor of the lock file at path, locked. The holder before may remove the file between our open and
     our lock: then the lock is on a file no longer there, and the one now at path is tried."""
     while True:
@@ -53,7 +58,7 @@ def _locked(path: Path) -> int:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "starting"
             os.close(fd)
-            raise KnowledgeBaseBusy(f"{path.parent} is in use by another job ({holder}): a knowledge base has one "
+            raise KnowledgeBaseBusy(f"{named} is in use by another job ({holder}): a knowledge base has one "
                                     "writer at a time; wait for that job to end, or give this one a folder of its "
                                     "own") from None
         try:

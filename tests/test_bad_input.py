@@ -537,7 +537,7 @@ def test_a_second_job_on_a_knowledge_base_in_use_is_refused_and_a_killed_holder_
         for proc in (_build_kb(run, [f"kb.source={other_source}", f"kb.dir={kb}", "index.shards=1"], tmp_path),
                      _train(run, ["data=files", f"data.dir={data}", f"kb.dir={kb}", "index.shards=1",
                                   *TINY_KB_ENCODER, *TINY_MODEL], tmp_path)):
-            _assert_user_error(proc, f"{kb} is in use by another job (pid {holder.pid} on ")
+            _assert_user_error(proc, f"kb.dir: {kb} is in use by another job (pid {holder.pid} on ")
         assert {name: data for name, data in _files(kb).items() if name != LOCK_NAME} == before
     finally:
         holder.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import psutil
 import pytest
 import ray
 
@@ -60,6 +61,10 @@ def test_a_killed_actor_restarts_from_disk_and_the_search_waits_for_it(ray_clust
         victim = client.replicas[1][0]
         pid = actor_pid(victim)
         ray.kill(victim, no_restart=False)
+        # ray.kill returns at once, and a call sent before the process is gone may still be answered by it
+        deadline = time.monotonic() + 60
+        while psutil.pid_exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         # answered by the restarted actor: through the client's retry, or by Ray holding the call until then
         np.testing.assert_array_equal(client.search(queries, 4).ids, before.ids)
         assert actor_pid(victim) != pid

@@ -71,7 +71,7 @@ def kb_writer_lock(cfg: TrainConfig) -> AbstractContextManager:
     """The knowledge base's writer lock (retrieval_workers/kb_lock.py), for the job's first process to hold for the
     whole job: it builds the knowledge base, and the refresher it launches re-encodes it. A second job on the same
     kb.dir is refused at once instead of rebuilding the folder under this one. Other processes take none."""
-    return writer_lock(cfg.kb.dir) if cfg.stage != "train" and is_first_process() else nullcontext()
+    return writer_lock(cfg.kb.dir, "kb.dir") if cfg.stage != "train" and is_first_process() else nullcontext()
 
 
 def service_spec(cfg: TrainConfig) -> ServiceSpec:
