@@ -2,7 +2,7 @@
 then L2 normalisation, the default) against the same MiniLM without the normalisation (the baseline: what the
 project did before).
 
-    python bench/nq_open_recall.py                                 # ../shared/data/nq-open-oracle.jsonl.gz
+    python bench/nq_open_recall.py --source nq-open-oracle.jsonl.gz     # the file: docs/data.md, "NQ-open"
 
 Both knowledge bases are built by the real build code from the NQ-open gold passages (experiment=nq_open's
 preparation: 2,737 passages of 100 words); the test split's questions are encoded by the question encoder the
@@ -26,7 +26,6 @@ from rag_lightning.kb.build import build_knowledge_base
 from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 5, 20)
 
 
@@ -69,7 +68,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "nq-open-oracle.jsonl.gz")
+    parser.add_argument("--source", type=Path, required=True,
+                        help="the NQ-open oracle file, as data=nq_open's data.source (docs/data.md)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the data and knowledge bases here")
     measure_and_print(measure, parser.parse_args())
 

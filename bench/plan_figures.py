@@ -7,9 +7,12 @@
    gives the base overhead: its resident set (RSS) minus what the planner counts as its data. Then one actor per
    factory over a shard of --vectors: its RSS beside the planner's prediction for the same shard (base, index,
    token ids and the memory-mapped embeddings).
+4. Encoding: passages/s of the bundled MiniLM's forward pass (no gradients) over --encode-passages passages of
+   128 tokens, batches of 32, on 2 torch threads (`minilm_encode_passages_per_s`): the CPU encoding rate the
+   planner scales refresh times from.
 
     python bench/plan_figures.py                                          # 200,000 x 64
-    python bench/plan_figures.py --vectors 20000 --tiny 500               # a quick check that it runs
+    python bench/plan_figures.py --vectors 20000 --tiny 500 --encode-passages 64   # a quick check that it runs
 """
 from __future__ import annotations
 
@@ -23,10 +26,14 @@ import faiss
 import numpy as np
 import psutil
 import ray
+import torch
 from common import measure_and_print
 from retrieval_service import TOKENS_PER_PASSAGE, query_batches, write_vector_kb
+from synthetic import VOCABULARY_WORDS, made_up_words, sentences
 
 from rag_lightning.capacity.index_model import index_model
+from rag_lightning.config import EncoderConfig
+from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import launch_service, shutdown_service
 from retrieval_workers.shard_build import build_index
@@ -34,6 +41,7 @@ from retrieval_workers.types import ServiceSpec
 
 log = logging.getLogger("plan_figures")
 MIB = 2 ** 20
+ENCODE_TOKENS, ENCODE_BATCH, ENCODE_THREADS = 128, 32, 2
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="queries per search")
     p.add_argument("--calls", type=int, default=50, help="timed searches per factory")
     p.add_argument("--tiny", type=int, default=2000, help="vectors of the tiny knowledge base (base overhead)")
+    p.add_argument("--encode-passages", type=int, default=512, help="passages the MiniLM encoding figure times")
     p.add_argument("--work-dir", type=Path, help="where the knowledge bases go, kept (default: a temp dir)")
     return p.parse_args()
 
@@ -76,6 +85,25 @@ def actor_rss(kb_dir: Path, vectors: np.ndarray, factory: str) -> int:
     return rss
 
 
+@torch.no_grad()
+def minilm_encode_rate(passages: int) -> float:
+    """Passages/s of the bundled MiniLM encoding `passages` passages of made-up words, each cut at ENCODE_TOKENS
+    tokens (their words are about 4 tokens each), in batches of ENCODE_BATCH on ENCODE_THREADS torch threads,
+    after one untimed batch."""
+    torch.set_num_threads(ENCODE_THREADS)
+    cfg = EncoderConfig(pretrained="minilm", max_length=ENCODE_TOKENS)
+    tokenizer = load_encoder_tokenizer(cfg)
+    encoder = build_encoder(cfg, tokenizer).eval()
+    rng = np.random.default_rng(0)
+    texts = sentences(made_up_words(VOCABULARY_WORDS, rng), passages, ENCODE_TOKENS, rng)
+    ids = tokenizer(texts, truncation=True, max_length=ENCODE_TOKENS, padding=True, return_tensors="pt")["input_ids"]
+    encoder(ids[:ENCODE_BATCH])
+    started = time.perf_counter()
+    for batch in ids.split(ENCODE_BATCH):
+        encoder(batch)
+    return passages / (time.perf_counter() - started)
+
+
 def measure(args: argparse.Namespace, work: Path) -> dict:
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -98,6 +126,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         figures[factory].update(actor_rss_mib=round(rss / MIB, 1),
                                 predicted_mib=round(figures["actor_base_mib"] + data / MIB, 1))
     ray.shutdown()
+    log.info("MiniLM encoding")
+    figures["minilm_encode_passages_per_s"] = round(minilm_encode_rate(args.encode_passages), 1)
     return figures
 
 

@@ -1,37 +1,41 @@
 """Background index refresh: encoding speed, time training waits for it, training speed while it runs.
 
-One synthetic knowledge base (made as in train_throughput.py: the baseline's `synthetic`
-data, a random encoder of dim 128, 2 layers) is served by 2 shards. The trainer process is
-pinned to core 0 with one torch thread and the refresh encoder actor to core 1 with one,
-as a cluster gives the encoder its own resources. Four figures:
+One synthetic knowledge base (made as in train_throughput.py: bench/synthetic.py's data, a
+random encoder of dim 128, 2 layers) is served by 2 shards. The trainer process is pinned to
+core 0 with one torch thread and the refresh encoder actor to core 1 with one, as a cluster
+gives the encoder its own resources. Three runs make a round: a training of --steps steps with
+index_refresh.every_n_steps = --every (end to end, train_ctx_encoder) refreshing in the
+background, the same with index_refresh.blocking (stop, re-encode, rebuild, go on, as Atlas
+does), and the raw forward pass of the same encoder over the same passages and batches inside
+the encoder actor. They run in --rounds interleaved rounds (bench/common.py interleaved, the
+order reversed every other round); each figure is taken within a round:
 
   encode_ratio   passages/s of a whole refresh (weights from the object store, encoding,
-                 index build, files, commit, switch) over the raw forward pass of the same
-                 encoder over the same passages and batches on the same core, both measured
-                 with nothing else running (the refreshes of the blocking run; best of each,
-                 as this machine's speed drifts): target >= 0.85. encode_ratio_while_training
-                 is the same for the background refreshes, with training on the other core;
-  blocked_frac   over --steps training steps with index_refresh.every_n_steps = --every (end to end,
-                 train_ctx_encoder), the time training steps spent on refresh work (publishing
-                 weights, polling, re-asking shards during a switch) over the refreshes' total
-                 wall time: target <= 0.01;
+                 index build, files, commit, switch) over the raw pass, both with nothing else
+                 running (the mean of the blocking run's refreshes): target >= 0.85.
+                 encode_ratio_while_training is the same for the background refreshes, with
+                 training on the other core;
+  blocked_frac   the time the background run's steps spent on refresh work (publishing weights,
+                 polling, re-asking shards during a switch) over the refreshes' total wall
+                 time: target <= 0.01;
   during_ratio   steps/s while a refresh runs over steps/s while none does, same run: target >= 0.9;
-  blocking_*     the same steps with index_refresh.blocking (stop, re-encode, rebuild, go on, as
-                 Atlas does): its wall time beside the background run's.
+  blocking_*     the blocking run's wall time beside the background run's.
 
-The last stdout line is one JSON object with the figures. Targets are reported, not asserted.
+The last stdout line is one JSON object with the median over the rounds of each figure, their
+spread (min, max, every round's value) under "spread", and meets_targets decided from the
+medians. Targets are reported, not asserted.
 
-    python bench/refresh.py                            # the measurement: 20,000 passages, 300 steps
-    python bench/refresh.py --passages 2000 --steps 40 --every 15   # a quick check that it runs
+    python bench/refresh.py                            # the measurement (about 20 minutes)
+    python bench/refresh.py --quick                    # a quick check that it runs
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -41,9 +45,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import measure_and_print  # noqa: E402
+from common import Target, interleaved, measure_and_print, parse_with_quick, per_round, summarise  # noqa: E402
 from train_throughput import (  # noqa: E402
-    DEFAULT_BASELINE,
     DIM,
     HEADS,
     INDEX_FACTORY,
@@ -54,7 +57,6 @@ from train_throughput import (  # noqa: E402
     SEED,
     build_kb,
     encoder_config,
-    load_baseline,
     new_datamodule,
     write_data,
 )
@@ -67,13 +69,11 @@ from retrieval_workers.refresh import encoder_name, launch_refresher, shutdown_r
 from retrieval_workers.service import launch_service, shutdown_service  # noqa: E402
 from retrieval_workers.types import RefreshSpec, ServiceSpec  # noqa: E402
 
-log = logging.getLogger("refresh_bench")
-
 TRAINER_CORE, ENCODER_CORE = 0, 1
 ENCODE_BATCH = 64
-RAW_REPEATS = 3
 WARMUP_STEPS = 5
-TARGETS = {"encode_ratio": 0.85, "blocked_frac": 0.01, "during_ratio": 0.9}
+TARGETS = {"encode_ratio": Target(0.85), "blocked_frac": Target(0.01, at_least=False), "during_ratio": Target(0.9)}
+QUICK = {"passages": 2000, "steps": 40, "every": 15, "rounds": 2}
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,10 +81,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--passages", type=int, default=20000, help="knowledge base size")
     p.add_argument("--steps", type=int, default=300, help="training steps of each run")
     p.add_argument("--every", type=int, default=100, help="index_refresh.every_n_steps")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds: every run is repeated this many times")
     p.add_argument("--index", default=INDEX_FACTORY, help="FAISS index factory string of the shards")
     p.add_argument("--work-dir", type=Path, help="where data and KB go, kept (default: a temp dir)")
-    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help="path of hf_baseline.py (for its data)")
-    return p.parse_args()
+    return parse_with_quick(p, QUICK)
 
 
 class StepClock(Callback):
@@ -116,11 +116,9 @@ def new_module(tok_dir: Path, spec: ServiceSpec) -> RagModule:
 
 def raw_encode_rate(module: RagModule, spec: ServiceSpec) -> float:
     """Passages/s of the bare forward pass of the context encoder over every passage, measured inside the
-    encoder actor (its core, its process): the limit a refresh can approach. The best of RAW_REPEATS
-    passes, as this machine's speed drifts by +-20% from minute to minute."""
+    encoder actor (its core, its process): the limit a refresh can approach."""
     worker = ray.get_actor(encoder_name(spec, 0), namespace=spec.namespace)
-    weights = ray.put(module.context_encoder.snapshot(0))
-    return max(ray.get(worker.forward_pass_rate.remote(weights, ENCODE_BATCH)) for _ in range(RAW_REPEATS))
+    return ray.get(worker.forward_pass_rate.remote(module.context_encoder.snapshot(0), ENCODE_BATCH))
 
 
 def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, steps: int, every: int,
@@ -136,66 +134,65 @@ def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, steps: int, every: i
     trainer.fit(module, datamodule=new_datamodule(module, data_dir))
     wall_s = time.perf_counter() - started
     reports = [r for r in refresh.reports if r.error is None]
-    refresh_s = sum(r.wall_s for r in reports)
-    blocked_s = refresh.blocked_s + module.retrieval_client.switch_retry_s
+    if not reports:
+        raise RuntimeError(f"no refresh finished in {steps} steps refreshing every {every}: give more --steps")
     during = [s for s, in_flight in clock.steps if in_flight]
     idle = [s for s, in_flight in clock.steps if not in_flight]
     return {"wall_s": wall_s, "refreshes": len(reports), "skipped": refresh.skipped, "failed": refresh.failed,
-            "refresh_s": refresh_s, "blocked_s": blocked_s, "switch_retries": module.retrieval_client.switch_retries,
-            "steps_during": len(during), "steps_idle": len(idle),
+            "refresh_s": sum(r.wall_s for r in reports),
+            "blocked_s": refresh.blocked_s + module.retrieval_client.switch_retry_s,
+            "switch_retries": module.retrieval_client.switch_retries, "steps_during": len(during),
             "steps_per_s_during": len(during) / sum(during) if during else float("nan"),
             "steps_per_s_idle": len(idle) / sum(idle) if idle else float("nan"),
-            "encode_passages_per_s": float(np.mean([r.passages_per_s for r in reports])) if reports else 0.0,
-            "best_encode_passages_per_s": max((r.passages_per_s for r in reports), default=0.0),
-            "shard_s": float(np.mean([r.encode_s for r in reports])) if reports else 0.0,
-            "refresh_wall_s": float(np.mean([r.wall_s for r in reports])) if reports else 0.0}
+            "encode_passages_per_s": float(np.mean([r.passages_per_s for r in reports]))}
+
+
+def round_figures(background: list[dict], blocking: list[dict], raw: list[float]) -> dict[str, list[float]]:
+    """Every figure, a value a round, from each round's runs."""
+    def each(runs: list[dict], key: str) -> list[float]:
+        return [run[key] for run in runs]
+
+    return {
+        "raw_encode_passages_per_s": raw,
+        "refresh_passages_per_s": each(blocking, "encode_passages_per_s"),
+        "encode_ratio": per_round(each(blocking, "encode_passages_per_s"), raw),
+        "refresh_passages_per_s_while_training": each(background, "encode_passages_per_s"),
+        "encode_ratio_while_training": per_round(each(background, "encode_passages_per_s"), raw),
+        "refreshes": each(background, "refreshes"), "refresh_s": each(background, "refresh_s"),
+        "blocked_s": each(background, "blocked_s"), "switch_retries": each(background, "switch_retries"),
+        "blocked_frac": per_round(each(background, "blocked_s"), each(background, "refresh_s")),
+        "steps_per_s_during": each(background, "steps_per_s_during"),
+        "steps_per_s_idle": each(background, "steps_per_s_idle"),
+        "during_ratio": per_round(each(background, "steps_per_s_during"), each(background, "steps_per_s_idle")),
+        "steps_during_refresh": each(background, "steps_during"),
+        "background_wall_s": each(background, "wall_s"),
+        "blocking_wall_s": each(blocking, "wall_s"),
+        "blocking_refreshes": each(blocking, "refreshes"),
+        "blocking_over_background": per_round(each(blocking, "wall_s"), each(background, "wall_s")),
+    }
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
     data_dir, kb_dir = work / "data", (work / "kb").resolve()
-    kb_file, tok_dir = write_data(load_baseline(args.baseline), work, args.passages, args.steps)
+    kb_file, tok_dir = write_data(work, args.passages, args.steps)
     build_kb(kb_file, tok_dir, kb_dir, encoder_config(tok_dir), factory=args.index)
     spec = ServiceSpec(kb_dir=str(kb_dir), num_shards=2, num_replicas=1)
     connect(namespace=spec.namespace, num_cpus=2)   # before pinning: Ray's workers keep both cores
     os.sched_setaffinity(0, {TRAINER_CORE})
     torch.set_num_threads(1)
+    runs = {"background": partial(train, tok_dir, data_dir, spec, args.steps, args.every, blocking=False),
+            "blocking": partial(train, tok_dir, data_dir, spec, args.steps, args.every, blocking=True),
+            "raw": partial(raw_encode_rate, new_module(tok_dir, spec), spec)}
     try:
         launch_service(spec)
         launch_refresher(spec, RefreshSpec(worker_cpus=1, batch_size=ENCODE_BATCH, cpu_affinity=(ENCODER_CORE,)))
-        background = train(tok_dir, data_dir, spec, args.steps, args.every, blocking=False)
-        log.info("background: %s", background)
-        blocking = train(tok_dir, data_dir, spec, args.steps, args.every, blocking=True)
-        log.info("blocking: %s", blocking)
-        raw = raw_encode_rate(new_module(tok_dir, spec), spec)
+        results = interleaved(runs, args.rounds)
     finally:
         shutdown_refresher(spec)
         shutdown_service(spec)
         ray.shutdown()
-    figures = {
-        "passages": args.passages, "steps": args.steps, "every_n_steps": args.every, "index": args.index,
-        "raw_encode_passages_per_s": round(raw, 1),
-        "refresh_passages_per_s": round(blocking["best_encode_passages_per_s"], 1),
-        "encode_ratio": round(blocking["best_encode_passages_per_s"] / raw, 4),
-        "refresh_passages_per_s_while_training": round(background["encode_passages_per_s"], 1),
-        "encode_ratio_while_training": round(background["encode_passages_per_s"] / raw, 4),
-        "refreshes": background["refreshes"], "refresh_s": round(background["refresh_s"], 2),
-        "blocked_s": round(background["blocked_s"], 4), "switch_retries": background["switch_retries"],
-        "blocked_frac": round(background["blocked_s"] / background["refresh_s"], 5) if background["refresh_s"]
-        else None,
-        "steps_per_s_during": round(background["steps_per_s_during"], 3),
-        "steps_per_s_idle": round(background["steps_per_s_idle"], 3),
-        "during_ratio": round(background["steps_per_s_during"] / background["steps_per_s_idle"], 4),
-        "steps_during_refresh": background["steps_during"],
-        "background_wall_s": round(background["wall_s"], 1),
-        "blocking_wall_s": round(blocking["wall_s"], 1),
-        "blocking_refreshes": blocking["refreshes"],
-        "blocking_over_background": round(blocking["wall_s"] / background["wall_s"], 3),
-    }
-    figures["meets_targets"] = (figures["encode_ratio"] >= TARGETS["encode_ratio"]
-                                and figures["blocked_frac"] is not None
-                                and figures["blocked_frac"] <= TARGETS["blocked_frac"]
-                                and figures["during_ratio"] >= TARGETS["during_ratio"])
-    return figures
+    return {"passages": args.passages, "steps": args.steps, "every_n_steps": args.every, "index": args.index,
+            "rounds": args.rounds, **summarise(round_figures(**results), TARGETS)}
 
 
 def main() -> None:

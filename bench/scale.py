@@ -43,6 +43,7 @@ import numpy as np
 import psutil
 import ray
 from common import measure_and_print
+from synthetic import made_up_words
 
 from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig
 from rag_lightning.kb.build import BuildStages, build_knowledge_base
@@ -88,20 +89,11 @@ def parse_args() -> argparse.Namespace:
 
 # --- source and build ---------------------------------------------------------------------------------------
 
-def vocabulary(rng: np.random.Generator) -> np.ndarray:
-    """VOCABULARY_WORDS distinct made-up lowercase words of 3 to 9 letters."""
-    words: set[str] = set()
-    while len(words) < VOCABULARY_WORDS:
-        length = int(rng.integers(3, 10))
-        words.add("".join(chr(97 + c) for c in rng.integers(0, 26, length)))
-    return np.array(sorted(words))
-
-
 def write_source(path: Path, documents: int) -> None:
     """A JSONL source of `documents` documents of WORDS_PER_PASSAGE words, streamed; a smaller file holds the
     first documents of a larger one."""
     rng = np.random.default_rng(SEED)
-    words = vocabulary(rng)
+    words = made_up_words(VOCABULARY_WORDS, rng)
     with open(path, "w", encoding="utf-8") as f:
         for first in range(0, documents, DOCUMENTS_PER_DRAW):
             drawn = words[rng.integers(0, len(words), (DOCUMENTS_PER_DRAW, WORDS_PER_PASSAGE))]

