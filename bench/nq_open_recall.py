@@ -21,9 +21,9 @@ from common import measure_and_print
 
 from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig
 from rag_lightning.data.prepare import write_nq_open
+from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
 from rag_lightning.evaluation.scores import passage_ranks, retrieval_scores
 from rag_lightning.kb.build import build_knowledge_base
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
 
 KS = (1, 5, 20)

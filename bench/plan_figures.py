@@ -33,7 +33,7 @@ from synthetic import VOCABULARY_WORDS, made_up_words, sentences
 
 from rag_lightning.capacity.index_model import index_model
 from rag_lightning.config import EncoderConfig
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
+from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import launch_service, shutdown_service
 from retrieval_workers.shard_build import build_index

@@ -4,7 +4,7 @@ One synthetic knowledge base (made as in train_throughput.py: bench/synthetic.py
 random encoder of dim 128, 2 layers) is served by 2 shards. The trainer process is pinned to
 core 0 with one torch thread and the refresh encoder actor to core 1 with one, as a cluster
 gives the encoder its own resources. Three runs make a round: a training of --steps steps with
-index_refresh.every_n_steps = --every (end to end, train_ctx_encoder) refreshing in the
+index_refresh.every_n_steps = --every (end to end, train_context_encoder) refreshing in the
 background, the same with index_refresh.blocking (stop, re-encode, rebuild, go on, as Atlas
 does), and the raw forward pass of the same encoder over the same passages and batches inside
 the encoder actor. They run in --rounds interleaved rounds (bench/common.py interleaved, the
@@ -108,8 +108,8 @@ def new_module(tok_dir: Path, spec: ServiceSpec) -> RagModule:
     model = ModelConfig(kind="rag_sequence", n_docs=N_DOCS, question_encoder=encoder_config(tok_dir),
                         generator=GeneratorConfig(d_model=DIM, layers=LAYERS, heads=HEADS, ffn_dim=4 * DIM),
                         max_question_tokens=MAX_QUESTION_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS)
-    return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig(train_ctx_encoder=True)),
-                     optim=asdict(OptimConfig(lr=1e-4, question_encoder_lr=1e-4, ctx_encoder_lr=1e-4,
+    return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig(train_context_encoder=True)),
+                     optim=asdict(OptimConfig(lr=1e-4, question_encoder_lr=1e-4, context_encoder_lr=1e-4,
                                               warmup_steps=0)),
                      service=asdict(spec))
 

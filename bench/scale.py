@@ -46,8 +46,8 @@ from common import measure_and_print
 from synthetic import made_up_words
 
 from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig
+from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
 from rag_lightning.kb.build import BuildStages, build_knowledge_base
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.kb_store import Manifest, read_manifest
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.refresh import launch_refresher, shutdown_refresher

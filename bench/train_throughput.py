@@ -66,9 +66,9 @@ from rag_lightning.config import (
     RetrieverConfig,
 )
 from rag_lightning.data.datamodule import QADataModule
+from rag_lightning.encoders.folders import bundled_minilm
 from rag_lightning.export import as_dpr_question_encoder
 from rag_lightning.kb.build import build_knowledge_base
-from rag_lightning.model.encoder_folders import bundled_minilm
 from rag_lightning.model.generator import load_pretrained_generator
 from rag_lightning.model.rag_folder import write_rag_folder
 from rag_lightning.model.rag_module import RagModule

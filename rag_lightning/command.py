@@ -1,9 +1,9 @@
 """`@command("train")`: what makes a function one of the project's command lines.
 
-The function gets the composed config as its schema's dataclass, checked (rag_lightning.config),
-with the renamed groups' old names accepted on the command line; a user error or a stop signal
-ends it with one line (rag_lightning.errors), and so does an override Hydra cannot compose (a
-misspelled key, a value of the wrong type, an unknown option of a group).
+Every entry module makes its `main` so: `main = command("train")(train)`. The function gets the composed config
+as its schema's dataclass, its settings checked (rag_lightning.config), then what they name (rag_lightning.
+preflight); a user error or a stop signal ends it with one line (rag_lightning.errors), and so does an override
+Hydra cannot compose (a misspelled key, a value of the wrong type, an unknown option of a group).
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from rag_lightning.config import CONF_DIR, checked, not_a_setting, register_configs, with_current_names
+from rag_lightning.config import CONF_PATH, checked, not_a_setting, register_configs
 from rag_lightning.errors import exit_on_user_error
+from rag_lightning.preflight import preflight
 
 # What Hydra raises while composing the config from the command line, before the command runs
 COMPOSITION_ERRORS = (ConfigCompositionException, OverrideParseException)
@@ -31,15 +32,14 @@ def command(config_name: str) -> Callable[[Callable[[Any], None]], Callable[[], 
     register_configs()
 
     def decorate(run: Callable[[Any], None]) -> Callable[[], None]:
-        @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+        @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name=config_name)
         @exit_on_user_error
         @functools.wraps(run)       # Hydra names the job (and its log file) after the wrapped function's module
         def run_checked(cfg: DictConfig) -> None:
-            run(checked(cfg))
+            run(preflight(checked(cfg)))
 
         @functools.wraps(run)
         def main() -> None:
-            sys.argv[1:] = with_current_names(sys.argv[1:])
             # Hydra prints a composition error in several lines and exits 1, unless HYDRA_FULL_ERROR lets the
             # exception through to here
             os.environ.setdefault("HYDRA_FULL_ERROR", "1")

@@ -102,9 +102,7 @@ def exit_on_user_error(main):
     """Run main; a UserError (or a corrupted knowledge base, a Ray address where nothing answers, a full disk)
     prints one line and exits 2, no traceback. SIGTERM and SIGINT stop it the same way, with one line and exit code
     128 + the signal's number, after the cleanup on the way out has removed what the command had not finished."""
-    from retrieval_workers.atomic_files import DISK_FULL
-    from retrieval_workers.kb_store import KnowledgeBaseError
-    from retrieval_workers.ray_runtime import RayUnreachable
+    from retrieval_workers import DISK_FULL, RayUnreachable, RetrievalWorkersError
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -113,10 +111,10 @@ def exit_on_user_error(main):
         replaced = _install_stop_handlers()
         try:
             return main(*args, **kwargs)
-        except (UserError, KnowledgeBaseError) as e:
-            _exit(f"error: {e}", 2)
         except RayUnreachable as e:     # the address came from the config, or from the job's environment
             _exit(f"error: {e.setting or RAY_ADDRESS_KEY}: {e}", 2)
+        except (UserError, RetrievalWorkersError) as e:
+            _exit(f"error: {e}", 2)
         except Exception as e:
             if _received is not None:
                 log.debug("while stopping on %s", signal.Signals(_received).name, exc_info=True)

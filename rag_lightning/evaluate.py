@@ -27,15 +27,19 @@ from rag_lightning.config import EvaluateConfig, ModelConfig
 from rag_lightning.data.datamodule import TokenizedQA, eval_loader, pad
 from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import QAExample, read_split
+from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
 from rag_lightning.errors import UserError
 from rag_lightning.evaluation.scores import SplitScores, ranked_records
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from rag_lightning.model.rag_module import kb_encoder_config
 from rag_lightning.model.trained_model import load_trained_model, serving, serving_knowledge_base
-from retrieval_workers.atomic_files import atomic_write_bytes
-from retrieval_workers.kb_store import KnowledgeBaseError, PassageTable, read_manifest
-from retrieval_workers.service import RetrievalClient
-from retrieval_workers.types import ServiceSpec
+from retrieval_workers import (
+    KnowledgeBaseError,
+    PassageTable,
+    RetrievalClient,
+    ServiceSpec,
+    atomic_write_bytes,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +76,9 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     examples = split_examples(data_dir, cfg)
     dataset = TokenizedQA(examples, module.question_tokenizer, module.generator_tokenizer, module.decoder_prefix,
                           module.model_cfg.max_question_tokens, module.model_cfg.max_answer_tokens)
-    loader = eval_loader(dataset, cfg.batch_size, module.question_tokenizer.pad_token_id,
+    loader = eval_loader(dataset, cfg.eval_batch_size, module.question_tokenizer.pad_token_id,
                          module.generator_tokenizer.pad_token_id)
-    ks, answers = sorted({*cfg.k, module.model_cfg.n_docs}), cfg.mode == "answers"
+    ks, answers = sorted({*cfg.eval_k, module.model_cfg.n_docs}), cfg.mode == "answers"
     scores = SplitScores(ks, answers=answers)
     with serving(trained, cfg.service) as index_version:
         for batch in tqdm(loader, desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0):
@@ -98,14 +102,14 @@ def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     examples = split_examples(cfg.data.dir, cfg)
     max_tokens = encoder_cfg.max_length or ModelConfig.max_question_tokens
     spec = ServiceSpec(kb_dir=kb_dir, num_shards=len(manifest.shards), num_replicas=1)
-    ks = sorted(set(cfg.k))
+    ks = sorted(set(cfg.eval_k))
     scores = SplitScores(ks, answers=False)
     with serving_knowledge_base(spec, cfg.service) as spec:
         client, passages = RetrievalClient(spec), PassageTable(f"{kb_dir}/{manifest.passages_file}")
-        depth = min(max(cfg.k), len(passages))
-        for start in tqdm(range(0, len(examples), cfg.batch_size), desc=f"evaluating {cfg.split}", unit="batch",
+        depth = min(max(cfg.eval_k), len(passages))
+        for start in tqdm(range(0, len(examples), cfg.eval_batch_size), desc=f"evaluating {cfg.split}", unit="batch",
                           mininterval=2.0):
-            chunk = examples[start:start + cfg.batch_size]
+            chunk = examples[start:start + cfg.eval_batch_size]
             ids = tokenizer([e.question for e in chunk], truncation=True, max_length=max_tokens)["input_ids"]
             result = client.search(encoder(pad(ids, tokenizer.pad_token_id)).float().numpy(), depth)
             batch = {"questions": [e.question for e in chunk], "answers": [e.answers for e in chunk],
@@ -117,7 +121,7 @@ def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
 
 def split_examples(data_dir: str, cfg: EvaluateConfig) -> list[QAExample]:
     examples = read_split(data_dir, cfg.split)
-    return examples[:cfg.max_examples] if cfg.max_examples else examples
+    return examples[:cfg.max_eval_examples] if cfg.max_eval_examples else examples
 
 
 def prediction_row(record: dict) -> dict:

@@ -37,10 +37,10 @@ from rag_lightning.errors import UserError
 from rag_lightning.kb.hf_format import HFPassages, write_hf_passages
 from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
 from rag_lightning.model.generator import RAG_CLASSES
+from rag_lightning.model.rag_folder import export_mismatch
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.model.trained_model import TrainedModel, index_version_to_serve, load_trained_model
-from retrieval_workers.encoding import POOLER
-from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manifest
+from retrieval_workers import PassageTable, load_embeddings, read_manifest
 
 log = logging.getLogger(__name__)
 PASSAGES, INDEX = "passages", "index.faiss"
@@ -81,17 +81,6 @@ def export(cfg: ExportConfig) -> Path:
     log.info("exported %s (%d passages) to %s; it was evaluated with generate(num_beams=%d, max_new_tokens=%d)",
              cfg.ckpt_path, len(passages.titles), out, module.model_cfg.num_beams, module.model_cfg.max_answer_tokens)
     return out
-
-
-def export_mismatch(pooling: str, normalize: bool, score_scale: float) -> str | None:
-    """What keeps a model from exporting exactly, given how its question encoder makes its vectors and the scale
-    of its scores; None when nothing does. train says it at start-up, export refuses the checkpoint with it."""
-    if pooling in ("cls", POOLER) and not normalize and score_scale == 1:
-        return None
-    return (f"model.question_encoder.pooling={pooling}, normalize={str(normalize).lower()} and retriever.score_scale="
-            f"{score_scale:g}; transformers' RAG scores passages by the raw [CLS] vector of its question encoder "
-            "(DPRQuestionEncoder), so only pooling=cls (or a DPR encoder), normalize=false and score_scale=1 export "
-            "exactly")
 
 
 def _knowledge_base(trained: TrainedModel) -> tuple[HFPassages, str]:

@@ -12,10 +12,10 @@ from pathlib import Path
 from rag_lightning.command import command
 from rag_lightning.config import GenerateConfig
 from rag_lightning.data.datamodule import question_batch, tokenize_questions
-from rag_lightning.data.text_files import jsonl_rows, read_utf8, utf8_lines
 from rag_lightning.errors import UserError
 from rag_lightning.model.trained_model import load_trained_model, serving
-from retrieval_workers.atomic_files import atomic_write_bytes
+from rag_lightning.text_files import jsonl_rows, read_utf8, utf8_lines
+from retrieval_workers import atomic_write_bytes
 
 
 def read_questions(path: str) -> list[str]:

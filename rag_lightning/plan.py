@@ -14,7 +14,7 @@ from pathlib import Path
 from rag_lightning.capacity.plan_model import Plan, duration, make_plan
 from rag_lightning.command import command
 from rag_lightning.config import PlanConfig
-from retrieval_workers.atomic_files import atomic_write_bytes
+from retrieval_workers import atomic_write_bytes
 
 
 def plan(cfg: PlanConfig) -> dict:

@@ -21,12 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from rag_lightning.callbacks.checkpoints import (
-    AtomicCheckpointIO,
-    check_checkpoint_fits,
-    checkpoint_callbacks,
-    resume_checkpoint,
-)
+from rag_lightning.callbacks.checkpoints import AtomicCheckpointIO, checkpoint_callbacks, resume_checkpoint
 from rag_lightning.callbacks.context_encoder_saver import SaveContextEncoder
 from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
 from rag_lightning.callbacks.finite_loss import StopOnNonFiniteLoss
@@ -39,7 +34,9 @@ from rag_lightning.command import command
 from rag_lightning.config import TrainConfig
 from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.errors import UserError
-from rag_lightning.export import export_mismatch
+from rag_lightning.model.checkpoint_file import check_checkpoint_fits
+from rag_lightning.model.folder_settings import question_vectors
+from rag_lightning.model.rag_folder import export_mismatch
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.training.loggers import build_logger
 from rag_lightning.training.rendezvous import serve_rendezvous_on_job_address
@@ -50,12 +47,16 @@ from rag_lightning.training.setup import (
     prepare,
     service_spec,
 )
-from retrieval_workers.atomic_files import atomic_write_bytes
-from retrieval_workers.kb_store import Manifest, read_manifest
-from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, local_ray_answers
-from retrieval_workers.refresh import shutdown_refresher
-from retrieval_workers.service import shutdown_service
-from retrieval_workers.types import ServiceSpec
+from retrieval_workers import (
+    RAY_ADDRESS_ENV,
+    Manifest,
+    ServiceSpec,
+    atomic_write_bytes,
+    local_ray_answers,
+    read_manifest,
+    shutdown_refresher,
+    shutdown_service,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ def train(cfg: TrainConfig) -> dict:
     started = time.time()
     check_trainer_arguments(cfg.trainer)
     run_dir = Path(cfg.paths.run_dir)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     if is_first_process():
         warn_unless_exportable(cfg)
@@ -95,7 +96,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def warn_unless_exportable(cfg: TrainConfig) -> None:
     """One warning line when export would refuse this run's checkpoints (the check export makes)."""
-    mismatch = export_mismatch(*cfg.model.question_vectors(), cfg.retriever.score_scale)
+    mismatch = export_mismatch(*question_vectors(cfg.model), cfg.retriever.score_scale)
     if mismatch is not None:
         log.warning("rag_lightning.export will refuse this run's checkpoints: it trains with %s", mismatch)
 
@@ -117,7 +118,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     refresh = IndexRefresh(spec, cfg.index_refresh.every_n_steps, blocking=cfg.index_refresh.blocking) \
         if cfg.index_refresh.every_n_steps is not None else None
     metrics = EvaluationMetrics(module.eval_k)
-    callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir, cfg.trainer.checkpoint_every_n_steps),
+    callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir, cfg.checkpoint_every_n_steps),
                                    StopOnNonFiniteLoss(), StopTogether(), metrics,
                                    RetrievalMonitor(spec.kb_dir, cfg.service.entropy_window),
                                    IndexVersionCheckpointing(spec, refresh)]

@@ -1,7 +1,7 @@
 """TextEncoder, the dense encoder of questions and passages, and how passages are embedded with it.
 
 Both sides run this one forward pass: the trainer builds and trains encoders
-(rag_lightning/model/encoders.py makes them from a config), the knowledge-base build and
+(rag_lightning/encoders/build.py makes them from a config), the knowledge-base build and
 the refresh encoder actors embed passages with `encode_token_ids`. An `EncoderSnapshot` is
 what the trainer publishes in the Ray object store for a refresh: the architecture, the
 pooling, the weights and the global step.

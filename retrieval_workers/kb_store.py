@@ -29,12 +29,13 @@ import pyarrow as pa
 from pyarrow import ipc
 
 from retrieval_workers.atomic_files import atomic_output, atomic_write_bytes
+from retrieval_workers.types import RetrievalWorkersError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 
 
-class KnowledgeBaseError(Exception):
+class KnowledgeBaseError(RetrievalWorkersError):
     """A knowledge base directory that is missing, incomplete or corrupted; the message names the file."""
 
 

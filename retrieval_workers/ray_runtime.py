@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from retrieval_workers.types import ServiceSpec
+from retrieval_workers.types import RetrievalWorkersError, ServiceSpec
 
 RAY_ADDRESS_ENV = "RAG_LIGHTNING_RAY_ADDRESS"
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -24,7 +24,7 @@ REACH_TIMEOUT_S = 5.0
 log = logging.getLogger(__name__)
 
 
-class RayUnreachable(ConnectionError):
+class RayUnreachable(RetrievalWorkersError, ConnectionError):
     """Nothing answers at a Ray address this process was told to attach to; the message names the address.
 
     `setting` names where the address came from when that was not the caller's own argument (the

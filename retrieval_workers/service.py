@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from retrieval_workers.index_shard import IndexShard
 from retrieval_workers.kb_store import KnowledgeBaseError, read_manifest
-from retrieval_workers.types import PAD_TOKEN, SearchResult, ServiceSpec
+from retrieval_workers.types import PAD_TOKEN, RetrievalWorkersError, SearchResult, ServiceSpec
 
 # Ray warns for every restartable detached actor in a placement group, since removing the group kills it
 # for good; the service removes its group only when it shuts down, so the warning says nothing here.
@@ -179,7 +179,7 @@ class RetrievalClient:
                                f"service.failover_timeout_s or index.replicas, or check the Ray logs")
 
 
-class ShardUnavailable(RuntimeError):
+class ShardUnavailable(RetrievalWorkersError, RuntimeError):
     """No replica of an index shard answered within the failover timeout."""
 
 

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class RetrievalWorkersError(Exception):
+    """The base of every error the retrieval side raises for what it was given or found: a knowledge base that is
+    missing, busy or corrupted, a Ray address where nothing answers, a shard no replica of which answers. Each
+    message names the file, address or shard; the training side reports it in one line."""
+
+
 @dataclass
 class ServiceSpec:
     """Where the shard actors live and how many there are; enough for any process to attach."""

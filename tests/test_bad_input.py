@@ -433,15 +433,14 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cl
 
 
 @pytest.mark.parametrize("overrides, fragments", [
-    (["retriever.train_ctx_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=0"],
+    (["retriever.train_context_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=0"],
      ["index_refresh.every_n_steps", ">= 1", "got 0"]),
-    (["retriever.train_ctx_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=-5"],
+    (["retriever.train_context_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=-5"],
      ["index_refresh.every_n_steps", "got -5"]),
-    (["index_refresh=background"], ["index_refresh.every_n_steps", "retriever.train_ctx_encoder=false"]),
-    (["refresh=background"], ["index_refresh.every_n_steps", "retriever.train_ctx_encoder=false"]),   # old name
+    (["index_refresh=background"], ["index_refresh.every_n_steps", "retriever.train_context_encoder=false"]),
     (["stage=launch"], ["stage", "'launch'", "all, prepare, train"]),
     (["stage=train"], ["stage=train", "service.ray_address"]),
-    (["trainer.checkpoint_every_n_steps=0"], ["trainer.checkpoint_every_n_steps", ">= 1"]),
+    (["checkpoint_every_n_steps=0"], ["checkpoint_every_n_steps", ">= 1"]),
     (["ckpt_path=/nowhere/last.ckpt"], ["ckpt_path", "/nowhere/last.ckpt"]),
     (["model.generator.train=false"], ["model.generator.train=false", "nothing would train"]),
     (["kb.context_encoder.pretrained=/nowhere/encoder"],
@@ -468,12 +467,11 @@ def test_bad_settings_are_refused_before_anything_is_built(tmp_path, run, overri
     assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
 
 
-@pytest.mark.parametrize("key", ["service.ray_address", "retrieval.ray_address"])   # the group's old name too
-def test_a_ray_address_where_nothing_answers(tmp_path, run, key):
+def test_a_ray_address_where_nothing_answers(tmp_path, run):
     """Refused within seconds, naming the key and the address (it used to retry silently until killed)."""
     data = _qa_dir(tmp_path)
     proc = _train(run, ["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
-                        *TINY_MODEL, f"{key}={UNREACHABLE_RAY}"], tmp_path)
+                        *TINY_MODEL, f"service.ray_address={UNREACHABLE_RAY}"], tmp_path)
     _assert_user_error(proc, "service.ray_address", UNREACHABLE_RAY)
     assert not (tmp_path / "run" / "kb").exists(), "refused before the data and the knowledge base are built"
 

@@ -1,5 +1,5 @@
 """The boundary between the two sides: retrieval_workers (the Ray side and the on-disk format) imports neither
-Lightning, Hydra nor rag_lightning."""
+Lightning, Hydra nor rag_lightning, and names the API the training side uses."""
 from __future__ import annotations
 
 import pkgutil
@@ -22,3 +22,14 @@ def test_retrieval_workers_imports_no_training_side_module():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "", f"retrieval_workers loaded {proc.stdout.strip()}"
 
+
+
+def test_the_api_names_every_name_the_training_side_imports_and_each_resolves():
+    """retrieval_workers/__init__.py's __all__ is the typed API: each name imports from its module, and
+    rag_lightning imports nothing else of retrieval_workers (the import-linter contract in pyproject.toml)."""
+    for name in retrieval_workers.__all__:
+        assert getattr(retrieval_workers, name) is not None, name
+    assert "KnowledgeBaseError" in retrieval_workers.__all__ and "ServiceSpec" in retrieval_workers.__all__
+    assert issubclass(retrieval_workers.KnowledgeBaseBusy, retrieval_workers.RetrievalWorkersError)
+    assert issubclass(retrieval_workers.RayUnreachable, retrieval_workers.RetrievalWorkersError)
+    assert issubclass(retrieval_workers.ShardUnavailable, retrieval_workers.RetrievalWorkersError)

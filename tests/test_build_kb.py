@@ -15,12 +15,12 @@ import torch
 import rag_lightning.kb.build as build_kb_module
 import retrieval_workers.kb_store as kb_store
 from rag_lightning.config import IndexConfig
+from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
 from rag_lightning.errors import UserError
 from rag_lightning.kb.build import build_knowledge_base
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer
 from rag_lightning.kb.passage_text import DOC_SEP
 from rag_lightning.kb.source import read_documents, split_into_passages
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.encoding import encode_token_ids
 from retrieval_workers.index_shard import IndexShard
 from retrieval_workers.kb_store import MANIFEST, PassageTable, load_embeddings, read_manifest, sha256_file, verify_file

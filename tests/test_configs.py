@@ -20,10 +20,11 @@ from rag_lightning.config import (
     TrainConfig,
     checked,
     register_configs,
-    with_current_names,
 )
 from rag_lightning.errors import UserError
+from rag_lightning.model.folder_settings import fill_model_settings, fill_score_scale
 from rag_lightning.model.rag_folder import write_rag_folder
+from rag_lightning.preflight import preflight
 
 from helpers import write_encoder_folder, write_generator_folder
 
@@ -50,7 +51,7 @@ def compose_raw(config_name: str, overrides: list[str], run_dir: Path):
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: Path):
-    return checked(compose_raw(config_name, overrides, run_dir))
+    return preflight(checked(compose_raw(config_name, overrides, run_dir)))
 
 
 def schema_defaults(run_dir: Path) -> TrainConfig:
@@ -58,8 +59,8 @@ def schema_defaults(run_dir: Path) -> TrainConfig:
     node = OmegaConf.structured(TrainConfig)
     node.paths.run_dir = str(run_dir)
     defaults = OmegaConf.to_object(node)
-    defaults.model.fill_unset()     # n_docs, label_smoothing, max_context_tokens: null in the schema, set by checked()
-    defaults.retriever.fill_unset(defaults.model, defaults.kb.context_encoder)     # score_scale, likewise
+    fill_model_settings(defaults.model)     # n_docs, label_smoothing, max_context_tokens: null in the schema, set by checked()
+    fill_score_scale(defaults.retriever, defaults.model, defaults.kb.context_encoder)     # score_scale, likewise
     return defaults
 
 
@@ -94,8 +95,8 @@ def test_a_group_option_holds_only_what_it_changes(tmp_path, group, option):
     (["index=ivfpq"], {"index.factory": "IVF64,PQ16"}),
     (["logger=wandb"], {"logger.kind": "wandb"}),
     (["trainer=gpu"], {"trainer.accelerator": "gpu", "trainer.precision": "bf16-mixed"}),
-    (["index_refresh=background", "retriever.train_ctx_encoder=true"],
-     {"index_refresh.every_n_steps": 500, "retriever.train_ctx_encoder": True}),
+    (["index_refresh=background", "retriever.train_context_encoder=true"],
+     {"index_refresh.every_n_steps": 500, "retriever.train_context_encoder": True}),
     (["data=files", "data.dir=/tmp"], {"data.prepare": None, "data.dir": "/tmp", "kb.source": "/tmp/kb.jsonl",
                                        "kb.generator_tokenizer.extra_texts": ["/tmp/train.jsonl"]}),
     (["data=nq_open"], {"data.prepare": "nq_open"}),      # no file outside the project: the user names it
@@ -166,10 +167,10 @@ def test_hydra_refuses_unknown_keys_and_wrong_types(tmp_path, override, key):
     (["model.n_docs=0"], "model.n_docs must be >= 1 (got 0)"),
     (["data.batch_size=0"], "data.batch_size must be >= 1 (got 0)"),
     (["service.failover_timeout_s=0"], "service.failover_timeout_s must be >= 0.001 (got 0.0)"),
-    (["trainer.checkpoint_every_n_steps=0"], "trainer.checkpoint_every_n_steps must be >= 1 (got 0)"),
-    (["index_refresh=background", "index_refresh.every_n_steps=0", "retriever.train_ctx_encoder=true"],
+    (["checkpoint_every_n_steps=0"], "checkpoint_every_n_steps must be >= 1 (got 0)"),
+    (["index_refresh=background", "index_refresh.every_n_steps=0", "retriever.train_context_encoder=true"],
      "index_refresh.every_n_steps must be >= 1 (got 0)"),
-    (["index_refresh=background"], "index_refresh.every_n_steps is set but retriever.train_ctx_encoder=false"),
+    (["index_refresh=background"], "index_refresh.every_n_steps is set but retriever.train_context_encoder=false"),
     (["stage=train"], "stage=train needs service.ray_address"),
     (["data=files"], "data.dir: no folder at"),
     (["retriever.objective=contrastive"],
@@ -183,7 +184,7 @@ def test_hydra_refuses_unknown_keys_and_wrong_types(tmp_path, override, key):
 def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message):
     raw = compose_raw("train", overrides, tmp_path)
     with pytest.raises(UserError) as error:
-        checked(raw)
+        preflight(checked(raw))
     assert message in str(error.value)
 
 
@@ -191,14 +192,14 @@ def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message)
     ("build_kb", ["kb.source=x.tsv", "kb.context_encoder.pooling=maen"], "kb.context_encoder.pooling: 'maen'"),
     ("build_kb", ["kb.source=x.tsv", "+index.shard=3"],
      "index.shard: not a setting of index; did you mean index.shards?"),
-    ("evaluate", ["ckpt_path=x.ckpt", "batch_size=0"], "batch_size must be >= 1 (got 0)"),
+    ("evaluate", ["ckpt_path=x.ckpt", "eval_batch_size=0"], "eval_batch_size must be >= 1 (got 0)"),
     ("evaluate", ["ckpt_path=x.ckpt", "data=files", "data.dir=qa", "data.prepare=squad"], "data.prepare: 'squad'"),
     ("evaluate", [], "ckpt_path: give a checkpoint (ckpt_path=...), or a knowledge base"),
     ("evaluate", ["ckpt_path=x.ckpt", "kb.dir=kb"], "kb.dir: x.ckpt brings its knowledge base"),
     ("evaluate", ["kb.dir=kb", "data=nq_open"], "mode: kb.dir=kb without a checkpoint has no reader"),
     ("evaluate", ["kb.dir=kb", "mode=retrieval"], "data: a knowledge base alone names no questions"),
     ("evaluate", ["ckpt_path=x.ckpt", "mode=answer"], "mode: 'answer' is not one of answers, retrieval"),
-    ("evaluate", ["ckpt_path=x.ckpt", "k=[]"], "k: [] is not a list of ranks >= 1"),
+    ("evaluate", ["ckpt_path=x.ckpt", "eval_k=[]"], "eval_k: [] is not a list of ranks >= 1"),
     ("generate", ["ckpt_path=x.ckpt"], 'give either question="..." or questions=FILE'),
     ("generate", ["ckpt_path=x.ckpt", "question=hi", "service.num_cpus=0"], "service.num_cpus must be >= 1"),
     ("generate", ["question=hi"], "ckpt_path: required; give ckpt_path=..."),
@@ -215,7 +216,7 @@ def test_checked_refuses_bad_values_naming_the_key(tmp_path, overrides, message)
 ])
 def test_every_entry_point_checks_its_config(tmp_path, entry, overrides, message):
     with pytest.raises(UserError) as error:
-        checked(compose_raw(entry, overrides, tmp_path))
+        preflight(checked(compose_raw(entry, overrides, tmp_path)))
     assert message in str(error.value)
 
 
@@ -236,14 +237,6 @@ def test_checked_accepts_every_valid_choice(tmp_path):
     assert cfg.trainer.devices == [0, 1] and cfg.data.prepare is None
 
 
-def test_renamed_groups_keep_their_old_names_on_the_command_line():
-    old = ["retrieval.ray_address=h:1", "+refresh.workers=2", "refresh=background", "~retrieval", "retrieval@x=local",
-           "retriever.score_scale=1", "data.dir=retrieval", "hydra.run.dir=refresh", "refreshes=1"]
-    assert with_current_names(old) == [
-        "service.ray_address=h:1", "+index_refresh.workers=2", "index_refresh=background", "~service",
-        "service@x=local", "retriever.score_scale=1", "data.dir=retrieval", "hydra.run.dir=refresh", "refreshes=1"]
-
-
 def test_a_generator_folder_is_checked_with_its_tokenizer_against_the_knowledge_base_one(tmp_path):
     """model.generator.pretrained: a folder that is no sequence-to-sequence model is refused, and so is a
     kb.generator_tokenizer.path that is not the generator's own tokenizer; both before anything is built."""
@@ -251,16 +244,16 @@ def test_a_generator_folder_is_checked_with_its_tokenizer_against_the_knowledge_
     raw = compose_raw("train", [f"model.generator.pretrained={encoder}"], tmp_path)
     with pytest.raises(UserError, match=f"^model.generator.pretrained: {encoder} is a bert model, not a "
                                         "sequence-to-sequence model"):
-        checked(raw)
+        preflight(checked(raw))
     generator = write_generator_folder(tmp_path / "t5", "t5", ["some words"])
     raw = compose_raw("train", [f"model.generator.pretrained={generator}",
                                 f"kb.generator_tokenizer.path={encoder}"], tmp_path)
     with pytest.raises(UserError, match=f"^kb.generator_tokenizer.path: {encoder} \\([0-9a-f]{{12}}\\) is not the "
                                         f"tokenizer of the generator \\({generator}: "):
-        checked(raw)
+        preflight(checked(raw))
     same = compose_raw("train", [f"model.generator.pretrained={generator}",
                                  f"kb.generator_tokenizer.path={generator}"], tmp_path)
-    assert checked(same).model.generator.pretrained == str(generator)
+    assert preflight(checked(same)).model.generator.pretrained == str(generator)
 
 
 def test_a_rag_folder_gives_its_values_unless_the_config_sets_them(tmp_path):

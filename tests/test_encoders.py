@@ -16,9 +16,9 @@ from sentence_transformers import SentenceTransformer
 from transformers import BertModel, DPRContextEncoder, DPRQuestionEncoder
 
 from rag_lightning.config import EncoderConfig
+from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
+from rag_lightning.encoders.folders import COSINE_SCORE_SCALE, resolve_encoder, save_encoder_folder
 from rag_lightning.errors import UserError
-from rag_lightning.model.encoder_folders import COSINE_SCORE_SCALE, resolve_encoder, save_encoder_folder
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from retrieval_workers.encoding import TextEncoder, encode_token_ids
 
 from helpers import ENCODER_FOLDER_KINDS, TINY_DPR_PROJECTION, write_encoder_folder

@@ -243,7 +243,7 @@ def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ra
     run_dir, steps = tmp_path / "run", 200
     overrides = ["experiment=tiny", f"service.ray_address={address}", "service.namespace=node_loss",
                  "index.replicas=2", f"trainer.max_steps={steps}", "trainer.val_check_interval=100",
-                 "trainer.checkpoint_every_n_steps=20"]
+                 "checkpoint_every_n_steps=20"]
     _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
     spec = ServiceSpec(kb_dir=str(run_dir / "kb"), num_shards=2, num_replicas=2, namespace="node_loss")
     names = [spec.actor_name(shard, replica) for shard in range(2) for replica in range(2)]
@@ -282,7 +282,7 @@ def test_a_two_node_ddp_job_that_lost_a_node_resumes_from_its_last_checkpoint_wh
     run_dir, steps = tmp_path / "run", 200
     overrides = ["experiment=tiny", f"service.ray_address={address}", "service.namespace=ddp_loss",
                  "index.replicas=2", f"trainer.max_steps={steps}", "trainer.val_check_interval=100",
-                 "trainer.checkpoint_every_n_steps=20", "trainer.strategy=ddp", "trainer.num_nodes=2",
+                 "checkpoint_every_n_steps=20", "trainer.strategy=ddp", "trainer.num_nodes=2",
                  "data.batch_size=4"]
     _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
 

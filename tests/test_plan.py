@@ -15,6 +15,7 @@ from rag_lightning.capacity.plan_model import GIB, MIB, make_plan
 from rag_lightning.config import PlanConfig, checked
 from rag_lightning.errors import UserError
 from rag_lightning.plan import main
+from rag_lightning.preflight import preflight
 
 # A random context encoder of dim 64 (no folder read), every plan-only figure given, so that no measured figure
 # but the search and build times enters the plans below
@@ -27,7 +28,7 @@ def plan_config(tmp_path: Path, *overrides: str) -> PlanConfig:
     node = OmegaConf.structured(PlanConfig)
     node.paths.run_dir = str(tmp_path)
     node.merge_with_dotlist([*TINY, *overrides])
-    return checked(node)
+    return preflight(checked(node))
 
 
 def plan_of(tmp_path: Path, *overrides: str):
@@ -37,7 +38,7 @@ def plan_of(tmp_path: Path, *overrides: str):
 def test_a_flat_plan_by_hand(tmp_path):
     plan = plan_of(tmp_path, "plan.passages=1000", "index.factory=Flat", "index.shards=2", "index.replicas=1",
                    "trainer.num_nodes=1", "trainer.devices=2", "data.batch_size=4", "plan.steps_per_s=3",
-                   "trainer.accumulate_grad_batches=2", "retriever.train_ctx_encoder=true",
+                   "trainer.accumulate_grad_batches=2", "retriever.train_context_encoder=true",
                    "index_refresh.every_n_steps=1000", "index_refresh.workers=1", "index_refresh.keep_versions=2")
     shard = 500
     index = shard * 64 * 4                               # Flat: the vectors as float32
@@ -107,13 +108,13 @@ FITS = ["plan.passages=100000", "index.factory=Flat", "index.shards=2", "index.r
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["plan.node_memory_gib=1"], "plan.node_memory_gib"),
-    (["retriever.train_ctx_encoder=true", "index_refresh.every_n_steps=10", "plan.steps_per_s=10"],
+    (["retriever.train_context_encoder=true", "index_refresh.every_n_steps=10", "plan.steps_per_s=10"],
      "between refreshes"),
     (["plan.steps_per_s=1000"], "queries/s of every shard"),
     (["index.factory='IVF65536,PQ8'"], "cannot train"),
     (["index.factory='IVF2048,PQ8'"], "39 a centroid"),
     (["index.replicas=3"], "share a node"),
-    (["trainer.accelerator=gpu", "retriever.train_ctx_encoder=true", "index_refresh.every_n_steps=5000",
+    (["trainer.accelerator=gpu", "retriever.train_context_encoder=true", "index_refresh.every_n_steps=5000",
       "index_refresh.worker_gpus=1"], "plan.gpus_per_node"),
 ])
 def test_each_warning_fires_and_only_then(tmp_path, overrides, fragment):
@@ -130,7 +131,7 @@ def test_embeddings_beyond_the_page_cache_are_warned_apart_from_resident_memory(
 
 
 def test_a_refresh_that_keeps_up_is_not_warned(tmp_path):
-    plan = plan_of(tmp_path, *FITS, "retriever.train_ctx_encoder=true", "index_refresh.every_n_steps=5000",
+    plan = plan_of(tmp_path, *FITS, "retriever.train_context_encoder=true", "index_refresh.every_n_steps=5000",
                    "plan.steps_per_s=1")
     assert plan.refresh["wall_s"] == pytest.approx(math.ceil(2 / 1) * 50_000 / 50)
     assert plan.refresh["wall_s"] < plan.refresh["interval_s"] and plan.warnings == []
@@ -140,7 +141,7 @@ def test_a_refresh_that_keeps_up_is_not_warned(tmp_path):
     ([], "plan.passages"),
     (["plan.passages=1e6", "plan.node_memory_gib=0"], "plan.node_memory_gib"),
     (["plan.passages=1e6", "index.factory=NoSuchIndex"], "index.factory"),
-    (["plan.passages=1e6", "index.search_params=nprobe"], "index.search_params"),
+    (["plan.passages=1e6", "service.search_params=nprobe"], "service.search_params"),
     (["plan.passages=1e6", "trainer.devices=auto"], "trainer.devices"),
 ])
 def test_a_bad_value_is_refused_naming_its_key(tmp_path, overrides, key):

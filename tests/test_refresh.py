@@ -31,8 +31,8 @@ from rag_lightning.config import (
 )
 from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.data.demo import write_demo_data
+from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
 from rag_lightning.kb.build import build_knowledge_base
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
 from rag_lightning.model.rag_module import RagModule
 from retrieval_workers.encoding import encode_token_ids
 from retrieval_workers.kb_store import MANIFEST, PassageTable, load_embeddings, read_manifest, read_version_step
@@ -218,7 +218,7 @@ def _tiny_module(kb_dir: str, spec, **retriever) -> RagModule:
     model = ModelConfig(kind="rag_sequence", n_docs=2, question_encoder=tiny_encoder_config(),
                         generator=GeneratorConfig(d_model=32, layers=1, heads=2, ffn_dim=64, dropout=0.0),
                         max_context_tokens=64, max_answer_tokens=8, num_beams=1)
-    return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig(train_ctx_encoder=True, **retriever)),
+    return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig(train_context_encoder=True, **retriever)),
                      optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
 
 

@@ -102,7 +102,7 @@ def test_usr1_saves_requeues_and_the_job_resumes_from_its_checkpoint(slurm_clust
     finishes."""
     run_dir, steps = tmp_path / "run", 200
     job = _submit(run_dir, subprocess_env, f"trainer.max_steps={steps}", "trainer.val_check_interval=100",
-                  "trainer.checkpoint_every_n_steps=20", "trainer.log_every_n_steps=5")
+                  "checkpoint_every_n_steps=20", "trainer.log_every_n_steps=5")
     log = Path(f"{run_dir}.out")
     _wait_until(lambda: any((run_dir / "checkpoints").glob("step*.ckpt")), 300, "a periodic checkpoint", log)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)

@@ -65,8 +65,8 @@ def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_p
     """model.generator.pretrained=minilm: the real pretrained MiniLM on both sides of the generator; the knowledge
     base tokenizes its passages with MiniLM's tokenizer without being told, and the job evaluates, trains and
     tests through it."""
+    from rag_lightning.encoders.folders import bundled_minilm
     from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
-    from rag_lightning.model.encoder_folders import bundled_minilm
 
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny",
@@ -85,7 +85,7 @@ def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_p
 def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_path, subprocess_env):
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny",
-                           "retriever.train_ctx_encoder=true", "index_refresh=background",
+                           "retriever.train_context_encoder=true", "index_refresh=background",
                            "index_refresh.every_n_steps=2", "index_refresh.blocking=true", f"hydra.run.dir={run_dir}"],
                           cwd=REPO_ROOT, env=subprocess_env,
                           capture_output=True, text=True, timeout=600)
@@ -161,7 +161,7 @@ def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_en
 def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, subprocess_env):
     run_dir, steps = tmp_path / "run", 400
     command = [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", f"trainer.max_steps={steps}",
-               "trainer.val_check_interval=200", "trainer.checkpoint_every_n_steps=20", f"hydra.run.dir={run_dir}"]
+               "trainer.val_check_interval=200", "checkpoint_every_n_steps=20", f"hydra.run.dir={run_dir}"]
     first = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -203,7 +203,7 @@ def test_a_stop_signal_ends_every_rank_of_a_ddp_run_together(tmp_path, subproces
     run_dir, name = tmp_path / "run", signal.Signals(signum).name
     command = [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", "trainer.devices=2",
                "trainer.strategy=ddp", "data.batch_size=4", "trainer.max_steps=5000", "trainer.val_check_interval=100",
-               "trainer.checkpoint_every_n_steps=2", f"hydra.run.dir={run_dir}"]
+               "checkpoint_every_n_steps=2", f"hydra.run.dir={run_dir}"]
     with open(tmp_path / "stderr", "w+") as err:
         job = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=err,
                                start_new_session=True)

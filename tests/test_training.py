@@ -130,13 +130,13 @@ def test_frozen_question_encoder_gets_no_gradient(service):
 
 
 def test_context_encoder_gets_gradients_only_when_trained(service):
-    # train_ctx_encoder=false: the stored embeddings are used and there is no context encoder to update
+    # train_context_encoder=false: the stored embeddings are used and there is no context encoder to update
     module, _, batch = _module_and_batch(service, "rag_sequence")
     assert module.context_encoder is None
     assert not any("context_encoder" in name for name, _ in module.named_parameters())
     module.training_step(batch, 0)["loss"].backward()
 
-    module, _, batch = _module_and_batch(service, "rag_sequence", train_ctx_encoder=True)
+    module, _, batch = _module_and_batch(service, "rag_sequence", train_context_encoder=True)
     # it starts from the knowledge base's encoder: re-embedding the retrieved passages gives the stored rows
     module.eval()          # no dropout
     result = module.retrieve(batch).result
@@ -163,7 +163,7 @@ def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_fa
     service = running_service(tmp_path_factory, EncoderConfig(pretrained=str(context_folder)))
     try:
         module, datamodule, batch = _module_and_batch(service, "rag_sequence", model_cfg=_model_config(
-            "rag_sequence", EncoderConfig(pretrained=str(question_folder))), train_ctx_encoder=True)
+            "rag_sequence", EncoderConfig(pretrained=str(question_folder))), train_context_encoder=True)
         encoders = (module.question_encoder, module.context_encoder)
         assert module.retriever_cfg.score_scale == {"dpr_question": 1.0}.get(folders[0], 20.0)
         assert [type(e.model).__name__ for e in encoders] == \
@@ -207,7 +207,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(service):
     result (dropout included: the recomputation replays the random state)."""
     def loss_and_gradients(checkpointing: bool):
         model_cfg = _model_config("rag_sequence", gradient_checkpointing=checkpointing)
-        module, _, batch = _module_and_batch(service, "rag_sequence", model_cfg=model_cfg, train_ctx_encoder=True)
+        module, _, batch = _module_and_batch(service, "rag_sequence", model_cfg=model_cfg, train_context_encoder=True)
         assert module.rag.generator.is_gradient_checkpointing == checkpointing
         module.train()
         torch.manual_seed(1)
@@ -357,7 +357,7 @@ def test_the_objective_trains_the_retriever_and_the_rag_loss_the_generator(servi
 def test_candidates_are_reranked_by_the_current_context_encoder(service):
     """The context encoder changed after the index was built: the reader's passages are the best n_docs of the
     K candidates by fresh scores."""
-    module, _, batch = _module_and_batch(service, "rag_sequence", train_ctx_encoder=True, candidates=6)
+    module, _, batch = _module_and_batch(service, "rag_sequence", train_context_encoder=True, candidates=6)
     module.eval()
     with torch.no_grad():
         for p in module.context_encoder.parameters():

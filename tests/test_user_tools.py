@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from rag_lightning.callbacks.checkpoints import read_checkpoint
 from rag_lightning.config import MODEL_DEFAULTS, ModelConfig, OptimConfig, RetrieverConfig
 from rag_lightning.data.demo import write_demo_data
 from rag_lightning.evaluation.metrics import normalize_answer
+from rag_lightning.model.checkpoint_file import read_checkpoint
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.model.trained_model import load_trained_model
 from retrieval_workers.index_shard import IndexShard
@@ -66,7 +66,7 @@ def tiny_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_evaluate_reproduces_the_training_test_and_writes_every_prediction(tiny_run, tmp_path):
     trained = json.loads((tiny_run / "results.json").read_text())
-    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "max_examples=16",
+    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "max_eval_examples=16",
          f"hydra.run.dir={tmp_path / 'eval'}")
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -128,7 +128,7 @@ def test_retrieval_only_evaluate_equals_a_brute_force_ranking(tiny_run, tmp_path
     """mode=retrieval at k up to above the knowledge base's size (n_docs is 2): no generation, the checkpoint's
     question encoder ranked against every stored embedding."""
     trained = json.loads((tiny_run / "results.json").read_text())
-    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "mode=retrieval", "k=[1,5,20,100]",
+    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "mode=retrieval", "eval_k=[1,5,20,100]",
          f"hydra.run.dir={tmp_path / 'eval'}")
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     ks = [1, 2, 5, 20, 100]         # and n_docs
@@ -151,12 +151,12 @@ def test_retrieval_only_evaluate_equals_a_brute_force_ranking(tiny_run, tmp_path
 
 @pytest.mark.slow
 def test_retrieval_only_evaluate_without_a_checkpoint_scores_the_knowledge_bases_encoder(tiny_run, tmp_path):
-    from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
+    from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
     from rag_lightning.model.rag_module import kb_encoder_config
 
     kb_dir = tiny_run / "kb"
     _cli("rag_lightning.evaluate", "mode=retrieval", f"kb.dir={kb_dir}", "data=files",
-         f"data.dir={tiny_run / 'data'}", "k=[1,3,50]", f"hydra.run.dir={tmp_path / 'eval'}")
+         f"data.dir={tiny_run / 'data'}", "eval_k=[1,3,50]", f"hydra.run.dir={tmp_path / 'eval'}")
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     examples = [json.loads(line) for line in (tiny_run / "data" / "test.jsonl").read_text().splitlines()]
     encoder_cfg = kb_encoder_config(read_manifest(kb_dir))
@@ -177,10 +177,10 @@ def test_retrieval_only_evaluate_re_encodes_for_a_trained_context_encoder(tmp_pa
     """A checkpoint whose context encoder trained past the index it trained against (no refresh): the knowledge
     base is re-encoded by that encoder into a new version, which the ranking uses, and no version is pruned."""
     run_dir = tmp_path / "run"
-    _cli("rag_lightning.train", "experiment=tiny", "retriever.train_ctx_encoder=true", "optim.ctx_encoder_lr=1e-2",
+    _cli("rag_lightning.train", "experiment=tiny", "retriever.train_context_encoder=true", "optim.context_encoder_lr=1e-2",
          "evaluate_before_training=false", f"hydra.run.dir={run_dir}")
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    _cli("rag_lightning.evaluate", f"ckpt_path={checkpoint}", "mode=retrieval", "k=[1,5]",
+    _cli("rag_lightning.evaluate", f"ckpt_path={checkpoint}", "mode=retrieval", "eval_k=[1,5]",
          f"hydra.run.dir={tmp_path / 'eval'}")
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     kb_dir = run_dir / "kb"

@@ -19,8 +19,7 @@ def test_offline_wandb_run_logs_config_metrics_and_samples_and_never_the_key(tmp
     env = {**subprocess_env, "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1",    # as in a requeued job
            "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"}                     # a key, but WANDB_MODE honoured
     proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny", "logger=wandb",
-                           # the index_refresh group by its old name, as scripts written before the rename give it
-                           "retriever.train_ctx_encoder=true", "refresh=background", "refresh.every_n_steps=3",
+                           "retriever.train_context_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=3",
                            f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,7 +2,7 @@
 
 A run directory holds `checkpoints/best-stepN.ckpt` (best validation EM),
 `checkpoints/last.ckpt` (the newest state: after every validation and when training ends),
-`checkpoints/stepN.ckpt` (every trainer.checkpoint_every_n_steps steps, the newest kept)
+`checkpoints/stepN.ckpt` (every checkpoint_every_n_steps steps, the newest kept)
 and, after a SLURM pre-emption signal, Lightning's `hpc_ckpt_K.ckpt`. A job started again
 on the same run directory (a requeued SLURM job: its run directory is keyed on the job id)
 resumes from the newest of them. AtomicCheckpointIO writes each under a temporary name beside
@@ -12,7 +12,6 @@ default), which Hydra's command line would refuse in `ckpt_path=...` unless quot
 from __future__ import annotations
 
 import io
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,9 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
 
 from rag_lightning.errors import UserError
-from retrieval_workers.atomic_files import atomic_write_bytes
+from retrieval_workers import atomic_write_bytes
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -82,40 +80,3 @@ def resume_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:
         return ckpt_path
     found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
-
-
-def read_checkpoint(ckpt_path: str) -> dict:
-    """A checkpoint's contents, loaded with torch's weights_only (no arbitrary code); a file that is not a
-    readable checkpoint is refused naming it."""
-    try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"ckpt_path: {ckpt_path} is not a readable checkpoint, truncated or corrupted? "
-                        f"({reason})") from None
-
-
-def check_checkpoint_fits(ckpt_path: str, module: nn.Module, model_config: dict) -> None:
-    """Refuse a checkpoint whose weights do not fit the configured model, naming the config keys that differ."""
-    checkpoint = read_checkpoint(ckpt_path)
-    saved, expected = checkpoint.get("state_dict", {}), module.state_dict()
-    misfits = sorted(set(saved) ^ set(expected)) + [name for name in expected
-                                                    if name in saved and saved[name].shape != expected[name].shape]
-    if misfits:
-        trained_with = checkpoint.get("hyper_parameters", {}).get("model", {})
-        keys = [f"model.{key} ({old} there, {new} here)"
-                for key, old, new in _differences(trained_with, model_config)] or ["the model config"]
-        raise UserError(f"ckpt_path: {ckpt_path} was trained with another model: {', '.join(keys[:4])}; "
-                        f"{len(misfits)} weights do not fit, e.g. {misfits[0]}")
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, old value, new value) for every leaf of two nested config dicts that differs."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append((f"{prefix}{key}", a, b))
-    return out

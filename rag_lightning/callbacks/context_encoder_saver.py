@@ -10,8 +10,8 @@ from pathlib import Path
 
 import lightning as L
 
-from rag_lightning.model.encoder_folders import resolve_encoder, save_encoder_folder
-from retrieval_workers.atomic_files import staged_directory
+from rag_lightning.encoders.folders import resolve_encoder, save_encoder_folder
+from retrieval_workers import staged_directory
 
 
 class SaveContextEncoder(L.Callback):

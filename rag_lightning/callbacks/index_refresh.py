@@ -18,8 +18,7 @@ import time
 import lightning as L
 import ray
 
-from retrieval_workers.refresh import coordinator_name
-from retrieval_workers.types import RefreshReport, ServiceSpec
+from retrieval_workers import RefreshReport, ServiceSpec, coordinator_name
 
 log = logging.getLogger(__name__)
 

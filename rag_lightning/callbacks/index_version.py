@@ -13,12 +13,10 @@ import logging
 import lightning as L
 
 from rag_lightning.callbacks.index_refresh import IndexRefresh
-from retrieval_workers.kb_store import KnowledgeBaseError, activate_kept_version, read_manifest
-from retrieval_workers.service import switch_version
-from retrieval_workers.types import ServiceSpec
+from rag_lightning.model.checkpoint_file import INDEX_VERSION_KEY
+from retrieval_workers import KnowledgeBaseError, ServiceSpec, activate_kept_version, read_manifest, switch_version
 
 log = logging.getLogger(__name__)
-CHECKPOINT_KEY = "index_version"
 
 
 class IndexVersionCheckpointing(L.Callback):
@@ -32,12 +30,12 @@ class IndexVersionCheckpointing(L.Callback):
         self.version = outputs["index_version"]
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = self.version
+        checkpoint[INDEX_VERSION_KEY] = self.version
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if CHECKPOINT_KEY in checkpoint:
-            self.version = checkpoint[CHECKPOINT_KEY]
-            self.to_restore = (checkpoint[CHECKPOINT_KEY], checkpoint["global_step"])
+        if INDEX_VERSION_KEY in checkpoint:
+            self.version = checkpoint[INDEX_VERSION_KEY]
+            self.to_restore = (checkpoint[INDEX_VERSION_KEY], checkpoint["global_step"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore(trainer, pl_module)

@@ -14,7 +14,7 @@ from collections import deque
 import lightning as L
 import numpy as np
 
-from retrieval_workers.kb_store import KnowledgeBaseError, read_manifest, read_version_step
+from retrieval_workers import KnowledgeBaseError, read_manifest, read_version_step
 
 
 def normalized_entropy(ids: np.ndarray) -> float:

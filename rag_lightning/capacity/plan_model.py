@@ -24,7 +24,7 @@ n passages (plan.passages), S shards, R replicas, N nodes (trainer.num_nodes), G
   refresh             encoder actors take the shards in turn: ceil(S / workers) x (n_s / rate + build(n_s) / threads);
                       rate: plan.encode_rate, or the table's row of the device (measured.py) scaled by the encoder's
                       FLOPs a passage, and on a CPU by its threads (index_refresh.worker_cpus)
-  search              a replica answers one call of B = data.batch_size queries at a time on index.omp_threads:
+  search              a replica answers one call of B = data.batch_size queries at a time on service.omp_threads:
                       B / (Ray's call + B x search(n_s) / min(B, threads)) queries/s (timing.py); a shard gives R
                       times that; the trainers ask N x G x steps/s x B x accumulate_grad_batches, every query of
                       every shard
@@ -39,7 +39,7 @@ from rag_lightning.capacity import measured
 from rag_lightning.capacity.index_model import FLOAT_BYTES, IndexModel, index_model
 from rag_lightning.capacity.timing import build_seconds, search_params, search_seconds
 from rag_lightning.config import EncoderConfig, PlanConfig
-from rag_lightning.model.encoder_folders import resolve_encoder
+from rag_lightning.encoders.folders import resolve_encoder
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -196,8 +196,8 @@ def _refresh(cfg: PlanConfig, model: IndexModel, encoder: EncoderShape, shard_n:
 
 
 def _search(cfg: PlanConfig, model: IndexModel, shard_n: int, ranks: int, assumptions: list[str]) -> dict:
-    batch, threads = cfg.data.batch_size, cfg.index.omp_threads
-    per_query = search_seconds(model, shard_n, search_params(cfg.index.search_params))
+    batch, threads = cfg.data.batch_size, cfg.service.omp_threads
+    per_query = search_seconds(model, shard_n, search_params(cfg.service.search_params))
     call = measured.RAY_CALL_S + batch * per_query / min(batch, threads)
     replica_qps = batch / call
     capacity = cfg.index.replicas * replica_qps
@@ -207,7 +207,7 @@ def _search(cfg: PlanConfig, model: IndexModel, shard_n: int, ranks: int, assump
                        f"from one-thread searches measured here (bench/plan_figures.py; {measured.SEARCH_SOURCE}), "
                        f"+ {measured.RAY_CALL_S * 1e3:g} ms of Ray a call (bench/README.md), one call of "
                        f"{batch} queries (data.batch_size) at a time a replica, {threads} thread(s) "
-                       "(index.omp_threads)")
+                       "(service.omp_threads)")
     return {"ms_per_query": per_query * 1e3, "ms_per_call": call * 1e3, "replica_qps": replica_qps,
             "capacity_qps": capacity, "demand_qps": demand, "utilisation": demand / capacity}
 
@@ -244,7 +244,7 @@ def _warnings(cfg: PlanConfig, plan: Plan, model: IndexModel, shard_n: int) -> l
     if search["demand_qps"] > search["capacity_qps"]:
         warnings.append(f"the trainers ask {search['demand_qps']:,.0f} queries/s of every shard, more than its "
                         f"{cfg.index.replicas} replica(s) answer ({search['capacity_qps']:,.0f}/s): add "
-                        "index.replicas or index.omp_threads")
+                        "index.replicas or service.omp_threads")
     if shard_n < model.train_min:
         warnings.append(f"index.factory={cfg.index.factory}: a shard of {shard_n:,} passages cannot train it "
                         f"(faiss needs at least {model.train_min:,} vectors); use fewer shards or fewer centroids")

@@ -24,12 +24,12 @@ from rag_lightning.errors import UserError
 
 KMEANS_ITERATIONS = 25
 KMEANS_MAX_POINTS_PER_CENTROID = 256
-DEFAULT_NPROBE = 1                  # faiss' defaults, where index.search_params does not set them
+DEFAULT_NPROBE = 1                  # faiss' defaults, where service.search_params does not set them
 DEFAULT_EF_SEARCH = 16
 
 
-def search_params(text: str, key: str = "index.search_params") -> dict[str, float]:
-    """index.search_params ("nprobe=16,efSearch=64") as a dict."""
+def search_params(text: str, key: str = "service.search_params") -> dict[str, float]:
+    """service.search_params ("nprobe=16,efSearch=64") as a dict."""
     params = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")

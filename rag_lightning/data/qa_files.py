@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rag_lightning.data.text_files import jsonl_rows, read_utf8, utf8_lines
 from rag_lightning.errors import UserError
+from rag_lightning.text_files import jsonl_rows, read_utf8, utf8_lines
 
 
 @dataclass

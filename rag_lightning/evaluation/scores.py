@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from rag_lightning.evaluation.metrics import contains_answer, exact_match, f1_score
-from retrieval_workers.kb_store import PassageTable
+from retrieval_workers import PassageTable
 
 
 def first_rank(hits: list[bool]) -> int | None:

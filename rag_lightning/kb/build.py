@@ -37,28 +37,30 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rag_lightning.config import IndexConfig, KBConfig
+from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
+from rag_lightning.encoders.folders import resolve_encoder
 from rag_lightning.errors import UserError
 from rag_lightning.kb.generator_tokenizer import extra_texts, load_generator_tokenizer, train_tokenizer
 from rag_lightning.kb.hf_format import HFPassages, is_hf_passages_folder, read_hf_passages
 from rag_lightning.kb.passage_text import PASSAGE_FORMAT, passage_text
 from rag_lightning.kb.source import Passage, read_documents, split_into_passages
-from rag_lightning.model.encoder_folders import resolve_encoder
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer
-from retrieval_workers.atomic_files import staged_directory
-from retrieval_workers.encoding import TextEncoder
-from retrieval_workers.kb_lock import LOCK_NAME
-from retrieval_workers.kb_store import (
+from retrieval_workers import (
+    LOCK_NAME,
     KnowledgeBaseError,
     Manifest,
     PassageTable,
+    ShardTimes,
+    TextEncoder,
+    build_shard,
     commit_version,
     passage_table_writer,
     read_manifest,
     sha256_file,
     shard_ranges,
+    staged_directory,
+    write_shard,
     write_version_info,
 )
-from retrieval_workers.shard_build import ShardTimes, build_shard, write_shard
 
 log = logging.getLogger(__name__)
 

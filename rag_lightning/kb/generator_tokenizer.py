@@ -10,15 +10,12 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from rag_lightning.config import GeneratorTokenizerConfig
 from rag_lightning.errors import UserError
-
-if TYPE_CHECKING:       # config.py compares tokenizers with tokenizer_fingerprint
-    from rag_lightning.config import GeneratorTokenizerConfig
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 

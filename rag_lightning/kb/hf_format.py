@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from rag_lightning.errors import UserError
-from retrieval_workers.shard_build import build_index
+from retrieval_workers import build_index
 
 COLUMNS = ("title", "text", "embeddings")
 

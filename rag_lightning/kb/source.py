@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_lightning.data.text_files import jsonl_rows, utf8_lines
 from rag_lightning.errors import UserError
+from rag_lightning.text_files import jsonl_rows, utf8_lines
 
 
 @dataclass

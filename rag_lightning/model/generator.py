@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -22,12 +21,10 @@ from transformers import (
     RagTokenForGeneration,
 )
 
+from rag_lightning.config import ModelConfig
+from rag_lightning.encoders.folders import bundled_minilm
 from rag_lightning.errors import UserError
-from rag_lightning.model.encoder_folders import bundled_minilm
-from retrieval_workers.encoding import TextEncoder
-
-if TYPE_CHECKING:       # config.py checks a generator folder with check_generator_folder
-    from rag_lightning.config import ModelConfig
+from retrieval_workers import TextEncoder
 
 RAG_CLASSES = {"rag_sequence": RagSequenceForGeneration, "rag_token": RagTokenForGeneration}
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, RagConfig, RagSequenceForGeneration, RagTokenizer
 
+from rag_lightning.config import ModelConfig
 from rag_lightning.errors import UserError
 from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
 from rag_lightning.model.generator import RAG_CLASSES, read_model_config, ready_for_rag, set_model_values
-
-if TYPE_CHECKING:       # config.py reads a RAG folder with read_rag_folder
-    from rag_lightning.config import ModelConfig
+from retrieval_workers import POOLER
 
 QUESTION_TOKENIZER, GENERATOR_TOKENIZER = "question_encoder_tokenizer", "generator_tokenizer"   # RagTokenizer's
 
@@ -88,3 +86,14 @@ def write_rag_folder(folder: Path, question_encoder: Path, generator: Path, **ra
     RagTokenizer(question_encoder=AutoTokenizer.from_pretrained(str(question_encoder)),
                  generator=AutoTokenizer.from_pretrained(str(generator))).save_pretrained(str(folder))
     return folder
+
+
+def export_mismatch(pooling: str, normalize: bool, score_scale: float) -> str | None:
+    """What keeps a model from exporting exactly, given how its question encoder makes its vectors and the scale
+    of its scores; None when nothing does. train says it at start-up, export refuses the checkpoint with it."""
+    if pooling in ("cls", POOLER) and not normalize and score_scale == 1:
+        return None
+    return (f"model.question_encoder.pooling={pooling}, normalize={str(normalize).lower()} and retriever.score_scale="
+            f"{score_scale:g}; transformers' RAG scores passages by the raw [CLS] vector of its question encoder "
+            "(DPRQuestionEncoder), so only pooling=cls (or a DPR encoder), normalize=false and score_scale=1 export "
+            "exactly")

@@ -4,7 +4,7 @@ One training step: encode the questions (gradients flow), ONE search call per sh
 the top K candidates (retriever.candidates, at least n_docs) with their embeddings and
 token ids, scores = q . candidate embeddings, and the best n_docs go to the reader:
 contexts = stored passage ids + question ids (laid out as transformers' RagRetriever does),
-then the RAG marginal NLL. With retriever.train_ctx_encoder the candidates are re-embedded by
+then the RAG marginal NLL. With retriever.train_context_encoder the candidates are re-embedded by
 the current context encoder, so gradients reach it too, and re-ranked by those fresh scores.
 retriever.objective says what the retriever learns from: the RAG loss (marginal) or an
 objective of its own (rag_lightning/model/retriever_objectives.py), the RAG loss then
@@ -25,19 +25,26 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from rag_lightning.config import EncoderConfig, ModelConfig, OptimConfig, RetrieverConfig
+from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer, transformer_body
 from rag_lightning.errors import UserError
 from rag_lightning.evaluation.metrics import contains_answer
 from rag_lightning.evaluation.scores import answer_scores, ranked_records
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 from rag_lightning.model.contexts import ContextLayout, join_contexts
-from rag_lightning.model.encoders import build_encoder, load_encoder_tokenizer, transformer_body
+from rag_lightning.model.folder_settings import fill_model_settings, fill_score_scale, own_generator_tokenizer
 from rag_lightning.model.generator import build_rag, decoder_prefix
 from rag_lightning.model.rag_folder import load_rag_folder
 from rag_lightning.model.retriever_objectives import answer_log_likelihoods, distant_loss, emdr2_loss, pdist_loss
-from retrieval_workers.encoding import POOLER, TextEncoder
-from retrieval_workers.kb_store import Manifest, PassageTable, read_manifest
-from retrieval_workers.service import RetrievalClient
-from retrieval_workers.types import SearchResult, ServiceSpec
+from retrieval_workers import (
+    POOLER,
+    Manifest,
+    PassageTable,
+    RetrievalClient,
+    SearchResult,
+    ServiceSpec,
+    TextEncoder,
+    read_manifest,
+)
 
 
 class RagModule(L.LightningModule):
@@ -52,12 +59,12 @@ class RagModule(L.LightningModule):
     def __init__(self, model: dict, retriever: dict, optim: dict, service: dict, data_dir: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.model_cfg: ModelConfig = _structured(ModelConfig, model).fill_unset()
+        self.model_cfg: ModelConfig = fill_model_settings(_structured(ModelConfig, model))
         self.optim_cfg: OptimConfig = _structured(OptimConfig, optim)
         self.service_spec = ServiceSpec(**service)
         manifest = read_manifest(self.service_spec.kb_dir)
-        self.retriever_cfg: RetrieverConfig = _structured(RetrieverConfig, retriever).fill_unset(
-            self.model_cfg, kb_encoder_config(manifest))
+        self.retriever_cfg: RetrieverConfig = fill_score_scale(_structured(RetrieverConfig, retriever),
+                                                                           self.model_cfg, kb_encoder_config(manifest))
         self.hparams.retriever = {**retriever, "score_scale": self.retriever_cfg.score_scale}   # checkpoints keep it
         self.passages_file = manifest.passages_file
         self.generator_tokenizer = self._generator_tokenizer(f"{self.service_spec.kb_dir}/"
@@ -77,7 +84,7 @@ class RagModule(L.LightningModule):
         self.question_encoder.requires_grad_(self.retriever_cfg.train_question_encoder)
         self.rag.generator.requires_grad_(self.model_cfg.generator.train)
         self.context_encoder: TextEncoder | None = None
-        if self.retriever_cfg.train_ctx_encoder:     # the knowledge base's encoder, from the weights that built it
+        if self.retriever_cfg.train_context_encoder:     # the knowledge base's encoder, from the weights that built it
             self.context_encoder_cfg = kb_encoder_config(manifest)
             self.context_tokenizer = load_encoder_tokenizer(self.context_encoder_cfg, "kb.context_encoder")
             self.context_encoder = build_encoder(self.context_encoder_cfg, self.context_tokenizer,
@@ -99,7 +106,7 @@ class RagModule(L.LightningModule):
         retriever or reader behaves in training as it does at evaluation."""
         super().train(mode)
         for part, trains in ((self.question_encoder, self.retriever_cfg.train_question_encoder),
-                             (self.context_encoder, self.retriever_cfg.train_ctx_encoder),
+                             (self.context_encoder, self.retriever_cfg.train_context_encoder),
                              (self.rag.generator, self.model_cfg.generator.train)):
             if part is not None and not trains:
                 part.eval()
@@ -109,7 +116,7 @@ class RagModule(L.LightningModule):
         """The knowledge base's generator tokenizer, which made the passages' ids; a pretrained generator brings
         its own, and the two must be one."""
         kb_tokenizer = load_generator_tokenizer(kb_tokenizer_dir)
-        own_dir = self.model_cfg.own_generator_tokenizer()
+        own_dir = own_generator_tokenizer(self.model_cfg)
         if own_dir is None:
             return kb_tokenizer
         own = load_generator_tokenizer(own_dir)
@@ -230,7 +237,7 @@ class RagModule(L.LightningModule):
         groups = []
         for part, lr in ((self.rag.generator, self.optim_cfg.lr),
                          (self.question_encoder, self.optim_cfg.question_encoder_lr),
-                         (self.context_encoder, self.optim_cfg.ctx_encoder_lr)):
+                         (self.context_encoder, self.optim_cfg.context_encoder_lr)):
             params = [p for p in part.parameters() if p.requires_grad] if part is not None else []
             if params:
                 groups.append({"params": params, "lr": lr})

@@ -19,16 +19,25 @@ from pathlib import Path
 
 import ray
 
-from rag_lightning.callbacks.checkpoints import read_checkpoint
-from rag_lightning.callbacks.index_version import CHECKPOINT_KEY
 from rag_lightning.config import ServiceConfig
 from rag_lightning.errors import UserError
+from rag_lightning.model.checkpoint_file import INDEX_VERSION_KEY, read_checkpoint
 from rag_lightning.model.rag_module import RagModule
-from retrieval_workers.kb_store import Manifest, read_manifest, read_version_step
-from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect, local_ray_answers
-from retrieval_workers.refresh import launch_refresher, shutdown_refresher
-from retrieval_workers.service import launch_service, shutdown_service, switch_version
-from retrieval_workers.types import RefreshSpec, ServiceSpec
+from retrieval_workers import (
+    RAY_ADDRESS_ENV,
+    Manifest,
+    RefreshSpec,
+    ServiceSpec,
+    connect,
+    launch_refresher,
+    launch_service,
+    local_ray_answers,
+    read_manifest,
+    read_version_step,
+    shutdown_refresher,
+    shutdown_service,
+    switch_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +58,7 @@ def load_trained_model(ckpt_path: str) -> TrainedModel:
         raise UserError(f"ckpt_path: {ckpt_path} is not a checkpoint of rag_lightning.train")
     module = RagModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
-    return TrainedModel(module.eval(), checkpoint.get(CHECKPOINT_KEY), int(checkpoint.get("global_step", 0)))
+    return TrainedModel(module.eval(), checkpoint.get(INDEX_VERSION_KEY), int(checkpoint.get("global_step", 0)))
 
 
 def index_version_to_serve(trained: TrainedModel, manifest: Manifest) -> int:

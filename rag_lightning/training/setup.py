@@ -23,12 +23,18 @@ from rag_lightning.data.qa_files import QAExample, read_split
 from rag_lightning.errors import UserError
 from rag_lightning.evaluation.metrics import answer_patterns, holds_pattern
 from rag_lightning.kb.build import build_knowledge_base
-from retrieval_workers.kb_lock import writer_lock
-from retrieval_workers.kb_store import Manifest, PassageTable, read_manifest
-from retrieval_workers.ray_runtime import connect
-from retrieval_workers.refresh import launch_refresher
-from retrieval_workers.service import launch_service
-from retrieval_workers.types import RefreshSpec, ServiceSpec
+from rag_lightning.model.folder_settings import own_generator_tokenizer
+from retrieval_workers import (
+    Manifest,
+    PassageTable,
+    RefreshSpec,
+    ServiceSpec,
+    connect,
+    launch_refresher,
+    launch_service,
+    read_manifest,
+    writer_lock,
+)
 
 
 def is_first_process() -> bool:
@@ -78,14 +84,14 @@ def service_spec(cfg: TrainConfig) -> ServiceSpec:
     """The job's shard actors: enough for any of its processes to attach to them."""
     return ServiceSpec(kb_dir=str(Path(cfg.kb.dir).resolve()), num_shards=cfg.index.shards,
                        num_replicas=cfg.index.replicas, namespace=cfg.service.namespace,
-                       omp_threads=cfg.index.omp_threads, actor_cpus=cfg.service.actor_cpus,
-                       search_params=cfg.index.search_params,
+                       omp_threads=cfg.service.omp_threads, actor_cpus=cfg.service.actor_cpus,
+                       search_params=cfg.service.search_params,
                        failover_timeout_s=cfg.service.failover_timeout_s)
 
 
 def kb_config(cfg: TrainConfig) -> KBConfig:
     """cfg.kb, with the tokenizer a pretrained generator brings as the generator tokenizer unless one is set."""
-    own_tokenizer = cfg.model.own_generator_tokenizer()
+    own_tokenizer = own_generator_tokenizer(cfg.model)
     if own_tokenizer is None or cfg.kb.generator_tokenizer.path is not None:
         return cfg.kb
     return replace(cfg.kb, generator_tokenizer=replace(cfg.kb.generator_tokenizer, path=str(own_tokenizer)))

