@@ -1,4 +1,5 @@
 """What every benchmark script shares: where it works, its final JSON line, and sides timed in interleaved rounds."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,12 @@ def measure_and_print(measure: Callable[[argparse.Namespace, Path], dict], args:
 def parse_with_quick(parser: argparse.ArgumentParser, quick: dict) -> argparse.Namespace:
     """parser's arguments, with a --quick flag that makes `quick` (option: value) the defaults: a small run that
     checks the script works, its figures meaningless. Options given on the command line still win."""
-    parser.add_argument("--quick", action="store_true",
-                        help="a quick check that it runs: " + ", ".join(f"--{name.replace('_', '-')} {value}"
-                                                                         for name, value in quick.items()))
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a quick check that it runs: "
+        + ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in quick.items()),
+    )
     args = parser.parse_args()
     if args.quick:
         parser.set_defaults(**quick)
@@ -48,7 +52,7 @@ def interleaved(sides: dict[str, Callable[[], Result]], rounds: int) -> dict[str
     side's results in round order."""
     results: dict[str, list[Result]] = {name: [] for name in sides}
     for number in range(rounds):
-        for name in list(sides)[::1 if number % 2 == 0 else -1]:
+        for name in list(sides)[:: 1 if number % 2 == 0 else -1]:
             log.info("round %d of %d: %s ...", number + 1, rounds, name)
             results[name].append(sides[name]())
             log.info("round %d of %d: %s: %s", number + 1, rounds, name, results[name][-1])
@@ -76,10 +80,16 @@ def summarise(rounds: dict[str, list[float]], targets: dict[str, Target], digits
     and every round's value), and the verdict from the medians: `meets_targets`, with `unsure` naming the figures
     whose rounds fall on both sides of their target (a rerun may judge those the other way)."""
     summary: dict = {name: round(statistics.median(values), digits) for name, values in rounds.items()}
-    summary["spread"] = {name: {"min": round(min(values), digits), "max": round(max(values), digits),
-                                "rounds": [round(value, digits) for value in values]}
-                         for name, values in rounds.items()}
+    summary["spread"] = {
+        name: {
+            "min": round(min(values), digits),
+            "max": round(max(values), digits),
+            "rounds": [round(value, digits) for value in values],
+        }
+        for name, values in rounds.items()
+    }
     summary["meets_targets"] = all(target.met(summary[name]) for name, target in targets.items())
-    summary["unsure"] = [name for name, target in targets.items()
-                         if len({target.met(value) for value in rounds[name]}) > 1]
+    summary["unsure"] = [
+        name for name, target in targets.items() if len({target.met(value) for value in rounds[name]}) > 1
+    ]
     return summary

@@ -18,6 +18,7 @@ trained instead. The passages' vectors are random, of the question encoder's siz
 depend on what they hold. `python bench/train_throughput.py --work-dir DIR` leaves such files in DIR (kb.tsv,
 data/train.jsonl, tokenizer/, pretrained/rag/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ from transformers import (
 from transformers.models.rag.retrieval_rag import CustomHFIndex
 
 MODELS = {"sequence": RagSequenceForGeneration, "token": RagTokenForGeneration}
-HNSW_LINKS = 128                # use_own_knowledge_dataset.py's default number of links a vector (its `m`)
+HNSW_LINKS = 128  # use_own_knowledge_dataset.py's default number of links a vector (its `m`)
 MAX_QUESTION_TOKENS = 32
 LR, SEED = 1e-4, 0
 
@@ -70,15 +71,29 @@ def tiny_rag(args: argparse.Namespace) -> tuple[RagConfig, RagTokenizer]:
     """The config of a random DPR question encoder and BART generator, both over the tokenizer in --tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     both = dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
-    question_encoder = DPRConfig(hidden_size=args.dim, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                 intermediate_size=4 * args.dim, **both)
-    generator = BartConfig(d_model=args.dim, encoder_layers=args.layers, decoder_layers=args.layers,
-                           encoder_attention_heads=args.heads, decoder_attention_heads=args.heads,
-                           encoder_ffn_dim=4 * args.dim, decoder_ffn_dim=4 * args.dim,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           decoder_start_token_id=tokenizer.eos_token_id, **both)
-    config = RagConfig.from_question_encoder_generator_configs(question_encoder, generator,
-                                                               retrieval_vector_size=args.dim)
+    question_encoder = DPRConfig(
+        hidden_size=args.dim,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=4 * args.dim,
+        **both,
+    )
+    generator = BartConfig(
+        d_model=args.dim,
+        encoder_layers=args.layers,
+        decoder_layers=args.layers,
+        encoder_attention_heads=args.heads,
+        decoder_attention_heads=args.heads,
+        encoder_ffn_dim=4 * args.dim,
+        decoder_ffn_dim=4 * args.dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        **both,
+    )
+    config = RagConfig.from_question_encoder_generator_configs(
+        question_encoder, generator, retrieval_vector_size=args.dim
+    )
     return config, RagTokenizer(question_encoder=tokenizer, generator=tokenizer)
 
 
@@ -88,8 +103,9 @@ def hnsw_retriever(config: RagConfig, tokenizer: RagTokenizer, kb_file: str) -> 
         rows = list(csv.DictReader(f, delimiter="\t"))
     dim = config.retrieval_vector_size
     vectors = np.random.default_rng(SEED).standard_normal((len(rows), dim), dtype=np.float32)
-    table = datasets.Dataset.from_dict({"title": [row["title"] for row in rows], "text": [row["text"] for row in rows],
-                                        "embeddings": list(vectors)})
+    table = datasets.Dataset.from_dict(
+        {"title": [row["title"] for row in rows], "text": [row["text"] for row in rows], "embeddings": list(vectors)}
+    )
     table.add_faiss_index("embeddings", custom_index=faiss.IndexHNSWFlat(dim, HNSW_LINKS, faiss.METRIC_INNER_PRODUCT))
     return RagRetriever(config, tokenizer.question_encoder, tokenizer.generator, index=CustomHFIndex(dim, table))
 
@@ -117,20 +133,32 @@ def main() -> None:
     started = time.perf_counter()
     for step in range(args.steps):
         questions, answers = zip(*(qa[(step * args.batch + i) % len(qa)] for i in range(args.batch)))
-        inputs = tokenizer.question_encoder(list(questions), padding=True, truncation=True,
-                                            max_length=MAX_QUESTION_TOKENS, return_tensors="pt")
+        inputs = tokenizer.question_encoder(
+            list(questions), padding=True, truncation=True, max_length=MAX_QUESTION_TOKENS, return_tensors="pt"
+        )
         labels = tokenizer.generator(list(answers), padding=True, return_tensors="pt")["input_ids"]
         # the model retrieves (question encoder, then the retriever), then gives the marginal NLL
-        loss = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                     reduce_loss=True).loss
+        loss = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, reduce_loss=True
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     seconds = time.perf_counter() - started
-    print(json.dumps({"system": "hf_baseline", "model": args.model, "rag_dir": args.rag_dir, "steps": args.steps,
-                      "steps_per_s": round(args.steps / seconds, 4), "loss_first": losses[0],
-                      "loss_last": losses[-1]}))
+    print(
+        json.dumps(
+            {
+                "system": "hf_baseline",
+                "model": args.model,
+                "rag_dir": args.rag_dir,
+                "steps": args.steps,
+                "steps_per_s": round(args.steps / seconds, 4),
+                "loss_first": losses[0],
+                "loss_last": losses[-1],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

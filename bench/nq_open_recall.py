@@ -9,6 +9,7 @@ preparation: 2,737 passages of 100 words); the test split's questions are encode
 trainer builds. Figures: recall@k (a gold answer string in the top k, EM-normalised) and gold_recall@k (a gold
 passage's title in the top k) for k = 1, 5, 20, and the ratio of the normalised to the baseline figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,12 @@ def recall(kb_dir: Path, encoder_cfg: EncoderConfig, questions: list[dict]) -> d
     passages = PassageTable(kb_dir / manifest.passages_file).titles_and_texts(range(manifest.num_passages))
     tokenizer = load_encoder_tokenizer(encoder_cfg)
     encoder = build_encoder(encoder_cfg, tokenizer).eval()
-    ids = tokenizer([q["question"] for q in questions], padding=True, truncation=True, max_length=32,
-                    return_tensors="pt")["input_ids"]
+    ids = tokenizer(
+        [q["question"] for q in questions], padding=True, truncation=True, max_length=32, return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
         vectors = encoder(ids).numpy()
-    top = np.argsort(-(vectors @ embeddings.T), axis=1, kind="stable")[:, :max(KS)]
+    top = np.argsort(-(vectors @ embeddings.T), axis=1, kind="stable")[:, : max(KS)]
     sums: dict[str, float] = {}
     for row, question in zip(top, questions):
         ranks = passage_ranks([passages[j] for j in row], question["answers"], question["gold_titles"])
@@ -55,8 +57,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     results = {"questions": len(questions)}
     for name, normalize in (("normalised", True), ("baseline", False)):
         encoder_cfg = EncoderConfig(normalize=normalize)
-        kb = KBConfig(source=str(work / "data" / "kb.jsonl"), dir=str(work / f"kb_{name}"), context_encoder=encoder_cfg,
-                      generator_tokenizer=GeneratorTokenizerConfig(kind="bpe", vocab_size=8000, extra_texts=[]))
+        kb = KBConfig(
+            source=str(work / "data" / "kb.jsonl"),
+            dir=str(work / f"kb_{name}"),
+            context_encoder=encoder_cfg,
+            generator_tokenizer=GeneratorTokenizerConfig(kind="bpe", vocab_size=8000, extra_texts=[]),
+        )
         manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=1))
         results["passages"] = manifest.num_passages
         results.update({f"{name}/{key}": value for key, value in recall(Path(kb.dir), encoder_cfg, questions).items()})
@@ -68,8 +74,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, required=True,
-                        help="the NQ-open oracle file, as data=nq_open's data.source (docs/data.md)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        required=True,
+        help="the NQ-open oracle file, as data=nq_open's data.source (docs/data.md)",
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the data and knowledge bases here")
     measure_and_print(measure, parser.parse_args())
 

@@ -14,6 +14,7 @@
     python bench/plan_figures.py                                          # 200,000 x 64
     python bench/plan_figures.py --vectors 20000 --tiny 500 --encode-passages 64   # a quick check that it runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ from retrieval_workers.shard_build import build_index
 from retrieval_workers.types import ServiceSpec
 
 log = logging.getLogger("plan_figures")
-MIB = 2 ** 20
+MIB = 2**20
 ENCODE_TOKENS, ENCODE_BATCH, ENCODE_THREADS = 128, 32, 2
 
 
@@ -114,17 +115,21 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         log.info("in-process %s", factory)
         figures[factory] = search_and_build(vectors, factory, args.batch, args.calls)
     connect(None, num_cpus=2)
-    tiny = vectors[:args.tiny, :32]
+    tiny = vectors[: args.tiny, :32]
     tiny_rss = actor_rss(work / "tiny", tiny, "Flat")
     tiny_data = index_model("Flat", 32).shard_bytes(args.tiny) + args.tiny * 4 * (TOKENS_PER_PASSAGE + 1)
     figures["actor_base_mib"] = round((tiny_rss - tiny_data) / MIB, 1)
     for i, factory in enumerate(factories):
         log.info("actor %s", factory)
         rss = actor_rss(work / f"shard{i}", vectors, factory)
-        data = (index_model(factory, args.dim).shard_bytes(args.vectors) + args.vectors * 4 * (TOKENS_PER_PASSAGE + 1)
-                + vectors.nbytes)         # the embeddings, mapped: the searches' fault-around maps nearly all
-        figures[factory].update(actor_rss_mib=round(rss / MIB, 1),
-                                predicted_mib=round(figures["actor_base_mib"] + data / MIB, 1))
+        data = (
+            index_model(factory, args.dim).shard_bytes(args.vectors)
+            + args.vectors * 4 * (TOKENS_PER_PASSAGE + 1)
+            + vectors.nbytes
+        )  # the embeddings, mapped: the searches' fault-around maps nearly all
+        figures[factory].update(
+            actor_rss_mib=round(rss / MIB, 1), predicted_mib=round(figures["actor_base_mib"] + data / MIB, 1)
+        )
     ray.shutdown()
     log.info("MiniLM encoding")
     figures["minilm_encode_passages_per_s"] = round(minilm_encode_rate(args.encode_passages), 1)

@@ -28,6 +28,7 @@ medians. Targets are reported, not asserted.
     python bench/refresh.py                            # the measurement (about 20 minutes)
     python bench/refresh.py --quick                    # a quick check that it runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,13 +106,20 @@ class StepClock(Callback):
 def new_module(tok_dir: Path, spec: ServiceSpec) -> RagModule:
     """RAG-Sequence at the throughput benchmark's sizes, trained end to end (both encoders)."""
     L.seed_everything(SEED, verbose=False)
-    model = ModelConfig(kind="rag_sequence", n_docs=N_DOCS, question_encoder=encoder_config(tok_dir),
-                        generator=GeneratorConfig(d_model=DIM, layers=LAYERS, heads=HEADS, ffn_dim=4 * DIM),
-                        max_question_tokens=MAX_QUESTION_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS)
-    return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig(train_context_encoder=True)),
-                     optim=asdict(OptimConfig(lr=1e-4, question_encoder_lr=1e-4, context_encoder_lr=1e-4,
-                                              warmup_steps=0)),
-                     service=asdict(spec))
+    model = ModelConfig(
+        kind="rag_sequence",
+        n_docs=N_DOCS,
+        question_encoder=encoder_config(tok_dir),
+        generator=GeneratorConfig(d_model=DIM, layers=LAYERS, heads=HEADS, ffn_dim=4 * DIM),
+        max_question_tokens=MAX_QUESTION_TOKENS,
+        max_context_tokens=MAX_CONTEXT_TOKENS,
+    )
+    return RagModule(
+        model=asdict(model),
+        retriever=asdict(RetrieverConfig(train_context_encoder=True)),
+        optim=asdict(OptimConfig(lr=1e-4, question_encoder_lr=1e-4, context_encoder_lr=1e-4, warmup_steps=0)),
+        service=asdict(spec),
+    )
 
 
 def raw_encode_rate(module: RagModule, spec: ServiceSpec) -> float:
@@ -121,15 +129,23 @@ def raw_encode_rate(module: RagModule, spec: ServiceSpec) -> float:
     return ray.get(worker.forward_pass_rate.remote(module.context_encoder.snapshot(0), ENCODE_BATCH))
 
 
-def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, steps: int, every: int,
-          blocking: bool) -> dict:
+def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, steps: int, every: int, blocking: bool) -> dict:
     """One training run with refreshes; returns its figures."""
     module = new_module(tok_dir, spec)
     refresh = IndexRefresh(spec, every, blocking=blocking)
     clock = StepClock(refresh)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[clock, refresh])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[clock, refresh],
+    )
     started = time.perf_counter()
     trainer.fit(module, datamodule=new_datamodule(module, data_dir))
     wall_s = time.perf_counter() - started
@@ -138,17 +154,24 @@ def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, steps: int, every: i
         raise RuntimeError(f"no refresh finished in {steps} steps refreshing every {every}: give more --steps")
     during = [s for s, in_flight in clock.steps if in_flight]
     idle = [s for s, in_flight in clock.steps if not in_flight]
-    return {"wall_s": wall_s, "refreshes": len(reports), "skipped": refresh.skipped, "failed": refresh.failed,
-            "refresh_s": sum(r.wall_s for r in reports),
-            "blocked_s": refresh.blocked_s + module.retrieval_client.switch_retry_s,
-            "switch_retries": module.retrieval_client.switch_retries, "steps_during": len(during),
-            "steps_per_s_during": len(during) / sum(during) if during else float("nan"),
-            "steps_per_s_idle": len(idle) / sum(idle) if idle else float("nan"),
-            "encode_passages_per_s": float(np.mean([r.passages_per_s for r in reports]))}
+    return {
+        "wall_s": wall_s,
+        "refreshes": len(reports),
+        "skipped": refresh.skipped,
+        "failed": refresh.failed,
+        "refresh_s": sum(r.wall_s for r in reports),
+        "blocked_s": refresh.blocked_s + module.retrieval_client.switch_retry_s,
+        "switch_retries": module.retrieval_client.switch_retries,
+        "steps_during": len(during),
+        "steps_per_s_during": len(during) / sum(during) if during else float("nan"),
+        "steps_per_s_idle": len(idle) / sum(idle) if idle else float("nan"),
+        "encode_passages_per_s": float(np.mean([r.passages_per_s for r in reports])),
+    }
 
 
 def round_figures(background: list[dict], blocking: list[dict], raw: list[float]) -> dict[str, list[float]]:
     """Every figure, a value a round, from each round's runs."""
+
     def each(runs: list[dict], key: str) -> list[float]:
         return [run[key] for run in runs]
 
@@ -158,8 +181,10 @@ def round_figures(background: list[dict], blocking: list[dict], raw: list[float]
         "encode_ratio": per_round(each(blocking, "encode_passages_per_s"), raw),
         "refresh_passages_per_s_while_training": each(background, "encode_passages_per_s"),
         "encode_ratio_while_training": per_round(each(background, "encode_passages_per_s"), raw),
-        "refreshes": each(background, "refreshes"), "refresh_s": each(background, "refresh_s"),
-        "blocked_s": each(background, "blocked_s"), "switch_retries": each(background, "switch_retries"),
+        "refreshes": each(background, "refreshes"),
+        "refresh_s": each(background, "refresh_s"),
+        "blocked_s": each(background, "blocked_s"),
+        "switch_retries": each(background, "switch_retries"),
         "blocked_frac": per_round(each(background, "blocked_s"), each(background, "refresh_s")),
         "steps_per_s_during": each(background, "steps_per_s_during"),
         "steps_per_s_idle": each(background, "steps_per_s_idle"),
@@ -177,12 +202,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     kb_file, tok_dir = write_data(work, args.passages, args.steps)
     build_kb(kb_file, tok_dir, kb_dir, encoder_config(tok_dir), factory=args.index)
     spec = ServiceSpec(kb_dir=str(kb_dir), num_shards=2, num_replicas=1)
-    connect(namespace=spec.namespace, num_cpus=2)   # before pinning: Ray's workers keep both cores
+    connect(namespace=spec.namespace, num_cpus=2)  # before pinning: Ray's workers keep both cores
     os.sched_setaffinity(0, {TRAINER_CORE})
     torch.set_num_threads(1)
-    runs = {"background": partial(train, tok_dir, data_dir, spec, args.steps, args.every, blocking=False),
-            "blocking": partial(train, tok_dir, data_dir, spec, args.steps, args.every, blocking=True),
-            "raw": partial(raw_encode_rate, new_module(tok_dir, spec), spec)}
+    runs = {
+        "background": partial(train, tok_dir, data_dir, spec, args.steps, args.every, blocking=False),
+        "blocking": partial(train, tok_dir, data_dir, spec, args.steps, args.every, blocking=True),
+        "raw": partial(raw_encode_rate, new_module(tok_dir, spec), spec),
+    }
     try:
         launch_service(spec)
         launch_refresher(spec, RefreshSpec(worker_cpus=1, batch_size=ENCODE_BATCH, cpu_affinity=(ENCODER_CORE,)))
@@ -191,8 +218,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         shutdown_refresher(spec)
         shutdown_service(spec)
         ray.shutdown()
-    return {"passages": args.passages, "steps": args.steps, "every_n_steps": args.every, "index": args.index,
-            "rounds": args.rounds, **summarise(round_figures(**results), TARGETS)}
+    return {
+        "passages": args.passages,
+        "steps": args.steps,
+        "every_n_steps": args.every,
+        "index": args.index,
+        "rounds": args.rounds,
+        **summarise(round_figures(**results), TARGETS),
+    }
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ over 1 x 1 at the most clients (target > 1: throughput rising with R), the same 
     python bench/retrieval_service.py                                  # the measurement: 100,000 x 128
     python bench/retrieval_service.py --vectors 5000 --calls 50        # a quick check that it runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,7 @@ from retrieval_workers.types import ServiceSpec
 log = logging.getLogger("retrieval_service_bench")
 
 SEED = 0
-TOKENS_PER_PASSAGE, VOCAB = 16, 1000      # the fake generator token ids of each passage
+TOKENS_PER_PASSAGE, VOCAB = 16, 1000  # the fake generator token ids of each passage
 TARGET_RATIO = 1.5
 REPLY_TIMEOUT_S = 600.0
 
@@ -91,6 +92,7 @@ def parse_args() -> argparse.Namespace:
 
 # --- knowledge base -----------------------------------------------------------------------------------------
 
+
 def write_vector_kb(kb_dir: Path, vectors: np.ndarray, shards: int, factory: str) -> Manifest:
     """Write a knowledge base whose passage embeddings are `vectors`, as rag_lightning.build_kb lays one out.
 
@@ -103,12 +105,26 @@ def write_vector_kb(kb_dir: Path, vectors: np.ndarray, shards: int, factory: str
     fingerprint = hashlib.sha256(vectors.tobytes() + f"{factory}/{shards}".encode()).hexdigest()
     tokens = np.random.default_rng(SEED).integers(0, VOCAB, (num, TOKENS_PER_PASSAGE), dtype=np.int32).tolist()
     passages_file = f"passages-{fingerprint[:12]}.arrow"
-    write_passage_table(kb_dir / passages_file, {
-        "id": list(range(num)), "title": [f"passage {i}" for i in range(num)],
-        "text": [f"random vector {i}" for i in range(num)], "generator_ids": tokens, "encoder_ids": tokens})
-    manifest = Manifest(num_passages=num, dim=dim, shards=shard_ranges(num, shards), active_version=0,
-                        index_factory=factory, passages_file=passages_file,
-                        encoder={"name": "random vectors (bench/retrieval_service.py)"}, fingerprint=fingerprint)
+    write_passage_table(
+        kb_dir / passages_file,
+        {
+            "id": list(range(num)),
+            "title": [f"passage {i}" for i in range(num)],
+            "text": [f"random vector {i}" for i in range(num)],
+            "generator_ids": tokens,
+            "encoder_ids": tokens,
+        },
+    )
+    manifest = Manifest(
+        num_passages=num,
+        dim=dim,
+        shards=shard_ranges(num, shards),
+        active_version=0,
+        index_factory=factory,
+        passages_file=passages_file,
+        encoder={"name": "random vectors (bench/retrieval_service.py)"},
+        fingerprint=fingerprint,
+    )
     with staged_directory(kb_dir / manifest.version_dir(0)) as staging:
         for shard, (start, end) in enumerate(manifest.shards):
             write_shard(staging, shard, vectors[start:end], factory)
@@ -136,6 +152,7 @@ def query_batches(seed: int, count: int, batch: int, dim: int) -> np.ndarray:
 
 # --- timing -------------------------------------------------------------------------------------------------
 
+
 def timed_calls(search, batches: np.ndarray) -> list[float]:
     """Run search(batch) for every batch in turn; returns the seconds of each call."""
     latencies = []
@@ -157,12 +174,13 @@ def measure_inprocess(index: faiss.Index, args: argparse.Namespace) -> dict:
     faiss.omp_set_num_threads(1)
     batches = query_batches(SEED, args.warmup + args.calls, args.batch, args.dim)
     search = partial(index.search, k=args.k)
-    timed_calls(search, batches[:args.warmup])
-    latencies = timed_calls(search, batches[args.warmup:])
+    timed_calls(search, batches[: args.warmup])
+    latencies = timed_calls(search, batches[args.warmup :])
     return figures(latencies, args.calls * args.batch, sum(latencies))
 
 
 # --- client processes ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class ClientJob:
@@ -187,11 +205,11 @@ def client_process(address: str, worker: int, jobs: mp.Queue, replies: mp.Queue)
         for job in iter(jobs.get, None):
             search = partial(RetrievalClient(job.spec, replica_offset=worker).search, k=job.k)
             batches = query_batches(SEED + 1 + worker, job.warmup + job.calls, job.batch, job.dim)
-            timed_calls(search, batches[:job.warmup])
+            timed_calls(search, batches[: job.warmup])
             replies.put(worker)
             jobs.get()
-            replies.put(timed_calls(search, batches[job.warmup:]))
-    except Exception as e:   # handed to the parent, which raises it
+            replies.put(timed_calls(search, batches[job.warmup :]))
+    except Exception as e:  # handed to the parent, which raises it
         replies.put(RuntimeError(f"client {worker}: {e!r}"))
 
 
@@ -202,8 +220,10 @@ class ClientPool:
         context = mp.get_context("spawn")
         self.replies = context.Queue()
         self.jobs = [context.Queue() for _ in range(size)]
-        self.processes = [context.Process(target=client_process, args=(address, worker, queue, self.replies),
-                                          daemon=True) for worker, queue in enumerate(self.jobs)]
+        self.processes = [
+            context.Process(target=client_process, args=(address, worker, queue, self.replies), daemon=True)
+            for worker, queue in enumerate(self.jobs)
+        ]
         for process in self.processes:
             process.start()
 
@@ -236,6 +256,7 @@ class ClientPool:
 
 # --- configurations -----------------------------------------------------------------------------------------
 
+
 def configurations(args: argparse.Namespace) -> dict[tuple[int, int], list[int]]:
     """(shards, replicas) -> client counts to run against that service: the latency one, then the grid."""
     runs = {(args.latency_shards, 1): [1]}
@@ -262,9 +283,14 @@ def measure_service(kb_dirs: dict[int, Path], index: faiss.Index, args: argparse
     results = []
     try:
         for (shards, replicas), client_counts in runs.items():
-            spec = ServiceSpec(kb_dir=str(kb_dirs[shards]), num_shards=shards, num_replicas=replicas,
-                               name_prefix=f"bench-{shards}x{replicas}", omp_threads=1,
-                               search_params=args.search_params)
+            spec = ServiceSpec(
+                kb_dir=str(kb_dirs[shards]),
+                num_shards=shards,
+                num_replicas=replicas,
+                name_prefix=f"bench-{shards}x{replicas}",
+                omp_threads=1,
+                search_params=args.search_params,
+            )
             try:
                 launch_service(spec)
                 if args.factory == "Flat":
@@ -272,8 +298,14 @@ def measure_service(kb_dirs: dict[int, Path], index: faiss.Index, args: argparse
                 for clients in client_counts:
                     job = ClientJob(spec, args.dim, args.batch, args.k, args.calls, args.warmup)
                     latencies, wall_s = pool.run(job, clients)
-                    results.append({"shards": shards, "replicas": replicas, "clients": clients,
-                                    **figures(latencies, len(latencies) * args.batch, wall_s)})
+                    results.append(
+                        {
+                            "shards": shards,
+                            "replicas": replicas,
+                            "clients": clients,
+                            **figures(latencies, len(latencies) * args.batch, wall_s),
+                        }
+                    )
                     log.info("ours: %s", results[-1])
             finally:
                 shutdown_service(spec)
@@ -285,8 +317,9 @@ def measure_service(kb_dirs: dict[int, Path], index: faiss.Index, args: argparse
 
 def qps_of(ours: list[dict], shards: int, replicas: int, clients: int) -> float | None:
     """Queries/s of one measured configuration, None if it was not run."""
-    return next((r["qps"] for r in ours if (r["shards"], r["replicas"], r["clients"]) == (shards, replicas, clients)),
-                None)
+    return next(
+        (r["qps"] for r in ours if (r["shards"], r["replicas"], r["clients"]) == (shards, replicas, clients)), None
+    )
 
 
 def summarize(inprocess: dict, ours: list[dict], args: argparse.Namespace) -> dict:
@@ -298,13 +331,25 @@ def summarize(inprocess: dict, ours: list[dict], args: argparse.Namespace) -> di
         one, two = qps_of(ours, shards, 1, most), qps_of(ours, shards, 2, most)
         if one and two:
             gains[str(shards)] = round(two / one, 3)
-    summary = {"vectors": args.vectors, "dim": args.dim, "factory": args.factory, "batch": args.batch, "k": args.k,
-               "calls": args.calls, "inprocess": inprocess, "ours": ours,
-               "ratio": round(latency["p50_ms"] / inprocess["p50_ms"], 3),
-               "throughput_gain_R2": gains.get("1"), "throughput_gain_R2_by_shards": gains,
-               "target_ratio": TARGET_RATIO}
-    summary["meets_targets"] = (summary["ratio"] <= TARGET_RATIO and summary["throughput_gain_R2"] is not None
-                                and summary["throughput_gain_R2"] > 1.0)
+    summary = {
+        "vectors": args.vectors,
+        "dim": args.dim,
+        "factory": args.factory,
+        "batch": args.batch,
+        "k": args.k,
+        "calls": args.calls,
+        "inprocess": inprocess,
+        "ours": ours,
+        "ratio": round(latency["p50_ms"] / inprocess["p50_ms"], 3),
+        "throughput_gain_R2": gains.get("1"),
+        "throughput_gain_R2_by_shards": gains,
+        "target_ratio": TARGET_RATIO,
+    }
+    summary["meets_targets"] = (
+        summary["ratio"] <= TARGET_RATIO
+        and summary["throughput_gain_R2"] is not None
+        and summary["throughput_gain_R2"] > 1.0
+    )
     return summary
 
 

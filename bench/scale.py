@@ -29,6 +29,7 @@ build_s < 1800 and peak_memory_gb < 16 (reported, not asserted).
     python bench/scale.py                          # the measurement: 1,000,000 passages
     python bench/scale.py --passages 20000         # a quick check that it runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,24 +61,28 @@ log = logging.getLogger("scale_bench")
 SEED = 0
 WORDS_PER_PASSAGE = 100
 VOCABULARY_WORDS = 20_000
-DOCUMENTS_PER_DRAW = 10_000      # documents whose words are drawn at once (the same draws for every file size)
+DOCUMENTS_PER_DRAW = 10_000  # documents whose words are drawn at once (the same draws for every file size)
 SHARDS = 4
 CONTEXT_ENCODER = EncoderConfig(pretrained=None, hidden_size=32, num_layers=1, num_heads=2, max_length=128)
 GENERATOR_VOCABULARY = 25_000
 ENCODE_BATCH = 128
-REFRESH_WORKERS = 2              # encoder actors of the refresh, one CPU (torch thread) each
+REFRESH_WORKERS = 2  # encoder actors of the refresh, one CPU (torch thread) each
 BATCH, K = 8, 5
 MEMORY_SAMPLE_S = 0.2
-MEASURABLE_S = 0.001            # a stage shorter than this has no passages/s
-GIB = 2 ** 30
+MEASURABLE_S = 0.001  # a stage shorter than this has no passages/s
+GIB = 2**30
 TARGETS = {"build_s": 1800, "peak_memory_gb": 16}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passages", type=int, default=1_000_000, help="knowledge base size")
-    p.add_argument("--small-passages", type=int, default=100_000,
-                   help="size of the smaller build searched for comparison (at most half of --passages)")
+    p.add_argument(
+        "--small-passages",
+        type=int,
+        default=100_000,
+        help="size of the smaller build searched for comparison (at most half of --passages)",
+    )
     p.add_argument("--ivf", default="IVF256,PQ16x4", help="FAISS factory of the build (and the service)")
     p.add_argument("--hnsw", default="HNSW32", help="second FAISS factory, built over the stored embeddings")
     p.add_argument("--search-params", default="nprobe=16", help="faiss.ParameterSpace string of the service")
@@ -89,6 +94,7 @@ def parse_args() -> argparse.Namespace:
 
 # --- source and build ---------------------------------------------------------------------------------------
 
+
 def write_source(path: Path, documents: int) -> None:
     """A JSONL source of `documents` documents of WORDS_PER_PASSAGE words, streamed; a smaller file holds the
     first documents of a larger one."""
@@ -97,14 +103,21 @@ def write_source(path: Path, documents: int) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for first in range(0, documents, DOCUMENTS_PER_DRAW):
             drawn = words[rng.integers(0, len(words), (DOCUMENTS_PER_DRAW, WORDS_PER_PASSAGE))]
-            f.writelines(json.dumps({"title": f"document {first + i}", "text": " ".join(row)}) + "\n"
-                         for i, row in enumerate(drawn[:documents - first]))
+            f.writelines(
+                json.dumps({"title": f"document {first + i}", "text": " ".join(row)}) + "\n"
+                for i, row in enumerate(drawn[: documents - first])
+            )
 
 
 def kb_config(source: Path, kb_dir: Path) -> KBConfig:
-    return KBConfig(source=str(source), dir=str(kb_dir), words_per_passage=WORDS_PER_PASSAGE,
-                    context_encoder=CONTEXT_ENCODER, encode_batch_size=ENCODE_BATCH,
-                    generator_tokenizer=GeneratorTokenizerConfig(vocab_size=GENERATOR_VOCABULARY, extra_texts=[]))
+    return KBConfig(
+        source=str(source),
+        dir=str(kb_dir),
+        words_per_passage=WORDS_PER_PASSAGE,
+        context_encoder=CONTEXT_ENCODER,
+        encode_batch_size=ENCODE_BATCH,
+        generator_tokenizer=GeneratorTokenizerConfig(vocab_size=GENERATOR_VOCABULARY, extra_texts=[]),
+    )
 
 
 def build(source: Path, kb_dir: Path, factory: str) -> BuildStages:
@@ -122,10 +135,12 @@ def per_second(passages: int, seconds: float) -> float | None:
 def index_figures(times: ShardTimes, index_bytes: int, passages: int) -> dict:
     """Passages/s of training, adding to and writing (index and embeddings files) the shards' indexes, and the
     indexes' bytes per passage."""
-    return {"index_train_passages_per_s": per_second(passages, times.index_train_s),
-            "index_add_passages_per_s": per_second(passages, times.index_add_s),
-            "write_passages_per_s": per_second(passages, times.write_s),
-            "index_bytes_per_passage": round(index_bytes / passages, 1)}
+    return {
+        "index_train_passages_per_s": per_second(passages, times.index_train_s),
+        "index_add_passages_per_s": per_second(passages, times.index_add_s),
+        "write_passages_per_s": per_second(passages, times.write_s),
+        "index_bytes_per_passage": round(index_bytes / passages, 1),
+    }
 
 
 def second_factory(kb_dir: Path, manifest: Manifest, factory: str, out: Path) -> dict:
@@ -145,12 +160,17 @@ def disk_figures(kb_dir: Path, manifest: Manifest) -> tuple[dict, int]:
     index_bytes = sum(n for relative, n in size.items() if relative.endswith(".faiss"))
     embeddings = sum(n for relative, n in size.items() if relative.endswith(".embeddings.npy"))
     total = sum(p.stat().st_size for p in kb_dir.rglob("*") if p.is_file())
-    per = {"passage_table": size[manifest.passages_file], "index": index_bytes, "embeddings": embeddings,
-           "total": total}
+    per = {
+        "passage_table": size[manifest.passages_file],
+        "index": index_bytes,
+        "embeddings": embeddings,
+        "total": total,
+    }
     return {name: round(n / manifest.num_passages, 1) for name, n in per.items()}, index_bytes
 
 
 # --- memory ---------------------------------------------------------------------------------------------------
+
 
 class MemorySampler:
     """The machine's used memory, sampled every MEMORY_SAMPLE_S in a thread until stopped: its peak."""
@@ -171,10 +191,11 @@ class MemorySampler:
 
 
 def rss_mb(pid: int) -> float:
-    return round(psutil.Process(pid).memory_info().rss / 2 ** 20, 1)
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
 # --- service and refresh --------------------------------------------------------------------------------------
+
 
 def search_latency(spec: ServiceSpec, dim: int, args: argparse.Namespace) -> dict:
     """p50/p99 ms of one client's searches: --calls batches of BATCH random queries for the top K."""
@@ -191,30 +212,47 @@ def search_latency(spec: ServiceSpec, dim: int, args: argparse.Namespace) -> dic
 
 
 def actor_pids(spec: ServiceSpec) -> list[int]:
-    return [ray.get(ray.get_actor(spec.actor_name(shard, 0), namespace=spec.namespace)
-                    .__ray_call__.remote(lambda actor: os.getpid())) for shard in range(spec.num_shards)]
+    return [
+        ray.get(
+            ray.get_actor(spec.actor_name(shard, 0), namespace=spec.namespace).__ray_call__.remote(
+                lambda actor: os.getpid()
+            )
+        )
+        for shard in range(spec.num_shards)
+    ]
 
 
 def service_spec(kb_dir: Path, name: str, args: argparse.Namespace) -> ServiceSpec:
-    return ServiceSpec(kb_dir=str(kb_dir.resolve()), num_shards=SHARDS, num_replicas=1, name_prefix=f"scale-{name}",
-                       search_params=args.search_params)
+    return ServiceSpec(
+        kb_dir=str(kb_dir.resolve()),
+        num_shards=SHARDS,
+        num_replicas=1,
+        name_prefix=f"scale-{name}",
+        search_params=args.search_params,
+    )
 
 
 def full_refresh(spec: ServiceSpec) -> dict:
     """One refresh of the whole knowledge base by the refresh coordinator and its encoder actors, with an encoder
     of the build's config (new random weights: a new version all the same)."""
-    coordinator = launch_refresher(spec, RefreshSpec(num_workers=REFRESH_WORKERS, worker_cpus=1,
-                                                     batch_size=ENCODE_BATCH))
+    coordinator = launch_refresher(
+        spec, RefreshSpec(num_workers=REFRESH_WORKERS, worker_cpus=1, batch_size=ENCODE_BATCH)
+    )
     encoder = build_encoder(CONTEXT_ENCODER, load_encoder_tokenizer(CONTEXT_ENCODER))
     log.info("refreshing every shard")
     report = ray.get(coordinator.refresh.remote([ray.put(encoder.snapshot(1))], 1))
     if report.error is not None:
         raise RuntimeError(f"the refresh failed: {report.error}")
-    return {"refresh_wall_s": round(report.wall_s, 1), "refresh_passages_per_s": round(report.passages_per_s, 1),
-            "refresh_encode_s": round(report.encode_s, 1), "refresh_version": report.version}
+    return {
+        "refresh_wall_s": round(report.wall_s, 1),
+        "refresh_passages_per_s": round(report.passages_per_s, 1),
+        "refresh_encode_s": round(report.encode_s, 1),
+        "refresh_version": report.version,
+    }
 
 
 # --- the measurement ------------------------------------------------------------------------------------------
+
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
     small_passages = min(args.small_passages, args.passages // 2)
@@ -229,10 +267,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         stages = build(sources["full"][0], kb_dirs["full"], args.ivf)
         manifest = read_manifest(kb_dirs["full"])
         disk, index_bytes = disk_figures(kb_dirs["full"], manifest)
-        indexes = {args.ivf: index_figures(stages, index_bytes, manifest.num_passages),
-                   args.hnsw: second_factory(kb_dirs["full"], manifest, args.hnsw, work / "second-factory")}
+        indexes = {
+            args.ivf: index_figures(stages, index_bytes, manifest.num_passages),
+            args.hnsw: second_factory(kb_dirs["full"], manifest, args.hnsw, work / "second-factory"),
+        }
         small, full = service_spec(kb_dirs["small"], "small", args), service_spec(kb_dirs["full"], "full", args)
-        connect(num_cpus=os.cpu_count() + 1)    # the shard actors' bundles hold a sliver of a CPU; the encoder
+        connect(num_cpus=os.cpu_count() + 1)  # the shard actors' bundles hold a sliver of a CPU; the encoder
         #                                           actors take one CPU each
         try:
             log.info("searching %s", small.kb_dir)
@@ -253,19 +293,29 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     finally:
         memory.stop()
     figures = {
-        "passages": args.passages, "shards": SHARDS, "dim": manifest.dim, "factory": args.ivf,
-        "build_s": round(stages.total_s, 1), "build_s_small": round(small_stages.total_s, 1),
+        "passages": args.passages,
+        "shards": SHARDS,
+        "dim": manifest.dim,
+        "factory": args.ivf,
+        "build_s": round(stages.total_s, 1),
+        "build_s_small": round(small_stages.total_s, 1),
         "stage_s": {name: round(s, 1) for name, s in stages.seconds().items()},
         "stage_passages_per_s": {name: per_second(stages.passages, s) for name, s in stages.seconds().items()},
-        "index": indexes, "disk_bytes_per_passage": disk,
-        "actor_rss_mb": actor_rss, "client_rss_mb": client_rss,
-        "search_params": args.search_params, "search_small": search_small, "search_full": search_full,
+        "index": indexes,
+        "disk_bytes_per_passage": disk,
+        "actor_rss_mb": actor_rss,
+        "client_rss_mb": client_rss,
+        "search_params": args.search_params,
+        "search_small": search_small,
+        "search_full": search_full,
         **refresh,
-        "peak_memory_gb": round(memory.peak / GIB, 2), "baseline_memory_gb": round(memory.baseline / GIB, 2),
+        "peak_memory_gb": round(memory.peak / GIB, 2),
+        "baseline_memory_gb": round(memory.baseline / GIB, 2),
         "targets": TARGETS,
     }
-    figures["meets_targets"] = (figures["build_s"] < TARGETS["build_s"]
-                                and figures["peak_memory_gb"] < TARGETS["peak_memory_gb"])
+    figures["meets_targets"] = (
+        figures["build_s"] < TARGETS["build_s"] and figures["peak_memory_gb"] < TARGETS["peak_memory_gb"]
+    )
     return figures
 
 

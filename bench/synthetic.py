@@ -2,6 +2,7 @@
 
 Nothing here means anything; it gives every benchmark side the same text of known sizes, made offline and seeded.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,14 @@ from transformers import PreTrainedTokenizerFast
 WORDS_PER_PASSAGE, WORDS_PER_QUESTION, WORDS_PER_ANSWER = 60, 12, 3
 QUESTIONS = 1000
 VOCABULARY_WORDS = 3000
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                  "bos_token": "<s>", "eos_token": "</s>"}
+SPECIAL_TOKENS = {
+    "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+}
 
 
 def made_up_words(count: int, rng: np.random.Generator) -> np.ndarray:

@@ -33,6 +33,7 @@ pretrained-size step costs seconds here. ratio_pretrained = ours / baseline (tar
     python bench/train_throughput.py                          # the measurement (about 20 minutes)
     python bench/train_throughput.py --quick                  # a quick check that it runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,16 +90,26 @@ QUICK = {"passages": 2000, "steps": 8, "pretrained_steps": 1, "rounds": 2}
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passages", type=int, default=20000, help="knowledge base size")
-    p.add_argument("--steps", type=int, default=30, help=f"training steps per run (the first {WARMUP_STEPS} of ours "
-                                                         "and floor are warm-up, not timed)")
-    p.add_argument("--pretrained-steps", type=int, default=4,
-                   help=f"steps of each pretrained run (ours: after {WARMUP_STEPS} warm-up steps); 0: no such rows")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=30,
+        help=f"training steps per run (the first {WARMUP_STEPS} of ours and floor are warm-up, not timed)",
+    )
+    p.add_argument(
+        "--pretrained-steps",
+        type=int,
+        default=4,
+        help=f"steps of each pretrained run (ours: after {WARMUP_STEPS} warm-up steps); 0: no such rows",
+    )
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds: every run is repeated this many times")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every training")
-    p.add_argument("--work-dir", type=Path,
-                   help="where data, tokenizer and KB go, kept (default: a temp dir, removed at the end)")
-    p.add_argument("--baseline", type=Path, default=BASELINE,
-                   help="the baseline script (any with hf_baseline.py's command line)")
+    p.add_argument(
+        "--work-dir", type=Path, help="where data, tokenizer and KB go, kept (default: a temp dir, removed at the end)"
+    )
+    p.add_argument(
+        "--baseline", type=Path, default=BASELINE, help="the baseline script (any with hf_baseline.py's command line)"
+    )
     a = parse_with_quick(p, QUICK)
     if a.steps <= WARMUP_STEPS:
         p.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
@@ -106,6 +117,7 @@ def parse_args() -> argparse.Namespace:
 
 
 # --- data ---------------------------------------------------------------------------------------------------
+
 
 def write_data(work: Path, passages: int, steps: int) -> tuple[Path, Path]:
     """kb.tsv, a data dir (train/val/test.jsonl) and a tokenizer dir; returns (kb.tsv, tokenizer dir).
@@ -131,16 +143,22 @@ def write_data(work: Path, passages: int, steps: int) -> tuple[Path, Path]:
 
 
 def encoder_config(tok_dir: Path) -> EncoderConfig:
-    return EncoderConfig(pretrained=None, tokenizer=str(tok_dir), hidden_size=DIM, num_layers=LAYERS,
-                         num_heads=HEADS, pooling="cls")
+    return EncoderConfig(
+        pretrained=None, tokenizer=str(tok_dir), hidden_size=DIM, num_layers=LAYERS, num_heads=HEADS, pooling="cls"
+    )
 
 
-def build_kb(kb_file: Path, tok_dir: Path, kb_dir: Path, context_encoder: EncoderConfig,
-             factory: str = INDEX_FACTORY) -> ServiceSpec:
+def build_kb(
+    kb_file: Path, tok_dir: Path, kb_dir: Path, context_encoder: EncoderConfig, factory: str = INDEX_FACTORY
+) -> ServiceSpec:
     """The knowledge base of kb_file (its generator ids made by the tokenizer in tok_dir); its service's spec."""
-    kb = KBConfig(source=str(kb_file), dir=str(kb_dir), words_per_passage=100,   # 60-word passages stay whole
-                  context_encoder=context_encoder,
-                  generator_tokenizer=GeneratorTokenizerConfig(path=str(tok_dir), extra_texts=[]))
+    kb = KBConfig(
+        source=str(kb_file),
+        dir=str(kb_dir),
+        words_per_passage=100,  # 60-word passages stay whole
+        context_encoder=context_encoder,
+        generator_tokenizer=GeneratorTokenizerConfig(path=str(tok_dir), extra_texts=[]),
+    )
     build_knowledge_base(kb, IndexConfig(factory=factory, shards=SHARDS, replicas=REPLICAS))
     return ServiceSpec(kb_dir=str(kb_dir.resolve()), num_shards=SHARDS, num_replicas=REPLICAS)
 
@@ -159,6 +177,7 @@ def write_pretrained_rag_folder(folder: Path) -> Path:
 
 
 # --- ours and floor -----------------------------------------------------------------------------------------
+
 
 class StepTimer(Callback):
     """Wall-clock steps/s from the end of the last warm-up step to the end of the last step."""
@@ -201,8 +220,9 @@ def new_module(kind: str, spec: ServiceSpec, tok_dir: Path | None = None, rag_di
     """A freshly seeded RagModule (so ours and floor start from the same weights): the tiny random models with the
     tokenizer in tok_dir, or the RAG folder rag_dir."""
     L.seed_everything(SEED, verbose=False)
-    sizes = dict(kind=KINDS[kind], n_docs=N_DOCS, max_question_tokens=MAX_QUESTION_TOKENS,
-                 max_context_tokens=MAX_CONTEXT_TOKENS)
+    sizes = dict(
+        kind=KINDS[kind], n_docs=N_DOCS, max_question_tokens=MAX_QUESTION_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS
+    )
     retriever = RetrieverConfig(train_question_encoder=True)
     if rag_dir is None:
         generator = GeneratorConfig(d_model=DIM, layers=LAYERS, heads=HEADS, ffn_dim=4 * DIM, dropout=0.1)
@@ -214,17 +234,30 @@ def new_module(kind: str, spec: ServiceSpec, tok_dir: Path | None = None, rag_di
 
 
 def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:
-    return QADataModule(DataConfig(dir=str(data_dir), batch_size=BATCH), module.model_cfg,
-                        module.question_tokenizer, module.generator_tokenizer,
-                        module.decoder_prefix)
+    return QADataModule(
+        DataConfig(dir=str(data_dir), batch_size=BATCH),
+        module.model_cfg,
+        module.question_tokenizer,
+        module.generator_tokenizer,
+        module.decoder_prefix,
+    )
 
 
 def timed_fit(module: RagModule, datamodule: QADataModule, steps: int, callbacks: list[Callback]) -> float:
     """Train for `steps` steps from the fixed seed (hence the same batch order every time); returns steps/s."""
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[*callbacks, timer])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[*callbacks, timer],
+    )
     L.seed_everything(SEED, verbose=False)
     trainer.fit(module, datamodule=datamodule)
     return timer.steps_per_s
@@ -256,17 +289,38 @@ def run_floor(kind: str, steps: int, spec: ServiceSpec, data_dir: Path, **models
 
 # --- baseline -----------------------------------------------------------------------------------------------
 
-def run_baseline(path: Path, kind: str, steps: int, threads: int, kb_file: Path, data_dir: Path,
-                 models: list[str]) -> float:
+
+def run_baseline(
+    path: Path, kind: str, steps: int, threads: int, kb_file: Path, data_dir: Path, models: list[str]
+) -> float:
     """hf_baseline.py's steps/s; models: its --tokenizer and sizes, or its --rag_dir."""
-    command = [sys.executable, str(path), "--kb", str(kb_file), "--qa", str(data_dir / "train.jsonl"), *models,
-               "--batch", str(BATCH), "--n_docs", str(N_DOCS), "--max_combined_length", str(MAX_CONTEXT_TOKENS),
-               "--steps", str(steps), "--model", kind, "--threads", str(threads)]
+    command = [
+        sys.executable,
+        str(path),
+        "--kb",
+        str(kb_file),
+        "--qa",
+        str(data_dir / "train.jsonl"),
+        *models,
+        "--batch",
+        str(BATCH),
+        "--n_docs",
+        str(N_DOCS),
+        "--max_combined_length",
+        str(MAX_CONTEXT_TOKENS),
+        "--steps",
+        str(steps),
+        "--model",
+        kind,
+        "--threads",
+        str(threads),
+    ]
     out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["steps_per_s"]
 
 
 # --- main ---------------------------------------------------------------------------------------------------
+
 
 def summarize(rates: dict[str, list[float]], args: argparse.Namespace) -> dict:
     """The figures of every round (steps/s, and the ratios within each round), summarised by common.summarise."""
@@ -278,9 +332,15 @@ def summarize(rates: dict[str, list[float]], args: argparse.Namespace) -> dict:
         figures["ratio_pretrained"] = per_round(rates["ours_pretrained"], rates["baseline_pretrained"])
     targets = {name: Target(TARGET_RATIO) for name in figures if name.startswith("ratio_")}
     targets |= {f"floor_fraction_{kind}": Target(TARGET_FLOOR_FRACTION) for kind in KINDS}
-    summary = {"passages": args.passages, "steps": args.steps, "warmup_steps": WARMUP_STEPS,
-               "pretrained_steps": args.pretrained_steps, "rounds": args.rounds, "threads": args.threads,
-               **summarise(figures, targets)}
+    summary = {
+        "passages": args.passages,
+        "steps": args.steps,
+        "warmup_steps": WARMUP_STEPS,
+        "pretrained_steps": args.pretrained_steps,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        **summarise(figures, targets),
+    }
     summary["floor_fraction"] = min(summary[f"floor_fraction_{kind}"] for kind in KINDS)
     return summary
 
@@ -297,23 +357,36 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     for kind in KINDS:
         sides[f"ours_{kind}"] = partial(run_ours, kind, steps, tiny, data_dir, tok_dir=tok_dir)
         sides[f"floor_{kind}"] = partial(run_floor, kind, steps, tiny, data_dir, tok_dir=tok_dir)
-        sides[f"baseline_{kind}"] = partial(run_baseline, args.baseline, kind, steps, args.threads, kb_file,
-                                            data_dir, tiny_sizes)
+        sides[f"baseline_{kind}"] = partial(
+            run_baseline, args.baseline, kind, steps, args.threads, kb_file, data_dir, tiny_sizes
+        )
     try:
         launch_service(tiny)
         rates = interleaved(sides, args.rounds)
         shutdown_service(tiny)
         if pretrained_steps:
             rag_dir = write_pretrained_rag_folder(work / "pretrained")
-            one_minilm_layer = EncoderConfig(pretrained="minilm", num_layers=1)   # the vectors' size is what counts
+            one_minilm_layer = EncoderConfig(pretrained="minilm", num_layers=1)  # the vectors' size is what counts
             pretrained = build_kb(kb_file, rag_dir / "generator_tokenizer", work / "kb_pretrained", one_minilm_layer)
             launch_service(pretrained)
-            rates |= interleaved({
-                "ours_pretrained": partial(run_ours, "sequence", pretrained_steps + WARMUP_STEPS, pretrained,
-                                           data_dir, rag_dir=rag_dir),
-                "baseline_pretrained": partial(run_baseline, args.baseline, "sequence", pretrained_steps,
-                                               args.threads, kb_file, data_dir, ["--rag_dir", str(rag_dir)])},
-                args.rounds)
+            rates |= interleaved(
+                {
+                    "ours_pretrained": partial(
+                        run_ours, "sequence", pretrained_steps + WARMUP_STEPS, pretrained, data_dir, rag_dir=rag_dir
+                    ),
+                    "baseline_pretrained": partial(
+                        run_baseline,
+                        args.baseline,
+                        "sequence",
+                        pretrained_steps,
+                        args.threads,
+                        kb_file,
+                        data_dir,
+                        ["--rag_dir", str(rag_dir)],
+                    ),
+                },
+                args.rounds,
+            )
             shutdown_service(pretrained)
     finally:
         ray.shutdown()

@@ -5,6 +5,7 @@ as its schema's dataclass, its settings checked (rag_lightning.config), then wha
 preflight); a user error or a stop signal ends it with one line (rag_lightning.errors), and so does an override
 Hydra cannot compose (a misspelled key, a value of the wrong type, an unknown option of a group).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,7 +35,7 @@ def command(config_name: str) -> Callable[[Callable[[Any], None]], Callable[[], 
     def decorate(run: Callable[[Any], None]) -> Callable[[], None]:
         @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name=config_name)
         @exit_on_user_error
-        @functools.wraps(run)       # Hydra names the job (and its log file) after the wrapped function's module
+        @functools.wraps(run)  # Hydra names the job (and its log file) after the wrapped function's module
         def run_checked(cfg: DictConfig) -> None:
             run(preflight(checked(cfg)))
 
@@ -48,7 +49,9 @@ def command(config_name: str) -> Callable[[Callable[[Any], None]], Callable[[], 
             except COMPOSITION_ERRORS as e:
                 print(f"error: {composition_error(e)}", file=sys.stderr, flush=True)
                 sys.exit(2)
+
         return main
+
     return decorate
 
 

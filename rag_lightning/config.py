@@ -10,6 +10,7 @@ key that is no setting (`+trainer.max_step=5`) and a value out of its declared c
 cross-field checks of the `check()` methods. This module reads no file: the checks that read the folders,
 tokenizers or Ray cluster a config names are rag_lightning/preflight.py's, run next by every command.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -59,17 +60,25 @@ class EncoderConfig:
     normalisation and max_seq_length, a DPR folder its pooler output (projection included), any other Hugging Face
     encoder folder is BERT-style (mean pooling unless set). null below means: as the folder says."""
 
-    pretrained: str | None = setting("minilm", '"minilm" (the bundled all-MiniLM-L6-v2), a model folder, or null '
-                                               "for a random model of the sizes below")
+    pretrained: str | None = setting(
+        "minilm",
+        '"minilm" (the bundled all-MiniLM-L6-v2), a model folder, or null for a random model of the sizes below',
+    )
     tokenizer: str | None = setting(None, "a tokenizer folder; null: the pretrained model's (MiniLM's if random)")
-    pooling: str | None = choice(None, "mean", "cls", help="overrides a sentence-transformers folder's pooling; "
-                                                          "refused for DPR (its pooler output)")
+    pooling: str | None = choice(
+        None,
+        "mean",
+        "cls",
+        help="overrides a sentence-transformers folder's pooling; refused for DPR (its pooler output)",
+    )
     normalize: bool | None = setting(None, "L2-normalise the vectors (a sentence-transformers Normalize module)")
     max_length: int | None = at_least(None, 2, help="tokens per text; null: the folder's max_seq_length, else 128")
-    num_layers: int = at_least(0, 0, help="keep only the first N layers of a pretrained model (0 = all); a random "
-                                          "model's layers")
-    hidden_size: int = at_least(128, 1, help="hidden size of a random model (made like the bundled MiniLM: mean "
-                                             "pooling, normalised)")
+    num_layers: int = at_least(
+        0, 0, help="keep only the first N layers of a pretrained model (0 = all); a random model's layers"
+    )
+    hidden_size: int = at_least(
+        128, 1, help="hidden size of a random model (made like the bundled MiniLM: mean pooling, normalised)"
+    )
     num_heads: int = at_least(4, 1, help="attention heads of a random model")
 
 
@@ -78,18 +87,27 @@ class GeneratorConfig:
     """The generator: a pretrained sequence-to-sequence model with its own tokenizer, or a BART built from these
     sizes and trained from scratch (with the knowledge base's generator tokenizer)."""
 
-    pretrained: str | None = setting(None, 'a folder (BART, mBART, T5/mT5, an EncoderDecoderModel) or "minilm" '
-                                           "(MiniLM on both sides); null: from scratch, of the sizes below")
-    prefix: str | None = setting(None, "text before every context (T5's task prefix, as transformers' RAG reads it "
-                                       "from the generator's config.prefix); null: the folder's")
+    pretrained: str | None = setting(
+        None,
+        'a folder (BART, mBART, T5/mT5, an EncoderDecoderModel) or "minilm" '
+        "(MiniLM on both sides); null: from scratch, of the sizes below",
+    )
+    prefix: str | None = setting(
+        None,
+        "text before every context (T5's task prefix, as transformers' RAG reads it "
+        "from the generator's config.prefix); null: the folder's",
+    )
     d_model: int = at_least(128, 1, help="hidden size of a generator trained from scratch")
     layers: int = at_least(2, 1, help="encoder and decoder layers of a generator trained from scratch")
     heads: int = at_least(4, 1, help="attention heads of a generator trained from scratch")
     ffn_dim: int = at_least(512, 1, help="feed-forward size of a generator trained from scratch")
     dropout: float = at_least(0.0, 0.0, help="dropout of a generator trained from scratch")
     max_positions: int = at_least(512, 8, help="positions of a generator trained from scratch")
-    train: bool = setting(True, "false: the generator stays as it is (no gradients, no optimizer state), for "
-                                "training the retriever against a fixed reader")
+    train: bool = setting(
+        True,
+        "false: the generator stays as it is (no gradients, no optimizer state), for "
+        "training the retriever against a fixed reader",
+    )
 
 
 # The ranks k at which retrieval is scored (recall@k, mrr@k, gold_recall@k), in validation, test and evaluate
@@ -110,35 +128,53 @@ MODEL_DEFAULTS = {"n_docs": 3, "label_smoothing": 0.0, "max_context_tokens": 256
 class ModelConfig:
     """The RAG model: its kind, where it starts from, its question encoder and generator, and its sizes."""
 
-    kind: str = choice("rag_sequence", "rag_token", help="RAG-Sequence or RAG-Token marginalisation (Lewis et al. "
-                                                         "2020, transformers' losses)")
-    init_from: str | None = setting(None, "a whole RAG folder (transformers' save_pretrained, as the hub's "
-                                          "facebook/rag-*, or our export): its question encoder, generator, "
-                                          "tokenizers, and n_docs, label_smoothing, max_context_tokens where null")
-    n_docs: int | None = at_least(None, 1, help=f"passages retrieved per question; null: init_from's, else "
-                                                f"{MODEL_DEFAULTS['n_docs']}")
+    kind: str = choice(
+        "rag_sequence",
+        "rag_token",
+        help="RAG-Sequence or RAG-Token marginalisation (Lewis et al. 2020, transformers' losses)",
+    )
+    init_from: str | None = setting(
+        None,
+        "a whole RAG folder (transformers' save_pretrained, as the hub's "
+        "facebook/rag-*, or our export): its question encoder, generator, "
+        "tokenizers, and n_docs, label_smoothing, max_context_tokens where null",
+    )
+    n_docs: int | None = at_least(
+        None, 1, help=f"passages retrieved per question; null: init_from's, else {MODEL_DEFAULTS['n_docs']}"
+    )
     question_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    label_smoothing: float | None = at_least(None, 0.0, help="null: init_from's, else "
-                                                             f"{MODEL_DEFAULTS['label_smoothing']}")
+    label_smoothing: float | None = at_least(
+        None, 0.0, help=f"null: init_from's, else {MODEL_DEFAULTS['label_smoothing']}"
+    )
     max_question_tokens: int = at_least(32, 2, help="question tokens kept")
-    max_answer_tokens: int = at_least(8, 4, help='answer tokens generated, with "</s> <s>" and "</s>" (the demo\'s '
-                                                 "answers are one word)")
-    max_context_tokens: int | None = at_least(None, 2, help="passage + question tokens per retrieved document; "
-                                                            "null: init_from's max_combined_length, else "
-                                                            f"{MODEL_DEFAULTS['max_context_tokens']}")
+    max_answer_tokens: int = at_least(
+        8, 4, help='answer tokens generated, with "</s> <s>" and "</s>" (the demo\'s answers are one word)'
+    )
+    max_context_tokens: int | None = at_least(
+        None,
+        2,
+        help="passage + question tokens per retrieved document; "
+        "null: init_from's max_combined_length, else "
+        f"{MODEL_DEFAULTS['max_context_tokens']}",
+    )
     num_beams: int = at_least(2, 1, help="beam search at validation and test")
-    gradient_checkpointing: bool = setting(False, "recompute the generator's and encoders' activations in the "
-                                                  "backward pass: less memory for more compute")
+    gradient_checkpointing: bool = setting(
+        False, "recompute the generator's and encoders' activations in the backward pass: less memory for more compute"
+    )
 
     def check(self, key: str) -> None:
         if self.init_from is not None:
             if self.generator.pretrained is not None:
-                raise UserError(f"{key}.generator.pretrained: {key}.init_from={self.init_from} brings its "
-                                f"generator; set one of the two")
+                raise UserError(
+                    f"{key}.generator.pretrained: {key}.init_from={self.init_from} brings its "
+                    f"generator; set one of the two"
+                )
             if self.question_encoder != EncoderConfig():
-                raise UserError(f"{key}.question_encoder: {key}.init_from={self.init_from} brings its question "
-                                f"encoder (DPR); leave {key}.question_encoder unset")
+                raise UserError(
+                    f"{key}.question_encoder: {key}.init_from={self.init_from} brings its question "
+                    f"encoder (DPR); leave {key}.question_encoder unset"
+                )
 
 
 @dataclass
@@ -146,32 +182,53 @@ class RetrieverConfig:
     """What the retriever learns: which encoders train, and the scale of its scores. The context encoder is the
     knowledge base's (kb.context_encoder); the searches themselves go to the retrieval service (`service`)."""
 
-    train_question_encoder: bool = setting(False, "train the question encoder (the demo's MiniLM retrieves its "
-                                                  "passages, recall@1 0.985, untrained)")
-    train_context_encoder: bool = setting(False, "re-embed retrieved passages in the step, so gradients reach the "
-                                                 "context encoder (index_refresh re-encodes the knowledge base)")
+    train_question_encoder: bool = setting(
+        False, "train the question encoder (the demo's MiniLM retrieves its passages, recall@1 0.985, untrained)"
+    )
+    train_context_encoder: bool = setting(
+        False,
+        "re-embed retrieved passages in the step, so gradients reach the "
+        "context encoder (index_refresh re-encodes the knowledge base)",
+    )
     freeze_embeddings: bool = setting(True, "keep the encoders' token embedding tables fixed (most optimizer work)")
-    score_scale: float | None = at_least(None, 0.0, help="doc_scores = score_scale x (q . d), the logits of RAG's "
-                                                         "prior over passages. null: as the encoders say: 20 where "
-                                                         "question and passage vectors are both normalised "
-                                                         "(cosines, the scale sentence-transformers trains with), "
-                                                         "else 1 (raw inner products: DPR, normalize=false)")
-    objective: str = choice("marginal", "distant", "pdist", "emdr2",
-                            help="what the encoders learn from. marginal: RAG's loss, as the generator; distant: "
-                                 "InfoNCE with the candidates holding an answer (or of a gold title) as positives, "
-                                 "the others and the batch's as negatives; pdist: Atlas' perplexity distillation; "
-                                 "emdr2: EMDR2. All but marginal stop the RAG loss's gradient into the doc scores")
+    score_scale: float | None = at_least(
+        None,
+        0.0,
+        help="doc_scores = score_scale x (q . d), the logits of RAG's "
+        "prior over passages. null: as the encoders say: 20 where "
+        "question and passage vectors are both normalised "
+        "(cosines, the scale sentence-transformers trains with), "
+        "else 1 (raw inner products: DPR, normalize=false)",
+    )
+    objective: str = choice(
+        "marginal",
+        "distant",
+        "pdist",
+        "emdr2",
+        help="what the encoders learn from. marginal: RAG's loss, as the generator; distant: "
+        "InfoNCE with the candidates holding an answer (or of a gold title) as positives, "
+        "the others and the batch's as negatives; pdist: Atlas' perplexity distillation; "
+        "emdr2: EMDR2. All but marginal stop the RAG loss's gradient into the doc scores",
+    )
     objective_weight: float = at_least(1.0, 0.0, help="loss = RAG loss + objective_weight x the objective's")
     temperature: float = at_least(1.0, 0.001, help="distant: of the InfoNCE logits; pdist: of the reader's scores")
-    positives: str = choice("answer_or_title", "answer",
-                            help="distant: a candidate holding a gold answer or of a gold title is a positive; "
-                                 "answer: only one holding an answer (where a title names an article of many "
-                                 "passages)")
-    candidates: int | None = at_least(None, 1, help="passages asked of the service per question, re-scored by the "
-                                                    "current encoders; the best model.n_docs go to the reader. "
-                                                    "null: model.n_docs")
-    eval_k: list[int] = setting(RECALL_AT, "ranks at which retrieval is scored in validation and test (with "
-                                           "model.n_docs)")
+    positives: str = choice(
+        "answer_or_title",
+        "answer",
+        help="distant: a candidate holding a gold answer or of a gold title is a positive; "
+        "answer: only one holding an answer (where a title names an article of many "
+        "passages)",
+    )
+    candidates: int | None = at_least(
+        None,
+        1,
+        help="passages asked of the service per question, re-scored by the "
+        "current encoders; the best model.n_docs go to the reader. "
+        "null: model.n_docs",
+    )
+    eval_k: list[int] = setting(
+        RECALL_AT, "ranks at which retrieval is scored in validation and test (with model.n_docs)"
+    )
 
     def check(self, key: str) -> None:
         check_ranks(self.eval_k, f"{key}.eval_k")
@@ -206,21 +263,24 @@ class OptimConfig:
 class GeneratorTokenizerConfig:
     """The tokenizer the knowledge base stores its passages in: the generator's own, or one trained on the data."""
 
-    path: str | None = setting(None, "a saved Hugging Face tokenizer; null: the generator's own, else one is "
-                                     "trained")
+    path: str | None = setting(None, "a saved Hugging Face tokenizer; null: the generator's own, else one is trained")
     kind: str = choice("wordlevel", "bpe", help="the trained tokenizer's model")
     vocab_size: int = at_least(30000, 8, help="the trained tokenizer's vocabulary size")
-    extra_texts: list[str] = setting(["${data.dir}/train.jsonl"], "QA JSONL files whose words the trained "
-                                                                  "tokenizer also learns")
+    extra_texts: list[str] = setting(
+        ["${data.dir}/train.jsonl"], "QA JSONL files whose words the trained tokenizer also learns"
+    )
 
 
 @dataclass
 class KBConfig:
     """The knowledge base: its source texts, its folder, its passages and the encoder of its vectors."""
 
-    source: str | None = setting("${data.dir}/kb.jsonl", "TSV/CSV (title, text columns), JSONL, or a transformers "
-                                                         "RAG `datasets` folder (title, text, embeddings), imported "
-                                                         "as is")
+    source: str | None = setting(
+        "${data.dir}/kb.jsonl",
+        "TSV/CSV (title, text columns), JSONL, or a transformers "
+        "RAG `datasets` folder (title, text, embeddings), imported "
+        "as is",
+    )
     source_index: str | None = setting(None, "that folder's FAISS index file, checked against its embeddings")
     dir: str = setting("${paths.run_dir}/kb", "the knowledge base's folder (its versions, shards and passages)")
     words_per_passage: int = at_least(100, 1, help="documents are split into passages of this many words")
@@ -252,10 +312,13 @@ class ServiceConfig:
     num_cpus: int | None = at_least(None, 1, help="CPUs of a local Ray; null: every core")
     actor_cpus: float = at_least(ServiceSpec.actor_cpus, 0.0, help="CPUs Ray reserves per shard actor")
     omp_threads: int = at_least(ServiceSpec.omp_threads, 1, help="FAISS threads per shard actor")
-    search_params: str = setting(ServiceSpec.search_params, 'faiss.ParameterSpace settings of the shard actors\' '
-                                                            'searches, e.g. "efSearch=128" or "nprobe=16"')
-    failover_timeout_s: float = at_least(ServiceSpec.failover_timeout_s, 0.001,
-                                         help="a search waits this long for some replica of a dead shard")
+    search_params: str = setting(
+        ServiceSpec.search_params,
+        'faiss.ParameterSpace settings of the shard actors\' searches, e.g. "efSearch=128" or "nprobe=16"',
+    )
+    failover_timeout_s: float = at_least(
+        ServiceSpec.failover_timeout_s, 0.001, help="a search waits this long for some replica of a dead shard"
+    )
     temp_dir: str | None = setting(None, "a local Ray's session files; null: /tmp/ray_<SLURM job id or pid>")
     entropy_window: int = at_least(100, 1, help="training steps over which the retrieved-id entropy is measured")
 
@@ -264,12 +327,16 @@ class ServiceConfig:
 class DataConfig:
     """The question-answer splits, and how they are made."""
 
-    prepare: str | None = choice("demo", "nq_open", None, help="what writes the files into dir: the embedded demo, "
-                                                               "NQ-open from data.source; null: they are already "
-                                                               "in dir")
+    prepare: str | None = choice(
+        "demo",
+        "nq_open",
+        None,
+        help="what writes the files into dir: the embedded demo, "
+        "NQ-open from data.source; null: they are already "
+        "in dir",
+    )
     source: str | None = setting(None, "input of prepare (nq_open: the NQ-open oracle .jsonl.gz, docs/data.md)")
-    dir: str = setting("${paths.run_dir}/data", "the folder of the train/val/test .jsonl (or .source/.target) "
-                                                "files")
+    dir: str = setting("${paths.run_dir}/data", "the folder of the train/val/test .jsonl (or .source/.target) files")
     demo_entities: int = at_least(3600, 10, help="entities of the embedded demo")
     batch_size: int = at_least(16, 1, help="training questions a batch, per process")
     eval_batch_size: int = at_least(32, 1, help="questions a batch at validation and test")
@@ -299,8 +366,9 @@ class TrainerConfig:
 
     def check(self, key: str) -> None:
         devices = self.devices
-        if isinstance(devices, bool) or not (devices == "auto" or (isinstance(devices, int) and devices >= 1)
-                                             or (isinstance(devices, list) and devices)):
+        if isinstance(devices, bool) or not (
+            devices == "auto" or (isinstance(devices, int) and devices >= 1) or (isinstance(devices, list) and devices)
+        ):
             raise UserError(f"{key}.devices: {devices!r} is not a device count >= 1, a list of device ids or 'auto'")
 
 
@@ -338,30 +406,46 @@ class TrainConfig:
     seed: int = setting(0, "the seed of every random choice")
     evaluate_before_training: bool = setting(True, "score the untrained model on val and test (initial/*)")
     ckpt_path: str | None = setting(None, "resume from it; null: from the run dir's newest checkpoint, if any")
-    checkpoint_every_n_steps: int | None = at_least(500, 1, help="also checkpoint every N steps (the resume point "
-                                                                 "of a stopped job); null: at validation only")
+    checkpoint_every_n_steps: int | None = at_least(
+        500, 1, help="also checkpoint every N steps (the resume point of a stopped job); null: at validation only"
+    )
     threads: int = at_least(0, 0, help="torch threads per process (0 = leave as is)")
-    stage: str = choice("all", "prepare", "train", help="prepare: data, knowledge base, shard actors, then exit; "
-                                                        "train: attach to them (slurm/train.sbatch runs both)")
+    stage: str = choice(
+        "all",
+        "prepare",
+        "train",
+        help="prepare: data, knowledge base, shard actors, then exit; "
+        "train: attach to them (slurm/train.sbatch runs both)",
+    )
 
     def check(self, key: str) -> None:
         if self.stage != "all" and not self.service.ray_address:
-            raise UserError(f"stage={self.stage} needs service.ray_address: the shard actors live on a Ray "
-                            "cluster that outlives each stage's processes")
-        if not (self.model.generator.train or self.retriever.train_question_encoder
-                or self.retriever.train_context_encoder):
-            raise UserError("model.generator.train=false and the retriever trains no encoder "
-                            "(retriever.train_question_encoder=false, retriever.train_context_encoder=false): "
-                            "nothing would train")
+            raise UserError(
+                f"stage={self.stage} needs service.ray_address: the shard actors live on a Ray "
+                "cluster that outlives each stage's processes"
+            )
+        if not (
+            self.model.generator.train or self.retriever.train_question_encoder or self.retriever.train_context_encoder
+        ):
+            raise UserError(
+                "model.generator.train=false and the retriever trains no encoder "
+                "(retriever.train_question_encoder=false, retriever.train_context_encoder=false): "
+                "nothing would train"
+            )
         retriever = self.retriever
-        if retriever.objective != "marginal" and not (retriever.train_question_encoder
-                                                       or retriever.train_context_encoder):
-            raise UserError(f"retriever.objective={retriever.objective} trains the retriever, but neither encoder "
-                            "trains: set retriever.train_question_encoder=true (or train_context_encoder)")
+        if retriever.objective != "marginal" and not (
+            retriever.train_question_encoder or retriever.train_context_encoder
+        ):
+            raise UserError(
+                f"retriever.objective={retriever.objective} trains the retriever, but neither encoder "
+                "trains: set retriever.train_question_encoder=true (or train_context_encoder)"
+            )
         if self.index_refresh.every_n_steps is not None and not self.retriever.train_context_encoder:
-            raise UserError("index_refresh.every_n_steps is set but retriever.train_context_encoder=false: the "
-                            "passage embeddings would never change; train the context encoder or set "
-                            "index_refresh.every_n_steps=null")
+            raise UserError(
+                "index_refresh.every_n_steps is set but retriever.train_context_encoder=false: the "
+                "passage embeddings would never change; train the context encoder or set "
+                "index_refresh.every_n_steps=null"
+            )
 
 
 @dataclass
@@ -372,21 +456,27 @@ class PlanSettings:
 
     passages: float | None = at_least(None, 1, help="passages in the knowledge base, e.g. 21e6 (required)")
     dim: int | None = at_least(None, 1, help="embedding dimension; null: the context encoder's output")
-    generator_tokens: float | None = at_least(None, 1, help="mean generator token ids a passage; null: "
-                                                            "kb.max_passage_tokens")
-    encoder_tokens: float | None = at_least(None, 1, help="tokens the context encoder reads a passage (encoding "
-                                                          "cost, stored ids); null: the encoder's max_length")
-    text_bytes: float | None = at_least(None, 1, help="UTF-8 bytes of a passage's title and text; null: 6 bytes a "
-                                                      "word x kb.words_per_passage")
+    generator_tokens: float | None = at_least(
+        None, 1, help="mean generator token ids a passage; null: kb.max_passage_tokens"
+    )
+    encoder_tokens: float | None = at_least(
+        None,
+        1,
+        help="tokens the context encoder reads a passage (encoding cost, stored ids); null: the encoder's max_length",
+    )
+    text_bytes: float | None = at_least(
+        None, 1, help="UTF-8 bytes of a passage's title and text; null: 6 bytes a word x kb.words_per_passage"
+    )
     node_memory_gib: float = at_least(512.0, 0.001, help="host memory of one node")
     gpus_per_node: int | None = at_least(None, 0, help="null: trainer.devices (the trainer ranks use them all)")
     steps_per_s: float = at_least(1.0, 0.0001, help="optimizer steps a second of the whole job")
     torch_process_gib: float = at_least(8.0, 0.0, help="host memory of one trainer rank or encoder actor")
-    actor_base_mib: float | None = at_least(None, 0.0, help="a shard actor's memory besides its data; null: "
-                                                            "measured")
-    encode_rate: float | None = at_least(None, 0.0001, help="passages/s of one encoder actor; null: from the "
-                                                            "planner's table of measured rates, scaled to the "
-                                                            "encoder")
+    actor_base_mib: float | None = at_least(None, 0.0, help="a shard actor's memory besides its data; null: measured")
+    encode_rate: float | None = at_least(
+        None,
+        0.0001,
+        help="passages/s of one encoder actor; null: from the planner's table of measured rates, scaled to the encoder",
+    )
 
     def check(self, key: str) -> None:
         if self.passages is None:
@@ -402,8 +492,9 @@ class PlanConfig(TrainConfig):
     def check(self, key: str) -> None:
         super().check(key)
         if self.trainer.devices == "auto":
-            raise UserError("trainer.devices: the plan needs the processes per node; give a count, e.g. "
-                            "trainer.devices=8")
+            raise UserError(
+                "trainer.devices: the plan needs the processes per node; give a count, e.g. trainer.devices=8"
+            )
 
 
 @dataclass
@@ -444,14 +535,18 @@ class EvaluateConfig:
         if self.ckpt_path is not None and self.kb.dir is not None:
             raise UserError(f"kb.dir: {self.ckpt_path} brings its knowledge base; give ckpt_path or kb.dir")
         if self.ckpt_path is None and self.kb.dir is None:
-            raise UserError("ckpt_path: give a checkpoint (ckpt_path=...), or a knowledge base to score its own "
-                            "encoder (mode=retrieval kb.dir=... data=...)")
+            raise UserError(
+                "ckpt_path: give a checkpoint (ckpt_path=...), or a knowledge base to score its own "
+                "encoder (mode=retrieval kb.dir=... data=...)"
+            )
         if self.ckpt_path is None and self.mode != "retrieval":
-            raise UserError(f"mode: kb.dir={self.kb.dir} without a checkpoint has no reader to answer with; "
-                            "add mode=retrieval")
+            raise UserError(
+                f"mode: kb.dir={self.kb.dir} without a checkpoint has no reader to answer with; add mode=retrieval"
+            )
         if self.ckpt_path is None and self.data is None:
-            raise UserError("data: a knowledge base alone names no questions; give data=files data.dir=DIR "
-                            "(or data=nq_open)")
+            raise UserError(
+                "data: a knowledge base alone names no questions; give data=files data.dir=DIR (or data=nq_open)"
+            )
 
 
 @dataclass
@@ -479,8 +574,14 @@ class ExportConfig:
 
 
 # Each command's config: the name of its conf/<name>.yaml, and its schema
-COMMAND_SCHEMAS = {"train": TrainConfig, "build_kb": BuildKBConfig, "evaluate": EvaluateConfig,
-                   "generate": GenerateConfig, "export": ExportConfig, "plan": PlanConfig}
+COMMAND_SCHEMAS = {
+    "train": TrainConfig,
+    "build_kb": BuildKBConfig,
+    "evaluate": EvaluateConfig,
+    "generate": GenerateConfig,
+    "export": ExportConfig,
+    "plan": PlanConfig,
+}
 
 
 def checked(cfg: DictConfig) -> Any:

@@ -5,6 +5,7 @@ with its type, default, choices or range, and help.
 
 tests/test_docs.py fails when the file in docs/ is not what this prints.
 """
+
 from __future__ import annotations
 
 import inspect

@@ -2,6 +2,7 @@
 
 Every command's main is wrapped in `exit_on_user_error`, so this holds for all of them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,7 +35,7 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-_received: int | None = None       # the first stop signal this command got
+_received: int | None = None  # the first stop signal this command got
 
 
 def _stop(signum: int, frame) -> None:
@@ -94,7 +95,7 @@ def _install_stop_handlers() -> dict[int, object]:
 
 def _restore_handlers(replaced: dict[int, object]) -> None:
     for signum, handler in replaced.items():
-        if signal.getsignal(signum) is _stop:       # not if someone took the signal over since
+        if signal.getsignal(signum) is _stop:  # not if someone took the signal over since
             signal.signal(signum, handler)
 
 
@@ -111,7 +112,7 @@ def exit_on_user_error(main):
         replaced = _install_stop_handlers()
         try:
             return main(*args, **kwargs)
-        except RayUnreachable as e:     # the address came from the config, or from the job's environment
+        except RayUnreachable as e:  # the address came from the config, or from the job's environment
             _exit(f"error: {e.setting or RAY_ADDRESS_KEY}: {e}", 2)
         except (UserError, RetrievalWorkersError) as e:
             _exit(f"error: {e}", 2)
@@ -119,7 +120,7 @@ def exit_on_user_error(main):
             if _received is not None:
                 log.debug("while stopping on %s", signal.Signals(_received).name, exc_info=True)
                 _exit_stopped(_received)
-            if isinstance(e, OSError) and e.errno in DISK_FULL:    # raised by atomic_files, naming the file
+            if isinstance(e, OSError) and e.errno in DISK_FULL:  # raised by atomic_files, naming the file
                 _exit(f"error: {e.filename}: {e.strerror}; it was not written (what was there before is kept)", 2)
             raise
         except BaseException as e:
@@ -131,6 +132,7 @@ def exit_on_user_error(main):
             _exit_stopped(signum)
         finally:
             _restore_handlers(replaced)
+
     return wrapper
 
 

@@ -12,6 +12,7 @@ Without a checkpoint, `mode=retrieval kb.dir=KB data=...` scores the knowledge b
 encoder as it is (questions encoded by its context encoder): the baseline a trained
 retriever is measured against.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ from retrieval_workers import (
 
 log = logging.getLogger(__name__)
 
-LISTED_PASSAGES = 5      # passages each row of predictions.jsonl lists when no reader sets how many it reads
+LISTED_PASSAGES = 5  # passages each row of predictions.jsonl lists when no reader sets how many it reads
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -55,8 +56,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         scores, about = evaluate_checkpoint(cfg)
     results = {**scores.metrics(cfg.split), **about, "wall_time_s": round(time.time() - started, 1)}
     run_dir = Path(cfg.paths.run_dir)
-    atomic_write_bytes(run_dir / "predictions.jsonl",
-                       "".join(json.dumps(prediction_row(record)) + "\n" for record in scores.records).encode())
+    atomic_write_bytes(
+        run_dir / "predictions.jsonl",
+        "".join(json.dumps(prediction_row(record)) + "\n" for record in scores.records).encode(),
+    )
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
     log.info("results: %s", json.dumps(results))
     return results
@@ -74,17 +77,27 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     else:
         raise UserError(f"data: {cfg.ckpt_path} does not record its QA files; give data=files data.dir=DIR")
     examples = split_examples(data_dir, cfg)
-    dataset = TokenizedQA(examples, module.question_tokenizer, module.generator_tokenizer, module.decoder_prefix,
-                          module.model_cfg.max_question_tokens, module.model_cfg.max_answer_tokens)
-    loader = eval_loader(dataset, cfg.eval_batch_size, module.question_tokenizer.pad_token_id,
-                         module.generator_tokenizer.pad_token_id)
+    dataset = TokenizedQA(
+        examples,
+        module.question_tokenizer,
+        module.generator_tokenizer,
+        module.decoder_prefix,
+        module.model_cfg.max_question_tokens,
+        module.model_cfg.max_answer_tokens,
+    )
+    loader = eval_loader(
+        dataset, cfg.eval_batch_size, module.question_tokenizer.pad_token_id, module.generator_tokenizer.pad_token_id
+    )
     ks, answers = sorted({*cfg.eval_k, module.model_cfg.n_docs}), cfg.mode == "answers"
     scores = SplitScores(ks, answers=answers)
     with serving(trained, cfg.service) as index_version:
         for batch in tqdm(loader, desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0):
             scores.add(module.evaluate_batch(batch, ks, answers=answers))
-    return scores, {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "data_dir": str(Path(data_dir).resolve()),
-                    "kb/index_version": index_version}
+    return scores, {
+        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "data_dir": str(Path(data_dir).resolve()),
+        "kb/index_version": index_version,
+    }
 
 
 @torch.no_grad()
@@ -107,21 +120,28 @@ def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     with serving_knowledge_base(spec, cfg.service) as spec:
         client, passages = RetrievalClient(spec), PassageTable(f"{kb_dir}/{manifest.passages_file}")
         depth = min(max(cfg.eval_k), len(passages))
-        for start in tqdm(range(0, len(examples), cfg.eval_batch_size), desc=f"evaluating {cfg.split}", unit="batch",
-                          mininterval=2.0):
-            chunk = examples[start:start + cfg.eval_batch_size]
+        for start in tqdm(
+            range(0, len(examples), cfg.eval_batch_size), desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0
+        ):
+            chunk = examples[start : start + cfg.eval_batch_size]
             ids = tokenizer([e.question for e in chunk], truncation=True, max_length=max_tokens)["input_ids"]
             result = client.search(encoder(pad(ids, tokenizer.pad_token_id)).float().numpy(), depth)
-            batch = {"questions": [e.question for e in chunk], "answers": [e.answers for e in chunk],
-                     "gold_titles": [e.gold_titles for e in chunk]}
+            batch = {
+                "questions": [e.question for e in chunk],
+                "answers": [e.answers for e in chunk],
+                "gold_titles": [e.gold_titles for e in chunk],
+            }
             scores.add(ranked_records(batch, result.ids, result.scores[:, :LISTED_PASSAGES], passages, ks))
-    return scores, {"kb_dir": kb_dir, "data_dir": str(Path(cfg.data.dir).resolve()),
-                    "kb/index_version": manifest.active_version}
+    return scores, {
+        "kb_dir": kb_dir,
+        "data_dir": str(Path(cfg.data.dir).resolve()),
+        "kb/index_version": manifest.active_version,
+    }
 
 
 def split_examples(data_dir: str, cfg: EvaluateConfig) -> list[QAExample]:
     examples = read_split(data_dir, cfg.split)
-    return examples[:cfg.max_eval_examples] if cfg.max_eval_examples else examples
+    return examples[: cfg.max_eval_examples] if cfg.max_eval_examples else examples
 
 
 def prediction_row(record: dict) -> dict:
@@ -131,7 +151,7 @@ def prediction_row(record: dict) -> dict:
     return {**row, **{name: record["scores"][name] for name in ("em", "f1") if name in record["scores"]}}
 
 
-main = command("evaluate")(evaluate)      # python -m rag_lightning.evaluate, or rag-evaluate
+main = command("evaluate")(evaluate)  # python -m rag_lightning.evaluate, or rag-evaluate
 
 
 if __name__ == "__main__":

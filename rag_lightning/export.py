@@ -22,6 +22,7 @@ run's checkpoints will not export exactly (export_mismatch).
 The passages carry the embeddings of the index version the checkpoint trained against.
 The folder is written beside DIR and renamed into place when complete.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,17 +70,24 @@ def export(cfg: ExportConfig) -> Path:
         # transformers 5 hands from_pretrained's `retriever=` on to GenerationConfig.from_pretrained, which
         # fails on it when the folder has a generation_config.json (RagToken writes one), so leave it out
         (staging / "generation_config.json").unlink(missing_ok=True)
-        RagTokenizer(question_encoder=module.question_tokenizer,
-                     generator=module.generator_tokenizer).save_pretrained(str(staging))
+        RagTokenizer(question_encoder=module.question_tokenizer, generator=module.generator_tokenizer).save_pretrained(
+            str(staging)
+        )
         write_hf_passages(staging / PASSAGES, staging / INDEX, passages, factory)
         if out.exists():
-            out.rmdir()                        # the empty folder checked above
+            out.rmdir()  # the empty folder checked above
         staging.rename(out)
     finally:
         if staging.exists():
-            shutil.rmtree(staging)             # our own unfinished folder
-    log.info("exported %s (%d passages) to %s; it was evaluated with generate(num_beams=%d, max_new_tokens=%d)",
-             cfg.ckpt_path, len(passages.titles), out, module.model_cfg.num_beams, module.model_cfg.max_answer_tokens)
+            shutil.rmtree(staging)  # our own unfinished folder
+    log.info(
+        "exported %s (%d passages) to %s; it was evaluated with generate(num_beams=%d, max_new_tokens=%d)",
+        cfg.ckpt_path,
+        len(passages.titles),
+        out,
+        module.model_cfg.num_beams,
+        module.model_cfg.max_answer_tokens,
+    )
     return out
 
 
@@ -99,10 +107,18 @@ def _transformers_model(module: RagModule, passages_path: Path, index_path: Path
     generator = module.rag.generator
     cfg = module.model_cfg
     config = RagConfig.from_question_encoder_generator_configs(
-        question_encoder.config, generator.config, n_docs=cfg.n_docs, max_combined_length=cfg.max_context_tokens,
-        retrieval_vector_size=module.question_encoder.dim, title_sep=TITLE_SEP, doc_sep=DOC_SEP,
-        label_smoothing=cfg.label_smoothing, index_name="custom", passages_path=str(passages_path),
-        index_path=str(index_path))
+        question_encoder.config,
+        generator.config,
+        n_docs=cfg.n_docs,
+        max_combined_length=cfg.max_context_tokens,
+        retrieval_vector_size=module.question_encoder.dim,
+        title_sep=TITLE_SEP,
+        doc_sep=DOC_SEP,
+        label_smoothing=cfg.label_smoothing,
+        index_name="custom",
+        passages_path=str(passages_path),
+        index_path=str(index_path),
+    )
     return RAG_CLASSES[cfg.kind](config=config, question_encoder=question_encoder, generator=generator).eval()
 
 
@@ -111,18 +127,36 @@ def as_dpr_question_encoder(model) -> DPRQuestionEncoder:
     if isinstance(model, DPRQuestionEncoder):
         return model
     if model.config.model_type != "bert":
-        raise UserError(f"model.question_encoder: a {model.config.model_type} model has no DPR equivalent; "
-                        "export needs a BERT-style or DPR question encoder")
-    dpr_config = DPRConfig(**{key: getattr(model.config, key) for key in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-        "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-        "initializer_range", "layer_norm_eps", "pad_token_id")})
+        raise UserError(
+            f"model.question_encoder: a {model.config.model_type} model has no DPR equivalent; "
+            "export needs a BERT-style or DPR question encoder"
+        )
+    dpr_config = DPRConfig(
+        **{
+            key: getattr(model.config, key)
+            for key in (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "hidden_act",
+                "hidden_dropout_prob",
+                "attention_probs_dropout_prob",
+                "max_position_embeddings",
+                "type_vocab_size",
+                "initializer_range",
+                "layer_norm_eps",
+                "pad_token_id",
+            )
+        }
+    )
     question_encoder = DPRQuestionEncoder(dpr_config)
     question_encoder.question_encoder.bert_model.load_state_dict(model.state_dict())
     return question_encoder
 
 
-main = command("export")(export)      # python -m rag_lightning.export, or rag-export
+main = command("export")(export)  # python -m rag_lightning.export, or rag-export
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 "question". Each answer is printed with its retrieved passages and their scores;
 `output=FILE` also writes them as JSONL.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,17 +47,27 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     answered = []
     with serving(trained, cfg.service):
         for start in range(0, len(questions), cfg.batch_size):
-            chunk = questions[start:start + cfg.batch_size]
-            batch = question_batch(*tokenize_questions(chunk, module.question_tokenizer, module.generator_tokenizer,
-                                                       module.model_cfg.max_question_tokens),
-                                   module.question_tokenizer.pad_token_id)
+            chunk = questions[start : start + cfg.batch_size]
+            batch = question_batch(
+                *tokenize_questions(
+                    chunk, module.question_tokenizer, module.generator_tokenizer, module.model_cfg.max_question_tokens
+                ),
+                module.question_tokenizer.pad_token_id,
+            )
             answers, retrieved = module.predict_answers(batch)
-            ids, scores = retrieved.ids[:, :module.model_cfg.n_docs], retrieved.scores.float().numpy()
+            ids, scores = retrieved.ids[:, : module.model_cfg.n_docs], retrieved.scores.float().numpy()
             for i, (question, answer) in enumerate(zip(chunk, answers)):
                 passages = module.passages.titles_and_texts(ids[i])
-                answered.append({"question": question, "answer": answer, "retrieved": [
-                    {"id": int(ids[i, j]), "title": title, "text": text, "score": float(scores[i, j])}
-                    for j, (title, text) in enumerate(passages)]})
+                answered.append(
+                    {
+                        "question": question,
+                        "answer": answer,
+                        "retrieved": [
+                            {"id": int(ids[i, j]), "title": title, "text": text, "score": float(scores[i, j])}
+                            for j, (title, text) in enumerate(passages)
+                        ],
+                    }
+                )
     for record in answered:
         print(f"\nquestion: {record['question']}\nanswer:   {record['answer']}")
         for rank, passage in enumerate(record["retrieved"], 1):
@@ -66,7 +77,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     return answered
 
 
-main = command("generate")(generate)      # python -m rag_lightning.generate, or rag-generate
+main = command("generate")(generate)  # python -m rag_lightning.generate, or rag-generate
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the key.
 
 config.py checks the settings themselves and reads nothing; command() runs `preflight(checked(cfg))`.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -49,7 +50,7 @@ def _check_parts(node: Any, prefix: str) -> None:
 
 
 def check_encoder(encoder: EncoderConfig, key: str) -> None:
-    resolve_encoder(encoder, key)       # a folder that is no encoder is refused here
+    resolve_encoder(encoder, key)  # a folder that is no encoder is refused here
 
 
 def check_generator(generator: GeneratorConfig, key: str) -> None:
@@ -58,7 +59,7 @@ def check_generator(generator: GeneratorConfig, key: str) -> None:
 
 
 def check_service(service: ServiceConfig, key: str) -> None:
-    if service.ray_address:      # refused now, not after the data and the knowledge base are built
+    if service.ray_address:  # refused now, not after the data and the knowledge base are built
         try:
             check_reachable(service.ray_address)
         except RayUnreachable as e:
@@ -67,8 +68,10 @@ def check_service(service: ServiceConfig, key: str) -> None:
 
 def check_data(data: DataConfig, key: str) -> None:
     if data.prepare is None and not Path(data.dir).is_dir():
-        raise UserError(f"{key}.dir: no folder at {data.dir}; data=files needs {key}.dir=DIR, the folder of your "
-                        "train/val/test files")
+        raise UserError(
+            f"{key}.dir: no folder at {data.dir}; data=files needs {key}.dir=DIR, the folder of your "
+            "train/val/test files"
+        )
 
 
 def check_training_run(cfg: TrainConfig, key: str) -> None:
@@ -79,12 +82,16 @@ def check_training_run(cfg: TrainConfig, key: str) -> None:
     if own_tokenizer is not None and tokenizer_path is not None:
         own, kb = (tokenizer_fingerprint(load_generator_tokenizer(p)) for p in (own_tokenizer, tokenizer_path))
         if own != kb:
-            raise UserError(f"kb.generator_tokenizer.path: {tokenizer_path} ({kb}) is not the tokenizer of the "
-                            f"generator ({own_tokenizer}: {own}); leave it unset to use the generator's")
+            raise UserError(
+                f"kb.generator_tokenizer.path: {tokenizer_path} ({kb}) is not the tokenizer of the "
+                f"generator ({own_tokenizer}: {own}); leave it unset to use the generator's"
+            )
     candidates = cfg.retriever.candidates
     if candidates is not None and candidates < cfg.model.n_docs:
-        raise UserError(f"retriever.candidates={candidates} is smaller than model.n_docs={cfg.model.n_docs}: the "
-                        "reader reads the best n_docs of the candidates")
+        raise UserError(
+            f"retriever.candidates={candidates} is smaller than model.n_docs={cfg.model.n_docs}: the "
+            "reader reads the best n_docs of the candidates"
+        )
 
 
 def check_generate_output(cfg: GenerateConfig, key: str) -> None:

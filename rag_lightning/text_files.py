@@ -1,4 +1,5 @@
 """Reading user text files strictly: UTF-8 and JSON errors name the file and line."""
+
 from __future__ import annotations
 
 import json

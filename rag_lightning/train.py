@@ -5,6 +5,7 @@ them, a local Ray hosting two index shards, evaluation before and after training
 the CPU. The run directory receives the composed config, checkpoints, logs and
 results.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,7 @@ def train(cfg: TrainConfig) -> dict:
     resume_from = resume_checkpoint(run_dir, cfg.ckpt_path)
     spec = service_spec(cfg)
     owns_ray = not (cfg.service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
-    with kb_writer_lock(cfg):       # held until the refresher is shut down
+    with kb_writer_lock(cfg):  # held until the refresher is shut down
         try:
             manifest = prepare(cfg, spec)
             if cfg.stage == "prepare":
@@ -87,8 +88,8 @@ def train(cfg: TrainConfig) -> dict:
                 return {}
             return fit_and_test(cfg, run_dir, manifest, spec, resume_from, started)
         finally:
-            if owns_ray and ray.is_initialized():    # (a user error may come before Ray is started)
-                if local_ray_answers():   # a signal to the whole process group may have ended it, actors and all
+            if owns_ray and ray.is_initialized():  # (a user error may come before Ray is started)
+                if local_ray_answers():  # a signal to the whole process group may have ended it, actors and all
                     shutdown_refresher(spec)
                     shutdown_service(spec)
                 ray.shutdown()
@@ -101,27 +102,43 @@ def warn_unless_exportable(cfg: TrainConfig) -> None:
         log.warning("rag_lightning.export will refuse this run's checkpoints: it trains with %s", mismatch)
 
 
-def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: ServiceSpec, resume_from: str | None,
-                 started: float) -> dict:
+def fit_and_test(
+    cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: ServiceSpec, resume_from: str | None, started: float
+) -> dict:
     """Evaluate the initial model (unless resuming), train, test the best checkpoint; rank 0 writes results.json."""
-    module = RagModule(model=asdict(cfg.model), retriever=asdict(cfg.retriever), optim=asdict(cfg.optim),
-                       service=asdict(spec), data_dir=str(Path(cfg.data.dir).resolve()))
+    module = RagModule(
+        model=asdict(cfg.model),
+        retriever=asdict(cfg.retriever),
+        optim=asdict(cfg.optim),
+        service=asdict(spec),
+        data_dir=str(Path(cfg.data.dir).resolve()),
+    )
     if module.question_encoder.dim != manifest.dim:
         key = "model.init_from" if cfg.model.init_from is not None else "model.question_encoder"
-        raise UserError(f"{key}: the question encoder's dimension {module.question_encoder.dim} differs from the "
-                        f"knowledge base's {manifest.dim} (kb.context_encoder); use encoders of one size")
+        raise UserError(
+            f"{key}: the question encoder's dimension {module.question_encoder.dim} differs from the "
+            f"knowledge base's {manifest.dim} (kb.context_encoder); use encoders of one size"
+        )
     if resume_from is not None:
         check_checkpoint_fits(resume_from, module, asdict(cfg.model))
-    datamodule = QADataModule(cfg.data, cfg.model, module.question_tokenizer, module.generator_tokenizer,
-                              module.decoder_prefix)
+    datamodule = QADataModule(
+        cfg.data, cfg.model, module.question_tokenizer, module.generator_tokenizer, module.decoder_prefix
+    )
 
-    refresh = IndexRefresh(spec, cfg.index_refresh.every_n_steps, blocking=cfg.index_refresh.blocking) \
-        if cfg.index_refresh.every_n_steps is not None else None
+    refresh = (
+        IndexRefresh(spec, cfg.index_refresh.every_n_steps, blocking=cfg.index_refresh.blocking)
+        if cfg.index_refresh.every_n_steps is not None
+        else None
+    )
     metrics = EvaluationMetrics(module.eval_k)
-    callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir, cfg.checkpoint_every_n_steps),
-                                   StopOnNonFiniteLoss(), StopTogether(), metrics,
-                                   RetrievalMonitor(spec.kb_dir, cfg.service.entropy_window),
-                                   IndexVersionCheckpointing(spec, refresh)]
+    callbacks: list[L.Callback] = [
+        *checkpoint_callbacks(run_dir, cfg.checkpoint_every_n_steps),
+        StopOnNonFiniteLoss(),
+        StopTogether(),
+        metrics,
+        RetrievalMonitor(spec.kb_dir, cfg.service.entropy_window),
+        IndexVersionCheckpointing(spec, refresh),
+    ]
     if refresh is not None:
         callbacks.append(refresh)
     if module.context_encoder is not None:
@@ -130,11 +147,17 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     if isinstance(logger, WandbLogger):
         callbacks.append(SampleTable(metrics))
     trainer = L.Trainer(
-        **cfg.trainer.lightning_arguments(), default_root_dir=run_dir, logger=logger, callbacks=callbacks,
-        use_distributed_sampler=False,          # QADataModule shards every split itself
-        plugins=[AtomicCheckpointIO(),
-                 # submitit (hydra/launcher=slurm) handles the pre-emption signal and the resubmission itself
-                 *([SLURMEnvironment(auto_requeue=False)] if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else [])])
+        **cfg.trainer.lightning_arguments(),
+        default_root_dir=run_dir,
+        logger=logger,
+        callbacks=callbacks,
+        use_distributed_sampler=False,  # QADataModule shards every split itself
+        plugins=[
+            AtomicCheckpointIO(),
+            # submitit (hydra/launcher=slurm) handles the pre-emption signal and the resubmission itself
+            *([SLURMEnvironment(auto_requeue=False)] if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" else []),
+        ],
+    )
 
     serve_rendezvous_on_job_address(trainer)
 
@@ -148,23 +171,37 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path, manifest: Manifest, spec: Serv
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     fit_s = time.time() - fit_started
     best = trainer.checkpoint_callback.best_model_path
-    results.update(trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None,
-                                verbose=False, weights_only=True)[0])
-    results.update({"train/steps": trainer.global_step, "train/fit_s": round(fit_s, 1),
-                    "train/resumed_from": resume_from, "best_checkpoint": best,
-                    "kb/num_passages": manifest.num_passages,
-                    "kb/index_version": read_manifest(spec.kb_dir).active_version,
-                    "wall_time_s": round(time.time() - started, 1)})
+    results.update(
+        trainer.test(
+            module, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False, weights_only=True
+        )[0]
+    )
+    results.update(
+        {
+            "train/steps": trainer.global_step,
+            "train/fit_s": round(fit_s, 1),
+            "train/resumed_from": resume_from,
+            "best_checkpoint": best,
+            "kb/num_passages": manifest.num_passages,
+            "kb/index_version": read_manifest(spec.kb_dir).active_version,
+            "wall_time_s": round(time.time() - started, 1),
+        }
+    )
     if refresh is not None:
-        results.update({"refresh/completed": refresh.completed, "refresh/skipped": refresh.skipped,
-                        "refresh/failed": refresh.failed})
+        results.update(
+            {
+                "refresh/completed": refresh.completed,
+                "refresh/skipped": refresh.skipped,
+                "refresh/failed": refresh.failed,
+            }
+        )
     if trainer.is_global_zero:
         atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
         log.info("results: %s", json.dumps(results))
     return results
 
 
-main = command("train")(train)      # python -m rag_lightning.train, or rag-train
+main = command("train")(train)  # python -m rag_lightning.train, or rag-train
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The names below are the typed API the training side (rag_lightning) uses, and th
 here. Each is imported from its module on first use, so that a shard actor, which needs only its own module, does
 not import Ray's driver side, torch and transformers with the package.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -50,9 +51,20 @@ _MODULES = {
     "atomic_files": ("DISK_FULL", "atomic_write_bytes", "staged_directory"),
     "encoding": ("POOLER", "TextEncoder", "encoder_class"),
     "kb_lock": ("LOCK_NAME", "KnowledgeBaseBusy", "writer_lock"),
-    "kb_store": ("KnowledgeBaseError", "Manifest", "PassageTable", "activate_kept_version", "commit_version",
-                 "load_embeddings", "passage_table_writer", "read_manifest", "read_version_step", "sha256_file",
-                 "shard_ranges", "write_version_info"),
+    "kb_store": (
+        "KnowledgeBaseError",
+        "Manifest",
+        "PassageTable",
+        "activate_kept_version",
+        "commit_version",
+        "load_embeddings",
+        "passage_table_writer",
+        "read_manifest",
+        "read_version_step",
+        "sha256_file",
+        "shard_ranges",
+        "write_version_info",
+    ),
     "ray_runtime": ("RAY_ADDRESS_ENV", "RayUnreachable", "check_reachable", "connect", "local_ray_answers"),
     "refresh": ("coordinator_name", "launch_refresher", "shutdown_refresher"),
     "service": ("RetrievalClient", "ShardUnavailable", "launch_service", "shutdown_service", "switch_version"),

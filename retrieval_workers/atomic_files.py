@@ -3,6 +3,7 @@
 The knowledge base's files (kb_store), index versions, tokenizer folders, results.json
 and predictions.jsonl are all written this way.
 """
+
 from __future__ import annotations
 
 import errno
@@ -37,7 +38,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise
 
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)     # no space, over quota, over the file size limit
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file size limit
 
 
 def _raise_if_disk_full(error: BaseException, path: Path) -> None:
@@ -76,12 +77,12 @@ def staged_directory(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     staging = final.with_name(f".{final.name}.staging")
     if staging.exists():
-        shutil.rmtree(staging)       # our own leftover from a process killed outright (SIGKILL)
+        shutil.rmtree(staging)  # our own leftover from a process killed outright (SIGKILL)
     staging.mkdir(parents=True)
     try:
         yield staging
         if final.exists():
-            shutil.rmtree(final)     # an uncommitted folder of ours, never one the manifest points to
+            shutil.rmtree(final)  # an uncommitted folder of ours, never one the manifest points to
         staging.rename(final)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)

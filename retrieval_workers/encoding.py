@@ -10,6 +10,7 @@ An encoder is any Hugging Face encoder model: a BERT-style model read through it
 hidden state (mean or [CLS] pooling), or a DPR question or context encoder read through its
 pooler output (projection included).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -24,13 +25,14 @@ from torch import nn
 from tqdm import tqdm
 from transformers import CONFIG_MAPPING, MODEL_MAPPING, PretrainedConfig, PreTrainedModel
 
-POOLER = "pooler"      # the pooling of a DPR encoder: its own pooler output
+POOLER = "pooler"  # the pooling of a DPR encoder: its own pooler output
 
 
 def encoder_class(config: PretrainedConfig) -> tuple[type[PreTrainedModel], dict]:
     """The transformers class of the encoder with this config, and the options it is built with."""
-    model_class = getattr(transformers, config.architectures[0]) if config.model_type == "dpr" \
-        else MODEL_MAPPING[type(config)]
+    model_class = (
+        getattr(transformers, config.architectures[0]) if config.model_type == "dpr" else MODEL_MAPPING[type(config)]
+    )
     return model_class, _build_options(model_class)
 
 
@@ -49,8 +51,14 @@ class TextEncoder(nn.Module):
     separator get segment (token type) 1, as the tokenizer gives them, so the stored ids alone suffice.
     """
 
-    def __init__(self, model: PreTrainedModel, pooling: str, pad_token_id: int, sep_token_id: int | None = None,
-                 normalize: bool = False):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        pooling: str,
+        pad_token_id: int,
+        sep_token_id: int | None = None,
+        normalize: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.pooling = pooling
@@ -67,7 +75,7 @@ class TextEncoder(nn.Module):
         segments = None
         if self.sep_token_id is not None and getattr(self.model.config, "type_vocab_size", 1) > 1:
             is_sep = (input_ids == self.sep_token_id).long()
-            segments = ((is_sep.cumsum(1) - is_sep) > 0).long()      # 1 after the first separator
+            segments = ((is_sep.cumsum(1) - is_sep) > 0).long()  # 1 after the first separator
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=segments)
         if self.pooling == POOLER:
             pooled = output.pooler_output
@@ -81,15 +89,23 @@ class TextEncoder(nn.Module):
     def snapshot(self, global_step: int) -> EncoderSnapshot:
         """A CPU copy of the architecture and weights, to publish for a refresh."""
         weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
-        return EncoderSnapshot(type(self.model).__name__, self.model.config.to_dict(), self.pooling, self.normalize,
-                               self.pad_token_id, self.sep_token_id, weights, global_step)
+        return EncoderSnapshot(
+            type(self.model).__name__,
+            self.model.config.to_dict(),
+            self.pooling,
+            self.normalize,
+            self.pad_token_id,
+            self.sep_token_id,
+            weights,
+            global_step,
+        )
 
 
 @dataclass
 class EncoderSnapshot:
     """A context encoder at one global step, as the refresh encoder actors receive it."""
 
-    architecture: str           # the transformers class, e.g. BertModel, DPRContextEncoder
+    architecture: str  # the transformers class, e.g. BertModel, DPRContextEncoder
     model_config: dict
     pooling: str
     normalize: bool
@@ -106,23 +122,25 @@ class EncoderSnapshot:
         return TextEncoder(model, self.pooling, self.pad_token_id, self.sep_token_id, self.normalize).eval()
 
 
-def length_sorted_batches(values: np.ndarray, offsets: np.ndarray, batch_size: int,
-                          pad_token_id: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def length_sorted_batches(
+    values: np.ndarray, offsets: np.ndarray, batch_size: int, pad_token_id: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """The texts values[offsets[i]:offsets[i+1]] in batches of similar length (little padding):
     (row numbers, token ids [b, T] right-padded with pad_token_id)."""
     lengths = np.diff(offsets)
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         ids = np.full((len(rows), max(int(lengths[rows].max()), 1)), pad_token_id, dtype=np.int64)
         for j, i in enumerate(rows):
-            ids[j, :lengths[i]] = values[offsets[i]:offsets[i + 1]]
+            ids[j, : lengths[i]] = values[offsets[i] : offsets[i + 1]]
         yield rows, torch.from_numpy(ids)
 
 
 @torch.no_grad()
-def encode_token_ids(encoder: TextEncoder, values: np.ndarray, offsets: np.ndarray, batch_size: int,
-                     desc: str = "encoding passages") -> np.ndarray:
+def encode_token_ids(
+    encoder: TextEncoder, values: np.ndarray, offsets: np.ndarray, batch_size: int, desc: str = "encoding passages"
+) -> np.ndarray:
     """Embed the texts whose token ids are values[offsets[i]:offsets[i+1]], as float32 [n, D].
 
     Texts are batched by similar length, with a progress bar; on a GPU the forward pass runs

@@ -10,6 +10,7 @@ beside the active one, `activate` makes it the one served and drops the others. 
 search may ask for a version; it is answered from that version while the shard still
 holds it, so all shards of one query answer from the same version.
 """
+
 from __future__ import annotations
 
 import threading
@@ -28,15 +29,17 @@ class ShardVersion:
     """The data of one shard in one index version."""
 
     index: faiss.Index
-    embeddings: np.ndarray    # [shard size, D], memory-mapped
+    embeddings: np.ndarray  # [shard size, D], memory-mapped
 
 
 def _check_shape(path: Path, what: str, found: tuple, expected: tuple[int, int]) -> None:
     """Refuse a shard file whose (rows, dimension) is not what manifest.json says."""
     if tuple(found) != expected:
-        raise KnowledgeBaseError(f"{path}: {what} of {found[0]} vectors of dimension {found[-1]}, but "
-                                 f"{MANIFEST} says {expected[0]} passages of dimension {expected[1]} for this "
-                                 "shard; rebuild the knowledge base")
+        raise KnowledgeBaseError(
+            f"{path}: {what} of {found[0]} vectors of dimension {found[-1]}, but "
+            f"{MANIFEST} says {expected[0]} passages of dimension {expected[1]} for this "
+            "shard; rebuild the knowledge base"
+        )
 
 
 class IndexShard:
@@ -106,7 +109,7 @@ class IndexShard:
         lengths = np.where(found, ends - starts, 0).astype(np.int32)
         token_ids = np.full((*safe.shape, max(int(lengths.max(initial=0)), 1)), PAD_TOKEN, dtype=np.int32)
         for (b, j), n in np.ndenumerate(lengths):
-            token_ids[b, j, :n] = self.token_values[starts[b, j]:starts[b, j] + n]
+            token_ids[b, j, :n] = self.token_values[starts[b, j] : starts[b, j] + n]
         return SearchResult(
             ids=np.where(found, local + self.start, -1).astype(np.int64),
             scores=np.where(found, scores, -np.inf).astype(np.float32),

@@ -7,6 +7,7 @@ holder (pid, host, since when); the kernel drops the lock when the holder exits,
 job leaves no stale lock, and the holder removes the file when it is done. Readers (shard actors, evaluate,
 generate, export) take no lock: they read committed versions, which a writer never changes in place.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -44,7 +45,7 @@ def writer_lock(kb_dir: str | Path, setting: str | None = None) -> Iterator[None
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)        # before the lock goes, so no one locks a file about to vanish
+        path.unlink(missing_ok=True)  # before the lock goes, so no one locks a file about to vanish
         os.close(fd)
 
 
@@ -58,9 +59,11 @@ def _locked(path: Path, named: str) -> int:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "starting"
             os.close(fd)
-            raise KnowledgeBaseBusy(f"{named} is in use by another job ({holder}): a knowledge base has one "
-                                    "writer at a time; wait for that job to end, or give this one a folder of its "
-                                    "own") from None
+            raise KnowledgeBaseBusy(
+                f"{named} is in use by another job ({holder}): a knowledge base has one "
+                "writer at a time; wait for that job to end, or give this one a folder of its "
+                "own"
+            ) from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd

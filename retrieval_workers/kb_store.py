@@ -14,6 +14,7 @@ folder beside the old ones (atomic_files.py) and then replaces manifest.json in 
 so a crash at any point leaves the previous knowledge base whole. The manifest lists the
 files (with checksums) of every version kept on disk.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,13 +46,13 @@ class Manifest:
 
     num_passages: int
     dim: int
-    shards: list[tuple[int, int]]          # [start, end) passage ids of each shard
+    shards: list[tuple[int, int]]  # [start, end) passage ids of each shard
     active_version: int
     index_factory: str
     passages_file: str
-    encoder: dict                          # how the passages were embedded
-    fingerprint: str                       # hash of the build inputs, to reuse an identical build
-    files: dict[str, str] = field(default_factory=dict)   # relative path -> sha256
+    encoder: dict  # how the passages were embedded
+    fingerprint: str  # hash of the build inputs, to reuse an identical build
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
 
     def version_dir(self, version: int | None = None) -> str:
@@ -68,8 +69,9 @@ class Manifest:
 
     def kept_versions(self) -> list[int]:
         """The index versions whose files this manifest lists, oldest first."""
-        return sorted({int(relative.split("/")[0][1:]) for relative in self.files if relative.startswith("v")
-                       and "/" in relative})
+        return sorted(
+            {int(relative.split("/")[0][1:]) for relative in self.files if relative.startswith("v") and "/" in relative}
+        )
 
     def next_version(self) -> int:
         """The number a new version gets: above every version this manifest has made."""
@@ -99,8 +101,12 @@ def read_version_step(kb_dir: str | Path, manifest: Manifest, version: int) -> i
 
 def load_embeddings(kb_dir: str | Path, manifest: Manifest, version: int | None = None) -> np.ndarray:
     """All passage embeddings of a version, float32 [num_passages, dim], one row per passage id."""
-    return np.concatenate([np.load(verify_file(kb_dir, manifest, manifest.embeddings_file(shard, version)))
-                           for shard in range(len(manifest.shards))])
+    return np.concatenate(
+        [
+            np.load(verify_file(kb_dir, manifest, manifest.embeddings_file(shard, version)))
+            for shard in range(len(manifest.shards))
+        ]
+    )
 
 
 def commit_version(kb_dir: str | Path, manifest: Manifest, version: int, keep: int) -> list[int]:
@@ -115,9 +121,12 @@ def commit_version(kb_dir: str | Path, manifest: Manifest, version: int, keep: i
         manifest.files[f"{folder.name}/{path.name}"] = sha256_file(path)
     manifest.active_version = version
     older = [v for v in manifest.kept_versions() if v != version]
-    dropped = older[:max(len(older) + 1 - keep, 0)]
-    manifest.files = {rel: digest for rel, digest in manifest.files.items()
-                      if rel.split("/")[0] not in {manifest.version_dir(v) for v in dropped}}
+    dropped = older[: max(len(older) + 1 - keep, 0)]
+    manifest.files = {
+        rel: digest
+        for rel, digest in manifest.files.items()
+        if rel.split("/")[0] not in {manifest.version_dir(v) for v in dropped}
+    }
     write_manifest(kb_dir, manifest)
     for v in dropped:
         shutil.rmtree(kb_dir / manifest.version_dir(v), ignore_errors=True)
@@ -128,8 +137,10 @@ def activate_kept_version(kb_dir: str | Path, version: int) -> Manifest:
     """Make an already committed, still kept version the active one again (resuming a checkpoint)."""
     manifest = read_manifest(kb_dir)
     if version not in manifest.kept_versions():
-        raise KnowledgeBaseError(f"{Path(kb_dir) / MANIFEST}: index version {version} is no longer on disk "
-                                 f"(kept: {manifest.kept_versions()})")
+        raise KnowledgeBaseError(
+            f"{Path(kb_dir) / MANIFEST}: index version {version} is no longer on disk "
+            f"(kept: {manifest.kept_versions()})"
+        )
     if manifest.active_version != version:
         manifest.active_version = version
         write_manifest(kb_dir, manifest)
@@ -172,8 +183,9 @@ def verify_file(kb_dir: str | Path, manifest: Manifest, relative: str) -> Path:
     if not path.is_file():
         raise KnowledgeBaseError(f"{path}: missing (listed in {Path(kb_dir) / MANIFEST})")
     if sha256_file(path) != expected:
-        raise KnowledgeBaseError(f"{path}: checksum mismatch, the file is truncated or corrupted; rebuild the "
-                                 "knowledge base")
+        raise KnowledgeBaseError(
+            f"{path}: checksum mismatch, the file is truncated or corrupted; rebuild the knowledge base"
+        )
     return path
 
 
@@ -196,7 +208,7 @@ class PassageTable:
         rows = self._table.column(column).take(pa.array(np.asarray(ids, dtype=np.int64).ravel())).to_pylist()
         out = np.full((len(rows), max(map(len, rows), default=1) or 1), pad_id, dtype=np.int64)
         for i, row in enumerate(rows):
-            out[i, :len(row)] = row
+            out[i, : len(row)] = row
         return out
 
     def token_ids(self, column: str, start: int = 0, end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -206,12 +218,19 @@ class PassageTable:
         lists = chunk.combine_chunks()
         offsets = lists.offsets.to_numpy()
         values = lists.values.to_numpy()
-        return values[offsets[0]:offsets[-1]], offsets - offsets[0]
+        return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
-PASSAGE_SCHEMA = pa.schema([("id", pa.int64()), ("title", pa.string()), ("text", pa.string()),
-                            ("generator_ids", pa.list_(pa.int32())), ("encoder_ids", pa.list_(pa.int32()))])
-ROWS_PER_RECORD_BATCH = 65536       # the most rows of one record batch in the file
+PASSAGE_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("generator_ids", pa.list_(pa.int32())),
+        ("encoder_ids", pa.list_(pa.int32())),
+    ]
+)
+ROWS_PER_RECORD_BATCH = 65536  # the most rows of one record batch in the file
 
 
 @contextmanager
@@ -220,10 +239,14 @@ def passage_table_writer(path: str | Path) -> Iterator[Callable[[dict[str, Seque
     each call takes a chunk of rows as columns (id, title, text, generator_ids, encoder_ids). The file appears
     under its name (temp name, fsync, rename) when the block ends without an exception."""
     with atomic_output(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, PASSAGE_SCHEMA) as writer:
+
         def append(columns: dict[str, Sequence]) -> None:
-            chunk = pa.table({name: pa.array(columns[name], PASSAGE_SCHEMA.field(name).type)
-                              for name in PASSAGE_SCHEMA.names}, schema=PASSAGE_SCHEMA)
+            chunk = pa.table(
+                {name: pa.array(columns[name], PASSAGE_SCHEMA.field(name).type) for name in PASSAGE_SCHEMA.names},
+                schema=PASSAGE_SCHEMA,
+            )
             writer.write_table(chunk, max_chunksize=ROWS_PER_RECORD_BATCH)
+
         yield append
 
 

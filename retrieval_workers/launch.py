@@ -8,6 +8,7 @@ spread over the cluster's nodes. Launching is idempotent: actors that exist are 
 every (re)start of a job. Training processes then attach by name (`service.ray_address`,
 `service.namespace`). The teardown kills the actors and removes their placement groups.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--namespace", default=ServiceSpec.namespace, help="Ray namespace of the actors")
     parser.add_argument("--prefix", default=ServiceSpec.name_prefix, help="actor name prefix")
     parser.add_argument("--omp-threads", type=int, default=ServiceSpec.omp_threads, help="FAISS threads per actor")
-    parser.add_argument("--actor-cpus", type=float, default=ServiceSpec.actor_cpus,
-                        help="CPUs Ray reserves per actor")
-    parser.add_argument("--search-params", default=ServiceSpec.search_params,
-                        help='e.g. "efSearch=128" or "nprobe=16"')
+    parser.add_argument("--actor-cpus", type=float, default=ServiceSpec.actor_cpus, help="CPUs Ray reserves per actor")
+    parser.add_argument("--search-params", default=ServiceSpec.search_params, help='e.g. "efSearch=128" or "nprobe=16"')
     parser.add_argument("--teardown", action="store_true", help="kill the actors instead")
     return parser.parse_args(argv)
 
@@ -43,9 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    spec = ServiceSpec(kb_dir=str(Path(args.kb_dir).resolve()), num_shards=args.shards, num_replicas=args.replicas,
-                       namespace=args.namespace, name_prefix=args.prefix, omp_threads=args.omp_threads,
-                       actor_cpus=args.actor_cpus, search_params=args.search_params)
+    spec = ServiceSpec(
+        kb_dir=str(Path(args.kb_dir).resolve()),
+        num_shards=args.shards,
+        num_replicas=args.replicas,
+        namespace=args.namespace,
+        name_prefix=args.prefix,
+        omp_threads=args.omp_threads,
+        actor_cpus=args.actor_cpus,
+        search_params=args.search_params,
+    )
     try:
         connect(args.address, namespace=spec.namespace)
     except RayUnreachable as e:
@@ -60,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     except (KnowledgeBaseError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log.info("%d x %d shard actors of %s ready in namespace %r", spec.num_shards, spec.num_replicas, spec.kb_dir,
-             spec.namespace)
+    log.info(
+        "%d x %d shard actors of %s ready in namespace %r",
+        spec.num_shards,
+        spec.num_replicas,
+        spec.kb_dir,
+        spec.namespace,
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ of the job (DDP ranks re-executed by Lightning, subprocesses) attaches to the sa
 Ray is imported where it is used, so that config checks can use check_reachable (and catch
 RayUnreachable) in commands that never start Ray without the cost of importing it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,7 @@ from retrieval_workers.types import RetrievalWorkersError, ServiceSpec
 
 RAY_ADDRESS_ENV = "RAG_LIGHTNING_RAY_ADDRESS"
 LOOPBACK = ("127.0.0.1", "localhost")
-RAY_CLIENT_PORT = 10001          # the port of a ray://host address without one
+RAY_CLIENT_PORT = 10001  # the port of a ray://host address without one
 REACH_TIMEOUT_S = 5.0
 log = logging.getLogger(__name__)
 
@@ -60,26 +61,38 @@ def check_reachable(address: str, setting: str | None = None, timeout_s: float =
     host, colon, port = rest.rpartition(":")
     if not colon and scheme == "ray":
         host, port = rest, str(RAY_CLIENT_PORT)
-    host = host.strip("[]")             # an IPv6 address: [::1]:6379
+    host = host.strip("[]")  # an IPv6 address: [::1]:6379
     if scheme not in ("", "ray") or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise RayUnreachable(f"{address!r} is not a Ray address: give the cluster's GCS address HOST:PORT "
-                             "(or ray://HOST:PORT for a Ray client server), or null to start a local Ray", setting)
+        raise RayUnreachable(
+            f"{address!r} is not a Ray address: give the cluster's GCS address HOST:PORT "
+            "(or ray://HOST:PORT for a Ray client server), or null to start a local Ray",
+            setting,
+        )
     try:
         answers_grpc = _answers_http2((host, int(port)), timeout_s)
     except OSError as e:
-        reason = (f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError)
-                  else e.strerror or str(e) or type(e).__name__)
+        reason = (
+            f"no answer within {timeout_s:g} s"
+            if isinstance(e, TimeoutError)
+            else e.strerror or str(e) or type(e).__name__
+        )
         start = "" if scheme else f" (`ray start --head --port {port}`)"
-        raise RayUnreachable(f"no Ray cluster answers at {address} ({reason}); start one there{start}, give the "
-                             "address of a running one, or null to start a local Ray", setting) from None
+        raise RayUnreachable(
+            f"no Ray cluster answers at {address} ({reason}); start one there{start}, give the "
+            "address of a running one, or null to start a local Ray",
+            setting,
+        ) from None
     if not answers_grpc:
-        raise RayUnreachable(f"{address} accepts connections but is not a Ray cluster (no gRPC answer within "
-                             f"{timeout_s:g} s); give the address `ray start --head` printed, or null to start a "
-                             "local Ray", setting)
+        raise RayUnreachable(
+            f"{address} accepts connections but is not a Ray cluster (no gRPC answer within "
+            f"{timeout_s:g} s); give the address `ray start --head` printed, or null to start a "
+            "local Ray",
+            setting,
+        )
 
 
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-HTTP2_EMPTY_SETTINGS = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])     # a frame header: length 0, type 4 (SETTINGS)
+HTTP2_EMPTY_SETTINGS = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # a frame header: length 0, type 4 (SETTINGS)
 
 
 def _answers_http2(address: tuple[str, int], timeout_s: float) -> bool:
@@ -94,7 +107,7 @@ def _answers_http2(address: tuple[str, int], timeout_s: float) -> bool:
                 if not chunk:
                     return False
                 header += chunk
-        except OSError:         # silent until the timeout, or reset
+        except OSError:  # silent until the timeout, or reset
             return False
     return header[3] == HTTP2_EMPTY_SETTINGS[3]
 
@@ -106,9 +119,10 @@ def _auto_address(setting: str | None) -> str:
     try:
         return canonicalize_bootstrap_address_or_die("auto")
     except ConnectionError as e:
-        found = str(e).split(". Please")[0]      # Ray's advice that follows is about its own command line
-        raise RayUnreachable(f"auto: {found}; give the cluster's address HOST:PORT, or null to start a local Ray",
-                             setting) from None
+        found = str(e).split(". Please")[0]  # Ray's advice that follows is about its own command line
+        raise RayUnreachable(
+            f"auto: {found}; give the cluster's address HOST:PORT, or null to start a local Ray", setting
+        ) from None
 
 
 def local_ray_answers(timeout_s: float = 1.0) -> bool:
@@ -123,8 +137,14 @@ def local_ray_answers(timeout_s: float = 1.0) -> bool:
     return True
 
 
-def connect(address: str | None = None, namespace: str = ServiceSpec.namespace, host: str = "127.0.0.1",
-            dashboard: bool = False, num_cpus: int | None = None, temp_dir: str | None = None) -> str:
+def connect(
+    address: str | None = None,
+    namespace: str = ServiceSpec.namespace,
+    host: str = "127.0.0.1",
+    dashboard: bool = False,
+    num_cpus: int | None = None,
+    temp_dir: str | None = None,
+) -> str:
     """Attach to `address` (or the job's address from the environment), else start a local Ray.
 
     An address is first checked to answer (RayUnreachable if nothing does, within seconds); an address
@@ -147,16 +167,21 @@ def connect(address: str | None = None, namespace: str = ServiceSpec.namespace, 
             check_reachable(address, setting=RAY_ADDRESS_ENV)
         if address:
             with _single_node_ray(address.rpartition(":")[0] in LOOPBACK), _keep_sigterm_handler():
-                ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
-                         log_to_driver=False)
+                ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
         else:
             log.info("starting a local Ray on %s (dashboard %s)", host, "on" if dashboard else "off")
             loopback = host in LOOPBACK
             with _single_node_ray(loopback), _keep_sigterm_handler():
-                ray.init(namespace=namespace, num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
-                         _node_ip_address="127.0.0.1" if loopback else host,
-                         _temp_dir=temp_dir or default_temp_dir(), logging_level=logging.WARNING,
-                         configure_logging=False, log_to_driver=False)
+                ray.init(
+                    namespace=namespace,
+                    num_cpus=num_cpus or os.cpu_count(),
+                    include_dashboard=dashboard,
+                    _node_ip_address="127.0.0.1" if loopback else host,
+                    _temp_dir=temp_dir or default_temp_dir(),
+                    logging_level=logging.WARNING,
+                    configure_logging=False,
+                    log_to_driver=False,
+                )
     address = ray.get_runtime_context().gcs_address
     os.environ[RAY_ADDRESS_ENV] = address
     return address

@@ -9,6 +9,7 @@ and the service switches to N+1 (`switch_version`). Any failure before the commi
 encoder actor killed, a full disk) leaves version N active and serving; the report says
 what went wrong and the trainer tries again at its next due step.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,9 +45,9 @@ class EncoderWorker:
         if cpu_affinity:
             os.sched_setaffinity(0, cpu_affinity)
         torch.set_num_threads(max(threads, 1))
-        faiss.omp_set_num_threads(max(threads, 1))   # its own OpenMP pool would otherwise spin on every core
+        faiss.omp_set_num_threads(max(threads, 1))  # its own OpenMP pool would otherwise spin on every core
         self.kb_dir = kb_dir
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # Ray sets the visible GPUs
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray sets the visible GPUs
         self._passages: PassageTable | None = None
         self._encoder: tuple[int, TextEncoder] | None = None
 
@@ -61,8 +62,9 @@ class EncoderWorker:
         if self._encoder is None or self._encoder[0] != snapshot.global_step:
             self._encoder = (snapshot.global_step, snapshot.build().to(self.device))
         start, end = manifest.shards[shard]
-        build_shard(self._encoder[1], passages, shard, start, end, manifest.index_factory, Path(version_dir),
-                    batch_size)
+        build_shard(
+            self._encoder[1], passages, shard, start, end, manifest.index_factory, Path(version_dir), batch_size
+        )
         return time.perf_counter() - started
 
     @torch.no_grad()
@@ -72,8 +74,9 @@ class EncoderWorker:
         manifest = read_manifest(self.kb_dir)
         values, offsets = self._passage_table(manifest).token_ids("encoder_ids")
         encoder = snapshot.build().to(self.device)
-        batches = [ids.to(self.device) for _, ids in length_sorted_batches(values, offsets, batch_size,
-                                                                            encoder.pad_token_id)]
+        batches = [
+            ids.to(self.device) for _, ids in length_sorted_batches(values, offsets, batch_size, encoder.pad_token_id)
+        ]
         started = time.perf_counter()
         for ids in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -97,10 +100,14 @@ class RefreshCoordinator:
         self.service = service
         self.refresh_spec = refresh
         self.workers = [
-            RemoteEncoderWorker.options(name=encoder_name(service, i), namespace=service.namespace,
-                                        get_if_exists=True, num_cpus=refresh.worker_cpus,
-                                        num_gpus=refresh.worker_gpus, max_restarts=-1)
-            .remote(service.kb_dir, int(refresh.worker_cpus), refresh.cpu_affinity)
+            RemoteEncoderWorker.options(
+                name=encoder_name(service, i),
+                namespace=service.namespace,
+                get_if_exists=True,
+                num_cpus=refresh.worker_cpus,
+                num_gpus=refresh.worker_gpus,
+                max_restarts=-1,
+            ).remote(service.kb_dir, int(refresh.worker_cpus), refresh.cpu_affinity)
             for i in range(refresh.num_workers)
         ]
 
@@ -118,9 +125,10 @@ class RefreshCoordinator:
             encode_s = self._encode_version(snapshot[0], manifest, version, global_step)
             commit_version(self.service.kb_dir, manifest, version, self.refresh_spec.keep_versions)
             switch_version(self.service, version)
-        except Exception as e:   # the report carries it; the active version keeps serving
-            return RefreshReport(version, global_step, time.perf_counter() - started, 0, 0.0,
-                                 error=f"{type(e).__name__}: {e}")
+        except Exception as e:  # the report carries it; the active version keeps serving
+            return RefreshReport(
+                version, global_step, time.perf_counter() - started, 0, 0.0, error=f"{type(e).__name__}: {e}"
+            )
         return RefreshReport(version, global_step, time.perf_counter() - started, manifest.num_passages, encode_s)
 
     def _encode_version(self, snapshot: ray.ObjectRef, manifest: Manifest, version: int, global_step: int) -> float:
@@ -135,8 +143,11 @@ class RefreshCoordinator:
                 while todo or running:
                     while todo and free:
                         worker = free.pop()
-                        running[worker.encode_shard.remote(snapshot, todo.pop(0), str(staging),
-                                                           self.refresh_spec.batch_size)] = worker
+                        running[
+                            worker.encode_shard.remote(
+                                snapshot, todo.pop(0), str(staging), self.refresh_spec.batch_size
+                            )
+                        ] = worker
                     [finished], _ = ray.wait(list(running), num_returns=1)
                     free.append(running.pop(finished))
                     encode_s += ray.get(finished)
@@ -177,8 +188,12 @@ def launch_refresher(service: ServiceSpec, refresh: RefreshSpec, timeout_s: floa
     """Create the job's refresh coordinator and its encoder actors (or find the running ones); wait until all are up,
     so the first refresh does not pay for their start."""
     coordinator = RemoteRefreshCoordinator.options(
-        name=coordinator_name(service), namespace=service.namespace, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_restarts=-1,
+        name=coordinator_name(service),
+        namespace=service.namespace,
+        get_if_exists=True,
+        lifetime="detached",
+        num_cpus=0,
+        max_restarts=-1,
     ).remote(service, refresh)
     ray.get(coordinator.ready.remote(), timeout=timeout_s)
     return coordinator

@@ -5,6 +5,7 @@ to them by name from any process of the job and makes ONE batched call per shard
 search, merging the shard top-k lists into the exact global top-k. `switch_version`
 moves every replica to a committed index version without mixing versions in any result.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -40,16 +41,24 @@ def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
     """
     manifest = read_manifest(spec.kb_dir)
     if len(manifest.shards) != spec.num_shards:
-        raise ValueError(f"index.shards={spec.num_shards} but the knowledge base in {spec.kb_dir} "
-                         f"has {len(manifest.shards)} shards; rebuild it or change index.shards")
+        raise ValueError(
+            f"index.shards={spec.num_shards} but the knowledge base in {spec.kb_dir} "
+            f"has {len(manifest.shards)} shards; rebuild it or change index.shards"
+        )
     groups = [_placement_group(spec, shard, timeout_s) for shard in range(spec.num_shards)]
     actors = [
         RemoteIndexShard.options(
-            name=spec.actor_name(shard, replica), namespace=spec.namespace, get_if_exists=True,
-            lifetime="detached", num_cpus=spec.actor_cpus, max_restarts=-1, max_concurrency=1,
+            name=spec.actor_name(shard, replica),
+            namespace=spec.namespace,
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=spec.actor_cpus,
+            max_restarts=-1,
+            max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(groups[shard], placement_group_bundle_index=replica),
         ).remote(spec.kb_dir, shard, spec.omp_threads, spec.search_params)
-        for shard in range(spec.num_shards) for replica in range(spec.num_replicas)
+        for shard in range(spec.num_shards)
+        for replica in range(spec.num_replicas)
     ]
     try:
         ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
@@ -69,12 +78,15 @@ def _placement_group(spec: ServiceSpec, shard: int, timeout_s: float) -> Placeme
     try:
         group = ray.util.get_placement_group(name)
     except ValueError:
-        bundle = {"CPU": max(spec.actor_cpus, 0.001)}        # Ray refuses empty bundles
-        group = ray.util.placement_group([bundle] * spec.num_replicas, strategy="SPREAD", name=name,
-                                         lifetime="detached")
+        bundle = {"CPU": max(spec.actor_cpus, 0.001)}  # Ray refuses empty bundles
+        group = ray.util.placement_group(
+            [bundle] * spec.num_replicas, strategy="SPREAD", name=name, lifetime="detached"
+        )
     if not group.wait(timeout_s):
-        raise RuntimeError(f"placement group {name!r} for the {spec.num_replicas} replicas of shard {shard} was not "
-                           f"placed within {timeout_s:.0f}s")
+        raise RuntimeError(
+            f"placement group {name!r} for the {spec.num_replicas} replicas of shard {shard} was not "
+            f"placed within {timeout_s:.0f}s"
+        )
     return group
 
 
@@ -85,8 +97,11 @@ def switch_version(spec: ServiceSpec, version: int, timeout_s: float = 600.0) ->
     replica activates it. A client whose query meets shards on both sides of the switch
     re-asks for the newer version, which every replica holds by then.
     """
-    actors = [ray.get_actor(spec.actor_name(shard, replica), namespace=spec.namespace)
-              for shard in range(spec.num_shards) for replica in range(spec.num_replicas)]
+    actors = [
+        ray.get_actor(spec.actor_name(shard, replica), namespace=spec.namespace)
+        for shard in range(spec.num_shards)
+        for replica in range(spec.num_replicas)
+    ]
     ray.get([a.load_version.options(concurrency_group=CONTROL).remote(version) for a in actors], timeout=timeout_s)
     ray.get([a.activate.options(concurrency_group=CONTROL).remote(version) for a in actors], timeout=timeout_s)
 
@@ -117,15 +132,19 @@ class RetrievalClient:
 
     def __init__(self, spec: ServiceSpec, replica_offset: int = 0, attach_timeout_s: float = 60.0):
         self.spec = spec
-        order = [[(replica_offset + shard + i) % spec.num_replicas for i in range(spec.num_replicas)]
-                 for shard in range(spec.num_shards)]            # per shard: the preferred replica first
-        self.replicas = [[_get_actor_with_retry(spec.actor_name(shard, r), spec.namespace, attach_timeout_s)
-                          for r in replicas] for shard, replicas in enumerate(order)]
-        self.version: int | None = None     # the index version asked for; follows the service's switches
+        order = [
+            [(replica_offset + shard + i) % spec.num_replicas for i in range(spec.num_replicas)]
+            for shard in range(spec.num_shards)
+        ]  # per shard: the preferred replica first
+        self.replicas = [
+            [_get_actor_with_retry(spec.actor_name(shard, r), spec.namespace, attach_timeout_s) for r in replicas]
+            for shard, replicas in enumerate(order)
+        ]
+        self.version: int | None = None  # the index version asked for; follows the service's switches
         self.switch_retries = 0
         self.switch_retry_s = 0.0
-        self.failovers = 0                  # searches answered by another replica after an actor died
-        self.last_search_ms = 0.0           # wall time of the last search
+        self.failovers = 0  # searches answered by another replica after an actor died
+        self.last_search_ms = 0.0  # wall time of the last search
 
     @property
     def shards(self) -> list:
@@ -137,7 +156,7 @@ class RetrievalClient:
         started = time.perf_counter()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         parts = self._search_shards(queries, k, self.version)
-        if len({p.version for p in parts}) > 1:        # a switch landed between the shards' answers
+        if len({p.version for p in parts}) > 1:  # a switch landed between the shards' answers
             started = time.perf_counter()
             parts = self._search_shards(queries, k, max(p.version for p in parts))
             self.switch_retries += 1
@@ -151,8 +170,7 @@ class RetrievalClient:
         pending = [replicas[0].search.remote(queries, k, version) for replicas in self.replicas]
         return [self._answer(shard, ref, queries, k, version) for shard, ref in enumerate(pending)]
 
-    def _answer(self, shard: int, ref: ray.ObjectRef, queries: np.ndarray, k: int,
-                version: int | None) -> SearchResult:
+    def _answer(self, shard: int, ref: ray.ObjectRef, queries: np.ndarray, k: int, version: int | None) -> SearchResult:
         """The shard's answer from its preferred replica, else from the next replica that answers."""
         try:
             return ray.get(ref)
@@ -165,8 +183,9 @@ class RetrievalClient:
             if remaining <= 0:
                 break
             try:
-                result = ray.get(replicas[attempt % len(replicas)].search.remote(queries, k, version),
-                                 timeout=remaining)
+                result = ray.get(
+                    replicas[attempt % len(replicas)].search.remote(queries, k, version), timeout=remaining
+                )
                 self.failovers += 1
                 return result
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
@@ -174,9 +193,11 @@ class RetrievalClient:
             except ray.exceptions.GetTimeoutError:
                 break
         names = ", ".join(self.spec.actor_name(shard, r) for r in range(self.spec.num_replicas))
-        raise ShardUnavailable(f"index shard {shard}: no replica ({names}) answered within "
-                               f"{self.spec.failover_timeout_s:.0f}s after its actor died; raise "
-                               f"service.failover_timeout_s or index.replicas, or check the Ray logs")
+        raise ShardUnavailable(
+            f"index shard {shard}: no replica ({names}) answered within "
+            f"{self.spec.failover_timeout_s:.0f}s after its actor died; raise "
+            f"service.failover_timeout_s or index.replicas, or check the Ray logs"
+        )
 
 
 class ShardUnavailable(RetrievalWorkersError, RuntimeError):
@@ -195,14 +216,18 @@ def merge_top_k(parts: list[SearchResult], k: int) -> SearchResult:
     rows = np.arange(scores.shape[0])[:, None]
     width = max(p.token_ids.shape[2] for p in parts)
     token_ids = np.concatenate(
-        [np.pad(p.token_ids, ((0, 0), (0, 0), (0, width - p.token_ids.shape[2])), constant_values=PAD_TOKEN)
-         for p in parts], axis=1)[rows, order]
+        [
+            np.pad(p.token_ids, ((0, 0), (0, 0), (0, width - p.token_ids.shape[2])), constant_values=PAD_TOKEN)
+            for p in parts
+        ],
+        axis=1,
+    )[rows, order]
     lengths = np.concatenate([p.lengths for p in parts], axis=1)[rows, order]
     return SearchResult(
         ids=np.concatenate([p.ids for p in parts], axis=1)[rows, order],
         scores=scores[rows, order],
         embeddings=np.concatenate([p.embeddings for p in parts], axis=1)[rows, order],
-        token_ids=token_ids[..., :max(int(lengths.max(initial=0)), 1)],
+        token_ids=token_ids[..., : max(int(lengths.max(initial=0)), 1)],
         lengths=lengths,
         version=versions.pop(),
         active_version=max(p.active_version for p in parts),
@@ -217,6 +242,8 @@ def _get_actor_with_retry(name: str, namespace: str, timeout_s: float):
             return ray.get_actor(name, namespace=namespace)
         except ValueError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"retrieval actor {name!r} not found in Ray namespace {namespace!r} "
-                                   f"after {timeout_s:.0f}s; was the service launched?") from None
+                raise RuntimeError(
+                    f"retrieval actor {name!r} not found in Ray namespace {namespace!r} "
+                    f"after {timeout_s:.0f}s; was the service launched?"
+                ) from None
             time.sleep(0.5)

@@ -4,6 +4,7 @@ The knowledge-base build (in the trainer's process) and the refresh encoder acto
 both make a version this way, from the context-encoder token ids stored in the passage
 table: the raw source is never read again.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,15 +29,23 @@ class ShardTimes:
     encode_s: float = 0.0
     index_train_s: float = 0.0
     index_add_s: float = 0.0
-    write_s: float = 0.0          # the index and embeddings files
+    write_s: float = 0.0  # the index and embeddings files
 
     def add(self, other: ShardTimes) -> None:
         for step in fields(ShardTimes):
             setattr(self, step.name, getattr(self, step.name) + getattr(other, step.name))
 
 
-def build_shard(encoder: TextEncoder, passages: PassageTable, shard: int, start: int, end: int, factory: str,
-                version_dir: Path, batch_size: int) -> ShardTimes:
+def build_shard(
+    encoder: TextEncoder,
+    passages: PassageTable,
+    shard: int,
+    start: int,
+    end: int,
+    factory: str,
+    version_dir: Path,
+    batch_size: int,
+) -> ShardTimes:
     """Encode passages [start, end) and write shard `shard`'s index and embeddings into version_dir."""
     started = time.perf_counter()
     values, offsets = passages.token_ids("encoder_ids", start, end)

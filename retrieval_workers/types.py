@@ -1,4 +1,5 @@
 """The typed boundary between the training side and the retrieval service."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,10 +22,10 @@ class ServiceSpec:
     num_replicas: int
     namespace: str = "rag_lightning"
     name_prefix: str = "kb"
-    omp_threads: int = 1          # FAISS threads per actor
-    actor_cpus: float = 0.0       # CPUs Ray reserves per actor
-    search_params: str = ""       # faiss.ParameterSpace string, e.g. "efSearch=64" or "nprobe=16"
-    failover_timeout_s: float = 120.0   # how long a search waits for some replica of a shard to answer
+    omp_threads: int = 1  # FAISS threads per actor
+    actor_cpus: float = 0.0  # CPUs Ray reserves per actor
+    search_params: str = ""  # faiss.ParameterSpace string, e.g. "efSearch=64" or "nprobe=16"
+    failover_timeout_s: float = 120.0  # how long a search waits for some replica of a shard to answer
 
     def actor_name(self, shard: int, replica: int) -> str:
         return f"{self.name_prefix}-shard{shard}-replica{replica}"
@@ -41,13 +42,13 @@ class SearchResult:
     of the batch; lengths gives each passage's true length.
     """
 
-    ids: np.ndarray           # int64 [B, k], global passage ids
-    scores: np.ndarray        # float32 [B, k], inner products, best first
-    embeddings: np.ndarray    # float32 [B, k, D], the stored passage embeddings
-    token_ids: np.ndarray     # int32 [B, k, L]
-    lengths: np.ndarray       # int32 [B, k]
-    version: int              # the index version that answered
-    active_version: int       # the version the shards serve by default now (newer during a switch)
+    ids: np.ndarray  # int64 [B, k], global passage ids
+    scores: np.ndarray  # float32 [B, k], inner products, best first
+    embeddings: np.ndarray  # float32 [B, k, D], the stored passage embeddings
+    token_ids: np.ndarray  # int32 [B, k, L]
+    lengths: np.ndarray  # int32 [B, k]
+    version: int  # the index version that answered
+    active_version: int  # the version the shards serve by default now (newer during a switch)
 
 
 PAD_TOKEN = -1
@@ -57,12 +58,12 @@ PAD_TOKEN = -1
 class RefreshSpec:
     """The encoder actors that re-encode the knowledge base, and how many versions stay on disk."""
 
-    num_workers: int = 1          # encoder actors; shards are handed out to them in turn
-    worker_cpus: float = 1.0      # CPUs Ray reserves per encoder actor (also its torch threads)
-    worker_gpus: float = 0.0      # GPUs per encoder actor (bf16 encoding on a GPU)
+    num_workers: int = 1  # encoder actors; shards are handed out to them in turn
+    worker_cpus: float = 1.0  # CPUs Ray reserves per encoder actor (also its torch threads)
+    worker_gpus: float = 0.0  # GPUs per encoder actor (bf16 encoding on a GPU)
     batch_size: int = 64
     keep_versions: int = 2
-    cpu_affinity: tuple[int, ...] = ()   # pin the encoder actors to these cores (benchmarks)
+    cpu_affinity: tuple[int, ...] = ()  # pin the encoder actors to these cores (benchmarks)
 
 
 @dataclass

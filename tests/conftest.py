@@ -2,6 +2,7 @@
 
 Plain helpers (tiny configs, made-up documents, actor names) are in helpers.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ def two_shard_kb(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray started once for the session (2 CPUs, dashboard off), through the project's connect()."""
-    os.environ.pop(RAY_ADDRESS_ENV, None)      # never attach to a job that happens to run beside the tests
+    os.environ.pop(RAY_ADDRESS_ENV, None)  # never attach to a job that happens to run beside the tests
     address = connect(namespace=TEST_NAMESPACE, num_cpus=2)
     yield address
     ray.shutdown()

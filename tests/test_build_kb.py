@@ -1,4 +1,5 @@
 """Knowledge-base builds: what is written reads back equal, builds are atomic, identical builds are reused."""
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,9 @@ def _manifest_bytes(kb_dir: Path) -> bytes:
 
 def test_build_round_trip(tmp_path):
     source = tmp_path / "docs.jsonl"
-    rows = write_documents(source, num_docs=6, words_per_doc=20)     # 20 words, 8 a passage -> 3 passages a doc
+    rows = write_documents(source, num_docs=6, words_per_doc=20)  # 20 words, 8 a passage -> 3 passages a doc
     kb = tiny_kb_config(source, tmp_path / "kb")
-    torch.manual_seed(1234)          # the random context encoder is the first thing drawn from torch's RNG
+    torch.manual_seed(1234)  # the random context encoder is the first thing drawn from torch's RNG
     manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=2))
     kb_dir = Path(kb.dir)
 
@@ -66,7 +67,8 @@ def test_build_round_trip(tmp_path):
     expected = list(split_into_passages(read_documents(source), kb.words_per_passage))
     assert len(expected) == 18
     assert [(p.title, p.text) for p in expected][:3] == [
-        (rows[0]["title"], " ".join(rows[0]["text"].split()[i:i + 8])) for i in (0, 8, 16)]
+        (rows[0]["title"], " ".join(rows[0]["text"].split()[i : i + 8])) for i in (0, 8, 16)
+    ]
     assert manifest.num_passages == 18 and manifest.dim == 32
     assert manifest.shards == [(0, 9), (9, 18)]
     assert manifest.active_version == 0
@@ -77,35 +79,44 @@ def test_build_round_trip(tmp_path):
     assert len(table) == 18
     assert table._table.column("id").to_pylist() == list(range(18))
     assert table.titles_and_texts(range(18)) == [(p.title, p.text) for p in expected]
-    assert table.titles_and_texts([5, 0]) == [(expected[5].title, expected[5].text),
-                                              (expected[0].title, expected[0].text)]
+    assert table.titles_and_texts([5, 0]) == [
+        (expected[5].title, expected[5].text),
+        (expected[0].title, expected[0].text),
+    ]
 
     # generator token ids: the KB's saved tokenizer over "title / text //"
     generator_tokenizer = load_generator_tokenizer(kb_dir / manifest.encoder["generator_tokenizer"])
-    want_generator = generator_tokenizer([p.title + " / " + p.text + " //" for p in expected],
-                                         add_special_tokens=False, truncation=True,
-                                         max_length=kb.max_passage_tokens)["input_ids"]
+    want_generator = generator_tokenizer(
+        [p.title + " / " + p.text + " //" for p in expected],
+        add_special_tokens=False,
+        truncation=True,
+        max_length=kb.max_passage_tokens,
+    )["input_ids"]
     values, offsets = table.token_ids("generator_ids")
-    got_generator = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(18)]
+    got_generator = [values[offsets[i] : offsets[i + 1]].tolist() for i in range(18)]
     assert got_generator == want_generator
     # a slice of rows reads back the same ids with offsets rebased to 0
     part_values, part_offsets = table.token_ids("generator_ids", 9, 18)
     assert part_offsets[0] == 0
-    assert [part_values[part_offsets[i]:part_offsets[i + 1]].tolist() for i in range(9)] == want_generator[9:]
+    assert [part_values[part_offsets[i] : part_offsets[i + 1]].tolist() for i in range(9)] == want_generator[9:]
 
     # encoder token ids: the encoder tokenizer over (title, text) pairs
     encoder_tokenizer = load_encoder_tokenizer(kb.context_encoder)
-    want_encoder = encoder_tokenizer([p.title for p in expected], [p.text for p in expected], truncation=True,
-                                     max_length=kb.context_encoder.max_length)["input_ids"]
+    want_encoder = encoder_tokenizer(
+        [p.title for p in expected],
+        [p.text for p in expected],
+        truncation=True,
+        max_length=kb.context_encoder.max_length,
+    )["input_ids"]
     enc_values, enc_offsets = table.token_ids("encoder_ids")
-    assert [enc_values[enc_offsets[i]:enc_offsets[i + 1]].tolist() for i in range(18)] == want_encoder
+    assert [enc_values[enc_offsets[i] : enc_offsets[i + 1]].tolist() for i in range(18)] == want_encoder
 
     # embeddings: the same random encoder (same seed), run directly
     embeddings = load_embeddings(kb_dir, manifest)
     assert embeddings.dtype == np.float32 and embeddings.shape == (18, 32)
     encoder = build_encoder(kb.context_encoder, encoder_tokenizer).eval()
     np.testing.assert_allclose(encode_token_ids(encoder, enc_values, enc_offsets, 4), embeddings, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():       # one passage at a time, no padding: the batching must not change any row
+    with torch.no_grad():  # one passage at a time, no padding: the batching must not change any row
         one_by_one = np.stack([encoder(torch.tensor([ids]))[0].numpy() for ids in want_encoder])
     np.testing.assert_allclose(one_by_one, embeddings, rtol=1e-4, atol=1e-5)
     assert len({tuple(np.round(row, 5)) for row in embeddings}) == 18
@@ -120,11 +131,16 @@ def test_build_round_trip(tmp_path):
         assert sorted(ids[0].tolist()) == list(range(end - start))
 
     # the manifest lists exactly the passage table and the version's files, with their checksums
-    assert set(manifest.files) == {manifest.passages_file, "v0/version.json", "v0/shard_000.faiss",
-                                   "v0/shard_000.embeddings.npy", "v0/shard_001.faiss", "v0/shard_001.embeddings.npy"}
+    assert set(manifest.files) == {
+        manifest.passages_file,
+        "v0/version.json",
+        "v0/shard_000.faiss",
+        "v0/shard_000.embeddings.npy",
+        "v0/shard_001.faiss",
+        "v0/shard_001.embeddings.npy",
+    }
     assert all(sha256_file(kb_dir / f) == digest for f, digest in manifest.files.items())
     assert json.loads(_manifest_bytes(kb_dir))["active_version"] == 0
-
 
 
 def test_generator_vocabulary_covers_the_passage_separators(tmp_path):
@@ -136,7 +152,7 @@ def test_generator_vocabulary_covers_the_passage_separators(tmp_path):
     manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=1))
     generator_tokenizer = load_generator_tokenizer(Path(kb.dir) / manifest.encoder["generator_tokenizer"])
     values, offsets = PassageTable(Path(kb.dir) / manifest.passages_file).token_ids("generator_ids")
-    passages = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(manifest.num_passages)]
+    passages = [values[offsets[i] : offsets[i + 1]].tolist() for i in range(manifest.num_passages)]
     assert generator_tokenizer.convert_ids_to_tokens(passages[0][-1]) == DOC_SEP.strip()
     assert generator_tokenizer.unk_token_id not in values
     assert all(ids[-1] == passages[0][-1] for ids in passages)
@@ -147,15 +163,17 @@ def test_a_build_in_several_chunks_equals_one_in_one_chunk(tmp_path, monkeypatch
     last one short) give the same passage table, embeddings and indexes as one chunk, and the stages count every
     passage."""
     source = tmp_path / "docs.jsonl"
-    write_documents(source, num_docs=12, words_per_doc=20)       # 36 passages
+    write_documents(source, num_docs=12, words_per_doc=20)  # 36 passages
     built = {}
     for chunk in (1000, 7):
         monkeypatch.setattr(build_kb_module, "CHUNK_PASSAGES", chunk)
         torch.manual_seed(1234)
         stages = build_kb_module.BuildStages()
         kb_dir = tmp_path / f"kb-{chunk}"
-        built[chunk] = (kb_dir, build_knowledge_base(tiny_kb_config(source, kb_dir),
-                                                     IndexConfig(factory="Flat", shards=2), stages))
+        built[chunk] = (
+            kb_dir,
+            build_knowledge_base(tiny_kb_config(source, kb_dir), IndexConfig(factory="Flat", shards=2), stages),
+        )
         assert stages.passages == 36 and stages.total_s > 0
         assert all(seconds >= 0 for seconds in stages.seconds().values())
     (one_dir, one), (many_dir, many) = built[1000], built[7]
@@ -166,8 +184,9 @@ def test_a_build_in_several_chunks_equals_one_in_one_chunk(tmp_path, monkeypatch
     assert many_table.schema == one_table.schema and many_table.equals(one_table)
     np.testing.assert_array_equal(load_embeddings(many_dir, many), load_embeddings(one_dir, one))
     for shard in range(len(one.shards)):
-        assert (many_dir / many.shard_index_file(shard)).read_bytes() == \
-            (one_dir / one.shard_index_file(shard)).read_bytes()
+        assert (many_dir / many.shard_index_file(shard)).read_bytes() == (
+            one_dir / one.shard_index_file(shard)
+        ).read_bytes()
     _assert_kb_whole(many_dir)
 
 
@@ -185,9 +204,10 @@ def test_identical_rebuild_is_reused(tmp_path, monkeypatch):
 
     def must_not_encode(*args, **kwargs):
         raise AssertionError("an identical build must be reused, not encoded again")
+
     with monkeypatch.context() as patch:
         patch.setattr(build_kb_module, "build_shard", must_not_encode)
-        again = build_knowledge_base(replace(kb, encode_batch_size=3), index)   # batch size is not an input
+        again = build_knowledge_base(replace(kb, encode_batch_size=3), index)  # batch size is not an input
     assert again == first
     assert _manifest_bytes(Path(kb.dir)) == before
     assert sorted(p.name for p in Path(kb.dir).rglob("*")) == listing
@@ -267,8 +287,9 @@ def test_crashed_rebuild_leaves_the_previous_kb_whole_and_a_later_build_replaces
     assert not (kb_dir / first.encoder["generator_tokenizer"]).exists()
     assert not (kb_dir / first.version_dir()).exists()
     top_level = {p.name for p in kb_dir.iterdir()}
-    assert top_level == {MANIFEST, second.passages_file, second.encoder["generator_tokenizer"],
-                         second.version_dir()}, "no staging dirs or temp files may be left behind"
+    assert top_level == {MANIFEST, second.passages_file, second.encoder["generator_tokenizer"], second.version_dir()}, (
+        "no staging dirs or temp files may be left behind"
+    )
 
 
 def test_a_rebuild_deletes_nothing_outside_the_kb_that_a_tampered_manifest_lists(tmp_path, caplog):
@@ -291,7 +312,7 @@ def test_a_rebuild_deletes_nothing_outside_the_kb_that_a_tampered_manifest_lists
     raw["encoder"]["generator_tokenizer"] = "../tokenizer"
     (kb_dir / MANIFEST).write_text(json.dumps(raw))
 
-    second = build_knowledge_base(tiny_kb_config(source, kb_dir, words_per_passage=6), index)   # other settings
+    second = build_knowledge_base(tiny_kb_config(source, kb_dir, words_per_passage=6), index)  # other settings
 
     for path in (victim, absolute, linked / "data.txt"):
         assert path.read_text() == "the user's", path
@@ -302,8 +323,7 @@ def test_a_rebuild_deletes_nothing_outside_the_kb_that_a_tampered_manifest_lists
         assert f"not deleting {relative!r}" in caplog.text, relative
 
 
-def test_a_folder_of_other_files_is_refused_as_kb_dir_but_an_interrupted_first_build_is_taken_up(tmp_path,
-                                                                                                   monkeypatch):
+def test_a_folder_of_other_files_is_refused_as_kb_dir_but_an_interrupted_first_build_is_taken_up(tmp_path, monkeypatch):
     """A build replaces folders of its own names (v0/, ...): without a manifest.json, kb.dir may hold only what an
     interrupted build left, never the user's other files."""
     source = tmp_path / "docs.jsonl"
@@ -320,7 +340,7 @@ def test_a_folder_of_other_files_is_refused_as_kb_dir_but_an_interrupted_first_b
     kb_dir = tmp_path / "kb"
     with monkeypatch.context() as patch:
         patch.setattr(build_kb_module, "build_shard", lambda *args, **kwargs: 1 / 0)
-        patch.setattr(build_kb_module, "_remove_uncommitted", lambda *args, **kwargs: None)   # as if SIGKILLed
+        patch.setattr(build_kb_module, "_remove_uncommitted", lambda *args, **kwargs: None)  # as if SIGKILLed
         with pytest.raises(ZeroDivisionError):
             build_knowledge_base(tiny_kb_config(source, kb_dir), index)
     assert not (kb_dir / MANIFEST).exists() and any(kb_dir.iterdir())
@@ -331,10 +351,13 @@ def test_a_folder_of_other_files_is_refused_as_kb_dir_but_an_interrupted_first_b
 # --- index types --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("factory, index_type, num_docs, shards", [
-    ("HNSW32", faiss.IndexHNSWFlat, 8, 2),
-    ("IVF4,PQ8", faiss.IndexIVFPQ, 100, 1),    # PQ8 trains 256 centroids per sub-vector: >= 256 passages a shard
-])
+@pytest.mark.parametrize(
+    "factory, index_type, num_docs, shards",
+    [
+        ("HNSW32", faiss.IndexHNSWFlat, 8, 2),
+        ("IVF4,PQ8", faiss.IndexIVFPQ, 100, 1),  # PQ8 trains 256 centroids per sub-vector: >= 256 passages a shard
+    ],
+)
 def test_approximate_index_factories_build_and_search(tmp_path, factory, index_type, num_docs, shards):
     source = tmp_path / "docs.jsonl"
     write_documents(source, num_docs=num_docs)
@@ -345,7 +368,7 @@ def test_approximate_index_factories_build_and_search(tmp_path, factory, index_t
     embeddings = load_embeddings(Path(kb.dir), manifest)
     queries = embeddings[::7][:8] - embeddings.mean(0)
     for shard, (start, end) in enumerate(manifest.shards):
-        index = faiss.read_index(str(Path(kb.dir) / manifest.shard_index_file(shard)))   # already the concrete type
+        index = faiss.read_index(str(Path(kb.dir) / manifest.shard_index_file(shard)))  # already the concrete type
         assert isinstance(index, index_type)
         assert index.is_trained and index.ntotal == end - start
         assert index.metric_type == faiss.METRIC_INNER_PRODUCT
@@ -373,7 +396,7 @@ def test_pq_factory_with_too_few_passages_is_refused_before_encoding(tmp_path):
 
 def test_unknown_factory_and_too_many_ivf_lists_are_refused(tmp_path):
     source = tmp_path / "docs.jsonl"
-    write_documents(source, num_docs=4)       # 12 passages
+    write_documents(source, num_docs=4)  # 12 passages
     kb = tiny_kb_config(source, tmp_path / "kb")
     with pytest.raises(UserError, match=r"index\.factory: 'NoSuchIndex12' is not a FAISS index factory string"):
         build_knowledge_base(kb, IndexConfig(factory="NoSuchIndex12", shards=1))
@@ -387,14 +410,15 @@ def test_non_positive_shards_or_replicas_are_refused(tmp_path, shards, replicas)
     source = tmp_path / "docs.jsonl"
     write_documents(source, num_docs=4)
     with pytest.raises(UserError, match=r"index\.shards and index\.replicas must be >= 1"):
-        build_knowledge_base(tiny_kb_config(source, tmp_path / "kb"),
-                             IndexConfig(factory="Flat", shards=shards, replicas=replicas))
+        build_knowledge_base(
+            tiny_kb_config(source, tmp_path / "kb"), IndexConfig(factory="Flat", shards=shards, replicas=replicas)
+        )
     assert not (tmp_path / "kb" / MANIFEST).exists()
 
 
 def test_more_shards_than_passages_is_refused_with_the_passage_count(tmp_path):
     source = tmp_path / "docs.jsonl"
-    write_documents(source, num_docs=4)       # 12 passages
+    write_documents(source, num_docs=4)  # 12 passages
     with pytest.raises(UserError, match=r"index\.shards=20 is more than the 12 passages"):
         build_knowledge_base(tiny_kb_config(source, tmp_path / "kb"), IndexConfig(factory="Flat", shards=20))
     assert not (tmp_path / "kb" / MANIFEST).exists()
@@ -404,6 +428,9 @@ def test_every_file_of_a_knowledge_base_has_the_mode_a_plain_open_gives(two_shar
     """manifest.json and the passage table were written 0600 (mkstemp's mode), the other files 0644."""
     umask = os.umask(0)
     os.umask(umask)
-    modes = {p.relative_to(two_shard_kb).as_posix(): stat.S_IMODE(p.stat().st_mode)
-             for p in two_shard_kb.rglob("*") if p.is_file()}
+    modes = {
+        p.relative_to(two_shard_kb).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in two_shard_kb.rglob("*")
+        if p.is_file()
+    }
     assert "manifest.json" in modes and modes == dict.fromkeys(modes, 0o666 & ~umask)

@@ -1,5 +1,6 @@
 """The checkpoint files of a run (rag_lightning/callbacks/checkpoints.py) on a tiny Lightning module whose validation
 EM only falls, so the best checkpoint stays at the first validation while training goes on past the last one."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,9 +39,16 @@ class FallingEM(L.LightningModule):
 
 
 def _fit(run_dir: Path, max_steps: int, ckpt_path: str | None = None) -> L.Trainer:
-    trainer = L.Trainer(max_steps=max_steps, val_check_interval=2, num_sanity_val_steps=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
-                        callbacks=checkpoint_callbacks(run_dir, every_n_steps=3))
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=run_dir,
+        callbacks=checkpoint_callbacks(run_dir, every_n_steps=3),
+    )
     trainer.fit(FallingEM(), ckpt_path=ckpt_path, weights_only=True)
     return trainer
 
@@ -76,9 +84,16 @@ class NanAtStep4(FallingEM):
 
 def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights_or_a_checkpoint(tmp_path):
     module = NanAtStep4()
-    trainer = L.Trainer(max_steps=7, val_check_interval=2, num_sanity_val_steps=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[*checkpoint_callbacks(tmp_path, every_n_steps=3), StopOnNonFiniteLoss()])
+    trainer = L.Trainer(
+        max_steps=7,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[*checkpoint_callbacks(tmp_path, every_n_steps=3), StopOnNonFiniteLoss()],
+    )
     with pytest.raises(UserError, match="the training loss is nan at step 4: stopped"):
         trainer.fit(module, weights_only=True)
     assert torch.isfinite(module.weight).all()

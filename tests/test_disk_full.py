@@ -4,6 +4,7 @@ and the command ends with one line naming the file, exit code 2.
 The disk is a small tmpfs mounted in a mount namespace of the test's own (`unshare -m`, as root), which vanishes
 with the command; the command and a look at what it left run inside it.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,21 +19,31 @@ CAN_MOUNT = os.getuid() == 0 and shutil.which("unshare") is not None
 
 def _on_a_full_disk(tmp_path, size: str, script: str) -> subprocess.CompletedProcess:
     """Run `script` (sh) with a fresh tmpfs of `size` at $DISK; its output and exit code."""
-    skip_unless_required(None if CAN_MOUNT else "mounting a tmpfs needs root and unshare",
-                         "RAG_LIGHTNING_REQUIRE_MULTINODE")
+    skip_unless_required(
+        None if CAN_MOUNT else "mounting a tmpfs needs root and unshare", "RAG_LIGHTNING_REQUIRE_MULTINODE"
+    )
     disk = tmp_path / "disk"
     disk.mkdir()
-    return subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs "$DISK" && {script}'],
-                          cwd=tmp_path, env={**cli_env(), "DISK": str(disk)}, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs "$DISK" && {script}'],
+        cwd=tmp_path,
+        env={**cli_env(), "DISK": str(disk)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_a_build_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     source = tmp_path / "kb.jsonl"
     write_documents(source, 40)
-    proc = _on_a_full_disk(tmp_path, "48k", f'{sys.executable} -m rag_lightning.build_kb {" ".join(TINY_KB_ENCODER)} '
-                           f'kb.source={source} kb.dir="$DISK/kb" hydra.run.dir={tmp_path / "run"}; code=$?; '
-                           'find "$DISK/kb" -mindepth 1 -printf "left: %p\\n"; exit $code')
+    proc = _on_a_full_disk(
+        tmp_path,
+        "48k",
+        f"{sys.executable} -m rag_lightning.build_kb {' '.join(TINY_KB_ENCODER)} "
+        f'kb.source={source} kb.dir="$DISK/kb" hydra.run.dir={tmp_path / "run"}; code=$?; '
+        'find "$DISK/kb" -mindepth 1 -printf "left: %p\\n"; exit $code',
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

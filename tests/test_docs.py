@@ -1,5 +1,6 @@
 """The documentation: README.md a front page whose links and Layout hold, docs/ built strictly by mkdocs, and the
 configuration reference what the schema says today."""
+
 from __future__ import annotations
 
 import re
@@ -39,6 +40,11 @@ def test_the_readme_layout_names_every_part_of_the_tree():
 
 def test_the_docs_build_strictly(tmp_path):
     """mkdocs fails on a broken link or a page missing from the nav (--strict makes its warnings errors)."""
-    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr[-3000:]

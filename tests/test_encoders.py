@@ -1,6 +1,7 @@
 """The dense encoders: the bundled MiniLM is used as its sentence-transformers folder says (mean pooling, then
 L2 normalisation), for questions and for passages; and every kind of encoder folder (DPR, sentence-transformers,
 BERT-style) gives the vectors its own library gives, in the trainer, in a refresh snapshot and saved back."""
+
 from __future__ import annotations
 
 import inspect
@@ -24,14 +25,16 @@ from retrieval_workers.encoding import TextEncoder, encode_token_ids
 from helpers import ENCODER_FOLDER_KINDS, TINY_DPR_PROJECTION, write_encoder_folder
 
 QUESTIONS = ["where does ana live ?", "who wrote the iliad and the odyssey", "when did the berlin wall fall"]
-PASSAGES = [("Homer", "Homer is the legendary author to whom the Iliad and the Odyssey are attributed."),
-            ("Berlin Wall", "The Berlin Wall fell on 9 November 1989, opening the border between East and West."),
-            ("Ana", "Ana lives in a small house in Lisbon near the river.")]
+PASSAGES = [
+    ("Homer", "Homer is the legendary author to whom the Iliad and the Odyssey are attributed."),
+    ("Berlin Wall", "The Berlin Wall fell on 9 November 1989, opening the border between East and West."),
+    ("Ana", "Ana lives in a small house in Lisbon near the river."),
+]
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    cfg = EncoderConfig()                      # the default: the bundled MiniLM
+    cfg = EncoderConfig()  # the default: the bundled MiniLM
     tokenizer = load_encoder_tokenizer(cfg)
     return build_encoder(cfg, tokenizer).eval(), tokenizer
 
@@ -88,6 +91,7 @@ def test_cosine_scores_are_scaled_as_sentence_transformers_trains_them():
 
 # --- every kind of encoder folder, tiny random models written with save_pretrained ---------------------------------
 
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("encoders")
@@ -101,12 +105,19 @@ def _built(folder: Path, **settings) -> tuple[TextEncoder, object]:
 
 
 def _pairs(tokenizer, max_length: int = 128) -> dict:
-    return tokenizer([t for t, _ in PASSAGES], [x for _, x in PASSAGES], padding=True, truncation=True,
-                     max_length=max_length, return_tensors="pt")
+    return tokenizer(
+        [t for t, _ in PASSAGES],
+        [x for _, x in PASSAGES],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
 
 
-@pytest.mark.parametrize("kind, model_class", [("dpr_question", DPRQuestionEncoder),
-                                               ("dpr_context", DPRContextEncoder)])
+@pytest.mark.parametrize(
+    "kind, model_class", [("dpr_question", DPRQuestionEncoder), ("dpr_context", DPRContextEncoder)]
+)
 def test_a_dpr_folder_gives_its_pooler_output_projection_included(folders, kind, model_class):
     encoder, tokenizer = _built(folders[kind])
     assert (encoder.pooling, encoder.normalize, encoder.dim) == ("pooler", False, TINY_DPR_PROJECTION)
@@ -151,14 +162,16 @@ def test_num_layers_keeps_the_first_layers_of_every_kind(folders):
         assert len(layers) == 1 and encoder.model.config.num_hidden_layers == 1, kind
 
 
-@pytest.mark.parametrize("kind, settings", [("dpr_context", {}), ("sentence_transformers", {}),
-                                            ("bert_style", {"pooling": "cls", "normalize": True})])
+@pytest.mark.parametrize(
+    "kind, settings",
+    [("dpr_context", {}), ("sentence_transformers", {}), ("bert_style", {"pooling": "cls", "normalize": True})],
+)
 def test_a_published_snapshot_and_a_saved_folder_give_the_same_vectors(folders, tmp_path, kind, settings):
     """What the refresh actors build from a snapshot, and what the trainer saves beside its checkpoints (loaded
     back through `pretrained`), encode exactly as the encoder they came from."""
     encoder, tokenizer = _built(folders[kind], **settings)
     with torch.no_grad():
-        for p in encoder.parameters():           # moved, as training moves them
+        for p in encoder.parameters():  # moved, as training moves them
             p.add_(0.01 * torch.randn_like(p))
     ids = _pairs(tokenizer)["input_ids"]
     saved = tmp_path / "saved"
@@ -168,7 +181,7 @@ def test_a_published_snapshot_and_a_saved_folder_give_the_same_vectors(folders, 
         torch.testing.assert_close(encoder.snapshot(3).build()(ids), want)
         reloaded, _ = _built(saved)
         torch.testing.assert_close(reloaded(ids), want)
-    if encoder.pooling != "pooler":           # a sentence-transformers folder, which sentence-transformers loads
+    if encoder.pooling != "pooler":  # a sentence-transformers folder, which sentence-transformers loads
         theirs = SentenceTransformer(str(saved), device="cpu")
         assert theirs.max_seq_length == 64
         features = theirs.tokenize([[t, x] for t, x in PASSAGES])
@@ -183,26 +196,45 @@ def test_folders_that_are_no_encoder_we_can_run_are_refused_naming_key_and_folde
     empty.mkdir()
     (empty / "notes.txt").write_text("no model here")
     seq2seq = tmp_path / "bart"
-    BartForConditionalGeneration(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
-                                            encoder_attention_heads=2, decoder_attention_heads=2,
-                                            encoder_ffn_dim=32, decoder_ffn_dim=32)).save_pretrained(str(seq2seq))
+    BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=50,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+        )
+    ).save_pretrained(str(seq2seq))
     dense = tmp_path / "dense"
     shutil.copytree(folders["sentence_transformers"], dense)
     modules = json.loads((dense / "modules.json").read_text())
-    (dense / "modules.json").write_text(json.dumps(modules + [{"idx": 3, "name": "3", "path": "3_Dense",
-                                                                "type": "sentence_transformers.models.Dense"}]))
+    (dense / "modules.json").write_text(
+        json.dumps(modules + [{"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}])
+    )
     max_pooled = tmp_path / "max_pooled"
     shutil.copytree(folders["sentence_transformers"], max_pooled)
-    (max_pooled / "1_Pooling" / "config.json").write_text(json.dumps({   # the format before sentence-transformers 6
-        "word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_max_tokens": True}))
+    (max_pooled / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {  # the format before sentence-transformers 6
+                "word_embedding_dimension": 32,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_max_tokens": True,
+            }
+        )
+    )
     cases = [
         (EncoderConfig(pretrained=str(empty)), f"{empty} is not a Hugging Face model folder"),
         (EncoderConfig(pretrained=str(tmp_path / "missing")), "is not a Hugging Face model folder"),
         (EncoderConfig(pretrained=str(seq2seq)), f"{seq2seq} is a sequence-to-sequence model (bart), not an encoder"),
         (EncoderConfig(pretrained=str(dense)), "modules.json lists Transformer, Pooling, Normalize, Dense"),
         (EncoderConfig(pretrained=str(max_pooled)), "pools by max_tokens"),
-        (EncoderConfig(pretrained=str(folders["dpr_question"]), pooling="mean"),
-         f"kb.context_encoder.pooling: {folders['dpr_question']} is a DPR encoder"),
+        (
+            EncoderConfig(pretrained=str(folders["dpr_question"]), pooling="mean"),
+            f"kb.context_encoder.pooling: {folders['dpr_question']} is a DPR encoder",
+        ),
     ]
     for cfg, message in cases:
         with pytest.raises(UserError, match="^kb.context_encoder") as refused:

@@ -1,4 +1,5 @@
 """Shard replica actors that die: the client fails over within the search, and Ray restarts them from disk."""
+
 from __future__ import annotations
 
 import time
@@ -79,8 +80,11 @@ def test_a_shard_without_any_live_replica_fails_with_a_clear_error(ray_cluster, 
         client = RetrievalClient(spec)
         ray.kill(client.replicas[1][0], no_restart=True)
         _wait_until_dead(client.replicas[1][0])
-        with pytest.raises(ShardUnavailable, match=rf"index shard 1: no replica \({spec.actor_name(1, 0)}\) "
-                                                   r"answered within 3s.*service.failover_timeout_s"):
+        with pytest.raises(
+            ShardUnavailable,
+            match=rf"index shard 1: no replica \({spec.actor_name(1, 0)}\) "
+            r"answered within 3s.*service.failover_timeout_s",
+        ):
             client.search(queries, 4)
     finally:
         shutdown_service(spec)

@@ -1,4 +1,5 @@
 """Ray modes: the standalone shard-actor launcher on a running cluster, and jobs with their own local Ray."""
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,39 @@ from helpers import REPO_ROOT, TEST_NAMESPACE, last_json_object, unique_spec
 
 
 def _launch(address: str, spec, *extra: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retrieval_workers.launch", "--address", address,
-                           "--kb-dir", spec.kb_dir, "--shards", str(spec.num_shards), "--replicas",
-                           str(spec.num_replicas), "--namespace", spec.namespace, "--prefix", spec.name_prefix,
-                           *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retrieval_workers.launch",
+            "--address",
+            address,
+            "--kb-dir",
+            spec.kb_dir,
+            "--shards",
+            str(spec.num_shards),
+            "--replicas",
+            str(spec.num_replicas),
+            "--namespace",
+            spec.namespace,
+            "--prefix",
+            spec.name_prefix,
+            *extra,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def _actor_ids(spec) -> list:
-    return [ray.get_actor(spec.actor_name(s, r), namespace=spec.namespace)._actor_id
-            for s in range(spec.num_shards) for r in range(spec.num_replicas)]
+    return [
+        ray.get_actor(spec.actor_name(s, r), namespace=spec.namespace)._actor_id
+        for s in range(spec.num_shards)
+        for r in range(spec.num_replicas)
+    ]
 
 
 def test_launcher_is_idempotent_places_a_group_and_tears_down(ray_cluster, two_shard_kb, subprocess_env):
@@ -36,7 +61,7 @@ def test_launcher_is_idempotent_places_a_group_and_tears_down(ray_cluster, two_s
     assert again.returncode == 0, again.stderr[-2000:]
     assert _actor_ids(spec) == ids, "a second launch must reuse the running actors"
 
-    for shard in range(2):      # a group of its own for each shard's replicas
+    for shard in range(2):  # a group of its own for each shard's replicas
         group = ray.util.get_placement_group(spec.placement_group_name(shard))
         assert group.bundle_count == 2
         assert ray.util.placement_group_table(group)["strategy"] == "SPREAD"
@@ -82,13 +107,14 @@ def test_a_second_job_on_the_node_gets_its_own_ray(ray_cluster, two_shard_kb, su
     launch_service(spec)
     try:
         env = {**subprocess_env, "SPEC": json.dumps(spec.__dict__)}
-        proc = subprocess.run([sys.executable, "-c", JOB], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", JOB], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         other = last_json_object(proc.stdout)
         assert other["address"] != ray_cluster
         assert other["session_dir"].startswith("/tmp/ray_")
         assert not other["session_dir"].startswith(ray._private.worker.global_worker.node.get_session_dir_path())
-        assert ray.get_actor(spec.actor_name(0, 0), namespace=TEST_NAMESPACE)   # ours still here
+        assert ray.get_actor(spec.actor_name(0, 0), namespace=TEST_NAMESPACE)  # ours still here
     finally:
         shutdown_service(spec)

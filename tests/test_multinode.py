@@ -4,6 +4,7 @@ service's replicas spread over both, one DDP rank on each, SLURM with a slurmd o
 Marked `multinode`. Without root or iproute2 these tests are skipped, unless RAG_LIGHTNING_REQUIRE_MULTINODE=1 (set
 by .ci/run): then they fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,15 @@ pytestmark = pytest.mark.multinode
 @pytest.fixture(autouse=True)
 def root_with_namespaces():
     missing = [binary for binary in ("ip", "nsenter", "unshare") if shutil.which(binary) is None]
-    skip_unless_required(f"no network namespaces here: missing {missing}" if missing else
-                         "multi-node tests need root" if os.getuid() else None, "RAG_LIGHTNING_REQUIRE_MULTINODE")
+    skip_unless_required(
+        f"no network namespaces here: missing {missing}"
+        if missing
+        else "multi-node tests need root"
+        if os.getuid()
+        else None,
+        "RAG_LIGHTNING_REQUIRE_MULTINODE",
+    )
+
 
 SERVER = """
 import socket, sys
@@ -69,8 +77,8 @@ class TwoNodeRay:
 
     a: Host
     b: Host
-    temp_dir: str       # the nodes' session files (their socket paths must stay within 107 bytes)
-    env: dict           # for every command on the hosts
+    temp_dir: str  # the nodes' session files (their socket paths must stay within 107 bytes)
+    env: dict  # for every command on the hosts
 
     @property
     def address(self) -> str:
@@ -78,11 +86,20 @@ class TwoNodeRay:
 
     def start_node(self, host: Host) -> None:
         """The head on host a; a worker joining it on any other host (again, after the host was lost)."""
-        role = (["--head", "--port=6379", "--include-dashboard=false"] if host is self.a
-                else [f"--address={self.address}"])
-        started = host.run(str(Path(sys.executable).with_name("ray")), "start", *role,
-                           f"--node-ip-address={host.address}", "--num-cpus=2", "--disable-usage-stats",
-                           f"--temp-dir={self.temp_dir}", env=self.env, timeout=120)
+        role = (
+            ["--head", "--port=6379", "--include-dashboard=false"] if host is self.a else [f"--address={self.address}"]
+        )
+        started = host.run(
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            *role,
+            f"--node-ip-address={host.address}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+            env=self.env,
+            timeout=120,
+        )
         assert started.returncode == 0, started.stderr[-2000:]
 
 
@@ -137,9 +154,18 @@ def test_the_replicas_of_each_shard_run_on_different_nodes(ray_on_two_hosts, two
     differ (and so do the hostnames their processes see), and each node holds one replica of every shard."""
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
     spec = ServiceSpec(kb_dir=str(two_shard_kb), num_shards=2, num_replicas=2, namespace="multinode")
-    launch = a.run(sys.executable, "-m", "retrieval_workers.launch", f"--address={address}",
-                   f"--kb-dir={two_shard_kb}", "--shards=2", "--replicas=2", "--namespace=multinode",
-                   env=env, timeout=300)
+    launch = a.run(
+        sys.executable,
+        "-m",
+        "retrieval_workers.launch",
+        f"--address={address}",
+        f"--kb-dir={two_shard_kb}",
+        "--shards=2",
+        "--replicas=2",
+        "--namespace=multinode",
+        env=env,
+        timeout=300,
+    )
     assert launch.returncode == 0, launch.stderr[-3000:]
     names = [spec.actor_name(shard, replica) for shard in range(2) for replica in range(2)]
     found = a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "multinode", *names, env=env, timeout=120)
@@ -151,8 +177,19 @@ def test_the_replicas_of_each_shard_run_on_different_nodes(ray_on_two_hosts, two
 
 
 def _train(host, run_dir: Path, env: dict, *overrides: str, **kwargs) -> subprocess.Popen:
-    return host.start(sys.executable, "-m", "rag_lightning.train", *overrides, f"hydra.run.dir={run_dir}",
-                      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return host.start(
+        sys.executable,
+        "-m",
+        "rag_lightning.train",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def _finished(process: subprocess.Popen, timeout_s: float = 600) -> str:
@@ -172,26 +209,68 @@ def test_a_two_node_ddp_run_matches_the_one_node_run(ray_on_two_hosts, tmp_path)
     MASTER_ADDR on host a).
     """
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
-    common = ["experiment=tiny", "model.generator.dropout=0", "data.demo_entities=100", "data.max_eval_examples=9",
-              "trainer.max_steps=10", "trainer.val_check_interval=5", "optim.lr=3e-3", "trainer.strategy=ddp"]
-    single = subprocess.run([sys.executable, "-m", "rag_lightning.train", *common, "data.batch_size=8",
-                             f"hydra.run.dir={tmp_path / 'single'}"], cwd=REPO_ROOT, env=cli_env(),
-                            capture_output=True, text=True, timeout=600)
+    common = [
+        "experiment=tiny",
+        "model.generator.dropout=0",
+        "data.demo_entities=100",
+        "data.max_eval_examples=9",
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        "optim.lr=3e-3",
+        "trainer.strategy=ddp",
+    ]
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rag_lightning.train",
+            *common,
+            "data.batch_size=8",
+            f"hydra.run.dir={tmp_path / 'single'}",
+        ],
+        cwd=REPO_ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
     run_dir = tmp_path / "two_nodes"
-    cluster = [*common, "data.batch_size=4", f"service.ray_address={address}", "service.namespace=two_nodes",
-               "index.replicas=2"]
+    cluster = [
+        *common,
+        "data.batch_size=4",
+        f"service.ray_address={address}",
+        "service.namespace=two_nodes",
+        "index.replicas=2",
+    ]
     _finished(_train(a, run_dir, env, *cluster, "stage=prepare"))
-    ranks = [_train(host, run_dir, {**env, "RANK": str(rank), "NODE_RANK": str(rank), "LOCAL_RANK": "0",
-                                    "WORLD_SIZE": "2", "MASTER_ADDR": a.address, "MASTER_PORT": "29511"},
-                    *cluster, "stage=train", "trainer.num_nodes=2")
-             for rank, host in enumerate((a, b))]
+    ranks = [
+        _train(
+            host,
+            run_dir,
+            {
+                **env,
+                "RANK": str(rank),
+                "NODE_RANK": str(rank),
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": a.address,
+                "MASTER_PORT": "29511",
+            },
+            *cluster,
+            "stage=train",
+            "trainer.num_nodes=2",
+        )
+        for rank, host in enumerate((a, b))
+    ]
     outputs = [_finished(rank) for rank in ranks]
     assert "GLOBAL_RANK: 1" in outputs[1] and "MEMBER: 2/2" in outputs[0] + outputs[1]
 
-    assert_trained_alike(json.loads((tmp_path / "single" / "results.json").read_text()),
-                         json.loads((run_dir / "results.json").read_text()))
+    assert_trained_alike(
+        json.loads((tmp_path / "single" / "results.json").read_text()),
+        json.loads((run_dir / "results.json").read_text()),
+    )
 
 
 SEARCHER = """
@@ -241,19 +320,38 @@ def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ra
     ones on a), and the trainer finishes all its steps."""
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
     run_dir, steps = tmp_path / "run", 200
-    overrides = ["experiment=tiny", f"service.ray_address={address}", "service.namespace=node_loss",
-                 "index.replicas=2", f"trainer.max_steps={steps}", "trainer.val_check_interval=100",
-                 "checkpoint_every_n_steps=20"]
+    overrides = [
+        "experiment=tiny",
+        f"service.ray_address={address}",
+        "service.namespace=node_loss",
+        "index.replicas=2",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=100",
+        "checkpoint_every_n_steps=20",
+    ]
     _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
     spec = ServiceSpec(kb_dir=str(run_dir / "kb"), num_shards=2, num_replicas=2, namespace="node_loss")
     names = [spec.actor_name(shard, replica) for shard in range(2) for replica in range(2)]
-    before = last_json_object(a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names,
-                                    env=env, timeout=120).stdout)
+    before = last_json_object(
+        a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names, env=env, timeout=120).stdout
+    )
     assert sorted(host for _, host in before.values()) == [a.name, a.name, b.name, b.name]
 
     stop = tmp_path / "stop"
-    searcher = a.start(sys.executable, "-c", SEARCHER, address, spec.kb_dir, "node_loss", str(stop), cwd=REPO_ROOT,
-                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    searcher = a.start(
+        sys.executable,
+        "-c",
+        SEARCHER,
+        address,
+        spec.kb_dir,
+        "node_loss",
+        str(stop),
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert searcher.stdout.readline().strip() == "searching", searcher.stderr.read()[-3000:]
     trainer = _train(a, run_dir, env, *overrides, "stage=train")
     _wait_for_checkpoint(run_dir, [trainer, searcher])
@@ -263,38 +361,63 @@ def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ra
     out, err = searcher.communicate(timeout=120)
     assert searcher.returncode == 0, err[-3000:]
     searched = last_json_object(out)
-    assert searched["searches"] > 0 and searched["failovers"] >= 2, searched    # each lost replica was preferred
+    assert searched["searches"] > 0 and searched["failovers"] >= 2, searched  # each lost replica was preferred
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == steps and "test/em" in results, output[-2000:]
-    after = last_json_object(a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names,
-                                   env=env, timeout=180).stdout)
-    assert [host for _, host in after.values()] == [a.name] * 4, after       # restarted on the surviving node
+    after = last_json_object(
+        a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names, env=env, timeout=180).stdout
+    )
+    assert [host for _, host in after.values()] == [a.name] * 4, after  # restarted on the surviving node
     ray_on_two_hosts.start_node(b)
 
 
 @pytest.mark.slow
 def test_a_two_node_ddp_job_that_lost_a_node_resumes_from_its_last_checkpoint_when_resubmitted(
-        ray_on_two_hosts, tmp_path):
+    ray_on_two_hosts, tmp_path
+):
     """A DDP rank lost with its node takes the job down (the other rank's next collective fails, or the scheduler
     ends it); the job submitted again, on two nodes, resumes from its newest checkpoint and the global step goes
     on from there to the end."""
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
     run_dir, steps = tmp_path / "run", 200
-    overrides = ["experiment=tiny", f"service.ray_address={address}", "service.namespace=ddp_loss",
-                 "index.replicas=2", f"trainer.max_steps={steps}", "trainer.val_check_interval=100",
-                 "checkpoint_every_n_steps=20", "trainer.strategy=ddp", "trainer.num_nodes=2",
-                 "data.batch_size=4"]
+    overrides = [
+        "experiment=tiny",
+        f"service.ray_address={address}",
+        "service.namespace=ddp_loss",
+        "index.replicas=2",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=100",
+        "checkpoint_every_n_steps=20",
+        "trainer.strategy=ddp",
+        "trainer.num_nodes=2",
+        "data.batch_size=4",
+    ]
     _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
 
     def submit() -> list[subprocess.Popen]:
-        return [_train(host, run_dir, {**env, "RANK": str(rank), "NODE_RANK": str(rank), "LOCAL_RANK": "0",
-                                       "WORLD_SIZE": "2", "MASTER_ADDR": a.address, "MASTER_PORT": "29512"},
-                       *overrides, "stage=train") for rank, host in enumerate((a, b))]
+        return [
+            _train(
+                host,
+                run_dir,
+                {
+                    **env,
+                    "RANK": str(rank),
+                    "NODE_RANK": str(rank),
+                    "LOCAL_RANK": "0",
+                    "WORLD_SIZE": "2",
+                    "MASTER_ADDR": a.address,
+                    "MASTER_PORT": "29512",
+                },
+                *overrides,
+                "stage=train",
+            )
+            for rank, host in enumerate((a, b))
+        ]
 
     first = submit()
     _wait_for_checkpoint(run_dir, first)
     kill_host_processes(b)
-    survivor, _ = first[0].communicate(timeout=120)     # ends on its own: no hang on the lost peer
+    survivor, _ = first[0].communicate(timeout=120)  # ends on its own: no hang on the lost peer
     assert first[0].returncode != 0 and not (run_dir / "results.json").exists(), survivor[-2000:]
     saved = max(_step(p) for p in (run_dir / "checkpoints").glob("step*.ckpt"))
     assert saved < steps
@@ -304,8 +427,6 @@ def test_a_two_node_ddp_job_that_lost_a_node_resumes_from_its_last_checkpoint_wh
     results = json.loads((run_dir / "results.json").read_text())
     assert _step(results["train/resumed_from"]) >= saved, outputs[0][-2000:]
     assert results["train/steps"] == steps and "test/em" in results
-
-
 
 
 @pytest.mark.slurm
@@ -318,30 +439,50 @@ def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
     skip_unless_required(missing_slurm(), "RAG_LIGHTNING_REQUIRE_SLURM")
     # (slurmstepd's socket paths in the spool dirs must stay within 108 bytes)
     with tempfile.TemporaryDirectory(prefix="slurm", dir="/tmp") as state, two_hosts("rlslurm") as (a, b):
-        env = {**cli_env(), "SLURM_CONF": f"{state}/slurm.conf", "GLOO_SOCKET_IFNAME": INTERFACE,
-               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])}
-        subprocess.run(["bash", str(REPO_ROOT / "slurm" / "local_cluster.sh"), "conf"], check=True,
-                       env={**env, "SLURM_LOCAL_STATE": state,
-                            "SLURM_LOCAL_NODES": f"{a.name}={a.address} {b.name}={b.address}"})
+        env = {
+            **cli_env(),
+            "SLURM_CONF": f"{state}/slurm.conf",
+            "GLOO_SOCKET_IFNAME": INTERFACE,
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
+        }
+        subprocess.run(
+            ["bash", str(REPO_ROOT / "slurm" / "local_cluster.sh"), "conf"],
+            check=True,
+            env={**env, "SLURM_LOCAL_STATE": state, "SLURM_LOCAL_NODES": f"{a.name}={a.address} {b.name}={b.address}"},
+        )
         a.start("slurmctld", "-D", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for host in (a, b):
             host.start("slurmd", "-D", "-N", host.name, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while a.run("sinfo", "-h", "-o", "%T %D", env=env).stdout.split() != ["idle", "2"]:
-            assert time.monotonic() < deadline, (a.run("sinfo", env=env).stdout,
-                                                 Path(state, "slurmctld.log").read_text()[-3000:])
+            assert time.monotonic() < deadline, (
+                a.run("sinfo", env=env).stdout,
+                Path(state, "slurmctld.log").read_text()[-3000:],
+            )
             time.sleep(1)
 
         run_dir = tmp_path / "run"
-        submitted = a.run("sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", "--cpus-per-task=2",
-                          f"--output={run_dir}.out", str(REPO_ROOT / "slurm" / "train.sbatch"), "experiment=tiny",
-                          cwd=REPO_ROOT, env={**env, "RUN_DIR": str(run_dir)})
+        submitted = a.run(
+            "sbatch",
+            "--parsable",
+            "-N",
+            "2",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=2",
+            f"--output={run_dir}.out",
+            str(REPO_ROOT / "slurm" / "train.sbatch"),
+            "experiment=tiny",
+            cwd=REPO_ROOT,
+            env={**env, "RUN_DIR": str(run_dir)},
+        )
         assert submitted.returncode == 0, submitted.stderr
         job = submitted.stdout.strip().split(";")[0]
         deadline = time.monotonic() + 600
         while queued := a.run("squeue", "-h", "-j", job, "-o", "%T %r", env=env).stdout.strip():
             assert time.monotonic() < deadline and "held" not in queued, (
-                queued, *[Path(state, f"slurmd-{host.name}.log").read_text()[-2000:] for host in (a, b)])
+                queued,
+                *[Path(state, f"slurmd-{host.name}.log").read_text()[-2000:] for host in (a, b)],
+            )
             time.sleep(2)
         output = Path(f"{run_dir}.out").read_text()
         assert (run_dir / "results.json").is_file(), output[-3000:]

@@ -1,5 +1,6 @@
 """Whole RAG checkpoints (`model.init_from`): a folder as transformers writes it runs with us exactly as plain
 transformers runs it (retrieving through its RagRetriever over our passages and index), and trains."""
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,11 @@ from helpers import (
     write_encoder_folder,
 )
 
-N_DOCS, MAX_COMBINED_LENGTH, BATCH = 2, 96, 4     # long enough that no context is cut (transformers cuts elsewhere)
+N_DOCS, MAX_COMBINED_LENGTH, BATCH = 2, 96, 4  # long enough that no context is cut (transformers cuts elsewhere)
 
 
 @pytest.mark.parametrize("kind, family", [("rag_sequence", "bart"), ("rag_sequence", "t5"), ("rag_token", "t5")])
-def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cluster, tmp_path_factory, kind,
-                                                                          family):
+def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cluster, tmp_path_factory, kind, family):
     """DPR question encoder + BART (RAG-Sequence) and + T5 with a task prefix in its config (both kinds), tiny and
     random; the knowledge base is encoded by a DPR context encoder and tokenized by the folder's generator
     tokenizer. Scores use the default retriever.score_scale: 1 for a RAG folder's DPR encoder."""
@@ -39,49 +39,68 @@ def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cl
     folder = tmp_path_factory.mktemp(kind)
     data_dir = demo_data(tmp_path_factory)
     generator = demo_generator_folder(folder / "generator", family, data_dir)
-    if family == "t5":              # where transformers' RAG reads the prefix: the generator's config
+    if family == "t5":  # where transformers' RAG reads the prefix: the generator's config
         config = json.loads((generator / "config.json").read_text())
         (generator / "config.json").write_text(json.dumps({**config, "prefix": "answer: "}))
-    rag_dir = write_rag_folder(folder / "rag", write_encoder_folder(folder / "question", "dpr_question"), generator,
-                               n_docs=N_DOCS, max_combined_length=MAX_COMBINED_LENGTH)
+    rag_dir = write_rag_folder(
+        folder / "rag",
+        write_encoder_folder(folder / "question", "dpr_question"),
+        generator,
+        n_docs=N_DOCS,
+        max_combined_length=MAX_COMBINED_LENGTH,
+    )
     generator_config = json.loads((rag_dir / "config.json").read_text())["generator"]
-    assert ("bos_token_id" in generator_config) == (family == "bart")     # as transformers writes a T5's: none
+    assert ("bos_token_id" in generator_config) == (family == "bart")  # as transformers writes a T5's: none
     context_encoder = EncoderConfig(pretrained=str(write_encoder_folder(folder / "context", "dpr_context")))
-    _, spec = running_service(tmp_path_factory, context_encoder, data_dir,
-                              generator_tokenizer=str(rag_dir / "generator_tokenizer"))
+    _, spec = running_service(
+        tmp_path_factory, context_encoder, data_dir, generator_tokenizer=str(rag_dir / "generator_tokenizer")
+    )
     try:
         model_cfg = ModelConfig(kind=kind, init_from=str(rag_dir), num_beams=2, max_answer_tokens=8)
-        module = RagModule(model=asdict(model_cfg), retriever=asdict(RetrieverConfig(train_question_encoder=True)),
-                           optim=asdict(OptimConfig()), service=asdict(spec))
+        module = RagModule(
+            model=asdict(model_cfg),
+            retriever=asdict(RetrieverConfig(train_question_encoder=True)),
+            optim=asdict(OptimConfig()),
+            service=asdict(spec),
+        )
         assert module.retriever_cfg.score_scale == 1.0
         module.setup("fit")
         assert (module.model_cfg.n_docs, module.model_cfg.max_context_tokens) == (N_DOCS, MAX_COMBINED_LENGTH)
-        assert bool(module.context_layout.prefix) == (family == "t5")      # read from the folder's generator
+        assert bool(module.context_layout.prefix) == (family == "t5")  # read from the folder's generator
         _, batch = qa_data_and_first_batch(module, data_dir, module.model_cfg, BATCH)
         module.eval()
         with torch.no_grad():
             retrieved = module.retrieve(batch)
             doc_scores, context_ids, context_mask = module.reader_inputs(batch, retrieved)
-            loss = module.rag(context_input_ids=context_ids, context_attention_mask=context_mask,
-                              doc_scores=doc_scores, labels=batch["labels"], n_docs=N_DOCS, reduce_loss=False).loss
+            loss = module.rag(
+                context_input_ids=context_ids,
+                context_attention_mask=context_mask,
+                doc_scores=doc_scores,
+                labels=batch["labels"],
+                n_docs=N_DOCS,
+                reduce_loss=False,
+            ).loss
             answers = module.generate_answers(doc_scores, context_ids, context_mask)
 
         # plain transformers: the same folder, retrieving over our passages and index as our export writes them
         manifest = read_manifest(spec.kb_dir)
-        titles, texts = zip(*PassageTable(f"{spec.kb_dir}/{manifest.passages_file}").titles_and_texts(
-            range(manifest.num_passages)))
+        titles, texts = zip(
+            *PassageTable(f"{spec.kb_dir}/{manifest.passages_file}").titles_and_texts(range(manifest.num_passages))
+        )
         passages, index = folder / "passages", folder / "index.faiss"
         embeddings = load_embeddings(spec.kb_dir, manifest)
         write_hf_passages(passages, index, HFPassages(list(titles), list(texts), embeddings), manifest.index_factory)
-        retriever = RagRetriever.from_pretrained(str(rag_dir), index_name="custom", passages_path=str(passages),
-                                                 index_path=str(index))
+        retriever = RagRetriever.from_pretrained(
+            str(rag_dir), index_name="custom", passages_path=str(passages), index_path=str(index)
+        )
         theirs = RAG_CLASSES[kind].from_pretrained(str(rag_dir)).eval()
-        if family == "t5":      # plain transformers' RAG-Sequence loss reads the generator's bos_token_id, which
+        if family == "t5":  # plain transformers' RAG-Sequence loss reads the generator's bos_token_id, which
             #                     a T5 config lacks (an AttributeError): the reference gets the None ours has
             theirs.config.generator.bos_token_id = None
         theirs.set_retriever(retriever)
-        inputs = module.question_tokenizer(batch["questions"], padding=True, return_token_type_ids=False,
-                                           return_tensors="pt")
+        inputs = module.question_tokenizer(
+            batch["questions"], padding=True, return_token_type_ids=False, return_tensors="pt"
+        )
         with torch.no_grad():
             out = theirs(**inputs, labels=batch["labels"], reduce_loss=False, output_retrieved=True)
             generated = theirs.generate(**inputs, num_beams=2, max_new_tokens=8)
@@ -92,7 +111,7 @@ def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cl
         assert retriever.generator_tokenizer.batch_decode(generated, skip_special_tokens=True) == answers
 
         # and it trains: the loss falls, the generator and the question encoder move
-        module.train()      # both parts were loaded in eval mode (from_pretrained); both train, with dropout
+        module.train()  # both parts were loaded in eval mode (from_pretrained); both train, with dropout
         parts = (module.question_encoder, module.rag.generator)
         assert all(m.training for part in parts for m in part.modules())
         before = [[p.detach().clone() for p in part.parameters()] for part in parts]

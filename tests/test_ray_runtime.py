@@ -1,5 +1,6 @@
 """A local Ray started by connect() listens on loopback only, reports a loopback address, and answers the check
 that an address is a Ray cluster."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -41,7 +42,7 @@ ray.shutdown()
 
 def _is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback    # ::ffff:127.0.0.1 is loopback too
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 is loopback too
 
 
 def _ray_processes(driver: psutil.Process, temp_dir: str) -> list[psutil.Process]:
@@ -70,9 +71,16 @@ def _listening(processes: list[psutil.Process]) -> list[tuple[int, str, str, int
 
 
 def test_a_local_ray_listens_on_loopback_only(subprocess_env):
-    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")        # short: Ray's socket paths must fit
-    proc = subprocess.Popen([sys.executable, "-c", LOCAL_RAY, temp_dir], cwd=REPO_ROOT, env=subprocess_env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")  # short: Ray's socket paths must fit
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCAL_RAY, temp_dir],
+        cwd=REPO_ROOT,
+        env=subprocess_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     processes = []
     try:
         answered, _, _ = select.select([proc.stdout], [], [], 300)
@@ -82,7 +90,7 @@ def test_a_local_ray_listens_on_loopback_only(subprocess_env):
         processes = _ray_processes(psutil.Process(proc.pid), temp_dir)
         host, _, port = started["address"].rpartition(":")
         assert host == "127.0.0.1" and started["nodes"] == ["127.0.0.1"], started
-        check_reachable(started["address"])       # its GCS answers as check_reachable expects of a Ray cluster
+        check_reachable(started["address"])  # its GCS answers as check_reachable expects of a Ray cluster
         sockets = _listening(processes)
         # the GCS on the reported port, the raylet, and the worker that ran the task are among them
         assert ("gcs_server", int(port)) in {(name, p) for _, name, _, p in sockets}, sockets
@@ -91,7 +99,7 @@ def test_a_local_ray_listens_on_loopback_only(subprocess_env):
         assert not exposed, f"Ray sockets on a non-loopback address: {exposed}"
     finally:
         try:
-            proc.communicate("\n", timeout=120)       # the subprocess shuts its Ray down
+            proc.communicate("\n", timeout=120)  # the subprocess shuts its Ray down
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()

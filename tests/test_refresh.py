@@ -1,5 +1,6 @@
 """Background re-encoding of the knowledge base, with real Ray actors: versions, the atomic switch,
 failures, the in-flight rule, the context encoder's gradients and resuming onto a recorded version."""
+
 from __future__ import annotations
 
 import logging
@@ -43,15 +44,20 @@ from retrieval_workers.types import RefreshSpec
 from helpers import tiny_encoder_config, unique_spec, write_encoder_folder
 
 
-def _knowledge_base(tmp_path: Path, num_entities: int, shards: int,
-                    encoder: EncoderConfig | None = None) -> tuple[Path, Path]:
+def _knowledge_base(
+    tmp_path: Path, num_entities: int, shards: int, encoder: EncoderConfig | None = None
+) -> tuple[Path, Path]:
     """Demo QA files and a KB over them (the tiny random encoder unless given); returns (data dir, kb dir)."""
     data_dir = tmp_path / "data"
     write_demo_data(data_dir, num_entities=num_entities, num_values=12, val_size=4, test_size=4)
-    kb = KBConfig(source=str(data_dir / "kb.jsonl"), dir=str(tmp_path / "kb"), words_per_passage=100,
-                  max_passage_tokens=32, context_encoder=encoder or tiny_encoder_config(),
-                  generator_tokenizer=GeneratorTokenizerConfig(vocab_size=2000,
-                                                               extra_texts=[str(data_dir / "train.jsonl")]))
+    kb = KBConfig(
+        source=str(data_dir / "kb.jsonl"),
+        dir=str(tmp_path / "kb"),
+        words_per_passage=100,
+        max_passage_tokens=32,
+        context_encoder=encoder or tiny_encoder_config(),
+        generator_tokenizer=GeneratorTokenizerConfig(vocab_size=2000, extra_texts=[str(data_dir / "train.jsonl")]),
+    )
     build_knowledge_base(kb, IndexConfig(factory="Flat", shards=shards))
     return data_dir, Path(kb.dir)
 
@@ -61,8 +67,11 @@ def running_service(ray_cluster, tmp_path, request):
     """A KB with its shard service and refresh coordinator; params: (entities, shards, replicas, RefreshSpec), and
     optionally the kind of encoder folder (helpers.write_encoder_folder) the KB is encoded with."""
     num_entities, shards, replicas, refresh, *folder_kind = request.param
-    encoder = EncoderConfig(pretrained=str(write_encoder_folder(tmp_path / "encoder", folder_kind[0]))) \
-        if folder_kind else None
+    encoder = (
+        EncoderConfig(pretrained=str(write_encoder_folder(tmp_path / "encoder", folder_kind[0])))
+        if folder_kind
+        else None
+    )
     data_dir, kb_dir = _knowledge_base(tmp_path, num_entities, shards, encoder)
     spec = unique_spec(kb_dir, shards=shards, replicas=replicas)
     launch_service(spec)
@@ -124,9 +133,15 @@ def test_refresh_writes_a_version_equal_to_a_direct_encoding_and_prunes_old_ones
     assert sorted(p.name for p in kb_dir.glob("v*")) == ["v2", "v3"]
 
 
-@pytest.mark.parametrize("running_service", [(20, 2, 1, RefreshSpec(batch_size=8), "dpr_context"),
-                                             (20, 2, 1, RefreshSpec(batch_size=8), "sentence_transformers")],
-                         indirect=True, ids=["dpr", "sentence_transformers"])
+@pytest.mark.parametrize(
+    "running_service",
+    [
+        (20, 2, 1, RefreshSpec(batch_size=8), "dpr_context"),
+        (20, 2, 1, RefreshSpec(batch_size=8), "sentence_transformers"),
+    ],
+    indirect=True,
+    ids=["dpr", "sentence_transformers"],
+)
 def test_a_refresh_of_a_dpr_or_sentence_transformers_encoder_equals_a_direct_encoding(running_service):
     """The snapshot carries the architecture (DPRContextEncoder, a BERT with [CLS] pooling and normalisation)."""
     _, spec, coordinator = running_service
@@ -136,8 +151,9 @@ def test_a_refresh_of_a_dpr_or_sentence_transformers_encoder_equals_a_direct_enc
     assert report.error is None and report.version == 1
     manifest = read_manifest(kb_dir)
     values, offsets = PassageTable(kb_dir / manifest.passages_file).token_ids("encoder_ids")
-    np.testing.assert_allclose(load_embeddings(kb_dir, manifest), encode_token_ids(encoder, values, offsets, 5),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        load_embeddings(kb_dir, manifest), encode_token_ids(encoder, values, offsets, 5), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("running_service", [(60, 3, 2, RefreshSpec(batch_size=8, keep_versions=10))], indirect=True)
@@ -194,7 +210,7 @@ def test_encoder_actor_killed_mid_refresh_leaves_the_active_version_serving(runn
 
     first_shard = kb_dir / ".v1.staging" / "shard_000.embeddings.npy"
     deadline = time.monotonic() + 60
-    while not first_shard.is_file() and time.monotonic() < deadline:   # one shard of four is written
+    while not first_shard.is_file() and time.monotonic() < deadline:  # one shard of four is written
         time.sleep(0.01)
     assert first_shard.is_file()
     ray.kill(ray.get_actor(encoder_name(spec, 0), namespace=spec.namespace), no_restart=False)
@@ -215,23 +231,46 @@ def test_encoder_actor_killed_mid_refresh_leaves_the_active_version_serving(runn
 
 def _tiny_module(kb_dir: str, spec, **retriever) -> RagModule:
     torch.manual_seed(0)
-    model = ModelConfig(kind="rag_sequence", n_docs=2, question_encoder=tiny_encoder_config(),
-                        generator=GeneratorConfig(d_model=32, layers=1, heads=2, ffn_dim=64, dropout=0.0),
-                        max_context_tokens=64, max_answer_tokens=8, num_beams=1)
-    return RagModule(model=asdict(model), retriever=asdict(RetrieverConfig(train_context_encoder=True, **retriever)),
-                     optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
+    model = ModelConfig(
+        kind="rag_sequence",
+        n_docs=2,
+        question_encoder=tiny_encoder_config(),
+        generator=GeneratorConfig(d_model=32, layers=1, heads=2, ffn_dim=64, dropout=0.0),
+        max_context_tokens=64,
+        max_answer_tokens=8,
+        num_beams=1,
+    )
+    return RagModule(
+        model=asdict(model),
+        retriever=asdict(RetrieverConfig(train_context_encoder=True, **retriever)),
+        optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)),
+        service=asdict(spec),
+    )
 
 
 def _datamodule(data_dir: Path, module: RagModule) -> QADataModule:
-    return QADataModule(DataConfig(dir=str(data_dir), batch_size=4, eval_batch_size=4), module.model_cfg,
-                        module.question_tokenizer, module.generator_tokenizer,
-                        module.decoder_prefix)
+    return QADataModule(
+        DataConfig(dir=str(data_dir), batch_size=4, eval_batch_size=4),
+        module.model_cfg,
+        module.question_tokenizer,
+        module.generator_tokenizer,
+        module.decoder_prefix,
+    )
 
 
 def _trainer(tmp_path: Path, max_steps: int, callbacks: list) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                     default_root_dir=tmp_path, callbacks=callbacks)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
 
 
 @pytest.mark.parametrize("running_service", [(4000, 2, 1, RefreshSpec(batch_size=1, keep_versions=2))], indirect=True)
@@ -255,12 +294,14 @@ def test_refresh_due_while_one_is_in_flight_is_skipped_not_queued(running_servic
 def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_service, tmp_path, caplog):
     data_dir, spec, _ = running_service
     module = _tiny_module(spec.kb_dir, spec)
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1,
-                                  filename="{step}")
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1, filename="{step}"
+    )
     refresh = IndexRefresh(spec, every_n_steps=2, blocking=True)
     saver = SaveContextEncoder(tmp_path / "checkpoints" / "context_encoder")
-    trainer = _trainer(tmp_path, max_steps=4, callbacks=[refresh, IndexVersionCheckpointing(spec, refresh), saver,
-                                                         checkpoints])
+    trainer = _trainer(
+        tmp_path, max_steps=4, callbacks=[refresh, IndexVersionCheckpointing(spec, refresh), saver, checkpoints]
+    )
     trainer.fit(module, datamodule=_datamodule(data_dir, module))
     # refreshes after steps 2 and 4 made versions 1 and 2; steps 3-4 searched version 1
     assert read_manifest(spec.kb_dir).active_version == 2
@@ -288,8 +329,11 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
     # a checkpoint whose version was pruned (keep 2: versions 1 and 2) goes on with the active one, saying so
     with caplog.at_level(logging.WARNING):
         trainer = _trainer(tmp_path, max_steps=3, callbacks=[IndexVersionCheckpointing(spec)])
-        trainer.fit(_tiny_module(spec.kb_dir, spec), datamodule=_datamodule(data_dir, resumed),
-                    ckpt_path=tmp_path / "checkpoints" / "step=2.ckpt")
+        trainer.fit(
+            _tiny_module(spec.kb_dir, spec),
+            datamodule=_datamodule(data_dir, resumed),
+            ckpt_path=tmp_path / "checkpoints" / "step=2.ckpt",
+        )
     assert "index version 0 is no longer on disk" in caplog.text
     assert read_manifest(spec.kb_dir).active_version == 1
 

@@ -1,4 +1,5 @@
 """The retriever objectives against hand computations, and distant's in-batch negatives across 2 DDP processes."""
+
 from __future__ import annotations
 
 import math
@@ -29,12 +30,12 @@ def test_distant_loss_is_infonce_over_positives_and_every_other_candidate():
     torch.manual_seed(0)
     questions = torch.randn(3, 4, requires_grad=True)
     candidates = torch.randn(3, 2, 4, requires_grad=True)
-    ids = torch.tensor([[10, 11], [12, 10], [13, 14]])      # passage 10 is a candidate of questions 0 and 1
-    positive = torch.tensor([[False, True], [True, True], [False, False]])   # question 2 has none
+    ids = torch.tensor([[10, 11], [12, 10], [13, 14]])  # passage 10 is a candidate of questions 0 and 1
+    positive = torch.tensor([[False, True], [True, True], [False, False]])  # question 2 has none
     loss, without_positive = distant_loss(questions, candidates, ids, positive, SCALE, TEMPERATURE)
 
     q, d = questions.detach().numpy(), candidates.detach().reshape(6, 4).numpy()
-    logits = SCALE * q @ d.T / TEMPERATURE                                      # [3, 6]
+    logits = SCALE * q @ d.T / TEMPERATURE  # [3, 6]
     # question 0: positive its slot 1; passage 10 again as question 1's slot 1 (pool entry 3) is left out
     loss_0 = _logsumexp(logits[0, [0, 1, 2, 4, 5]]) - logits[0, 1]
     # question 1: both own slots positive; question 0's copy of passage 10 (pool entry 0) is left out
@@ -49,10 +50,16 @@ def test_distant_loss_is_infonce_over_positives_and_every_other_candidate():
 
 def test_distant_loss_without_any_positive_is_zero_with_a_gradient_path():
     questions = torch.randn(2, 4, requires_grad=True)
-    loss, without_positive = distant_loss(questions, torch.randn(2, 3, 4), torch.arange(6).view(2, 3),
-                                          torch.zeros(2, 3, dtype=torch.bool), SCALE, TEMPERATURE)
+    loss, without_positive = distant_loss(
+        questions,
+        torch.randn(2, 3, 4),
+        torch.arange(6).view(2, 3),
+        torch.zeros(2, 3, dtype=torch.bool),
+        SCALE,
+        TEMPERATURE,
+    )
     assert loss.item() == 0.0 and without_positive == 2
-    loss.backward()     # DDP needs every trained parameter in the graph, even when nothing is learned
+    loss.backward()  # DDP needs every trained parameter in the graph, even when nothing is learned
     assert torch.equal(questions.grad, torch.zeros(2, 4))
 
 
@@ -80,7 +87,7 @@ def test_pdist_and_emdr2_equal_hand_computations():
 def test_answer_log_likelihoods_read_the_generators_logits_as_rag_does():
     torch.manual_seed(0)
     n_docs, pad = 2, 0
-    labels = torch.tensor([[2, 5, 6, 3], [2, 7, 3, pad]])        # start token, answer, end; the second padded
+    labels = torch.tensor([[2, 5, 6, 3], [2, 7, 3, pad]])  # start token, answer, end; the second padded
     logits = torch.randn(2 * n_docs, 4, 9)
     ll = answer_log_likelihoods(logits, labels, n_docs, pad)
     log_probs = torch.log_softmax(logits, -1)
@@ -93,17 +100,17 @@ def test_answer_log_likelihoods_read_the_generators_logits_as_rag_does():
 # --- in-batch negatives across processes -----------------------------------------------------------------
 
 GLOBAL_BATCH, K, DIM = 5, 3, 8
-SHARES = [[0, 1, 2], [3, 4]]        # rank 0 holds 3 questions, rank 1 two: the last batch of an epoch
+SHARES = [[0, 1, 2], [3, 4]]  # rank 0 holds 3 questions, rank 1 two: the last batch of an epoch
 
 
 def _global_batch():
     generator = torch.Generator().manual_seed(1)
     questions = torch.randn(GLOBAL_BATCH, DIM, generator=generator)
     candidates = torch.randn(GLOBAL_BATCH, K, DIM, generator=generator)
-    ids = torch.randperm(40, generator=generator)[:GLOBAL_BATCH * K].view(GLOBAL_BATCH, K)
-    ids[4, 0] = ids[0, 2]           # one passage retrieved for questions on both ranks
+    ids = torch.randperm(40, generator=generator)[: GLOBAL_BATCH * K].view(GLOBAL_BATCH, K)
+    ids[4, 0] = ids[0, 2]  # one passage retrieved for questions on both ranks
     positive = torch.rand(GLOBAL_BATCH, K, generator=generator) > 0.6
-    positive[1] = False             # one question without a positive
+    positive[1] = False  # one question without a positive
     positive[0, 0] = True
     return questions, candidates, ids, positive
 

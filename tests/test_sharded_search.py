@@ -1,4 +1,5 @@
 """The sharded, replicated retrieval service returns exactly what one flat index over all vectors returns."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,7 @@ from retrieval_workers.types import PAD_TOKEN
 
 from helpers import tiny_kb_config, unique_spec, write_documents
 
-NUM_DOCS = 15            # 24 words each, 8 words a passage -> 45 passages
+NUM_DOCS = 15  # 24 words each, 8 words a passage -> 45 passages
 NUM_PASSAGES = 45
 
 
@@ -35,6 +36,7 @@ def kb_with_shards(tmp_path_factory):
             assert len(manifest.shards) == shards
             built[shards] = kb_dir
         return built[shards]
+
     return get
 
 
@@ -70,8 +72,7 @@ def _assert_matches_flat(result, queries, k, manifest, embeddings, values, offse
     assert result.embeddings.shape == (batch, k, embeddings.shape[1])
     np.testing.assert_array_equal(result.embeddings, embeddings[result.ids])
     # and the scores are those embeddings' inner products with the query
-    np.testing.assert_allclose(result.scores, np.einsum("bd,bkd->bk", queries, result.embeddings),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(result.scores, np.einsum("bd,bkd->bk", queries, result.embeddings), rtol=1e-4, atol=1e-4)
 
     # token ids: each passage's stored generator ids, right-padded with PAD_TOKEN to the longest
     expected_lengths = offsets[result.ids + 1] - offsets[result.ids]
@@ -80,7 +81,7 @@ def _assert_matches_flat(result, queries, k, manifest, embeddings, values, offse
     assert result.token_ids.shape[2] == expected_lengths.max()
     for (b, j), passage_id in np.ndenumerate(result.ids):
         n = result.lengths[b, j]
-        np.testing.assert_array_equal(result.token_ids[b, j, :n], values[offsets[passage_id]:offsets[passage_id + 1]])
+        np.testing.assert_array_equal(result.token_ids[b, j, :n], values[offsets[passage_id] : offsets[passage_id + 1]])
         assert np.all(result.token_ids[b, j, n:] == PAD_TOKEN)
 
 
@@ -96,7 +97,7 @@ def test_sharded_search_equals_single_flat_index(ray_cluster, kb_with_shards, sh
     launch_service(spec)
     try:
         for shard in range(shards):
-            for replica in range(replicas):   # S x R named actors, each serving the active version
+            for replica in range(replicas):  # S x R named actors, each serving the active version
                 actor = ray.get_actor(spec.actor_name(shard, replica), namespace=spec.namespace)
                 assert ray.get(actor.ready.remote()) == manifest.active_version
         smallest_shard = min(end - start for start, end in manifest.shards)
@@ -147,8 +148,10 @@ def test_replica_offset_picks_other_replicas_with_the_same_results(ray_cluster, 
         clients = [RetrievalClient(spec, replica_offset=offset) for offset in range(3)]
         chosen = []
         for offset, client in enumerate(clients):
-            expected = [ray.get_actor(spec.actor_name(shard, (offset + shard) % replicas), namespace=spec.namespace)
-                        for shard in range(shards)]
+            expected = [
+                ray.get_actor(spec.actor_name(shard, (offset + shard) % replicas), namespace=spec.namespace)
+                for shard in range(shards)
+            ]
             assert [a._actor_id for a in client.shards] == [a._actor_id for a in expected]
             chosen.append([a._actor_id for a in client.shards])
         assert chosen[0] != chosen[1], "offsets 0 and 1 must use different replicas"

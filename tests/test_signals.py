@@ -4,6 +4,7 @@ Every command's main is wrapped in rag_lightning.errors.exit_on_user_error; thes
 this process and send it real signals (only while the wrapper's handler is installed, which each case checks
 first). A real build_kb process stopped by a signal is in test_bad_input.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,7 @@ def _send(signum: int) -> None:
     """Send this process signum, once the command's handler is the one that gets it (else it could end pytest)."""
     assert signal.getsignal(signum) is errors._stop
     os.kill(os.getpid(), signum)
-    time.sleep(60)          # the handler raises within this sleep
+    time.sleep(60)  # the handler raises within this sleep
     raise AssertionError("the signal did not stop the command")
 
 
@@ -46,9 +47,11 @@ def _lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error: ")]
 
 
-@pytest.mark.parametrize("signum, inherited", [(signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.SIG_DFL),
-                                               (signal.SIGINT, signal.SIG_IGN)],
-                         ids=["SIGTERM", "SIGINT", "SIGINT-inherited-ignored"])
+@pytest.mark.parametrize(
+    "signum, inherited",
+    [(signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.SIG_DFL), (signal.SIGINT, signal.SIG_IGN)],
+    ids=["SIGTERM", "SIGINT", "SIGINT-inherited-ignored"],
+)
 def test_a_signal_stops_a_command_after_its_cleanup_with_one_line(capsys, signum, inherited):
     """Also where the process was started with SIGINT ignored, as a non-interactive shell starts `cmd &`."""
     if inherited is signal.SIG_IGN:
@@ -80,7 +83,7 @@ def test_a_second_signal_does_not_cut_the_cleanup_short(capsys):
         try:
             _send(signal.SIGTERM)
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)     # e.g. a second `kill`, or Ctrl+C pressed twice
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. a second `kill`, or Ctrl+C pressed twice
             time.sleep(0.1)
             cleaned.append(True)
 
@@ -148,11 +151,19 @@ def test_a_signal_during_lightning_fit_stops_the_command_with_one_line(capsys, t
     @exit_on_user_error
     def main():
         assert signal.getsignal(signal.SIGUSR1) is usr1
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
         trainer.fit(model, data)
 
-    with pytest.raises(SystemExit) as stopped:      # (after Ctrl+C Lightning ignores SIGINT; the fixture resets it)
+    with pytest.raises(SystemExit) as stopped:  # (after Ctrl+C Lightning ignores SIGINT; the fixture resets it)
         main()
     assert stopped.value.code == 128 + signum
     assert model.steps == [0, 1, 2], "no step began after the signal"
@@ -173,8 +184,8 @@ def test_ray_init_keeps_the_commands_handler(monkeypatch):
         gcs_address = "127.0.0.1:6379"
 
     def fake_init(**kwargs):
-        ray_utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))    # as ray.init does
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))          # as anything else might
+        ray_utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))  # as ray.init does
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))  # as anything else might
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
@@ -199,7 +210,7 @@ def test_a_ray_address_where_nothing_answers_is_one_line_naming_where_it_came_fr
 
     from retrieval_workers import ray_runtime
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)        # as in a process that has not attached yet
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a process that has not attached yet
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init must not be called"))
     if from_env:
         monkeypatch.setenv(ray_runtime.RAY_ADDRESS_ENV, "127.0.0.1:1")
@@ -264,8 +275,14 @@ def test_during_training_a_signal_is_noted_and_acted_on_at_the_next_step(capsys,
     training, on every rank together (the ranks agree on the signal by an all-reduce); the command ends as for
     any stop."""
     module = SignalledAtStep3(signum)
-    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[StopTogether()])
+    trainer = L.Trainer(
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StopTogether()],
+    )
 
     @exit_on_user_error
     def main():
@@ -276,5 +293,6 @@ def test_during_training_a_signal_is_noted_and_acted_on_at_the_next_step(capsys,
     assert stopped.value.code == 128 + signum
     assert module.handler_in_training == StopTogether._take_note
     assert trainer.global_step == 4, "stopped at the start of the step after the signal"
-    assert _lines(capsys.readouterr().err) == [f"error: stopped by {signal.Signals(signum).name}; unfinished files "
-                                                "were removed"]
+    assert _lines(capsys.readouterr().err) == [
+        f"error: stopped by {signal.Signals(signum).name}; unfinished files were removed"
+    ]

@@ -1,4 +1,5 @@
 """The whole job from the command line on a tiny config: data, KB, Ray service, evaluate, fit, test."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,32 +31,47 @@ def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [["model=rag_sequence"], ["model=rag_token", "index=hnsw", "index.shards=3"]],
-                         ids=["sequence-flat", "token-hnsw"])
+@pytest.mark.parametrize(
+    "overrides",
+    [["model=rag_sequence"], ["model=rag_token", "index=hnsw", "index.shards=3"]],
+    ids=["sequence-flat", "token-hnsw"],
+)
 def test_tiny_training_run_writes_its_run_dir(tmp_path, subprocess_env, overrides):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny", *overrides,
-                           f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=subprocess_env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=REPO_ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == TINY.trainer.max_steps
-    assert results["kb/num_passages"] == TINY.data.demo_entities        # one passage per made-up person
+    assert results["kb/num_passages"] == TINY.data.demo_entities  # one passage per made-up person
     test_questions = len((run_dir / "data" / "test.jsonl").read_text().splitlines())
-    assert results["initial/examples"] == results["test/examples"] == min(test_questions,
-                                                                          TINY.data.max_eval_examples)
+    assert results["initial/examples"] == results["test/examples"] == min(test_questions, TINY.data.max_eval_examples)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     # the best checkpoint is the one of the best validation EM (the first of equals), at a validated step
     validations = [(int(row["step"]) + 1, float(row["val/em"])) for row in _metrics_rows(run_dir) if row["val/em"]]
-    assert [step for step, _ in validations] == list(range(TINY.trainer.val_check_interval, TINY.trainer.max_steps + 1,
-                                                           TINY.trainer.val_check_interval))
+    assert [step for step, _ in validations] == list(
+        range(TINY.trainer.val_check_interval, TINY.trainer.max_steps + 1, TINY.trainer.val_check_interval)
+    )
     best_step = max(validations, key=lambda v: v[1])[0]
     assert results["best_checkpoint"] == str(run_dir / "checkpoints" / f"best-step{best_step}.ckpt")
     header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"epoch", "step", "train/loss", "val/em", "retrieval/id_entropy", "retrieval/latency_ms",
-            "index/version"} <= set(header)
+    assert {
+        "epoch",
+        "step",
+        "train/loss",
+        "val/em",
+        "retrieval/id_entropy",
+        "retrieval/latency_ms",
+        "index/version",
+    } <= set(header)
     manifest = json.loads((run_dir / "kb" / "manifest.json").read_text())
     assert len(manifest["shards"]) == (3 if "index.shards=3" in overrides else 2)
 
@@ -69,10 +85,24 @@ def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_p
     from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny",
-                           "model.generator.pretrained=minilm", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                           "data.max_eval_examples=4", f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=subprocess_env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rag_lightning.train",
+            "experiment=tiny",
+            "model.generator.pretrained=minilm",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "data.max_eval_examples=4",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO_ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == 2 and results["test/examples"] == 4 and 0 <= results["test/em"] <= 1
@@ -84,11 +114,24 @@ def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_p
 @pytest.mark.slow
 def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_path, subprocess_env):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", "experiment=tiny",
-                           "retriever.train_context_encoder=true", "index_refresh=background",
-                           "index_refresh.every_n_steps=2", "index_refresh.blocking=true", f"hydra.run.dir={run_dir}"],
-                          cwd=REPO_ROOT, env=subprocess_env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rag_lightning.train",
+            "experiment=tiny",
+            "retriever.train_context_encoder=true",
+            "index_refresh=background",
+            "index_refresh.every_n_steps=2",
+            "index_refresh.blocking=true",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO_ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # refreshes after steps 2, 4 and 6 (blocking here, so none is skipped) made versions 1, 2 and 3
@@ -107,14 +150,22 @@ def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_p
     assert manifest["active_version"] == results["kb/index_version"] == active
     weights_step = json.loads((kb_dir / f"v{active}" / "version.json").read_text())["global_step"]
     assert weights_step == (best_step if pruned else 2 * searched)
-    assert (results["refresh/completed"], results["refresh/skipped"], results["refresh/failed"]) == \
-        (3 + pruned, 0, 0)
+    assert (results["refresh/completed"], results["refresh/skipped"], results["refresh/failed"]) == (3 + pruned, 0, 0)
     assert (run_dir / "checkpoints" / "context_encoder" / "config.json").is_file()
 
     header, *rows = (run_dir / "logs" / "metrics.csv").read_text().splitlines()
     columns = header.split(",")
-    for key in ("index/version", "index/staleness", "retrieval/id_entropy", "refresh/version", "refresh/wall_s",
-                "refresh/passages_per_s", "refresh/completed", "refresh/skipped", "refresh/failed"):
+    for key in (
+        "index/version",
+        "index/staleness",
+        "retrieval/id_entropy",
+        "refresh/version",
+        "refresh/wall_s",
+        "refresh/passages_per_s",
+        "refresh/completed",
+        "refresh/skipped",
+        "refresh/failed",
+    ):
         assert key in columns, key
     values = [dict(zip(columns, row.split(","))) for row in rows]
     entropies = [float(v["retrieval/id_entropy"]) for v in values if v["retrieval/id_entropy"]]
@@ -137,16 +188,29 @@ def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_en
     The 9 test examples split 5 + 4 over the ranks: the metrics must be over all 9, not rank 0's 5.
     The DDP run logs to W&B (offline), from rank 0 only.
     """
-    common = ["experiment=tiny", "model.generator.dropout=0", "data.demo_entities=100", "data.max_eval_examples=9",
-              "trainer.max_steps=10", "trainer.val_check_interval=5", "optim.lr=3e-3"]
+    common = [
+        "experiment=tiny",
+        "model.generator.dropout=0",
+        "data.demo_entities=100",
+        "data.max_eval_examples=9",
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        "optim.lr=3e-3",
+    ]
     results = {}
-    for name, overrides in (("single", ["trainer.strategy=ddp", "data.batch_size=8"]),
-                            ("ddp", ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=4",
-                                     "logger=wandb"])):
+    for name, overrides in (
+        ("single", ["trainer.strategy=ddp", "data.batch_size=8"]),
+        ("ddp", ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=4", "logger=wandb"]),
+    ):
         run_dir = tmp_path / name
-        proc = subprocess.run([sys.executable, "-m", "rag_lightning.train", *common, *overrides,
-                               f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=subprocess_env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "rag_lightning.train", *common, *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=REPO_ROOT,
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads((run_dir / "results.json").read_text())
     assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
@@ -160,10 +224,24 @@ def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_en
 @pytest.mark.slow
 def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, subprocess_env):
     run_dir, steps = tmp_path / "run", 400
-    command = [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", f"trainer.max_steps={steps}",
-               "trainer.val_check_interval=200", "checkpoint_every_n_steps=20", f"hydra.run.dir={run_dir}"]
-    first = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "rag_lightning.train",
+        "experiment=tiny",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=200",
+        "checkpoint_every_n_steps=20",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=subprocess_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not list((run_dir / "checkpoints").glob("step*.ckpt")):
@@ -172,12 +250,11 @@ def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path
         first.send_signal(signal.SIGKILL)
         first.wait()
     finally:
-        os.killpg(first.pid, signal.SIGKILL)          # the local Ray the killed trainer had started
-    saved = sorted(int(re.search(r"step(\d+)", p.name).group(1))
-                   for p in (run_dir / "checkpoints").glob("step*.ckpt"))
+        os.killpg(first.pid, signal.SIGKILL)  # the local Ray the killed trainer had started
+    saved = sorted(int(re.search(r"step(\d+)", p.name).group(1)) for p in (run_dir / "checkpoints").glob("step*.ckpt"))
     assert not (run_dir / "results.json").exists() and saved and saved[-1] < steps
     first_rows = _metrics_rows(run_dir)
-    assert any(row["test/em"] for row in first_rows)        # the evaluation before training
+    assert any(row["test/em"] for row in first_rows)  # the evaluation before training
 
     second = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -187,38 +264,56 @@ def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path
     assert results["train/steps"] == steps
     assert "initial/em" not in results
     rows = _metrics_rows(run_dir)
-    kept = [{key: row[key] for key in first_rows[0]} for row in rows[:len(first_rows)]]
+    kept = [{key: row[key] for key in first_rows[0]} for row in rows[: len(first_rows)]]
     assert kept == first_rows and len(rows) > len(first_rows), "the resumed run appends to the first run's rows"
-    assert any(row["test/em"] for row in rows[len(first_rows):])
+    assert any(row["test/em"] for row in rows[len(first_rows) :])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM-to-rank-0", "SIGINT-to-the-group"])
+@pytest.mark.parametrize(
+    "signum, to_group",
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGTERM-to-rank-0", "SIGINT-to-the-group"],
+)
 def test_a_stop_signal_ends_every_rank_of_a_ddp_run_together(tmp_path, subprocess_env, signum, to_group):
     """SIGTERM to rank 0, or Ctrl+C to the job's process group (what scancel and a terminal send), during a 2-process
     DDP run: every rank stops at the same step boundary and ends with one line and exit code 128 + the signal's
     number; the checkpoints written stay whole. (Lightning's own SIGTERM handler ran a broadcast wherever the
     signal landed, and both ranks hung in their collectives.)"""
     run_dir, name = tmp_path / "run", signal.Signals(signum).name
-    command = [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", "trainer.devices=2",
-               "trainer.strategy=ddp", "data.batch_size=4", "trainer.max_steps=5000", "trainer.val_check_interval=100",
-               "checkpoint_every_n_steps=2", f"hydra.run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "rag_lightning.train",
+        "experiment=tiny",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "data.batch_size=4",
+        "trainer.max_steps=5000",
+        "trainer.val_check_interval=100",
+        "checkpoint_every_n_steps=2",
+        f"hydra.run.dir={run_dir}",
+    ]
     with open(tmp_path / "stderr", "w+") as err:
-        job = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=err,
-                               start_new_session=True)
+        job = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 300
             while not list((run_dir / "checkpoints").glob("step*.ckpt")):
                 assert job.poll() is None and time.monotonic() < deadline, "no periodic checkpoint appeared"
                 time.sleep(0.2)
             # rank 0's rendezvous store, like everything else of the job, listens on loopback only
-            listening = {ipaddress.ip_address(c.laddr.ip) for c in psutil.Process(job.pid).net_connections("inet")
-                         if c.status == psutil.CONN_LISTEN}
-            assert listening and all((getattr(ip, "ipv4_mapped", None) or ip).is_loopback for ip in listening), \
+            listening = {
+                ipaddress.ip_address(c.laddr.ip)
+                for c in psutil.Process(job.pid).net_connections("inet")
+                if c.status == psutil.CONN_LISTEN
+            }
+            assert listening and all((getattr(ip, "ipv4_mapped", None) or ip).is_loopback for ip in listening), (
                 listening
+            )
             os.killpg(job.pid, signum) if to_group else job.send_signal(signum)
-            job.wait(timeout=120)       # a guard against the hang, not a figure
+            job.wait(timeout=120)  # a guard against the hang, not a figure
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.pid, signal.SIGKILL)
@@ -232,12 +327,18 @@ def test_a_stop_signal_ends_every_rank_of_a_ddp_run_together(tmp_path, subproces
         assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] >= 2, checkpoint
 
 
-@pytest.mark.parametrize(("launcher_env", "first"), [
-    ({}, True),
-    ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "3", "LOCAL_RANK": "1"}, False),          # torchrun
-    ({"SLURM_PROCID": "0"}, True), ({"SLURM_PROCID": "2", "NODE_RANK": "0"}, False),              # srun
-    ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1"}, False),                   # Lightning's
-])
+@pytest.mark.parametrize(
+    ("launcher_env", "first"),
+    [
+        ({}, True),
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({"RANK": "3", "LOCAL_RANK": "1"}, False),  # torchrun
+        ({"SLURM_PROCID": "0"}, True),
+        ({"SLURM_PROCID": "2", "NODE_RANK": "0"}, False),  # srun
+        ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False),
+        ({"NODE_RANK": "1"}, False),  # Lightning's
+    ],
+)
 def test_only_the_jobs_first_process_prepares(monkeypatch, launcher_env, first):
     """The first process of the job prepares the data, knowledge base and shard actors, whatever launched it:
     on a second node started with Lightning's own launcher (NODE_RANK=1, no LOCAL_RANK yet) it is not."""

@@ -1,4 +1,5 @@
 """RAG-Sequence and RAG-Token training steps over the real retrieval service, on tiny models and data."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ from helpers import (
 
 N_DOCS = 2
 BATCH = 4
-K_CANDIDATES = 10       # passages re-scored per question where a test over-retrieves
+K_CANDIDATES = 10  # passages re-scored per question where a test over-retrieves
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +51,47 @@ def service(ray_cluster, tmp_path_factory):
 
 
 def _model_config(kind: str, question_encoder: EncoderConfig | None = None, **overrides) -> ModelConfig:
-    return ModelConfig(kind=kind, n_docs=N_DOCS, question_encoder=question_encoder or tiny_encoder_config(),
-                       generator=GeneratorConfig(d_model=32, layers=1, heads=2, ffn_dim=64, dropout=0.0),
-                       max_context_tokens=64, max_answer_tokens=8, num_beams=2, **overrides)
+    return ModelConfig(
+        kind=kind,
+        n_docs=N_DOCS,
+        question_encoder=question_encoder or tiny_encoder_config(),
+        generator=GeneratorConfig(d_model=32, layers=1, heads=2, ffn_dim=64, dropout=0.0),
+        max_context_tokens=64,
+        max_answer_tokens=8,
+        num_beams=2,
+        **overrides,
+    )
 
 
 def _trainer(root, **arguments) -> L.Trainer:
     """A quiet one-process CPU Trainer without validation, checkpoints or logger."""
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=root,
-                     **arguments)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        **arguments,
+    )
 
 
-def _module_and_batch(service, kind: str, train_question_encoder: bool = True, model_cfg: ModelConfig | None = None,
-                      **retriever_overrides):
+def _module_and_batch(
+    service, kind: str, train_question_encoder: bool = True, model_cfg: ModelConfig | None = None, **retriever_overrides
+):
     data_dir, spec = service
     torch.manual_seed(0)
     model_cfg = model_cfg or _model_config(kind)
     retriever = RetrieverConfig(train_question_encoder=train_question_encoder, **retriever_overrides)
-    module = RagModule(model=asdict(model_cfg), retriever=asdict(retriever),
-                       optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)), service=asdict(spec))
+    module = RagModule(
+        model=asdict(model_cfg),
+        retriever=asdict(retriever),
+        optim=asdict(OptimConfig(lr=1e-3, warmup_steps=0)),
+        service=asdict(spec),
+    )
     module.setup("fit")
     datamodule, batch = qa_data_and_first_batch(module, data_dir, model_cfg, BATCH)
     return module, datamodule, batch
@@ -78,8 +100,10 @@ def _module_and_batch(service, kind: str, train_question_encoder: bool = True, m
 @pytest.mark.parametrize("kind", ["rag_sequence", "rag_token"])
 def test_training_lowers_the_loss_and_trains_the_question_encoder(service, kind):
     module, _, batch = _module_and_batch(service, kind)
-    assert type(module.rag).__name__ == {"rag_sequence": "RagSequenceForGeneration",
-                                         "rag_token": "RagTokenForGeneration"}[kind]
+    assert (
+        type(module.rag).__name__
+        == {"rag_sequence": "RagSequenceForGeneration", "rag_token": "RagTokenForGeneration"}[kind]
+    )
     assert batch["question_ids"].shape[0] == BATCH and batch["labels"].shape[0] == BATCH
 
     # one retrieval: n_docs passages per question, each context the ids transformers' RagRetriever makes
@@ -91,7 +115,7 @@ def test_training_lowers_the_loss_and_trains_the_question_encoder(service, kind)
     passages = module.passages.titles_and_texts(retrieved.ids.reshape(-1))
     for row, (title, text) in enumerate(passages):
         want = transformers_context(module.generator_tokenizer, title, text, batch["questions"][row // N_DOCS])
-        assert context_ids[row, :int(context_mask[row].sum())].tolist() == want
+        assert context_ids[row, : int(context_mask[row].sum())].tolist() == want
 
     question_encoder_params = [p for p in module.question_encoder.parameters()]
     rag_param_ids = {id(p) for p in module.rag.parameters()}
@@ -122,7 +146,7 @@ def test_training_lowers_the_loss_and_trains_the_question_encoder(service, kind)
 
 def test_frozen_question_encoder_gets_no_gradient(service):
     module, _, batch = _module_and_batch(service, "rag_sequence", train_question_encoder=False)
-    module.train()      # dropout for what trains, none in the frozen retriever
+    module.train()  # dropout for what trains, none in the frozen retriever
     assert module.rag.generator.training and not any(m.training for m in module.question_encoder.modules())
     module.training_step(batch, 0)["loss"].backward()
     assert all(not p.requires_grad and p.grad is None for p in module.question_encoder.parameters())
@@ -138,7 +162,7 @@ def test_context_encoder_gets_gradients_only_when_trained(service):
 
     module, _, batch = _module_and_batch(service, "rag_sequence", train_context_encoder=True)
     # it starts from the knowledge base's encoder: re-embedding the retrieved passages gives the stored rows
-    module.eval()          # no dropout
+    module.eval()  # no dropout
     result = module.retrieve(batch).result
     with torch.no_grad():
         np.testing.assert_allclose(module.embed_passages(result.ids).numpy(), result.embeddings, rtol=1e-4, atol=1e-5)
@@ -147,27 +171,34 @@ def test_context_encoder_gets_gradients_only_when_trained(service):
     trainable = [p for p in module.context_encoder.parameters() if p.requires_grad]
     assert len(trainable) > 1 and all(p.grad is not None for p in trainable)
     assert sum(float(p.grad.abs().sum()) for p in trainable) > 0, "the context encoder's gradients are all zero"
-    assert not module.context_encoder.model.get_input_embeddings().weight.requires_grad   # frozen by default
+    assert not module.context_encoder.model.get_input_embeddings().weight.requires_grad  # frozen by default
 
 
-@pytest.mark.parametrize("folders", [("dpr_question", "dpr_context"),
-                                     ("sentence_transformers", "sentence_transformers")], ids=["dpr", "st"])
+@pytest.mark.parametrize(
+    "folders", [("dpr_question", "dpr_context"), ("sentence_transformers", "sentence_transformers")], ids=["dpr", "st"]
+)
 def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_factory, folders):
     """DPR question and context encoders (pooler output with projection), and sentence-transformers folders
     ([CLS] pooling, normalised), each with the score scale of its vectors (retriever.score_scale left null: 1 for
     DPR's raw inner products, 20 for cosines): both encoders get gradients and move, their embedding tables do
     not, the loss falls."""
     root = tmp_path_factory.mktemp("folders")
-    question_folder, context_folder = (write_encoder_folder(root / f"{side}", kind)
-                                       for side, kind in zip(("question", "context"), folders))
+    question_folder, context_folder = (
+        write_encoder_folder(root / f"{side}", kind) for side, kind in zip(("question", "context"), folders)
+    )
     service = running_service(tmp_path_factory, EncoderConfig(pretrained=str(context_folder)))
     try:
-        module, datamodule, batch = _module_and_batch(service, "rag_sequence", model_cfg=_model_config(
-            "rag_sequence", EncoderConfig(pretrained=str(question_folder))), train_context_encoder=True)
+        module, datamodule, batch = _module_and_batch(
+            service,
+            "rag_sequence",
+            model_cfg=_model_config("rag_sequence", EncoderConfig(pretrained=str(question_folder))),
+            train_context_encoder=True,
+        )
         encoders = (module.question_encoder, module.context_encoder)
         assert module.retriever_cfg.score_scale == {"dpr_question": 1.0}.get(folders[0], 20.0)
-        assert [type(e.model).__name__ for e in encoders] == \
-            {"dpr_question": ["DPRQuestionEncoder", "DPRContextEncoder"]}.get(folders[0], ["BertModel"] * 2)
+        assert [type(e.model).__name__ for e in encoders] == {
+            "dpr_question": ["DPRQuestionEncoder", "DPRContextEncoder"]
+        }.get(folders[0], ["BertModel"] * 2)
         before = [{n: p.detach().clone() for n, p in e.named_parameters()} for e in encoders]
         losses = train_on_one_batch(module, batch, steps=30)
         assert losses[-1] < 0.8 * losses[0], losses
@@ -205,6 +236,7 @@ def test_a_frozen_generator_does_not_move_and_holds_no_optimizer_state(service, 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(service):
     """Generator, question and context encoders recompute their activations in the backward pass, to the same
     result (dropout included: the recomputation replays the random state)."""
+
     def loss_and_gradients(checkpointing: bool):
         model_cfg = _model_config("rag_sequence", gradient_checkpointing=checkpointing)
         module, _, batch = _module_and_batch(service, "rag_sequence", model_cfg=model_cfg, train_context_encoder=True)
@@ -222,11 +254,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(service):
         torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("family, kind, prefix", [("bart", "rag_sequence", ["</s>", "<s>"]),
-                                                  ("t5", "rag_sequence", ["<pad>"]), ("t5", "rag_token", ["<pad>"]),
-                                                  ("encoder_decoder", "rag_sequence", ["[CLS]"])])
-def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, tmp_path_factory, family, kind,
-                                                                   prefix):
+@pytest.mark.parametrize(
+    "family, kind, prefix",
+    [
+        ("bart", "rag_sequence", ["</s>", "<s>"]),
+        ("t5", "rag_sequence", ["<pad>"]),
+        ("t5", "rag_token", ["<pad>"]),
+        ("encoder_decoder", "rag_sequence", ["[CLS]"]),
+    ],
+)
+def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, tmp_path_factory, family, kind, prefix):
     """A BART, a T5 (under both model kinds: its config has no bos_token_id, which RAG-Sequence's loss reads) and an
     EncoderDecoderModel folder, each with its own tokenizer, which the knowledge base's passages are tokenized
     with; each answer follows the family's decoder start. They train, and answer as evaluate and generate do."""
@@ -236,23 +273,24 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
     try:
         model_cfg = _model_config(kind)
         model_cfg.generator.pretrained = str(folder)
-        model_cfg.generator.prefix = "answer the question :" if family == "t5" else None     # T5's task prefix
+        model_cfg.generator.prefix = "answer the question :" if family == "t5" else None  # T5's task prefix
         module, _, batch = _module_and_batch(service, kind, model_cfg=model_cfg)
         assert module.generator_tokenizer.convert_ids_to_tokens(module.decoder_prefix) == prefix
         retrieved = module.retrieve(batch)
         _, context_ids, context_mask = module.reader_inputs(batch, retrieved)
         title, text = module.passages.titles_and_texts(retrieved.ids[:1, :1].reshape(-1))[0]
-        want = transformers_context(module.generator_tokenizer, title, text, batch["questions"][0],
-                                    prefix=model_cfg.generator.prefix or "")
-        assert context_ids[0, :int(context_mask[0].sum())].tolist() == want
-        assert batch["labels"][0, :len(prefix)].tolist() == module.decoder_prefix
+        want = transformers_context(
+            module.generator_tokenizer, title, text, batch["questions"][0], prefix=model_cfg.generator.prefix or ""
+        )
+        assert context_ids[0, : int(context_mask[0].sum())].tolist() == want
+        assert batch["labels"][0, : len(prefix)].tolist() == module.decoder_prefix
         generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
         losses = train_on_one_batch(module, batch, steps=30)
         assert losses[-1] < 0.85 * losses[0], losses
         unmoved = [n for n, p in module.rag.generator.named_parameters() if torch.equal(p, generator[n])]
         assert not unmoved, unmoved
         module.eval()
-        records = module.evaluate_batch(batch, [N_DOCS])    # generated answers, and the gold answers' NLL
+        records = module.evaluate_batch(batch, [N_DOCS])  # generated answers, and the gold answers' NLL
         assert len(records) == BATCH
         assert all(isinstance(r["prediction"], str) and math.isfinite(r["scores"]["loss"]) for r in records)
     finally:
@@ -263,10 +301,17 @@ def test_a_generator_whose_tokenizer_is_not_the_knowledge_bases_is_refused(servi
     folder = write_generator_folder(tmp_path / "bart", "bart", ["words of another knowledge base"])
     model_cfg = _model_config("rag_sequence")
     model_cfg.generator.pretrained = str(folder)
-    with pytest.raises(UserError, match=f"^model.generator.pretrained: {folder} tokenizes with [0-9a-f]{{12}}, "
-                                        f"the knowledge base {service[1].kb_dir} with [0-9a-f]{{12}}"):
-        RagModule(model=asdict(model_cfg), retriever=asdict(RetrieverConfig()), optim=asdict(OptimConfig()),
-                  service=asdict(service[1]))
+    with pytest.raises(
+        UserError,
+        match=f"^model.generator.pretrained: {folder} tokenizes with [0-9a-f]{{12}}, "
+        f"the knowledge base {service[1].kb_dir} with [0-9a-f]{{12}}",
+    ):
+        RagModule(
+            model=asdict(model_cfg),
+            retriever=asdict(RetrieverConfig()),
+            optim=asdict(OptimConfig()),
+            service=asdict(service[1]),
+        )
 
 
 @pytest.mark.parametrize("kind", ["rag_sequence", "rag_token"])
@@ -288,10 +333,11 @@ def test_lightning_fit_and_test(service, tmp_path):
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
     assert "train/loss" in trainer.callback_metrics
-    assert any(not torch.equal(a, b) for a, b in zip(before, module.question_encoder.parameters())), \
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.question_encoder.parameters())), (
         "the question encoder must be updated by training"
+    )
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    assert module.eval_k == [1, N_DOCS, 5, 20, 100]     # retriever.eval_k's defaults and n_docs
+    assert module.eval_k == [1, N_DOCS, 5, 20, 100]  # retriever.eval_k's defaults and n_docs
     retrieval_names = [f"{name}@{k}" for k in module.eval_k for name in ("recall", "mrr", "gold_recall")]
     # the demo data names each question's gold passage
     assert set(metrics) == {f"test/{name}" for name in ["em", "f1", "loss", "examples", *retrieval_names]}
@@ -302,10 +348,12 @@ def test_lightning_fit_and_test(service, tmp_path):
     for name in ("em", "f1", "loss", *retrieval_names):
         assert metrics[f"test/{name}"] == pytest.approx(sum(r["scores"][name] for r in records) / len(records))
     # gold recall at n_docs: a record's gold title is among the titles the reader read
-    assert [r["scores"][f"gold_recall@{N_DOCS}"] for r in records] == \
-        [float(any(p["title"] in r["gold_titles"] for p in r["retrieved"])) for r in records]
-    assert all(metrics[f"test/recall@{a}"] <= metrics[f"test/recall@{b}"]
-               for a, b in zip(module.eval_k, module.eval_k[1:]))
+    assert [r["scores"][f"gold_recall@{N_DOCS}"] for r in records] == [
+        float(any(p["title"] in r["gold_titles"] for p in r["retrieved"])) for r in records
+    ]
+    assert all(
+        metrics[f"test/recall@{a}"] <= metrics[f"test/recall@{b}"] for a, b in zip(module.eval_k, module.eval_k[1:])
+    )
     assert metrics["test/loss"] > 0
 
 
@@ -338,13 +386,15 @@ def test_the_objective_trains_the_retriever_and_the_rag_loss_the_generator(servi
     weight 1: the generator's gradients are those of the RAG loss alone, the question encoder's are not zero."""
     gradients = {}
     for weight in (0.0, 1.0):
-        module, _, batch = _module_and_batch(service, "rag_sequence", objective=objective, objective_weight=weight,
-                                             candidates=4)
-        module.eval()           # no dropout: both steps see the same numbers
+        module, _, batch = _module_and_batch(
+            service, "rag_sequence", objective=objective, objective_weight=weight, candidates=4
+        )
+        module.eval()  # no dropout: both steps see the same numbers
         module.training_step(batch, 0)["loss"].backward()
-        gradients[weight] = ({n: p.grad.clone() for n, p in module.rag.generator.named_parameters()
-                              if p.grad is not None},
-                             [p.grad for p in module.question_encoder.parameters() if p.requires_grad])
+        gradients[weight] = (
+            {n: p.grad.clone() for n, p in module.rag.generator.named_parameters() if p.grad is not None},
+            [p.grad for p in module.question_encoder.parameters() if p.requires_grad],
+        )
     generator_alone, encoder_alone = gradients[0.0]
     assert generator_alone and all(g is None or not g.any() for g in encoder_alone)
     generator_both, encoder_both = gradients[1.0]
@@ -391,7 +441,7 @@ def test_distant_supervision_trains_the_question_encoder_toward_its_positives(se
     holding_an_answer = module.positive_candidates(batch, ids)
     module.retriever_cfg.positives = "answer_or_title"
     _, texts = zip(*module.passages.titles_and_texts(ids))
-    answers = [a for a in batch["answers"] for _ in range(K_CANDIDATES)]      # each question's, for each candidate
+    answers = [a for a in batch["answers"] for _ in range(K_CANDIDATES)]  # each question's, for each candidate
     assert holding_an_answer.ravel().tolist() == [contains_answer(t, a) for t, a in zip(texts, answers)]
     assert (answer_or_title >= holding_an_answer).all()
     before = positive_mass()
@@ -413,5 +463,7 @@ def test_the_retriever_learns_against_a_fixed_reader(service):
     encoder = [p.detach().clone() for p in module.question_encoder.parameters() if p.requires_grad]
     train_on_one_batch(module, batch, steps=3)
     assert all(p.grad is None and torch.equal(p, generator[n]) for n, p in module.rag.generator.named_parameters())
-    assert any(not torch.equal(a, b) for a, b in
-               zip(encoder, [p for p in module.question_encoder.parameters() if p.requires_grad]))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(encoder, [p for p in module.question_encoder.parameters() if p.requires_grad])
+    )

@@ -4,6 +4,7 @@ The export test loads the exported folder with plain transformers (RagRetriever 
 index, RagSequence/RagTokenForGeneration) and checks it retrieves and answers exactly like
 our generate command.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,20 +38,35 @@ from helpers import (
 
 # a short training; its scores are unscaled by default (retriever.score_scale: 1 for vectors that are not
 # normalised), as transformers' RAG scores by the raw output of its DPR question encoder
-EXPORTABLE_TRAINING = ["model.num_beams=2", "trainer.max_steps=40", "trainer.val_check_interval=20",
-                       "optim.lr=3e-3", "evaluate_before_training=false"]
+EXPORTABLE_TRAINING = [
+    "model.num_beams=2",
+    "trainer.max_steps=40",
+    "trainer.val_check_interval=20",
+    "optim.lr=3e-3",
+    "evaluate_before_training=false",
+]
 # MiniLM with [CLS] pooling and no normalisation on both sides: exportable, and pretrained, so questions retrieve
 # differently
-MINILM_CLS_CONTEXT = ["kb.context_encoder.pretrained=minilm", "kb.context_encoder.num_layers=0",
-                      "kb.context_encoder.pooling=cls", "kb.context_encoder.normalize=false"]
-EXPORTABLE = ["model.question_encoder.pretrained=minilm", "model.question_encoder.num_layers=0",
-              "model.question_encoder.pooling=cls", "model.question_encoder.normalize=false", *MINILM_CLS_CONTEXT,
-              *EXPORTABLE_TRAINING]
+MINILM_CLS_CONTEXT = [
+    "kb.context_encoder.pretrained=minilm",
+    "kb.context_encoder.num_layers=0",
+    "kb.context_encoder.pooling=cls",
+    "kb.context_encoder.normalize=false",
+]
+EXPORTABLE = [
+    "model.question_encoder.pretrained=minilm",
+    "model.question_encoder.num_layers=0",
+    "model.question_encoder.pooling=cls",
+    "model.question_encoder.normalize=false",
+    *MINILM_CLS_CONTEXT,
+    *EXPORTABLE_TRAINING,
+]
 
 
 def _cli(module: str, *args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -66,8 +82,12 @@ def tiny_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_evaluate_reproduces_the_training_test_and_writes_every_prediction(tiny_run, tmp_path):
     trained = json.loads((tiny_run / "results.json").read_text())
-    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "max_eval_examples=16",
-         f"hydra.run.dir={tmp_path / 'eval'}")
+    _cli(
+        "rag_lightning.evaluate",
+        f"ckpt_path={trained['best_checkpoint']}",
+        "max_eval_examples=16",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     for key in ("test/em", "test/f1", "test/recall@2", "test/gold_recall@2", "test/examples"):
@@ -80,8 +100,17 @@ def test_evaluate_reproduces_the_training_test_and_writes_every_prediction(tiny_
     assert [p["question"] for p in predictions] == [q["question"] for q in test_questions]
     assert [p["answers"] for p in predictions] == [q["answers"] for q in test_questions]
     for p in predictions:
-        assert set(p) == {"question", "prediction", "answers", "gold_titles", "em", "f1", "retrieved", "answer_rank",
-                          "gold_rank"}
+        assert set(p) == {
+            "question",
+            "prediction",
+            "answers",
+            "gold_titles",
+            "em",
+            "f1",
+            "retrieved",
+            "answer_rank",
+            "gold_rank",
+        }
         assert len(p["retrieved"]) == 2 and p["retrieved"][0]["score"] >= p["retrieved"][1]["score"]
     gold_hits = [any(r["title"] in p["gold_titles"] for r in p["retrieved"]) for p in predictions]
     assert results["test/gold_recall@2"] == sum(gold_hits) / len(gold_hits)
@@ -94,10 +123,17 @@ def test_evaluate_on_other_qa_files_without_gold_passages(tiny_run, tmp_path):
     rows = [json.loads(line) for line in (tiny_run / "data" / "val.jsonl").read_text().splitlines()][:3]
     data = tmp_path / "qa"
     data.mkdir()
-    (data / "dev.jsonl").write_text("".join(json.dumps({"question": r["question"], "answers": r["answers"]}) + "\n"
-                                            for r in rows))
-    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "data=files", f"data.dir={data}",
-         "split=dev", f"hydra.run.dir={tmp_path / 'eval'}")
+    (data / "dev.jsonl").write_text(
+        "".join(json.dumps({"question": r["question"], "answers": r["answers"]}) + "\n" for r in rows)
+    )
+    _cli(
+        "rag_lightning.evaluate",
+        f"ckpt_path={trained['best_checkpoint']}",
+        "data=files",
+        f"data.dir={data}",
+        "split=dev",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["dev/examples"] == 3 and "dev/gold_recall@2" not in results
@@ -113,12 +149,18 @@ def _brute_force_scores(questions: torch.Tensor, kb_dir: Path, examples: list[di
     sums: dict[str, float] = {}
     for example, ranked in zip(examples, order):
         normalized = [f" {normalize_answer(a)} " for a in example["answers"]]
-        answer_rank = next(r for r, i in enumerate(ranked, 1)
-                           if any(a in f" {normalize_answer(titles_and_texts[i][1])} " for a in normalized))
+        answer_rank = next(
+            r
+            for r, i in enumerate(ranked, 1)
+            if any(a in f" {normalize_answer(titles_and_texts[i][1])} " for a in normalized)
+        )
         gold_rank = next(r for r, i in enumerate(ranked, 1) if titles_and_texts[i][0] in example["gold_titles"])
         for k in ks:
-            for name, value in ((f"recall@{k}", answer_rank <= k), (f"mrr@{k}", (answer_rank <= k) / answer_rank),
-                                (f"gold_recall@{k}", gold_rank <= k)):
+            for name, value in (
+                (f"recall@{k}", answer_rank <= k),
+                (f"mrr@{k}", (answer_rank <= k) / answer_rank),
+                (f"gold_recall@{k}", gold_rank <= k),
+            ):
                 sums[name] = sums.get(name, 0.0) + float(value)
     return {f"test/{name}": total / len(examples) for name, total in sums.items()}
 
@@ -128,22 +170,31 @@ def test_retrieval_only_evaluate_equals_a_brute_force_ranking(tiny_run, tmp_path
     """mode=retrieval at k up to above the knowledge base's size (n_docs is 2): no generation, the checkpoint's
     question encoder ranked against every stored embedding."""
     trained = json.loads((tiny_run / "results.json").read_text())
-    _cli("rag_lightning.evaluate", f"ckpt_path={trained['best_checkpoint']}", "mode=retrieval", "eval_k=[1,5,20,100]",
-         f"hydra.run.dir={tmp_path / 'eval'}")
+    _cli(
+        "rag_lightning.evaluate",
+        f"ckpt_path={trained['best_checkpoint']}",
+        "mode=retrieval",
+        "eval_k=[1,5,20,100]",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    ks = [1, 2, 5, 20, 100]         # and n_docs
+    ks = [1, 2, 5, 20, 100]  # and n_docs
     examples = [json.loads(line) for line in (tiny_run / "data" / "test.jsonl").read_text().splitlines()]
     module = load_trained_model(trained["best_checkpoint"]).module
-    question_ids = module.question_tokenizer([e["question"] for e in examples], padding=True, truncation=True,
-                                             max_length=module.model_cfg.max_question_tokens,
-                                             return_tensors="pt")["input_ids"]
+    question_ids = module.question_tokenizer(
+        [e["question"] for e in examples],
+        padding=True,
+        truncation=True,
+        max_length=module.model_cfg.max_question_tokens,
+        return_tensors="pt",
+    )["input_ids"]
     with torch.no_grad():
         expected = _brute_force_scores(module.question_encoder(question_ids), tiny_run / "kb", examples, ks)
     assert set(results) == {*expected, "test/examples", "ckpt_path", "data_dir", "kb/index_version", "wall_time_s"}
     for name, value in expected.items():
         assert results[name] == pytest.approx(value, abs=1e-9), name
-    assert results["test/recall@2"] == trained["test/recall@2"]      # what the training's test measured
-    assert results["test/recall@1"] < results["test/recall@20"] == 1.0    # the test questions are answerable
+    assert results["test/recall@2"] == trained["test/recall@2"]  # what the training's test measured
+    assert results["test/recall@1"] < results["test/recall@20"] == 1.0  # the test questions are answerable
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert all("prediction" not in p and len(p["retrieved"]) == 2 for p in predictions)
     assert np.mean([p["answer_rank"] <= 5 for p in predictions]) == results["test/recall@5"]
@@ -155,16 +206,27 @@ def test_retrieval_only_evaluate_without_a_checkpoint_scores_the_knowledge_bases
     from rag_lightning.model.rag_module import kb_encoder_config
 
     kb_dir = tiny_run / "kb"
-    _cli("rag_lightning.evaluate", "mode=retrieval", f"kb.dir={kb_dir}", "data=files",
-         f"data.dir={tiny_run / 'data'}", "eval_k=[1,3,50]", f"hydra.run.dir={tmp_path / 'eval'}")
+    _cli(
+        "rag_lightning.evaluate",
+        "mode=retrieval",
+        f"kb.dir={kb_dir}",
+        "data=files",
+        f"data.dir={tiny_run / 'data'}",
+        "eval_k=[1,3,50]",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     examples = [json.loads(line) for line in (tiny_run / "data" / "test.jsonl").read_text().splitlines()]
     encoder_cfg = kb_encoder_config(read_manifest(kb_dir))
     tokenizer = load_encoder_tokenizer(encoder_cfg, "kb")
     encoder = build_encoder(encoder_cfg, tokenizer, "kb").eval()
-    question_ids = tokenizer([e["question"] for e in examples], padding=True, truncation=True,
-                             max_length=encoder_cfg.max_length or ModelConfig.max_question_tokens,
-                             return_tensors="pt")["input_ids"]
+    question_ids = tokenizer(
+        [e["question"] for e in examples],
+        padding=True,
+        truncation=True,
+        max_length=encoder_cfg.max_length or ModelConfig.max_question_tokens,
+        return_tensors="pt",
+    )["input_ids"]
     with torch.no_grad():
         expected = _brute_force_scores(encoder(question_ids), kb_dir, examples, [1, 3, 50])
     for name, value in expected.items():
@@ -177,11 +239,22 @@ def test_retrieval_only_evaluate_re_encodes_for_a_trained_context_encoder(tmp_pa
     """A checkpoint whose context encoder trained past the index it trained against (no refresh): the knowledge
     base is re-encoded by that encoder into a new version, which the ranking uses, and no version is pruned."""
     run_dir = tmp_path / "run"
-    _cli("rag_lightning.train", "experiment=tiny", "retriever.train_context_encoder=true", "optim.context_encoder_lr=1e-2",
-         "evaluate_before_training=false", f"hydra.run.dir={run_dir}")
+    _cli(
+        "rag_lightning.train",
+        "experiment=tiny",
+        "retriever.train_context_encoder=true",
+        "optim.context_encoder_lr=1e-2",
+        "evaluate_before_training=false",
+        f"hydra.run.dir={run_dir}",
+    )
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    _cli("rag_lightning.evaluate", f"ckpt_path={checkpoint}", "mode=retrieval", "eval_k=[1,5]",
-         f"hydra.run.dir={tmp_path / 'eval'}")
+    _cli(
+        "rag_lightning.evaluate",
+        f"ckpt_path={checkpoint}",
+        "mode=retrieval",
+        "eval_k=[1,5]",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     kb_dir = run_dir / "kb"
     manifest = read_manifest(kb_dir)
@@ -191,12 +264,17 @@ def test_retrieval_only_evaluate_re_encodes_for_a_trained_context_encoder(tmp_pa
     with torch.no_grad():
         fresh = module.embed_passages(np.arange(manifest.num_passages)[None, :])[0].numpy()
     np.testing.assert_allclose(load_embeddings(kb_dir, manifest), fresh, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(load_embeddings(kb_dir, manifest, version=0), fresh, atol=1e-3), \
+    assert not np.allclose(load_embeddings(kb_dir, manifest, version=0), fresh, atol=1e-3), (
         "the context encoder must have moved in training"
+    )
     examples = [json.loads(line) for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()]
-    question_ids = module.question_tokenizer([e["question"] for e in examples], padding=True, truncation=True,
-                                             max_length=module.model_cfg.max_question_tokens,
-                                             return_tensors="pt")["input_ids"]
+    question_ids = module.question_tokenizer(
+        [e["question"] for e in examples],
+        padding=True,
+        truncation=True,
+        max_length=module.model_cfg.max_question_tokens,
+        return_tensors="pt",
+    )["input_ids"]
     with torch.no_grad():
         expected = _brute_force_scores(module.question_encoder(question_ids), kb_dir, examples, [1, 2, 5])
     for name, value in expected.items():
@@ -207,8 +285,13 @@ def test_retrieval_only_evaluate_re_encodes_for_a_trained_context_encoder(tmp_pa
 def test_generate_prints_each_answer_with_its_passages(tiny_run, tmp_path):
     checkpoint = tiny_run / "checkpoints" / "last.ckpt"
     question = "where does somebody live ?"
-    proc = _cli("rag_lightning.generate", f"ckpt_path={checkpoint}", f"question='{question}'",
-                f"output={tmp_path / 'answers.jsonl'}", cwd=tmp_path)
+    proc = _cli(
+        "rag_lightning.generate",
+        f"ckpt_path={checkpoint}",
+        f"question='{question}'",
+        f"output={tmp_path / 'answers.jsonl'}",
+        cwd=tmp_path,
+    )
 
     [answered] = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert answered["question"] == question and len(answered["retrieved"]) == 2
@@ -219,7 +302,7 @@ def test_generate_prints_each_answer_with_its_passages(tiny_run, tmp_path):
     assert printed[at + 1] == f"answer:   {answered['answer']}"
     first = answered["retrieved"][0]
     assert printed[at + 2] == f"  1. [{first['score']:.4f}] {first['title']}: {first['text']}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]     # nothing else written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]  # nothing else written
 
 
 def _exportable_models(models: str, tmp_path: Path) -> tuple[list[str], list[str], Path]:
@@ -230,20 +313,33 @@ def _exportable_models(models: str, tmp_path: Path) -> tuple[list[str], list[str
     learns their words)."""
     if models == "minilm_bart":
         return EXPORTABLE, MINILM_CLS_CONTEXT, tmp_path / "run" / "data"
-    data = write_demo_data(tmp_path / "data", num_entities=40)      # as experiment=tiny writes it
+    data = write_demo_data(tmp_path / "data", num_entities=40)  # as experiment=tiny writes it
     generator = demo_generator_folder(tmp_path / "generator", models.removeprefix("dpr_"), data)
-    question, context = (write_encoder_folder(tmp_path / kind, kind, minilm_weights=True)
-                         for kind in ("dpr_question", "dpr_context"))
+    question, context = (
+        write_encoder_folder(tmp_path / kind, kind, minilm_weights=True) for kind in ("dpr_question", "dpr_context")
+    )
     context_overrides = [f"kb.context_encoder.pretrained={context}"]
-    t5_prefix = ["model.generator.prefix='answer: '"] if models == "dpr_t5" else []   # T5's task prefix
-    return [f"model.question_encoder.pretrained={question}", *context_overrides,
-            f"model.generator.pretrained={generator}", *t5_prefix, "data.prepare=null", f"data.dir={data}",
-            *EXPORTABLE_TRAINING], context_overrides, data
+    t5_prefix = ["model.generator.prefix='answer: '"] if models == "dpr_t5" else []  # T5's task prefix
+    return (
+        [
+            f"model.question_encoder.pretrained={question}",
+            *context_overrides,
+            f"model.generator.pretrained={generator}",
+            *t5_prefix,
+            "data.prepare=null",
+            f"data.dir={data}",
+            *EXPORTABLE_TRAINING,
+        ],
+        context_overrides,
+        data,
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, models", [("rag_sequence", "minilm_bart"), ("rag_token", "dpr_bart"),
-                                          ("rag_sequence", "dpr_t5"), ("rag_token", "dpr_t5")])
+@pytest.mark.parametrize(
+    "kind, models",
+    [("rag_sequence", "minilm_bart"), ("rag_token", "dpr_bart"), ("rag_sequence", "dpr_t5"), ("rag_token", "dpr_t5")],
+)
 def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, models, tmp_path):
     from transformers import RagRetriever, RagTokenizer
 
@@ -251,20 +347,26 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, mode
 
     run_dir, out = tmp_path / "run", tmp_path / "exported"
     overrides, context_overrides, data_dir = _exportable_models(models, tmp_path)
-    trained_run = _cli("rag_lightning.train", "experiment=tiny", f"model={kind}", *overrides,
-                       f"hydra.run.dir={run_dir}")
-    assert "export will refuse" not in trained_run.stdout + trained_run.stderr     # no start-up warning
+    trained_run = _cli(
+        "rag_lightning.train", "experiment=tiny", f"model={kind}", *overrides, f"hydra.run.dir={run_dir}"
+    )
+    assert "export will refuse" not in trained_run.stdout + trained_run.stderr  # no start-up warning
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     # retriever.score_scale left null: the checkpoint keeps the scale it resolved to (1: raw inner products)
     assert read_checkpoint(str(checkpoint))["hyper_parameters"]["retriever"]["score_scale"] == 1.0
     _cli("rag_lightning.export", f"ckpt_path={checkpoint}", f"out={out}")
     questions_file = data_dir / "test.jsonl"
-    _cli("rag_lightning.generate", f"ckpt_path={checkpoint}", f"questions={questions_file}",
-         f"output={tmp_path / 'ours.jsonl'}")
+    _cli(
+        "rag_lightning.generate",
+        f"ckpt_path={checkpoint}",
+        f"questions={questions_file}",
+        f"output={tmp_path / 'ours.jsonl'}",
+    )
     ours = [json.loads(line) for line in (tmp_path / "ours.jsonl").read_text().splitlines()]
 
-    retriever = RagRetriever.from_pretrained(str(out), index_name="custom", passages_path=str(out / "passages"),
-                                             index_path=str(out / "index.faiss"))
+    retriever = RagRetriever.from_pretrained(
+        str(out), index_name="custom", passages_path=str(out / "passages"), index_path=str(out / "index.faiss")
+    )
     model = RAG_CLASSES[kind].from_pretrained(str(out), retriever=retriever).eval()
     tokenizer = RagTokenizer.from_pretrained(str(out))
     inputs = tokenizer.question_encoder([r["question"] for r in ours], padding=True, return_tensors="pt")
@@ -272,23 +374,29 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, mode
         question_vectors = model.question_encoder(**inputs)[0]
         docs = retriever(inputs["input_ids"], question_vectors.numpy(), return_tensors="pt")
         doc_scores = torch.bmm(question_vectors.unsqueeze(1), docs["retrieved_doc_embeds"].transpose(1, 2)).squeeze(1)
-        generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                   num_beams=2, max_new_tokens=8)
+        generated = model.generate(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], num_beams=2, max_new_tokens=8
+        )
     answers = tokenizer.generator.batch_decode(generated, skip_special_tokens=True)
 
-    if models == "minilm_bart":     # the questions retrieve differently (with the DPR encoders of MiniLM's [CLS]
+    if models == "minilm_bart":  # the questions retrieve differently (with the DPR encoders of MiniLM's [CLS]
         #                             vector, the demo's four test questions all retrieve the same two passages)
         assert len({tuple(r["id"] for r in o["retrieved"]) for o in ours}) > 1
     assert docs["doc_ids"].tolist() == [[r["id"] for r in o["retrieved"]] for o in ours]
-    np.testing.assert_allclose(doc_scores.numpy(), [[r["score"] for r in o["retrieved"]] for o in ours],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        doc_scores.numpy(), [[r["score"] for r in o["retrieved"]] for o in ours], rtol=1e-4, atol=1e-4
+    )
     assert answers == [o["answer"] for o in ours]
 
     # and back: the exported model loads through model.init_from as the model it came from
     trained = load_trained_model(str(checkpoint)).module
-    back = RagModule(model=asdict(ModelConfig(kind=kind, init_from=str(out))), retriever=asdict(RetrieverConfig()),
-                     optim=asdict(OptimConfig()), service=asdict(trained.service_spec)).eval()
-    for name in MODEL_DEFAULTS:         # n_docs, max_context_tokens, label_smoothing: from the export's RagConfig
+    back = RagModule(
+        model=asdict(ModelConfig(kind=kind, init_from=str(out))),
+        retriever=asdict(RetrieverConfig()),
+        optim=asdict(OptimConfig()),
+        service=asdict(trained.service_spec),
+    ).eval()
+    for name in MODEL_DEFAULTS:  # n_docs, max_context_tokens, label_smoothing: from the export's RagConfig
         assert getattr(back.model_cfg, name) == getattr(trained.model_cfg, name), name
     assert back.context_layout == trained.context_layout
     generator = trained.rag.generator.state_dict()
@@ -300,11 +408,18 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, mode
 
     # and the exported passages and index import as a knowledge base with the same embeddings
     kb_dir = tmp_path / "imported"
-    _cli("rag_lightning.build_kb", f"kb.source={out / 'passages'}", f"kb.source_index={out / 'index.faiss'}",
-         f"kb.dir={kb_dir}", *context_overrides, f"hydra.run.dir={tmp_path / 'import'}")
+    _cli(
+        "rag_lightning.build_kb",
+        f"kb.source={out / 'passages'}",
+        f"kb.source_index={out / 'index.faiss'}",
+        f"kb.dir={kb_dir}",
+        *context_overrides,
+        f"hydra.run.dir={tmp_path / 'import'}",
+    )
     original = run_dir / "kb"
-    np.testing.assert_array_equal(load_embeddings(kb_dir, read_manifest(kb_dir)),
-                                  load_embeddings(original, read_manifest(original)))
+    np.testing.assert_array_equal(
+        load_embeddings(kb_dir, read_manifest(kb_dir)), load_embeddings(original, read_manifest(original))
+    )
 
 
 def _transformers_knowledge_base(folder: Path, dim: int, index_dim: int | None = None) -> tuple[Path, Path, np.ndarray]:
@@ -314,8 +429,9 @@ def _transformers_knowledge_base(folder: Path, dim: int, index_dim: int | None =
 
     rows = write_documents(folder / "source.jsonl", 30, words_per_doc=12)
     embeddings = np.random.default_rng(0).standard_normal((len(rows), dim)).astype(np.float32)
-    dataset = datasets.Dataset.from_dict({"title": [r["title"] for r in rows], "text": [r["text"] for r in rows],
-                                          "embeddings": embeddings})
+    dataset = datasets.Dataset.from_dict(
+        {"title": [r["title"] for r in rows], "text": [r["text"] for r in rows], "embeddings": embeddings}
+    )
     passages, index_file = folder / "my_knowledge_dataset", folder / "my_knowledge_dataset_hnsw_index.faiss"
     dataset.save_to_disk(str(passages))
     if index_dim is None:
@@ -332,8 +448,15 @@ def _transformers_knowledge_base(folder: Path, dim: int, index_dim: int | None =
 def test_build_kb_imports_a_knowledge_base_of_transformers_rag_example(tmp_path):
     passages, index_file, embeddings = _transformers_knowledge_base(tmp_path, dim=32)
     kb_dir = tmp_path / "kb"
-    _cli("rag_lightning.build_kb", f"kb.source={passages}", f"kb.source_index={index_file}", f"kb.dir={kb_dir}",
-         *TINY_KB_ENCODER, "index.shards=2", f"hydra.run.dir={tmp_path / 'build'}")
+    _cli(
+        "rag_lightning.build_kb",
+        f"kb.source={passages}",
+        f"kb.source_index={index_file}",
+        f"kb.dir={kb_dir}",
+        *TINY_KB_ENCODER,
+        "index.shards=2",
+        f"hydra.run.dir={tmp_path / 'build'}",
+    )
 
     manifest = read_manifest(kb_dir)
     assert manifest.num_passages == 30 and manifest.dim == 32
@@ -350,14 +473,32 @@ def test_an_index_of_another_dimension_is_refused_and_the_existing_kb_kept(tmp_p
     passages, index_file, _ = _transformers_knowledge_base(tmp_path, dim=32, index_dim=16)
     kb_dir = tmp_path / "kb"
     write_documents(tmp_path / "earlier.jsonl", 6)
-    _cli("rag_lightning.build_kb", f"kb.source={tmp_path / 'earlier.jsonl'}", f"kb.dir={kb_dir}", *TINY_KB_ENCODER,
-         f"hydra.run.dir={tmp_path / 'earlier'}")
+    _cli(
+        "rag_lightning.build_kb",
+        f"kb.source={tmp_path / 'earlier.jsonl'}",
+        f"kb.dir={kb_dir}",
+        *TINY_KB_ENCODER,
+        f"hydra.run.dir={tmp_path / 'earlier'}",
+    )
     before = {p.relative_to(kb_dir): p.read_bytes() for p in kb_dir.rglob("*") if p.is_file()}
 
-    proc = subprocess.run([sys.executable, "-m", "rag_lightning.build_kb", f"kb.source={passages}",
-                           f"kb.source_index={index_file}", f"kb.dir={kb_dir}", *TINY_KB_ENCODER,
-                           f"hydra.run.dir={tmp_path / 'build'}"], cwd=REPO_ROOT, env=cli_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rag_lightning.build_kb",
+            f"kb.source={passages}",
+            f"kb.source_index={index_file}",
+            f"kb.dir={kb_dir}",
+            *TINY_KB_ENCODER,
+            f"hydra.run.dir={tmp_path / 'build'}",
+        ],
+        cwd=REPO_ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [error] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert f"kb.source_index: {index_file}" in error and "dimension 16" in error and "dimension 32" in error

@@ -7,6 +7,7 @@ use it) in which both names resolve. The addresses are in 10.213.7.0/24, outside
 subnet; nothing is routed anywhere else, so all the traffic stays between the two hosts and their loopbacks.
 `two_hosts()` tears everything down afterwards, also when the test fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUBNET_PREFIX = "10.213.7"
-INTERFACE = "eth0"      # each host's end of the veth (e.g. GLOO_SOCKET_IFNAME)
+INTERFACE = "eth0"  # each host's end of the veth (e.g. GLOO_SOCKET_IFNAME)
 NETNS_ETC = Path("/etc/netns")
 
 
 @dataclass
 class Host:
-    name: str           # its hostname, and the name of its network namespace
-    address: str        # its address on the veth
+    name: str  # its hostname, and the name of its network namespace
+    address: str  # its address on the veth
 
     def command(self, *argv: str) -> list[str]:
         """argv run on this host: in its network namespace, under its own hostname, with its own /etc/hosts.
@@ -33,9 +34,18 @@ class Host:
         nsenter enters the network namespace only (`ip netns exec` would also mount a fresh /sys, without the
         cgroup file systems slurmd needs); the hosts file is bound over /etc/hosts in a mount namespace of its own.
         """
-        return ["nsenter", f"--net=/run/netns/{self.name}", "unshare", "--mount", "--uts", "sh", "-c",
-                f'mount --bind {NETNS_ETC / self.name / "hosts"} /etc/hosts && hostname {self.name} && exec "$@"',
-                "sh", *argv]
+        return [
+            "nsenter",
+            f"--net=/run/netns/{self.name}",
+            "unshare",
+            "--mount",
+            "--uts",
+            "sh",
+            "-c",
+            f'mount --bind {NETNS_ETC / self.name / "hosts"} /etc/hosts && hostname {self.name} && exec "$@"',
+            "sh",
+            *argv,
+        ]
 
     def run(self, *argv: str, timeout: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(*argv), capture_output=True, text=True, timeout=timeout, **kwargs)
@@ -67,7 +77,7 @@ def two_hosts(prefix: str | None = None) -> Iterator[tuple[Host, Host]]:
     finally:
         for host in hosts:
             kill_host_processes(host)
-            subprocess.run(["ip", "netns", "del", host.name], capture_output=True)     # the veth goes with it
+            subprocess.run(["ip", "netns", "del", host.name], capture_output=True)  # the veth goes with it
             shutil.rmtree(NETNS_ETC / host.name, ignore_errors=True)
 
 

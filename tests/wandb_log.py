@@ -5,6 +5,7 @@ records in 32 KiB blocks: each chunk has a 7-byte header (crc32c uint32, length 
 type uint8: 1 full, 2 first, 3 middle, 4 last) and a block's tail too short for a header is
 padding. Each record is a serialized `wandb_internal_pb2.Record`.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,11 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
     records, pending, pos = [], b"", HEADER
     while pos + HEADER <= len(data):
-        if BLOCK - pos % BLOCK < HEADER:        # block trailer
+        if BLOCK - pos % BLOCK < HEADER:  # block trailer
             pos += BLOCK - pos % BLOCK
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind in (FULL, FIRST):
             pending = chunk
@@ -42,11 +43,19 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
 
 def history_keys(records: list[wandb_internal_pb2.Record]) -> set[str]:
     """Every key a `history` record (a logged step) carries."""
-    return {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history"
-            for item in r.history.item}
+    return {
+        item.key or "/".join(item.nested_key)
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+        for item in r.history.item
+    }
 
 
 def config_values(records: list[wandb_internal_pb2.Record]) -> dict:
     """The run's config as logged: top-level key -> decoded JSON value."""
-    return {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
-            for item in r.config.update}
+    return {
+        item.key: json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for item in r.config.update
+    }

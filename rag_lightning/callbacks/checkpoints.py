@@ -9,6 +9,7 @@ resumes from the newest of them. AtomicCheckpointIO writes each under a temporar
 its final one and renames it, so none is ever half written, not even on a full disk. The names hold no "=" (Lightning's
 default), which Hydra's command line would refuse in `ckpt_path=...` unless quoted.
 """
+
 from __future__ import annotations
 
 import io
@@ -40,12 +41,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def checkpoint_callbacks(run_dir: Path, every_n_steps: int | None) -> list[Checkpoint]:
     """The best-by-validation checkpoint (first, the trainer's `checkpoint_callback`), the last one, and the
     periodic one."""
-    callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}", monitor="val/em",
-                                 mode="max", auto_insert_metric_name=False),
-                 LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")]
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="best-step{step}",
+            monitor="val/em",
+            mode="max",
+            auto_insert_metric_name=False,
+        ),
+        LastCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
+    ]
     if every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", save_top_k=1,
-                                         every_n_train_steps=every_n_steps, auto_insert_metric_name=False))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                filename="step{step}",
+                save_top_k=1,
+                every_n_train_steps=every_n_steps,
+                auto_insert_metric_name=False,
+            )
+        )
     return callbacks
 
 

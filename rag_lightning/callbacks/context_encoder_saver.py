@@ -4,6 +4,7 @@ checkpoints, so that `kb.context_encoder.pretrained=<that folder>` builds it aga
 Written by rank 0 into `<checkpoint dir>/context_encoder/` whenever a checkpoint is saved
 (once per step), through a staging folder renamed into place.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

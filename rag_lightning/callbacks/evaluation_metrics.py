@@ -5,6 +5,7 @@ sums of every process are added together before dividing, so the logged figures 
 whole split's (val/em, val/f1, val/loss, val/examples, and val/recall@k, val/mrr@k and
 val/gold_recall@k at every k of retriever.eval_k and n_docs).
 """
+
 from __future__ import annotations
 
 import lightning as L
@@ -16,7 +17,7 @@ from rag_lightning.evaluation.scores import SplitScores
 class EvaluationMetrics(L.Callback):
     def __init__(self, ks: list[int]):
         self.ks = ks
-        self.scores = SplitScores(ks)           # the split being evaluated, or the last one evaluated
+        self.scores = SplitScores(ks)  # the split being evaluated, or the last one evaluated
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.scores = SplitScores(self.ks)

@@ -5,6 +5,7 @@ optimizer step that follows, and every checkpoint after it holds a model that an
 before the backward pass on every rank, and the ranks decide together (one rank's NaN stops all of them at the
 same step, so none is left waiting in a collective); the checkpoints already written stay as they are.
 """
+
 from __future__ import annotations
 
 import lightning as L
@@ -18,6 +19,8 @@ class StopOnNonFiniteLoss(L.Callback):
         finite = bool(torch.isfinite(loss.detach()).all())
         if trainer.strategy.reduce_boolean_decision(not finite, all=False):
             value = f"{loss.item():g}" if not finite else "not finite on another rank"
-            raise UserError(f"the training loss is {value} at step {trainer.global_step}: stopped before it changed "
-                            "the weights (the checkpoints written so far are kept); lower optim.lr, or look at the "
-                            "batches of this step")
+            raise UserError(
+                f"the training loss is {value} at step {trainer.global_step}: stopped before it changed "
+                "the weights (the checkpoints written so far are kept); lower optim.lr, or look at the "
+                "batches of this step"
+            )

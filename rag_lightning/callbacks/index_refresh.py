@@ -10,6 +10,7 @@ training ends, an unfinished refresh is waited for, so evaluation never sees a s
 Logged: refresh/version, refresh/wall_s, refresh/passages_per_s when one completes, and
 the running counts refresh/completed, refresh/skipped, refresh/failed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,11 +29,11 @@ class IndexRefresh(L.Callback):
         self.service = service
         self.every_n_steps = every_n_steps
         self.blocking = blocking
-        self.in_flight: tuple[ray.ObjectRef, ray.ObjectRef] | None = None   # (report, published weights)
+        self.in_flight: tuple[ray.ObjectRef, ray.ObjectRef] | None = None  # (report, published weights)
         self.last_due_step = -1
         self.completed, self.skipped, self.failed = 0, 0, 0
         self.reports: list[RefreshReport] = []
-        self.blocked_s = 0.0           # time the training loop spent in this callback's refresh work
+        self.blocked_s = 0.0  # time the training loop spent in this callback's refresh work
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         if not trainer.is_global_zero:
@@ -85,22 +86,36 @@ class IndexRefresh(L.Callback):
         self.in_flight = None
         try:
             report: RefreshReport = ray.get(report_ref)
-        except ray.exceptions.RayError as e:        # the coordinator itself died; it restarts
+        except ray.exceptions.RayError as e:  # the coordinator itself died; it restarts
             self.failed += 1
             log.warning("refresh failed (%s); the active index version keeps serving, retrying when next due", e)
             return None
         self.reports.append(report)
         if report.error is not None:
             self.failed += 1
-            log.warning("refresh to version %d (weights of step %d) failed: %s; the active version keeps "
-                        "serving, retrying when next due", report.version, report.global_step, report.error)
+            log.warning(
+                "refresh to version %d (weights of step %d) failed: %s; the active version keeps "
+                "serving, retrying when next due",
+                report.version,
+                report.global_step,
+                report.error,
+            )
             return None
         self.completed += 1
-        log.info("index version %d (weights of step %d) is live: %d passages in %.1fs, %.0f passages/s",
-                 report.version, report.global_step, report.passages, report.wall_s, report.passages_per_s)
+        log.info(
+            "index version %d (weights of step %d) is live: %d passages in %.1fs, %.0f passages/s",
+            report.version,
+            report.global_step,
+            report.passages,
+            report.wall_s,
+            report.passages_per_s,
+        )
         return report
 
 
 def report_metrics(report: RefreshReport) -> dict[str, float]:
-    return {"refresh/version": report.version, "refresh/wall_s": report.wall_s,
-            "refresh/passages_per_s": report.passages_per_s}
+    return {
+        "refresh/version": report.version,
+        "refresh/wall_s": report.wall_s,
+        "refresh/passages_per_s": report.passages_per_s,
+    }

@@ -6,6 +6,7 @@ loaded, rank 0 makes that version active again if it is still on disk. If it was
 meanwhile and the job refreshes the index (an IndexRefresh callback), it is re-made from
 the checkpoint's own context encoder; else the active version stays, with a warning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,8 @@ class IndexVersionCheckpointing(L.Callback):
     def __init__(self, service: ServiceSpec, refresh: IndexRefresh | None = None):
         self.service = service
         self.refresh = refresh
-        self.version = read_manifest(service.kb_dir).active_version   # the version the last training step used
-        self.to_restore: tuple[int, int] | None = None    # (index version, global step) of a loaded checkpoint
+        self.version = read_manifest(service.kb_dir).active_version  # the version the last training step used
+        self.to_restore: tuple[int, int] | None = None  # (index version, global step) of a loaded checkpoint
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.version = outputs["index_version"]

@@ -7,6 +7,7 @@
   divided by its maximum (every id distinct) so it lies in [0, 1]. A fall towards 0 means
   every question gets the same few passages: retrieval collapse.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -38,8 +39,11 @@ class RetrievalMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         self.recent_ids.append(outputs["retrieved_ids"].ravel())
         version = outputs["index_version"]
-        metrics = {"retrieval/id_entropy": normalized_entropy(np.concatenate(self.recent_ids)),
-                   "retrieval/latency_ms": outputs["search_ms"], "index/version": float(version)}
+        metrics = {
+            "retrieval/id_entropy": normalized_entropy(np.concatenate(self.recent_ids)),
+            "retrieval/latency_ms": outputs["search_ms"],
+            "index/version": float(version),
+        }
         weights_step = self._weights_step(version)
         if weights_step is not None:
             metrics["index/staleness"] = float(trainer.global_step - weights_step)
@@ -49,6 +53,6 @@ class RetrievalMonitor(L.Callback):
         if version not in self.version_steps:
             try:
                 self.version_steps[version] = read_version_step(self.kb_dir, read_manifest(self.kb_dir), version)
-            except KnowledgeBaseError:      # pruned meanwhile: no staleness for it
+            except KnowledgeBaseError:  # pruned meanwhile: no staleness for it
                 self.version_steps[version] = None
         return self.version_steps[version]

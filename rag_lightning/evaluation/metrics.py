@@ -1,4 +1,5 @@
 """Answer metrics: exact match and token F1 with SQuAD normalisation, and whether a passage holds an answer."""
+
 from __future__ import annotations
 
 import re

@@ -8,6 +8,7 @@ however many passages the reader reads: recall@k (an answer string in the top k)
 title in the top k, over the examples whose gold titles are known). `SplitScores` adds
 records up; its metrics are the whole split's once every process's sums are added together.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,15 +24,17 @@ def first_rank(hits: list[bool]) -> int | None:
     return next((rank for rank, hit in enumerate(hits, 1) if hit), None)
 
 
-def passage_ranks(ranked: list[tuple[str, str]], answers: list[str],
-                  gold_titles: list[str]) -> tuple[int | None, int | None]:
+def passage_ranks(
+    ranked: list[tuple[str, str]], answers: list[str], gold_titles: list[str]
+) -> tuple[int | None, int | None]:
     """The ranks of the first (title, text) passage holding an answer and of the first of a gold title."""
-    return (first_rank([contains_answer(text, answers) for _, text in ranked]),
-            first_rank([title in gold_titles for title, _ in ranked]))
+    return (
+        first_rank([contains_answer(text, answers) for _, text in ranked]),
+        first_rank([title in gold_titles for title, _ in ranked]),
+    )
 
 
-def retrieval_scores(answer_rank: int | None, gold_rank: int | None, has_gold: bool,
-                     ks: list[int]) -> dict[str, float]:
+def retrieval_scores(answer_rank: int | None, gold_rank: int | None, has_gold: bool, ks: list[int]) -> dict[str, float]:
     """recall@k and mrr@k for every k, and gold_recall@k when the gold titles are known."""
     scores = {}
     for k in ks:
@@ -45,24 +48,34 @@ def retrieval_scores(answer_rank: int | None, gold_rank: int | None, has_gold: b
     return scores
 
 
-def ranked_records(batch: dict, ids: np.ndarray, listed_scores: np.ndarray, passages: PassageTable,
-                   ks: list[int]) -> list[dict]:
+def ranked_records(
+    batch: dict, ids: np.ndarray, listed_scores: np.ndarray, passages: PassageTable, ks: list[int]
+) -> list[dict]:
     """A record of each question of the batch (its questions, answers and gold_titles) from its ranked passage
     ids [B, depth]: the first listed_scores.shape[1] passages listed with their scores, the ranks of the first
     passage holding an answer and of the first of a gold title, and its retrieval scores at every k of ks."""
     depth, listed = ids.shape[1], listed_scores.shape[1]
     ranked = passages.titles_and_texts(ids)
     records = []
-    for i, (question, answers, gold_titles) in enumerate(zip(batch["questions"], batch["answers"],
-                                                             batch["gold_titles"])):
-        passages_of_question = ranked[i * depth:(i + 1) * depth]
+    for i, (question, answers, gold_titles) in enumerate(
+        zip(batch["questions"], batch["answers"], batch["gold_titles"])
+    ):
+        passages_of_question = ranked[i * depth : (i + 1) * depth]
         answer_rank, gold_rank = passage_ranks(passages_of_question, answers, gold_titles)
-        records.append({
-            "question": question, "answers": answers, "gold_titles": gold_titles,
-            "retrieved": [{"id": int(ids[i, j]), "title": passages_of_question[j][0],
-                           "score": float(listed_scores[i, j])} for j in range(listed)],
-            "answer_rank": answer_rank, "gold_rank": gold_rank,
-            "scores": retrieval_scores(answer_rank, gold_rank, bool(gold_titles), ks)})
+        records.append(
+            {
+                "question": question,
+                "answers": answers,
+                "gold_titles": gold_titles,
+                "retrieved": [
+                    {"id": int(ids[i, j]), "title": passages_of_question[j][0], "score": float(listed_scores[i, j])}
+                    for j in range(listed)
+                ],
+                "answer_rank": answer_rank,
+                "gold_rank": gold_rank,
+                "scores": retrieval_scores(answer_rank, gold_rank, bool(gold_titles), ks),
+            }
+        )
     return records
 
 

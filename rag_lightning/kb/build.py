@@ -17,6 +17,7 @@ exception (a stop signal arrives as one) also removes what it wrote that no comm
 references. An identical earlier build (same source bytes and settings) is reused. The seconds
 of each stage are logged at the end (BuildStages).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,8 @@ from retrieval_workers import (
 
 log = logging.getLogger(__name__)
 
-CHUNK_PASSAGES = 10_000     # passages tokenized and appended to the passage table at a time
-IDS_ONLY = {"return_attention_mask": False, "return_token_type_ids": False}   # the masks would be made as Python
+CHUNK_PASSAGES = 10_000  # passages tokenized and appended to the passage table at a time
+IDS_ONLY = {"return_attention_mask": False, "return_token_type_ids": False}  # the masks would be made as Python
 #                                                                              lists, for nothing
 
 
@@ -75,18 +76,26 @@ class BuildStages(ShardTimes):
     write of the index and embeddings files) are summed over the shards."""
 
     passages: int = 0
-    split_s: float = 0.0                # reading the source and splitting it into passages, both passes
-    tokenizer_train_s: float = 0.0      # training the generator tokenizer, reading excluded
-    tokenize_s: float = 0.0             # both tokenizers over every passage
-    table_write_s: float = 0.0          # appending the tokenized chunks to the passage table
-    commit_s: float = 0.0               # checksums of the files and the manifest
-    total_s: float = 0.0                # the whole build
+    split_s: float = 0.0  # reading the source and splitting it into passages, both passes
+    tokenizer_train_s: float = 0.0  # training the generator tokenizer, reading excluded
+    tokenize_s: float = 0.0  # both tokenizers over every passage
+    table_write_s: float = 0.0  # appending the tokenized chunks to the passage table
+    commit_s: float = 0.0  # checksums of the files and the manifest
+    total_s: float = 0.0  # the whole build
 
     def seconds(self) -> dict[str, float]:
         """Seconds of each stage, in build order."""
-        return {"split": self.split_s, "tokenizer_train": self.tokenizer_train_s, "tokenize": self.tokenize_s,
-                "table_write": self.table_write_s, "encode": self.encode_s, "index_train": self.index_train_s,
-                "index_add": self.index_add_s, "write": self.write_s, "commit": self.commit_s}
+        return {
+            "split": self.split_s,
+            "tokenizer_train": self.tokenizer_train_s,
+            "tokenize": self.tokenize_s,
+            "table_write": self.table_write_s,
+            "encode": self.encode_s,
+            "index_train": self.index_train_s,
+            "index_add": self.index_add_s,
+            "write": self.write_s,
+            "commit": self.commit_s,
+        }
 
     def describe(self) -> str:
         stages = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds().items())
@@ -102,8 +111,9 @@ def check_index_config(index: IndexConfig, dim: int, num_passages: int | None) -
         probe = faiss.index_factory(dim, index.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         first_line = str(e).strip().splitlines()[-1]
-        raise UserError(f"index.factory: {index.factory!r} is not a FAISS index factory string "
-                        f"({first_line})") from None
+        raise UserError(
+            f"index.factory: {index.factory!r} is not a FAISS index factory string ({first_line})"
+        ) from None
     if num_passages is None:
         return
     shard_size = num_passages // index.shards
@@ -113,8 +123,10 @@ def check_index_config(index: IndexConfig, dim: int, num_passages: int | None) -
     pq = getattr(faiss.downcast_index(ivf if ivf is not None else probe), "pq", None)
     needed = max(ivf.nlist if ivf is not None else 0, pq.ksub if pq is not None else 0)
     if needed and shard_size < needed:
-        raise UserError(f"index.factory: {index.factory!r} needs at least {needed} passages per shard to train, "
-                        f"the smallest shard has {shard_size}; use a smaller index or fewer index.shards")
+        raise UserError(
+            f"index.factory: {index.factory!r} needs at least {needed} passages per shard to train, "
+            f"the smallest shard has {shard_size}; use a smaller index or fewer index.shards"
+        )
 
 
 def build_knowledge_base(kb: KBConfig, index: IndexConfig, stages: BuildStages | None = None) -> Manifest:
@@ -134,9 +146,11 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig, stages: BuildStages |
     encoder_tokenizer = load_encoder_tokenizer(kb.context_encoder, "kb.context_encoder")
     encoder = build_encoder(kb.context_encoder, encoder_tokenizer, "kb.context_encoder").eval()
     if imported is not None and imported.embeddings.shape[1] != encoder.dim:
-        raise UserError(f"kb.context_encoder: its dimension {encoder.dim} differs from the "
-                        f"{imported.embeddings.shape[1]} of the embeddings in {kb.source}; give the encoder that "
-                        "made them")
+        raise UserError(
+            f"kb.context_encoder: its dimension {encoder.dim} differs from the "
+            f"{imported.embeddings.shape[1]} of the embeddings in {kb.source}; give the encoder that "
+            "made them"
+        )
     check_index_config(index, encoder.dim, None)
 
     fingerprint = _fingerprint(kb, index)
@@ -150,8 +164,11 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig, stages: BuildStages |
         """A new pass over the passages, read as they are consumed; the reading time goes to stages.split_s."""
         return _timed(_source_passages(kb, imported), stages)
 
-    log.info("reading and checking %s%s", kb.source,
-             "" if kb.generator_tokenizer.path else ", training the generator tokenizer on its passages")
+    log.info(
+        "reading and checking %s%s",
+        kb.source,
+        "" if kb.generator_tokenizer.path else ", training the generator tokenizer on its passages",
+    )
     generator_tokenizer, num_passages = _first_pass(kb, passages(), stages)
     check_index_config(index, encoder.dim, num_passages)
     stages.passages = num_passages
@@ -161,10 +178,22 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig, stages: BuildStages |
     try:
         with staged_directory(kb_dir / tokenizer_dir) as staging:
             generator_tokenizer.save_pretrained(str(staging))
-        _write_passage_table(kb, kb_dir / passages_file, passages(), num_passages, generator_tokenizer,
-                             encoder_tokenizer, stages)
-        manifest = _index_and_commit(kb, index, kb_dir, num_passages, imported, encoder, fingerprint, version,
-                                     tokenizer_dir, passages_file, stages)
+        _write_passage_table(
+            kb, kb_dir / passages_file, passages(), num_passages, generator_tokenizer, encoder_tokenizer, stages
+        )
+        manifest = _index_and_commit(
+            kb,
+            index,
+            kb_dir,
+            num_passages,
+            imported,
+            encoder,
+            fingerprint,
+            version,
+            tokenizer_dir,
+            passages_file,
+            stages,
+        )
     except BaseException:
         # interrupted (a signal arrives as an exception) or failed: what the committed manifest does not reference
         # is this build's and goes; an earlier knowledge base in kb_dir stays whole
@@ -174,11 +203,17 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig, stages: BuildStages |
         try:
             _remove_unreferenced(kb_dir, previous, manifest)
         except BaseException:
-            _remove_unreferenced(kb_dir, previous, manifest)    # stopped half way (a second signal is ignored)
+            _remove_unreferenced(kb_dir, previous, manifest)  # stopped half way (a second signal is ignored)
             raise
     stages.total_s = time.perf_counter() - started
-    log.info("knowledge base ready in %s: %d passages, %d shards, index %s, version %d",
-             kb_dir, num_passages, index.shards, index.factory, version)
+    log.info(
+        "knowledge base ready in %s: %d passages, %d shards, index %s, version %d",
+        kb_dir,
+        num_passages,
+        index.shards,
+        index.factory,
+        version,
+    )
     log.info("build stages: %s", stages.describe())
     return manifest
 
@@ -203,8 +238,7 @@ def _timed(items: Iterable, stages: BuildStages) -> Iterator:
         yield item
 
 
-def _first_pass(kb: KBConfig, passages: Iterator[Passage],
-                stages: BuildStages) -> tuple[PreTrainedTokenizerBase, int]:
+def _first_pass(kb: KBConfig, passages: Iterator[Passage], stages: BuildStages) -> tuple[PreTrainedTokenizerBase, int]:
     """Read every passage once (every row checked): the generator tokenizer, trained on them as they stream by
     unless kb.generator_tokenizer.path gives one, and the number of passages."""
     count = 0
@@ -220,56 +254,91 @@ def _first_pass(kb: KBConfig, passages: Iterator[Passage],
         deque(texts(), maxlen=0)
     else:
         started, reading_before = time.perf_counter(), stages.split_s
-        tokenizer = train_tokenizer(kb.generator_tokenizer,
-                                    chain(texts(), extra_texts(kb.generator_tokenizer.extra_texts)))
+        tokenizer = train_tokenizer(
+            kb.generator_tokenizer, chain(texts(), extra_texts(kb.generator_tokenizer.extra_texts))
+        )
         stages.tokenizer_train_s = time.perf_counter() - started - (stages.split_s - reading_before)
     return tokenizer, count
 
 
-def _write_passage_table(kb: KBConfig, path: Path, passages: Iterator[Passage], num_passages: int,
-                         generator_tokenizer: PreTrainedTokenizerBase, encoder_tokenizer: PreTrainedTokenizerBase,
-                         stages: BuildStages) -> None:
+def _write_passage_table(
+    kb: KBConfig,
+    path: Path,
+    passages: Iterator[Passage],
+    num_passages: int,
+    generator_tokenizer: PreTrainedTokenizerBase,
+    encoder_tokenizer: PreTrainedTokenizerBase,
+    stages: BuildStages,
+) -> None:
     """Tokenize the passages CHUNK_PASSAGES at a time and append each chunk to the passage table at path."""
     max_encoder_tokens = resolve_encoder(kb.context_encoder, "kb.context_encoder").max_length
     first_id = 0
     with passage_table_writer(path) as append:
         chunks = iter(lambda: list(islice(passages, CHUNK_PASSAGES)), [])
-        for chunk in tqdm(chunks, total=-(-num_passages // CHUNK_PASSAGES), desc="tokenizing passages", unit="chunk",
-                          mininterval=2.0):
+        for chunk in tqdm(
+            chunks, total=-(-num_passages // CHUNK_PASSAGES), desc="tokenizing passages", unit="chunk", mininterval=2.0
+        ):
             started = time.perf_counter()
             titles, texts = [p.title for p in chunk], [p.text for p in chunk]
-            generator_ids = generator_tokenizer([passage_text(p.title, p.text) for p in chunk],
-                                                add_special_tokens=False, truncation=True,
-                                                max_length=kb.max_passage_tokens, **IDS_ONLY)["input_ids"]
-            encoder_ids = encoder_tokenizer(titles, texts, truncation=True, max_length=max_encoder_tokens,
-                                            **IDS_ONLY)["input_ids"]
+            generator_ids = generator_tokenizer(
+                [passage_text(p.title, p.text) for p in chunk],
+                add_special_tokens=False,
+                truncation=True,
+                max_length=kb.max_passage_tokens,
+                **IDS_ONLY,
+            )["input_ids"]
+            encoder_ids = encoder_tokenizer(titles, texts, truncation=True, max_length=max_encoder_tokens, **IDS_ONLY)[
+                "input_ids"
+            ]
             tokenized = time.perf_counter()
-            append({"id": range(first_id, first_id + len(chunk)), "title": titles, "text": texts,
-                    "generator_ids": generator_ids, "encoder_ids": encoder_ids})
+            append(
+                {
+                    "id": range(first_id, first_id + len(chunk)),
+                    "title": titles,
+                    "text": texts,
+                    "generator_ids": generator_ids,
+                    "encoder_ids": encoder_ids,
+                }
+            )
             stages.tokenize_s += tokenized - started
             stages.table_write_s += time.perf_counter() - tokenized
             first_id += len(chunk)
         closing = time.perf_counter()
-    stages.table_write_s += time.perf_counter() - closing       # the file's end, fsync and rename
+    stages.table_write_s += time.perf_counter() - closing  # the file's end, fsync and rename
 
 
-def _index_and_commit(kb: KBConfig, index: IndexConfig, kb_dir: Path, num_passages: int,
-                      imported: HFPassages | None, encoder: TextEncoder, fingerprint: str, version: int,
-                      tokenizer_dir: str, passages_file: str, stages: BuildStages) -> Manifest:
+def _index_and_commit(
+    kb: KBConfig,
+    index: IndexConfig,
+    kb_dir: Path,
+    num_passages: int,
+    imported: HFPassages | None,
+    encoder: TextEncoder,
+    fingerprint: str,
+    version: int,
+    tokenizer_dir: str,
+    passages_file: str,
+    stages: BuildStages,
+) -> Manifest:
     """Write index version `version` (every shard encoded from the passage table, or the imported embeddings
     indexed), then commit the manifest."""
-    manifest = Manifest(num_passages=num_passages, dim=encoder.dim, shards=shard_ranges(num_passages, index.shards),
-                        active_version=version, index_factory=index.factory, passages_file=passages_file,
-                        encoder={**asdict(kb.context_encoder), "generator_tokenizer": tokenizer_dir},
-                        fingerprint=fingerprint)
+    manifest = Manifest(
+        num_passages=num_passages,
+        dim=encoder.dim,
+        shards=shard_ranges(num_passages, index.shards),
+        active_version=version,
+        index_factory=index.factory,
+        passages_file=passages_file,
+        encoder={**asdict(kb.context_encoder), "generator_tokenizer": tokenizer_dir},
+        fingerprint=fingerprint,
+    )
     table = PassageTable(kb_dir / passages_file)
     with staged_directory(kb_dir / manifest.version_dir(version)) as staging:
         for shard, (start, end) in enumerate(manifest.shards):
             if imported is not None:
                 stages.add(write_shard(staging, shard, imported.embeddings[start:end], index.factory))
             else:
-                stages.add(build_shard(encoder, table, shard, start, end, index.factory, staging,
-                                       kb.encode_batch_size))
+                stages.add(build_shard(encoder, table, shard, start, end, index.factory, staging, kb.encode_batch_size))
         write_version_info(staging, version, global_step=0)
     started = time.perf_counter()
     manifest.files[passages_file] = sha256_file(kb_dir / passages_file)
@@ -285,8 +354,11 @@ def _remove_uncommitted(kb_dir: Path, names: list[str]) -> None:
     happen references is kept, and so is everything of an earlier knowledge base.
     """
     committed = _existing_manifest(kb_dir)
-    referenced = set() if committed is None else (
-        {relative.split("/")[0] for relative in committed.files} | {committed.encoder.get("generator_tokenizer")})
+    referenced = (
+        set()
+        if committed is None
+        else ({relative.split("/")[0] for relative in committed.files} | {committed.encoder.get("generator_tokenizer")})
+    )
     for name in set(names) - referenced:
         path = kb_dir / name
         if path.is_dir() and not path.is_symlink():
@@ -301,7 +373,7 @@ def _fingerprint(kb: KBConfig, index: IndexConfig) -> str:
     settings["passage_format"] = PASSAGE_FORMAT
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for path in [kb.source, kb.source_index, *kb.generator_tokenizer.extra_texts]:
-        if path is not None:        # a file, or every file of a datasets folder
+        if path is not None:  # a file, or every file of a datasets folder
             files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
             for file in files:
                 digest.update(sha256_file(file).encode())
@@ -321,13 +393,18 @@ def _check_writable(kb_dir: Path) -> None:
     A build writes names of its own (v0/, passages-<hash>.arrow, ...) and replaces a folder of such a name, so
     a folder without a readable manifest.json may hold nothing but what an interrupted build left.
     """
+
     def foreign(entry: Path) -> bool:
         """Whether an entry of a folder without a manifest is not a leftover of an interrupted build."""
         if re.fullmatch(r"v\d+", entry.name):
-            return not entry.is_dir() or not all(re.fullmatch(r"shard_\d+\.(faiss|embeddings\.npy)|version\.json",
-                                                              file.name) for file in entry.iterdir())
-        return not re.fullmatch(r"manifest\.json|passages-\w+\.arrow|generator_tokenizer-\w+|\..+\.(staging|tmp)"
-                                rf"|{re.escape(LOCK_NAME)}", entry.name)
+            return not entry.is_dir() or not all(
+                re.fullmatch(r"shard_\d+\.(faiss|embeddings\.npy)|version\.json", file.name) for file in entry.iterdir()
+            )
+        return not re.fullmatch(
+            r"manifest\.json|passages-\w+\.arrow|generator_tokenizer-\w+|\..+\.(staging|tmp)"
+            rf"|{re.escape(LOCK_NAME)}",
+            entry.name,
+        )
 
     try:
         kb_dir.mkdir(parents=True, exist_ok=True)
@@ -338,9 +415,11 @@ def _check_writable(kb_dir: Path) -> None:
     except OSError as e:
         raise UserError(f"kb.dir: {kb_dir} is not writable ({e.strerror})") from None
     if others:
-        raise UserError(f"kb.dir: {kb_dir} is a folder of other files, not a knowledge base (no manifest.json; "
-                        f"found {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); give a new or empty "
-                        "folder")
+        raise UserError(
+            f"kb.dir: {kb_dir} is a folder of other files, not a knowledge base (no manifest.json; "
+            f"found {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); give a new or empty "
+            "folder"
+        )
 
 
 def _remove_unreferenced(kb_dir: Path, old: Manifest, new: Manifest) -> None:
@@ -356,8 +435,7 @@ def _remove_unreferenced(kb_dir: Path, old: Manifest, new: Manifest) -> None:
         folder = path.parent.resolve()
         if path.name != ".." and folder.is_relative_to(root) and path != root and not path.is_symlink():
             return folder / path.name
-        log.warning("not deleting %r listed in the previous manifest: not a file or folder inside %s",
-                    relative, kb_dir)
+        log.warning("not deleting %r listed in the previous manifest: not a file or folder inside %s", relative, kb_dir)
         return None
 
     keep = set(new.files) | {new.encoder["generator_tokenizer"]}
@@ -369,7 +447,6 @@ def _remove_unreferenced(kb_dir: Path, old: Manifest, new: Manifest) -> None:
             else:
                 path.unlink(missing_ok=True)
             folders.add(path.parent)
-    for folder in folders - {root}:       # the version folders emptied above
+    for folder in folders - {root}:  # the version folders emptied above
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-

@@ -4,6 +4,7 @@ A small vocabulary trained on the knowledge base (plus optional QA files) keeps 
 from-scratch generator fast and lets it learn to copy. It is saved in the KB directory,
 since the passages' generator token ids were made with it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,21 +26,25 @@ def train_tokenizer(cfg: GeneratorTokenizerConfig, texts: Iterable[str]) -> PreT
         tokenizer = Tokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS["unk_token"]))
         tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
         tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-        tokenizer.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+        tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
         trainer = trainers.WordLevelTrainer(vocab_size=cfg.vocab_size, special_tokens=list(SPECIAL_TOKENS.values()))
     elif cfg.kind == "bpe":
         tokenizer = Tokenizer(models.BPE())
         tokenizer.normalizer = normalizers.NFKC()
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            special_tokens=list(SPECIAL_TOKENS.values()),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
     else:
         raise UserError(f"kb.generator_tokenizer.kind: {cfg.kind!r} is not one of wordlevel, bpe")
     tokenizer.train_from_iterator(texts, trainer)
     bos, eos = SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"]
-    tokenizer.post_processor = processors.TemplateProcessing(   # BART's: a context reads "<s> ... </s>"
-        single=f"{bos} $A {eos}", special_tokens=[(token, tokenizer.token_to_id(token)) for token in (bos, eos)])
+    tokenizer.post_processor = processors.TemplateProcessing(  # BART's: a context reads "<s> ... </s>"
+        single=f"{bos} $A {eos}", special_tokens=[(token, tokenizer.token_to_id(token)) for token in (bos, eos)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
@@ -67,6 +72,8 @@ def load_generator_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """What identifies a tokenizer's ids: its vocabulary and special tokens (12 hex digits)."""
-    identity = {"vocab": sorted(tokenizer.get_vocab().items()),
-                "special": sorted((name, str(token)) for name, token in tokenizer.special_tokens_map.items())}
+    identity = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": sorted((name, str(token)) for name, token in tokenizer.special_tokens_map.items()),
+    }
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]

@@ -6,6 +6,7 @@ reads: a dataset saved with `save_to_disk` whose rows hold `title`, `text` and `
 (one vector per passage), and a FAISS inner-product index over those vectors, row i being
 passage i. The export command writes one; build_kb imports one (`kb.source=FOLDER`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,9 +24,9 @@ COLUMNS = ("title", "text", "embeddings")
 
 @dataclass
 class HFPassages:
-    titles: Sequence[str]         # read from the folder, the dataset's columns: rows are read as they are iterated
+    titles: Sequence[str]  # read from the folder, the dataset's columns: rows are read as they are iterated
     texts: Sequence[str]
-    embeddings: np.ndarray        # float32 [n, D]
+    embeddings: np.ndarray  # float32 [n, D]
 
 
 def is_hf_passages_folder(path: str | Path) -> bool:
@@ -43,8 +44,9 @@ def read_hf_passages(folder: str | Path, index_file: str | None = None) -> HFPas
         raise UserError(f"kb.source: {folder} is not a readable datasets folder ({e})") from None
     missing = [c for c in COLUMNS if c not in dataset.column_names]
     if missing:
-        raise UserError(f"kb.source: {folder} lacks the column(s) {', '.join(missing)} "
-                        f"(found {', '.join(dataset.column_names)})")
+        raise UserError(
+            f"kb.source: {folder} lacks the column(s) {', '.join(missing)} (found {', '.join(dataset.column_names)})"
+        )
     if len(dataset) == 0:
         raise UserError(f"kb.source: {folder}: the knowledge base has no passages")
     titles, texts = dataset["title"], dataset["text"]
@@ -67,8 +69,10 @@ def _check_index(index_file: str, rows: int, dim: int) -> None:
     except RuntimeError:
         raise UserError(f"kb.source_index: {index_file} is not a FAISS index file") from None
     if index.d != dim:
-        raise UserError(f"kb.source_index: {index_file} indexes vectors of dimension {index.d}, "
-                        f"but the passages' embeddings have dimension {dim}")
+        raise UserError(
+            f"kb.source_index: {index_file} indexes vectors of dimension {index.d}, "
+            f"but the passages' embeddings have dimension {dim}"
+        )
     if index.ntotal != rows:
         raise UserError(f"kb.source_index: {index_file} holds {index.ntotal} vectors for {rows} passages")
 
@@ -77,7 +81,8 @@ def write_hf_passages(folder: Path, index_file: Path, passages: HFPassages, fact
     """Save the passages as a `datasets` folder and a FAISS inner-product index of type `factory` over them."""
     import datasets
 
-    datasets.Dataset.from_dict({"title": passages.titles, "text": passages.texts,
-                                "embeddings": passages.embeddings}).save_to_disk(str(folder))
+    datasets.Dataset.from_dict(
+        {"title": passages.titles, "text": passages.texts, "embeddings": passages.embeddings}
+    ).save_to_disk(str(folder))
     vectors = np.ascontiguousarray(passages.embeddings, dtype=np.float32)
     faiss.write_index(build_index(vectors, factory), str(index_file))

@@ -4,10 +4,11 @@ The separators are RagConfig's defaults. As RagRetriever does, one pair of quote
 title is dropped and double spaces become one. PASSAGE_FORMAT is part of the knowledge base's
 fingerprint, so a knowledge base built with an earlier form is rebuilt.
 """
+
 from __future__ import annotations
 
 TITLE_SEP, DOC_SEP = " / ", " // "
-PASSAGE_FORMAT = 2      # 2: no space after "//" (the question's first token carries it), quotes dropped
+PASSAGE_FORMAT = 2  # 2: no space after "//" (the question's first token carries it), quotes dropped
 
 
 def passage_text(title: str, text: str) -> str:

@@ -6,6 +6,7 @@ quote is quoted, "...", with "" for a quote inside), and JSONL with `title` and 
 Documents are read as they are consumed, never held all at once. Every problem is reported
 with the file and line number; the build reads the whole file once before any encoding.
 """
+
 from __future__ import annotations
 
 import csv
@@ -78,7 +79,7 @@ class _DocumentDigests:
     def first_repeat(self) -> tuple[int, int] | None:
         """(line, line of its first occurrence) of the earliest document that repeats an earlier one, or None."""
         keys = np.frombuffer(self.digests, dtype=np.uint64).reshape(-1, 2)
-        order = np.lexsort((keys[:, 1], keys[:, 0]))      # stable: equal documents stay in file order
+        order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: equal documents stay in file order
         ordered = keys[order]
         repeats = np.all(ordered[1:] == ordered[:-1], axis=1)
         if not repeats.any():
@@ -105,17 +106,22 @@ def _read_delimited(path: Path, lines: Iterable[tuple[int, str]], delimiter: str
     columns = [c.strip().lower() for c in header]
     if "title" in columns and "text" in columns:
         title_col, text_col, width = columns.index("title"), columns.index("text"), len(columns)
-    elif delimiter == "\t" and len(header) == 2:      # transformers' example: no header, title<TAB>text
+    elif delimiter == "\t" and len(header) == 2:  # transformers' example: no header, title<TAB>text
         title_col, text_col, width = 0, 1, 2
         yield line, header[0], header[1]
     else:
         raise UserError(f"{path}:{line}: missing columns: the header needs 'title' and 'text', found {header}")
     for line, fields in records:
         if len(fields) != width:
-            cause = (f"a stray {'tab' if delimiter == chr(9) else 'comma'} in a field" if len(fields) > width
-                     else "a line break in a field of the row above")
-            raise UserError(f'{path}:{line}: expected {width} fields, found {len(fields)} ({cause}? a field '
-                            'holding one must be quoted: "...")')
+            cause = (
+                f"a stray {'tab' if delimiter == chr(9) else 'comma'} in a field"
+                if len(fields) > width
+                else "a line break in a field of the row above"
+            )
+            raise UserError(
+                f"{path}:{line}: expected {width} fields, found {len(fields)} ({cause}? a field "
+                'holding one must be quoted: "...")'
+            )
         yield line, fields[title_col], fields[text_col]
 
 
@@ -147,8 +153,10 @@ def _records(path: Path, lines: Iterable[tuple[int, str]], delimiter: str) -> It
                 yield start, fields
             start = reader.line_num + 1
     except csv.Error as e:
-        raise UserError(f'{path}:{start}: bad quoting ({e}); a field that starts with " must end with ", '
-                        'with "" for each " inside it') from None
+        raise UserError(
+            f'{path}:{start}: bad quoting ({e}); a field that starts with " must end with ", '
+            'with "" for each " inside it'
+        ) from None
 
 
 def _checked(path: Path, line: int, title, text) -> tuple[str, str]:
@@ -164,4 +172,4 @@ def split_into_passages(documents: Iterable[tuple[str, str]], words_per_passage:
     for title, text in documents:
         words = text.split()
         for start in range(0, len(words), words_per_passage):
-            yield Passage(title, " ".join(words[start:start + words_per_passage]))
+            yield Passage(title, " ".join(words[start : start + words_per_passage]))

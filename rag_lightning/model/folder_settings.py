@@ -1,6 +1,7 @@
 """The settings a config leaves null for the folders it names to decide, read from those folders: a model's
 n_docs, label smoothing and context length (model.init_from's RAG folder, else MODEL_DEFAULTS), the folder of
 the generator's own tokenizer, how the question encoder makes its vectors, and the score scale they call for."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,11 @@ def fill_model_settings(model: ModelConfig, key: str = "model") -> ModelConfig:
     values = MODEL_DEFAULTS
     if model.init_from is not None:
         folder = read_rag_folder(model.init_from, f"{key}.init_from")
-        values = {"n_docs": folder.n_docs, "label_smoothing": folder.label_smoothing,
-                  "max_context_tokens": folder.max_combined_length}
+        values = {
+            "n_docs": folder.n_docs,
+            "label_smoothing": folder.label_smoothing,
+            "max_context_tokens": folder.max_combined_length,
+        }
     for name, value in values.items():
         if getattr(model, name) is None:
             setattr(model, name, value)

@@ -5,6 +5,7 @@ The generator is a BART built from the config's sizes and trained from scratch, 
 AutoModelForSeq2SeqLM loads, or an EncoderDecoderModel) with its own tokenizer, or `minilm`:
 an EncoderDecoderModel warm-started on both sides from the bundled MiniLM.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,10 @@ def check_generator_folder(pretrained: str, key: str) -> str:
     folder = Path(pretrained)
     config = read_model_config(folder, key)
     if config.get("model_type") != "encoder-decoder" and not config.get("is_encoder_decoder"):
-        raise UserError(f"{key}: {folder} is a {config.get('model_type')} model, not a sequence-to-sequence model "
-                        "(BART, T5, an EncoderDecoderModel, ...)")
+        raise UserError(
+            f"{key}: {folder} is a {config.get('model_type')} model, not a sequence-to-sequence model "
+            "(BART, T5, an EncoderDecoderModel, ...)"
+        )
     return config["model_type"]
 
 
@@ -72,7 +75,7 @@ def load_pretrained_generator(pretrained: str, tokenizer) -> PreTrainedModel:
     model_type = check_generator_folder(pretrained, "model.generator.pretrained")
     if model_type != "encoder-decoder":
         return AutoModelForSeq2SeqLM.from_pretrained(pretrained)
-    if pretrained == "minilm":      # encoder and decoder both from the bundled MiniLM, cross-attention new
+    if pretrained == "minilm":  # encoder and decoder both from the bundled MiniLM, cross-attention new
         folder = str(bundled_minilm())
         return ready_for_rag(EncoderDecoderModel.from_encoder_decoder_pretrained(folder, folder), tokenizer)
     return ready_for_rag(EncoderDecoderModel.from_pretrained(pretrained), tokenizer)
@@ -87,8 +90,12 @@ def ready_for_rag(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
     if getattr(model.encoder, "pooler", None) is not None:
         model.encoder.pooler = None
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    wanted = {"decoder_start_token_id": start, "bos_token_id": start, "eos_token_id": tokenizer.eos_token_id,
-              "pad_token_id": tokenizer.pad_token_id}
+    wanted = {
+        "decoder_start_token_id": start,
+        "bos_token_id": start,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     for config in (model.config, model.generation_config):
         for name, token_id in wanted.items():
             if getattr(config, name, None) is None:
@@ -104,7 +111,7 @@ def set_model_values(rag: RagSequenceForGeneration, model_cfg: ModelConfig) -> R
     rag.config.max_combined_length = model_cfg.max_context_tokens
     if model_cfg.generator.prefix is not None:
         rag.generator.config.prefix = model_cfg.generator.prefix
-    for config in (rag.config.generator, rag.generator.config):     # one object when loaded from a RAG folder
+    for config in (rag.config.generator, rag.generator.config):  # one object when loaded from a RAG folder
         declare_bos_token(config)
     return rag
 
@@ -126,15 +133,28 @@ def build_rag(model_cfg: ModelConfig, question_encoder: TextEncoder, tokenizer) 
     if generator_cfg.pretrained is not None:
         generator = load_pretrained_generator(generator_cfg.pretrained, tokenizer)
     else:
-        generator = BartForConditionalGeneration(BartConfig(
-            vocab_size=len(tokenizer), d_model=generator_cfg.d_model, encoder_layers=generator_cfg.layers,
-            decoder_layers=generator_cfg.layers, encoder_attention_heads=generator_cfg.heads,
-            decoder_attention_heads=generator_cfg.heads, encoder_ffn_dim=generator_cfg.ffn_dim,
-            decoder_ffn_dim=generator_cfg.ffn_dim, dropout=generator_cfg.dropout,
-            max_position_embeddings=generator_cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=None, forced_bos_token_id=None))
+        generator = BartForConditionalGeneration(
+            BartConfig(
+                vocab_size=len(tokenizer),
+                d_model=generator_cfg.d_model,
+                encoder_layers=generator_cfg.layers,
+                decoder_layers=generator_cfg.layers,
+                encoder_attention_heads=generator_cfg.heads,
+                decoder_attention_heads=generator_cfg.heads,
+                encoder_ffn_dim=generator_cfg.ffn_dim,
+                decoder_ffn_dim=generator_cfg.ffn_dim,
+                dropout=generator_cfg.dropout,
+                max_position_embeddings=generator_cfg.max_positions,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.eos_token_id,
+                forced_eos_token_id=None,
+                forced_bos_token_id=None,
+            )
+        )
     rag_config = RagConfig.from_question_encoder_generator_configs(
-        question_encoder.model.config, generator.config, retrieval_vector_size=question_encoder.dim)
+        question_encoder.model.config, generator.config, retrieval_vector_size=question_encoder.dim
+    )
     rag = RAG_CLASSES[model_cfg.kind](config=rag_config, question_encoder=question_encoder.model, generator=generator)
     return set_model_values(rag, model_cfg)

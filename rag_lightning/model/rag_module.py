@@ -14,6 +14,7 @@ example's record and scores, retrieval scored at every k; EvaluationMetrics adds
 What happens around the steps lives in callbacks (rag_lightning/callbacks/): index
 versions in checkpoints, the background refresh, the saved context encoder, metrics.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -63,32 +64,39 @@ class RagModule(L.LightningModule):
         self.optim_cfg: OptimConfig = _structured(OptimConfig, optim)
         self.service_spec = ServiceSpec(**service)
         manifest = read_manifest(self.service_spec.kb_dir)
-        self.retriever_cfg: RetrieverConfig = fill_score_scale(_structured(RetrieverConfig, retriever),
-                                                                           self.model_cfg, kb_encoder_config(manifest))
-        self.hparams.retriever = {**retriever, "score_scale": self.retriever_cfg.score_scale}   # checkpoints keep it
+        self.retriever_cfg: RetrieverConfig = fill_score_scale(
+            _structured(RetrieverConfig, retriever), self.model_cfg, kb_encoder_config(manifest)
+        )
+        self.hparams.retriever = {**retriever, "score_scale": self.retriever_cfg.score_scale}  # checkpoints keep it
         self.passages_file = manifest.passages_file
-        self.generator_tokenizer = self._generator_tokenizer(f"{self.service_spec.kb_dir}/"
-                                                             f"{manifest.encoder['generator_tokenizer']}")
+        self.generator_tokenizer = self._generator_tokenizer(
+            f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}"
+        )
         if self.model_cfg.init_from is None:
             self.question_tokenizer = load_encoder_tokenizer(self.model_cfg.question_encoder, "model.question_encoder")
-            self.question_encoder = build_encoder(self.model_cfg.question_encoder, self.question_tokenizer,
-                                                  "model.question_encoder")
+            self.question_encoder = build_encoder(
+                self.model_cfg.question_encoder, self.question_tokenizer, "model.question_encoder"
+            )
             self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
-        else:       # a whole RAG folder: its DPR question encoder scores passages by its pooler output
+        else:  # a whole RAG folder: its DPR question encoder scores passages by its pooler output
             self.rag, self.question_tokenizer = load_rag_folder(self.model_cfg, self.generator_tokenizer)
-            self.question_encoder = TextEncoder(self.rag.question_encoder, POOLER, self.question_tokenizer.pad_token_id,
-                                                self.question_tokenizer.sep_token_id)
+            self.question_encoder = TextEncoder(
+                self.rag.question_encoder,
+                POOLER,
+                self.question_tokenizer.pad_token_id,
+                self.question_tokenizer.sep_token_id,
+            )
         self.decoder_prefix = decoder_prefix(self.generator_tokenizer, self.rag.generator.config.decoder_start_token_id)
-        self.context_layout = ContextLayout.of(self.generator_tokenizer,
-                                               getattr(self.rag.generator.config, "prefix", None))
+        self.context_layout = ContextLayout.of(
+            self.generator_tokenizer, getattr(self.rag.generator.config, "prefix", None)
+        )
         self.question_encoder.requires_grad_(self.retriever_cfg.train_question_encoder)
         self.rag.generator.requires_grad_(self.model_cfg.generator.train)
         self.context_encoder: TextEncoder | None = None
-        if self.retriever_cfg.train_context_encoder:     # the knowledge base's encoder, from the weights that built it
+        if self.retriever_cfg.train_context_encoder:  # the knowledge base's encoder, from the weights that built it
             self.context_encoder_cfg = kb_encoder_config(manifest)
             self.context_tokenizer = load_encoder_tokenizer(self.context_encoder_cfg, "kb.context_encoder")
-            self.context_encoder = build_encoder(self.context_encoder_cfg, self.context_tokenizer,
-                                                 "kb.context_encoder")
+            self.context_encoder = build_encoder(self.context_encoder_cfg, self.context_tokenizer, "kb.context_encoder")
         for encoder in (self.question_encoder, self.context_encoder):
             if encoder is not None and self.retriever_cfg.freeze_embeddings:
                 encoder.model.get_input_embeddings().requires_grad_(False)
@@ -99,15 +107,17 @@ class RagModule(L.LightningModule):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.retrieval_client: RetrievalClient | None = None
         self.passages: PassageTable | None = None
-        self.train()        # from_pretrained leaves a model in eval mode, and Lightning keeps the modes it finds
+        self.train()  # from_pretrained leaves a model in eval mode, and Lightning keeps the modes it finds
 
     def train(self, mode: bool = True) -> RagModule:
         """Training mode (dropout on) for the parts that train; a frozen part stays in eval mode, so a fixed
         retriever or reader behaves in training as it does at evaluation."""
         super().train(mode)
-        for part, trains in ((self.question_encoder, self.retriever_cfg.train_question_encoder),
-                             (self.context_encoder, self.retriever_cfg.train_context_encoder),
-                             (self.rag.generator, self.model_cfg.generator.train)):
+        for part, trains in (
+            (self.question_encoder, self.retriever_cfg.train_question_encoder),
+            (self.context_encoder, self.retriever_cfg.train_context_encoder),
+            (self.rag.generator, self.model_cfg.generator.train),
+        ):
             if part is not None and not trains:
                 part.eval()
         return self
@@ -122,9 +132,11 @@ class RagModule(L.LightningModule):
         own = load_generator_tokenizer(own_dir)
         if tokenizer_fingerprint(own) != tokenizer_fingerprint(kb_tokenizer):
             key = "model.init_from" if self.model_cfg.init_from is not None else "model.generator.pretrained"
-            raise UserError(f"{key}: {own_dir} tokenizes with {tokenizer_fingerprint(own)}, the knowledge base "
-                            f"{self.service_spec.kb_dir} with {tokenizer_fingerprint(kb_tokenizer)} "
-                            f"({kb_tokenizer_dir}); build it with kb.generator_tokenizer.path={own_dir}")
+            raise UserError(
+                f"{key}: {own_dir} tokenizes with {tokenizer_fingerprint(own)}, the knowledge base "
+                f"{self.service_spec.kb_dir} with {tokenizer_fingerprint(kb_tokenizer)} "
+                f"({kb_tokenizer_dir}); build it with kb.generator_tokenizer.path={own_dir}"
+            )
         return own
 
     def setup(self, stage: str) -> None:
@@ -150,19 +162,21 @@ class RagModule(L.LightningModule):
         them), then the service's ranks below down to `depth` (for evaluation at larger k)."""
         questions = self.question_encoder(batch["question_ids"])
         k = min(self.candidates, len(self.passages))
-        result = self.retrieval_client.search(questions.detach().float().cpu().numpy(),
-                                              min(max(depth, k), len(self.passages)))
+        result = self.retrieval_client.search(
+            questions.detach().float().cpu().numpy(), min(max(depth, k), len(self.passages))
+        )
         ids, token_ids, lengths, reranked = result.ids, result.token_ids[:, :k], result.lengths[:, :k], 0.0
         if self.context_encoder is not None:
             embeddings = self.embed_passages(ids[:, :k]).to(questions)
         else:
             embeddings = torch.from_numpy(result.embeddings[:, :k]).to(questions)
         scores = self.retriever_cfg.score_scale * torch.einsum("bd,bkd->bk", questions, embeddings)
-        if self.context_encoder is not None:     # the index holds older embeddings than today's: re-rank
+        if self.context_encoder is not None:  # the index holds older embeddings than today's: re-rank
             order = torch.argsort(scores.detach(), dim=1, descending=True, stable=True)
             n = self.model_cfg.n_docs
-            reranked = float((order[:, :n].sort(1).values != torch.arange(n, device=order.device)).any(1)
-                             .float().mean())
+            reranked = float(
+                (order[:, :n].sort(1).values != torch.arange(n, device=order.device)).any(1).float().mean()
+            )
             rows, cpu_order = np.arange(len(ids))[:, None], order.cpu().numpy()
             ids = np.concatenate([ids[:, :k][rows, cpu_order], ids[:, k:]], axis=1)
             scores, embeddings = scores.gather(1, order), embeddings[torch.from_numpy(rows).to(order.device), order]
@@ -172,9 +186,13 @@ class RagModule(L.LightningModule):
     def reader_inputs(self, batch: dict, retrieved: Retrieved) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The reader's n_docs best passages: doc_scores [B, n_docs], contexts [B * n_docs, L] and their mask."""
         n = self.model_cfg.n_docs
-        context_ids, context_mask = join_contexts(retrieved.token_ids[:, :n], retrieved.lengths[:, :n],
-                                                  batch["question_generator_ids"], self.context_layout,
-                                                  self.model_cfg.max_context_tokens)
+        context_ids, context_mask = join_contexts(
+            retrieved.token_ids[:, :n],
+            retrieved.lengths[:, :n],
+            batch["question_generator_ids"],
+            self.context_layout,
+            self.model_cfg.max_context_tokens,
+        )
         return retrieved.scores[:, :n], context_ids.to(self.device), context_mask.to(self.device)
 
     def embed_passages(self, ids: np.ndarray) -> torch.Tensor:
@@ -188,9 +206,14 @@ class RagModule(L.LightningModule):
         retrieved = self.retrieve(batch)
         doc_scores, context_ids, context_mask = self.reader_inputs(batch, retrieved)
         marginal = self.retriever_cfg.objective == "marginal"
-        out = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask,
-                       doc_scores=doc_scores if marginal else doc_scores.detach(),   # the objective trains it
-                       labels=batch["labels"], n_docs=self.model_cfg.n_docs, reduce_loss=False)
+        out = self.rag(
+            context_input_ids=context_ids,
+            context_attention_mask=context_mask,
+            doc_scores=doc_scores if marginal else doc_scores.detach(),  # the objective trains it
+            labels=batch["labels"],
+            n_docs=self.model_cfg.n_docs,
+            reduce_loss=False,
+        )
         loss = out.loss.mean()
         batch_size = len(batch["answers"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -200,23 +223,34 @@ class RagModule(L.LightningModule):
             loss = loss + self.retriever_cfg.objective_weight * objective
         if self.context_encoder is not None:
             self.log("retrieval/reranked", retrieved.reranked, batch_size=batch_size)
-        return {"loss": loss, "retrieved_ids": retrieved.ids[:, :self.model_cfg.n_docs],
-                "index_version": retrieved.result.version, "search_ms": self.retrieval_client.last_search_ms}
+        return {
+            "loss": loss,
+            "retrieved_ids": retrieved.ids[:, : self.model_cfg.n_docs],
+            "index_version": retrieved.result.version,
+            "search_ms": self.retrieval_client.last_search_ms,
+        }
 
-    def retriever_objective(self, batch: dict, retrieved: Retrieved, doc_scores: torch.Tensor,
-                            logits: torch.Tensor) -> torch.Tensor:
+    def retriever_objective(
+        self, batch: dict, retrieved: Retrieved, doc_scores: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
         """The loss the retriever learns from under a retriever.objective other than marginal."""
         cfg = self.retriever_cfg
         if cfg.objective == "distant":
-            ids = retrieved.ids[:, :retrieved.scores.shape[1]]
+            ids = retrieved.ids[:, : retrieved.scores.shape[1]]
             positive = torch.from_numpy(self.positive_candidates(batch, ids)).to(self.device)
-            loss, without_positive = distant_loss(retrieved.questions, retrieved.embeddings,
-                                                  torch.from_numpy(ids).to(self.device), positive,
-                                                  cfg.score_scale, cfg.temperature)
+            loss, without_positive = distant_loss(
+                retrieved.questions,
+                retrieved.embeddings,
+                torch.from_numpy(ids).to(self.device),
+                positive,
+                cfg.score_scale,
+                cfg.temperature,
+            )
             self.log("retrieval/without_positive", without_positive / len(ids), batch_size=len(ids))
             return loss
-        answer_ll = answer_log_likelihoods(logits, batch["labels"], self.model_cfg.n_docs,
-                                           self.generator_tokenizer.pad_token_id)
+        answer_ll = answer_log_likelihoods(
+            logits, batch["labels"], self.model_cfg.n_docs, self.generator_tokenizer.pad_token_id
+        )
         if cfg.objective == "pdist":
             return pdist_loss(doc_scores, answer_ll, cfg.temperature)
         return emdr2_loss(doc_scores, answer_ll)
@@ -226,18 +260,26 @@ class RagModule(L.LightningModule):
         retriever.positives=answer those of a gold title."""
         k, titles_count = ids.shape[1], self.retriever_cfg.positives == "answer_or_title"
         passages = self.passages.titles_and_texts(ids)
-        return np.array([[contains_answer(text, answers) or (titles_count and title in gold_titles)
-                          for title, text in passages[i * k:(i + 1) * k]]
-                         for i, (answers, gold_titles) in enumerate(zip(batch["answers"], batch["gold_titles"]))],
-                        dtype=bool).reshape(ids.shape)
+        return np.array(
+            [
+                [
+                    contains_answer(text, answers) or (titles_count and title in gold_titles)
+                    for title, text in passages[i * k : (i + 1) * k]
+                ]
+                for i, (answers, gold_titles) in enumerate(zip(batch["answers"], batch["gold_titles"]))
+            ],
+            dtype=bool,
+        ).reshape(ids.shape)
 
     def configure_optimizers(self):
         """AdamW over the trainable parameters only (a frozen part holds no optimizer state), one learning rate
         for the generator and one for each encoder."""
         groups = []
-        for part, lr in ((self.rag.generator, self.optim_cfg.lr),
-                         (self.question_encoder, self.optim_cfg.question_encoder_lr),
-                         (self.context_encoder, self.optim_cfg.context_encoder_lr)):
+        for part, lr in (
+            (self.rag.generator, self.optim_cfg.lr),
+            (self.question_encoder, self.optim_cfg.question_encoder_lr),
+            (self.context_encoder, self.optim_cfg.context_encoder_lr),
+        ):
             params = [p for p in part.parameters() if p.requires_grad] if part is not None else []
             if params:
                 groups.append({"params": params, "lr": lr})
@@ -262,8 +304,9 @@ class RagModule(L.LightningModule):
         retrieved = self.retrieve(batch)
         return self.generate_answers(*self.reader_inputs(batch, retrieved)), retrieved
 
-    def generate_answers(self, doc_scores: torch.Tensor, context_ids: torch.Tensor,
-                         context_mask: torch.Tensor) -> list[str]:
+    def generate_answers(
+        self, doc_scores: torch.Tensor, context_ids: torch.Tensor, context_mask: torch.Tensor
+    ) -> list[str]:
         if self.model_cfg.kind == "rag_sequence":
             # transformers 5's RAG-Sequence generate gives its generator no attention mask, so the generator reads
             # the contexts' padding: padded as transformers' RagRetriever pads them (to max_context_tokens), the
@@ -271,10 +314,14 @@ class RagModule(L.LightningModule):
             extra = max(self.model_cfg.max_context_tokens - context_ids.shape[1], 0)
             context_ids = F.pad(context_ids, (0, extra), value=self.context_layout.pad)
             context_mask = F.pad(context_mask, (0, extra), value=0)
-        generated = self.rag.generate(context_input_ids=context_ids, context_attention_mask=context_mask,
-                                      doc_scores=doc_scores, n_docs=self.model_cfg.n_docs,
-                                      num_beams=self.model_cfg.num_beams,
-                                      max_new_tokens=self.model_cfg.max_answer_tokens)
+        generated = self.rag.generate(
+            context_input_ids=context_ids,
+            context_attention_mask=context_mask,
+            doc_scores=doc_scores,
+            n_docs=self.model_cfg.n_docs,
+            num_beams=self.model_cfg.num_beams,
+            max_new_tokens=self.model_cfg.max_answer_tokens,
+        )
         return self.generator_tokenizer.batch_decode(generated, skip_special_tokens=True)
 
     @torch.no_grad()
@@ -283,13 +330,18 @@ class RagModule(L.LightningModule):
         of ks, and with `answers` its generated answer's EM, F1 and the gold answer's NLL."""
         retrieved = self.retrieve(batch, depth=max(ks))
         n = self.model_cfg.n_docs
-        records = ranked_records(batch, retrieved.ids, retrieved.scores[:, :n].float().cpu().numpy(),
-                                 self.passages, ks)
+        records = ranked_records(batch, retrieved.ids, retrieved.scores[:, :n].float().cpu().numpy(), self.passages, ks)
         if answers:
             doc_scores, context_ids, context_mask = self.reader_inputs(batch, retrieved)
             predictions = self.generate_answers(doc_scores, context_ids, context_mask)
-            nll = self.rag(context_input_ids=context_ids, context_attention_mask=context_mask,
-                           doc_scores=doc_scores, labels=batch["labels"], n_docs=n, reduce_loss=False).loss
+            nll = self.rag(
+                context_input_ids=context_ids,
+                context_attention_mask=context_mask,
+                doc_scores=doc_scores,
+                labels=batch["labels"],
+                n_docs=n,
+                reduce_loss=False,
+            ).loss
             for record, prediction, loss in zip(records, predictions, nll.tolist()):
                 record["prediction"] = prediction
                 record["scores"].update(answer_scores(prediction, record["answers"], loss))
@@ -308,20 +360,21 @@ class Retrieved:
     current encoders' scores and vectors, re-ranked by them when the context encoder trains (the index holds
     older embeddings); ranks below K, asked for by evaluation at larger k, are in the service's order."""
 
-    questions: torch.Tensor     # [B, D] question vectors
-    ids: np.ndarray             # [B, depth] passage ids
-    scores: torch.Tensor        # [B, K] score_scale x (q . d): the logits of the prior over passages
-    embeddings: torch.Tensor    # [B, K, D] the candidates' vectors (today's when the context encoder trains)
-    token_ids: np.ndarray       # [B, K, L] the candidates' generator ids, PAD_TOKEN-padded
-    lengths: np.ndarray         # [B, K]
-    reranked: float             # share of questions whose n_docs best passages the re-ranking changed
-    result: SearchResult        # the service's answer, as it came
+    questions: torch.Tensor  # [B, D] question vectors
+    ids: np.ndarray  # [B, depth] passage ids
+    scores: torch.Tensor  # [B, K] score_scale x (q . d): the logits of the prior over passages
+    embeddings: torch.Tensor  # [B, K, D] the candidates' vectors (today's when the context encoder trains)
+    token_ids: np.ndarray  # [B, K, L] the candidates' generator ids, PAD_TOKEN-padded
+    lengths: np.ndarray  # [B, K]
+    reranked: float  # share of questions whose n_docs best passages the re-ranking changed
+    result: SearchResult  # the service's answer, as it came
 
 
 def kb_encoder_config(manifest: Manifest) -> EncoderConfig:
     """The encoder that built the knowledge base, as its manifest records it."""
-    return _structured(EncoderConfig, {f.name: manifest.encoder[f.name] for f in fields(EncoderConfig)
-                                       if f.name in manifest.encoder})
+    return _structured(
+        EncoderConfig, {f.name: manifest.encoder[f.name] for f in fields(EncoderConfig) if f.name in manifest.encoder}
+    )
 
 
 def _structured(schema, values: dict):

@@ -11,6 +11,7 @@
 In each, the reader's scores carry no gradient: the retriever learns from them, the reader
 from the RAG loss alone (whose gradient into the doc scores RagModule stops).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,14 @@ def emdr2_loss(doc_scores: torch.Tensor, answer_ll: torch.Tensor) -> torch.Tenso
     return -torch.logsumexp(torch.log_softmax(doc_scores, dim=-1) + answer_ll.detach(), dim=-1).mean()
 
 
-def distant_loss(questions: torch.Tensor, candidates: torch.Tensor, candidate_ids: torch.Tensor,
-                 positive: torch.Tensor, score_scale: float, temperature: float) -> tuple[torch.Tensor, int]:
+def distant_loss(
+    questions: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    positive: torch.Tensor,
+    score_scale: float,
+    temperature: float,
+) -> tuple[torch.Tensor, int]:
     """InfoNCE over the global batch's candidates; returns (this process's loss, its questions with no positive).
 
     questions [B, D] and candidates [B, K, D] are vectors (the candidates' with gradients when the context
@@ -56,7 +63,7 @@ def distant_loss(questions: torch.Tensor, candidates: torch.Tensor, candidate_id
     batch, k, _ = candidates.shape
     pool, offset = gather_rows(candidates.reshape(batch * k, -1))
     pool_ids, _ = gather_rows(candidate_ids.reshape(-1))
-    logits = score_scale * questions @ pool.T / temperature                          # [B, N]
+    logits = score_scale * questions @ pool.T / temperature  # [B, N]
     own = torch.zeros_like(logits, dtype=torch.bool)
     rows = torch.arange(batch * k, device=own.device)
     own[rows // k, offset + rows] = True
@@ -65,7 +72,7 @@ def distant_loss(questions: torch.Tensor, candidates: torch.Tensor, candidate_id
     has_positive = positive.any(1)
     chosen = torch.zeros_like(own)
     chosen[own] = positive.reshape(-1)
-    chosen |= own & ~has_positive.unsqueeze(1)   # any finite logits for a question without a positive, whose
+    chosen |= own & ~has_positive.unsqueeze(1)  # any finite logits for a question without a positive, whose
     #                                              loss is dropped below: an all -inf row would make NaN gradients
     per_question = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~chosen, float("-inf")), 1)
     loss = torch.where(has_positive, per_question, 0.0).sum()

@@ -8,6 +8,7 @@ same knowledge base is never disturbed, and moves them to that index version if 
 still on disk (or, for a checkpoint that trained its context encoder, to a new version
 encoded with it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,9 +45,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainedModel:
-    module: RagModule                 # on the CPU, in eval mode
-    index_version: int | None         # the index version it last trained against (None: not recorded)
-    global_step: int                  # the optimizer steps its weights have had
+    module: RagModule  # on the CPU, in eval mode
+    index_version: int | None  # the index version it last trained against (None: not recorded)
+    global_step: int  # the optimizer steps its weights have had
 
 
 def load_trained_model(ckpt_path: str) -> TrainedModel:
@@ -67,8 +68,11 @@ def index_version_to_serve(trained: TrainedModel, manifest: Manifest) -> int:
     if version is None or version == manifest.active_version:
         return manifest.active_version
     if version not in manifest.kept_versions():
-        log.warning("the checkpoint trained against index version %d, which is no longer on disk; "
-                    "using the active version %d", version, manifest.active_version)
+        log.warning(
+            "the checkpoint trained against index version %d, which is no longer on disk; using the active version %d",
+            version,
+            manifest.active_version,
+        )
         return manifest.active_version
     return version
 
@@ -86,8 +90,10 @@ def serving(trained: TrainedModel, service: ServiceConfig) -> Iterator[int]:
         if version != manifest.active_version:
             switch_version(spec, version)
         module.service_spec = spec
-        if module.context_encoder is not None and read_version_step(spec.kb_dir, manifest, version) \
-                < trained.global_step:
+        if (
+            module.context_encoder is not None
+            and read_version_step(spec.kb_dir, manifest, version) < trained.global_step
+        ):
             version = encode_new_version(spec, module, trained.global_step)
         module.setup("predict")
         yield version
@@ -97,16 +103,26 @@ def serving(trained: TrainedModel, service: ServiceConfig) -> Iterator[int]:
 def serving_knowledge_base(spec: ServiceSpec, service: ServiceConfig) -> Iterator[ServiceSpec]:
     """Shard actors of spec's knowledge base for this process alone (under a name of its own, on a local Ray or on
     the cluster at service.ray_address); yields their spec."""
-    spec = replace(spec, namespace=service.namespace, name_prefix=f"serve-{os.getpid()}",
-                   failover_timeout_s=service.failover_timeout_s)
+    spec = replace(
+        spec,
+        namespace=service.namespace,
+        name_prefix=f"serve-{os.getpid()}",
+        failover_timeout_s=service.failover_timeout_s,
+    )
     owns_ray = not (service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
-    connect(service.ray_address, namespace=spec.namespace, host=service.host, dashboard=service.dashboard,
-            num_cpus=service.num_cpus, temp_dir=service.temp_dir)
+    connect(
+        service.ray_address,
+        namespace=spec.namespace,
+        host=service.host,
+        dashboard=service.dashboard,
+        num_cpus=service.num_cpus,
+        temp_dir=service.temp_dir,
+    )
     try:
         launch_service(spec)
         yield spec
     finally:
-        if local_ray_answers():   # a signal to the whole process group may have ended a local Ray
+        if local_ray_answers():  # a signal to the whole process group may have ended a local Ray
             shutdown_refresher(spec)
             shutdown_service(spec)
         if owns_ray:
@@ -116,14 +132,20 @@ def serving_knowledge_base(spec: ServiceSpec, service: ServiceConfig) -> Iterato
 def encode_new_version(spec: ServiceSpec, module: RagModule, global_step: int) -> int:
     """Re-encode the knowledge base with the module's context encoder into a new index version, served from now
     on; no version is pruned (a training job may be using one). Returns the new version."""
-    log.info("the index is older than the checkpoint's context encoder (step %d): re-encoding the knowledge base",
-             global_step)
+    log.info(
+        "the index is older than the checkpoint's context encoder (step %d): re-encoding the knowledge base",
+        global_step,
+    )
     kept = len(read_manifest(spec.kb_dir).kept_versions())
     coordinator = launch_refresher(spec, RefreshSpec(keep_versions=kept + 1))
-    report = ray.get(coordinator.refresh.remote([ray.put(module.context_encoder.snapshot(global_step))],
-                                                global_step))
+    report = ray.get(coordinator.refresh.remote([ray.put(module.context_encoder.snapshot(global_step))], global_step))
     if report.error is not None:
         raise RuntimeError(f"re-encoding {spec.kb_dir} with the checkpoint's context encoder failed: {report.error}")
-    log.info("index version %d (weights of step %d): %d passages in %.1fs", report.version, global_step,
-             report.passages, report.wall_s)
+    log.info(
+        "index version %d (weights of step %d): %d passages in %.1fs",
+        report.version,
+        global_step,
+        report.passages,
+        report.wall_s,
+    )
     return report.version

@@ -6,6 +6,7 @@ The runs of one SLURM job (its first run and every requeued one) share a group n
 after the job id, so the dashboard shows them together; outside SLURM the group is the
 run directory's name.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,9 @@ def build_logger(cfg: LoggerConfig, run_dir: Path, config: dict) -> Logger | boo
         offline = cfg.offline or os.environ.get("WANDB_MODE") == "offline" or not os.environ.get("WANDB_API_KEY")
         job = os.environ.get("SLURM_JOB_ID")
         name = f"{job}-restart{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else run_dir.name
-        logger = WandbLogger(project=cfg.project, save_dir=str(run_dir), offline=offline, group=job or run_dir.name,
-                             name=name)
+        logger = WandbLogger(
+            project=cfg.project, save_dir=str(run_dir), offline=offline, group=job or run_dir.name, name=name
+        )
         logger.log_hyperparams(config)
         return logger
     raise UserError(f"logger.kind: {cfg.kind!r} is not one of csv, wandb, none")

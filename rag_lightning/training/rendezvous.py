@@ -7,6 +7,7 @@ it; torch's init_process_group then reuses it, as a store is multi-tenant (one s
 Only where rank 0 is this process: Lightning's `ddp` (which starts the other ranks as scripts), torchrun or
 srun; not `ddp_spawn`, whose ranks are new processes.
 """
+
 from __future__ import annotations
 
 import socket
@@ -17,7 +18,7 @@ from torch.distributed import TCPStore
 
 from rag_lightning.training.setup import is_first_process
 
-_served: list[TCPStore] = []     # kept for the life of the process: torch finds the server by its port
+_served: list[TCPStore] = []  # kept for the life of the process: torch finds the server by its port
 
 
 def serve_rendezvous_on_job_address(trainer: L.Trainer) -> None:
@@ -30,6 +31,15 @@ def serve_rendezvous_on_job_address(trainer: L.Trainer) -> None:
     environment = trainer.strategy.cluster_environment
     address, port = environment.main_address, environment.main_port
     listener = socket.create_server((address, port))
-    _served.append(TCPStore(address, port, is_master=True, multi_tenant=True, wait_for_workers=False,
-                            master_listen_fd=listener.fileno(), use_libuv=True))
-    listener.detach()       # the store owns the socket now
+    _served.append(
+        TCPStore(
+            address,
+            port,
+            is_master=True,
+            multi_tenant=True,
+            wait_for_workers=False,
+            master_listen_fd=listener.fileno(),
+            use_libuv=True,
+        )
+    )
+    listener.detach()  # the store owns the socket now

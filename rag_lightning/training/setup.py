@@ -4,6 +4,7 @@ Only the first process of `stage=all` (and `stage=prepare`) prepares the data, b
 checks the knowledge base and launches the actors (idempotently); every other process
 (DDP ranks, `stage=train` under SLURM) reads what it made and attaches to the same cluster.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,7 +58,7 @@ def check_trainer_arguments(trainer: TrainerConfig) -> None:
     precision), naming the setting, by making a Trainer of these arguments now: before the knowledge base is
     built and Ray started, not after."""
     arguments = trainer.lightning_arguments()
-    lightning_log = logging.getLogger("lightning.pytorch")      # its "GPU available: ..." lines come at fit
+    lightning_log = logging.getLogger("lightning.pytorch")  # its "GPU available: ..." lines come at fit
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)
     try:
@@ -65,8 +66,13 @@ def check_trainer_arguments(trainer: TrainerConfig) -> None:
         for names in LIGHTNING_CHECKED:
             tried.update({name: arguments[name] for name in names})
             try:
-                L.Trainer(**tried, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False)
+                L.Trainer(
+                    **tried,
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                )
             except (MisconfigurationException, ValueError) as e:
                 raise UserError(f"trainer.{names[0]}={arguments[names[0]]}: {e}") from None
     finally:
@@ -82,11 +88,16 @@ def kb_writer_lock(cfg: TrainConfig) -> AbstractContextManager:
 
 def service_spec(cfg: TrainConfig) -> ServiceSpec:
     """The job's shard actors: enough for any of its processes to attach to them."""
-    return ServiceSpec(kb_dir=str(Path(cfg.kb.dir).resolve()), num_shards=cfg.index.shards,
-                       num_replicas=cfg.index.replicas, namespace=cfg.service.namespace,
-                       omp_threads=cfg.service.omp_threads, actor_cpus=cfg.service.actor_cpus,
-                       search_params=cfg.service.search_params,
-                       failover_timeout_s=cfg.service.failover_timeout_s)
+    return ServiceSpec(
+        kb_dir=str(Path(cfg.kb.dir).resolve()),
+        num_shards=cfg.index.shards,
+        num_replicas=cfg.index.replicas,
+        namespace=cfg.service.namespace,
+        omp_threads=cfg.service.omp_threads,
+        actor_cpus=cfg.service.actor_cpus,
+        search_params=cfg.service.search_params,
+        failover_timeout_s=cfg.service.failover_timeout_s,
+    )
 
 
 def kb_config(cfg: TrainConfig) -> KBConfig:
@@ -108,22 +119,36 @@ def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
     if first and cfg.retriever.objective == "distant":
         check_distant_supervision(cfg, manifest, splits["train"])
     if cfg.model.n_docs > manifest.num_passages:
-        raise UserError(f"model.n_docs={cfg.model.n_docs} is larger than the knowledge base "
-                        f"({manifest.num_passages} passages in {cfg.kb.dir})")
-    connect(cfg.service.ray_address, namespace=spec.namespace, host=cfg.service.host,
-            dashboard=cfg.service.dashboard, num_cpus=cfg.service.num_cpus,
-            temp_dir=cfg.service.temp_dir)
+        raise UserError(
+            f"model.n_docs={cfg.model.n_docs} is larger than the knowledge base "
+            f"({manifest.num_passages} passages in {cfg.kb.dir})"
+        )
+    connect(
+        cfg.service.ray_address,
+        namespace=spec.namespace,
+        host=cfg.service.host,
+        dashboard=cfg.service.dashboard,
+        num_cpus=cfg.service.num_cpus,
+        temp_dir=cfg.service.temp_dir,
+    )
     if first:
         launch_service(spec)
         refresh = cfg.index_refresh
         if refresh.every_n_steps is not None:
-            launch_refresher(spec, RefreshSpec(num_workers=refresh.workers, worker_cpus=refresh.worker_cpus,
-                                               worker_gpus=refresh.worker_gpus, batch_size=refresh.batch_size,
-                                               keep_versions=refresh.keep_versions))
+            launch_refresher(
+                spec,
+                RefreshSpec(
+                    num_workers=refresh.workers,
+                    worker_cpus=refresh.worker_cpus,
+                    worker_gpus=refresh.worker_gpus,
+                    batch_size=refresh.batch_size,
+                    keep_versions=refresh.keep_versions,
+                ),
+            )
     return manifest
 
 
-DISTANT_CHECK_QUESTIONS = 500   # training questions whose answers are looked for in the passages
+DISTANT_CHECK_QUESTIONS = 500  # training questions whose answers are looked for in the passages
 PASSAGES_PER_READ = 10_000
 
 
@@ -137,12 +162,18 @@ def check_distant_supervision(cfg: TrainConfig, manifest: Manifest, examples: li
     checked = examples[:DISTANT_CHECK_QUESTIONS]
     patterns = answer_patterns([a for e in checked for a in e.answers])
     passages = PassageTable(Path(cfg.kb.dir) / manifest.passages_file)
-    for start in tqdm(range(0, len(passages), PASSAGES_PER_READ), desc="looking for answers in the passages",
-                      unit="chunk", mininterval=2.0):
+    for start in tqdm(
+        range(0, len(passages), PASSAGES_PER_READ),
+        desc="looking for answers in the passages",
+        unit="chunk",
+        mininterval=2.0,
+    ):
         texts = passages.titles_and_texts(range(start, min(start + PASSAGES_PER_READ, len(passages))))
         if any(holds_pattern(text, patterns) for _, text in texts):
             return
     titles = ", and no question names gold titles" if titles_count else " (retriever.positives=answer)"
-    raise UserError(f"retriever.objective=distant: no passage of {cfg.kb.dir} holds an answer of the first "
-                    f"{len(checked)} training questions of {cfg.data.dir}{titles}; distant supervision would find "
-                    "no positive")
+    raise UserError(
+        f"retriever.objective=distant: no passage of {cfg.kb.dir} holds an answer of the first "
+        f"{len(checked)} training questions of {cfg.data.dir}{titles}; distant supervision would find "
+        "no positive"
+    )
