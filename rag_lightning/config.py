@@ -314,7 +314,8 @@ class ServiceConfig:
     omp_threads: int = at_least(ServiceSpec.omp_threads, 1, help="FAISS threads per shard actor")
     search_params: str = setting(
         ServiceSpec.search_params,
-        'faiss.ParameterSpace settings of the shard actors\' searches, e.g. "efSearch=128" or "nprobe=16"',
+        'faiss.ParameterSpace settings of the shard actors\' searches, e.g. "efSearch=128" or "nprobe=16"; '
+        "evaluate and generate: empty keeps the setting the checkpoint trained with",
     )
     failover_timeout_s: float = at_least(
         ServiceSpec.failover_timeout_s, 0.001, help="a search waits this long for some replica of a dead shard"

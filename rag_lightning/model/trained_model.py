@@ -102,11 +102,15 @@ def serving(trained: TrainedModel, service: ServiceConfig) -> Iterator[int]:
 @contextmanager
 def serving_knowledge_base(spec: ServiceSpec, service: ServiceConfig) -> Iterator[ServiceSpec]:
     """Shard actors of spec's knowledge base for this process alone (under a name of its own, on a local Ray or on
-    the cluster at service.ray_address); yields their spec."""
+    the cluster at service.ray_address, with service's threads and CPUs, and its search_params unless empty); yields
+    their spec."""
     spec = replace(
         spec,
         namespace=service.namespace,
         name_prefix=f"serve-{os.getpid()}",
+        omp_threads=service.omp_threads,
+        actor_cpus=service.actor_cpus,
+        search_params=service.search_params or spec.search_params,
         failover_timeout_s=service.failover_timeout_s,
     )
     owns_ray = not (service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
