@@ -16,10 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
-from retrieval_workers.kb_store import KnowledgeBaseError
 from retrieval_workers.ray_runtime import RayUnreachable, connect
 from retrieval_workers.service import launch_service, shutdown_service
-from retrieval_workers.types import ServiceSpec
+from retrieval_workers.types import RetrievalWorkersError, ServiceSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         launch_service(spec)
-    except (KnowledgeBaseError, ValueError) as e:
+    except RetrievalWorkersError as e:  # a knowledge base that does not fit, a shard that cannot be placed
         print(f"error: {e}", file=sys.stderr)
         return 2
     log.info(

@@ -41,7 +41,7 @@ def launch_service(spec: ServiceSpec, timeout_s: float = 300.0) -> None:
     """
     manifest = read_manifest(spec.kb_dir)
     if len(manifest.shards) != spec.num_shards:
-        raise ValueError(
+        raise KnowledgeBaseError(
             f"index.shards={spec.num_shards} but the knowledge base in {spec.kb_dir} "
             f"has {len(manifest.shards)} shards; rebuild it or change index.shards"
         )
@@ -83,7 +83,7 @@ def _placement_group(spec: ServiceSpec, shard: int, timeout_s: float) -> Placeme
             [bundle] * spec.num_replicas, strategy="SPREAD", name=name, lifetime="detached"
         )
     if not group.wait(timeout_s):
-        raise RuntimeError(
+        raise ShardUnavailable(
             f"placement group {name!r} for the {spec.num_replicas} replicas of shard {shard} was not "
             f"placed within {timeout_s:.0f}s"
         )
@@ -201,7 +201,8 @@ class RetrievalClient:
 
 
 class ShardUnavailable(RetrievalWorkersError, RuntimeError):
-    """No replica of an index shard answered within the failover timeout."""
+    """An index shard that cannot serve: no replica answered within the failover timeout, its replicas could not
+    be placed on the cluster, or its actors are not there to attach to."""
 
 
 def merge_top_k(parts: list[SearchResult], k: int) -> SearchResult:
@@ -242,7 +243,7 @@ def _get_actor_with_retry(name: str, namespace: str, timeout_s: float):
             return ray.get_actor(name, namespace=namespace)
         except ValueError:
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise ShardUnavailable(
                     f"retrieval actor {name!r} not found in Ray namespace {namespace!r} "
                     f"after {timeout_s:.0f}s; was the service launched?"
                 ) from None
