@@ -28,11 +28,11 @@ from rag_lightning.preflight import preflight
 COMPOSITION_ERRORS = (ConfigCompositionException, OverrideParseException)
 
 
-def command(config_name: str) -> Callable[[Callable[[Any], None]], Callable[[], None]]:
+def command(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], None]]:
     """Make `run(cfg)` a command composed from conf/<config_name>.yaml and the command-line overrides."""
     register_configs()
 
-    def decorate(run: Callable[[Any], None]) -> Callable[[], None]:
+    def decorate(run: Callable[[Any], Any]) -> Callable[[], None]:
         @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name=config_name)
         @exit_on_user_error
         @functools.wraps(run)  # Hydra names the job (and its log file) after the wrapped function's module
@@ -64,7 +64,7 @@ def composition_error(error: Exception) -> str:
         return f"{group}={option}: no such option; {group} is one of {', '.join(error.options)}"
     cause = error.__cause__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and is_dataclass(cause.object_type):
-        return str(not_a_setting(cause.full_key, cause.object_type))
+        return str(not_a_setting(cause.full_key or "", cause.object_type))
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
         return f"{cause.full_key}: {str(cause).splitlines()[0]}"
     return str(error).splitlines()[0]

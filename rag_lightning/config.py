@@ -590,7 +590,7 @@ def checked(cfg: DictConfig) -> Any:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"{missing[0]}: required; give {missing[0]}=...")
-    _check_keys(cfg, OmegaConf.get_type(cfg), "")
+    _check_keys(cfg, _schema(cfg), "")
     config = OmegaConf.to_object(cfg)
     _check_values(config, "")
     return config
@@ -601,10 +601,17 @@ def _check_keys(node: DictConfig, schema: type, prefix: str) -> None:
     names = {f.name for f in fields(schema)}
     for key in node.keys():
         if key not in names:
-            raise not_a_setting(f"{prefix}{key}", schema)
+            raise not_a_setting(f"{prefix}{key!s}", schema)
         child = node[key]
         if isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
-            _check_keys(child, OmegaConf.get_type(child), f"{prefix}{key}.")
+            _check_keys(child, _schema(child), f"{prefix}{key!s}.")
+
+
+def _schema(node: DictConfig) -> type:
+    """The dataclass a structured node was made from."""
+    schema = OmegaConf.get_type(node)
+    assert schema is not None, "a node composed on a structured config"
+    return schema
 
 
 def not_a_setting(full_key: str, schema: type) -> UserError:

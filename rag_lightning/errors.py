@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from hydra.experimental.callback import Callback
 
@@ -72,7 +73,7 @@ def handles_stop_signal(signum: int) -> bool:
     return signal.getsignal(signum) is _stop
 
 
-def _install_stop_handlers() -> dict[int, object]:
+def _install_stop_handlers() -> dict[int, Any]:
     """Handle SIGTERM and SIGINT where no function of someone else's does yet; returns the handlers replaced.
 
     A default or ignored disposition is taken over: a process that a non-interactive shell started in the
@@ -84,7 +85,7 @@ def _install_stop_handlers() -> dict[int, object]:
     """
     if threading.current_thread() is not threading.main_thread():
         return {}
-    replaced = {}
+    replaced: dict[int, Any] = {}
     for signum in STOP_SIGNALS:
         current = signal.getsignal(signum)
         if current in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler):
@@ -93,7 +94,7 @@ def _install_stop_handlers() -> dict[int, object]:
     return replaced
 
 
-def _restore_handlers(replaced: dict[int, object]) -> None:
+def _restore_handlers(replaced: dict[int, Any]) -> None:
     for signum, handler in replaced.items():
         if signal.getsignal(signum) is _stop:  # not if someone took the signal over since
             signal.signal(signum, handler)

@@ -67,6 +67,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 def evaluate_checkpoint(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     """The checkpoint's scores on the split, and what they were measured on."""
+    assert cfg.ckpt_path is not None  # evaluate() chose this for a checkpoint
     trained = load_trained_model(cfg.ckpt_path)
     module = trained.module
     if cfg.data is not None:
@@ -88,7 +89,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     loader = eval_loader(
         dataset, cfg.eval_batch_size, module.question_tokenizer.pad_token_id, module.generator_tokenizer.pad_token_id
     )
-    ks, answers = sorted({*cfg.eval_k, module.model_cfg.n_docs}), cfg.mode == "answers"
+    ks, answers = sorted({*cfg.eval_k, module.n_docs}), cfg.mode == "answers"
     scores = SplitScores(ks, answers=answers)
     with serving(trained, cfg.service) as index_version:
         for batch in tqdm(loader, desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0):
@@ -103,6 +104,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
 @torch.no_grad()
 def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     """The scores of the knowledge base's own encoder, encoding the questions as it encoded the passages."""
+    assert cfg.kb.dir is not None and cfg.data is not None  # EvaluateConfig.check requires both without a checkpoint
     kb_dir = str(Path(cfg.kb.dir).resolve())
     try:
         manifest = read_manifest(kb_dir)

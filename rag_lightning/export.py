@@ -55,7 +55,7 @@ def export(cfg: ExportConfig) -> Path:
     trained = load_trained_model(cfg.ckpt_path)
     module = trained.module
     encoder = module.question_encoder
-    mismatch = export_mismatch(encoder.pooling, encoder.normalize, module.retriever_cfg.score_scale)
+    mismatch = export_mismatch(encoder.pooling, encoder.normalize, module.score_scale)
     if mismatch is not None:
         raise UserError(f"ckpt_path: {cfg.ckpt_path} was trained with {mismatch}")
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")

@@ -39,7 +39,7 @@ def read_questions(path: str) -> list[str]:
 
 def generate(cfg: GenerateConfig) -> list[dict]:
     """Each question's answer and retrieved passages (id, title, text, score), best first."""
-    questions = [cfg.question] if cfg.question is not None else read_questions(cfg.questions)
+    questions = [cfg.question] if cfg.question is not None else read_questions(str(cfg.questions))
     if not all(q.strip() for q in questions):
         raise UserError("question: empty")
     trained = load_trained_model(cfg.ckpt_path)
@@ -55,7 +55,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
                 module.question_tokenizer.pad_token_id,
             )
             answers, retrieved = module.predict_answers(batch)
-            ids, scores = retrieved.ids[:, : module.model_cfg.n_docs], retrieved.scores.float().numpy()
+            ids, scores = retrieved.ids[:, : module.n_docs], retrieved.scores.float().numpy()
             for i, (question, answer) in enumerate(zip(chunk, answers)):
                 passages = module.passages.titles_and_texts(ids[i])
                 answered.append(

@@ -10,6 +10,7 @@ config.py checks the settings themselves and reads nothing; command() runs `pref
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,9 @@ def check_training_run(cfg: TrainConfig, key: str) -> None:
                 f"kb.generator_tokenizer.path: {tokenizer_path} ({kb}) is not the tokenizer of the "
                 f"generator ({own_tokenizer}: {own}); leave it unset to use the generator's"
             )
-    candidates = cfg.retriever.candidates
-    if candidates is not None and candidates < cfg.model.n_docs:
+    candidates, n_docs = cfg.retriever.candidates, cfg.model.n_docs
+    assert n_docs is not None  # filled in by fill_model_settings, a check of a part
+    if candidates is not None and candidates < n_docs:
         raise UserError(
             f"retriever.candidates={candidates} is smaller than model.n_docs={cfg.model.n_docs}: the "
             "reader reads the best n_docs of the candidates"
@@ -114,7 +116,7 @@ def check_file_writable(path: str, key: str) -> None:
 
 
 # Which check runs on which part of a config (a part of each kind, wherever it sits in the tree)
-CHECKS = (
+CHECKS: tuple[tuple[type, Callable[[Any, str], object]], ...] = (
     (EncoderConfig, check_encoder),
     (GeneratorConfig, check_generator),
     (ModelConfig, fill_model_settings),

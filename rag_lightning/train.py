@@ -20,7 +20,6 @@ import ray
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from omegaconf import OmegaConf
 
 from rag_lightning.callbacks.checkpoints import AtomicCheckpointIO, checkpoint_callbacks, resume_checkpoint
 from rag_lightning.callbacks.context_encoder_saver import SaveContextEncoder
@@ -97,7 +96,9 @@ def train(cfg: TrainConfig) -> dict:
 
 def warn_unless_exportable(cfg: TrainConfig) -> None:
     """One warning line when export would refuse this run's checkpoints (the check export makes)."""
-    mismatch = export_mismatch(*question_vectors(cfg.model), cfg.retriever.score_scale)
+    score_scale = cfg.retriever.score_scale
+    assert score_scale is not None  # filled in by preflight
+    mismatch = export_mismatch(*question_vectors(cfg.model), score_scale)
     if mismatch is not None:
         log.warning("rag_lightning.export will refuse this run's checkpoints: it trains with %s", mismatch)
 
@@ -143,7 +144,7 @@ def fit_and_test(
         callbacks.append(refresh)
     if module.context_encoder is not None:
         callbacks.append(SaveContextEncoder(run_dir / "checkpoints" / "context_encoder"))
-    logger = build_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
+    logger = build_logger(cfg.logger, run_dir, asdict(cfg))
     if isinstance(logger, WandbLogger):
         callbacks.append(SampleTable(metrics))
     trainer = L.Trainer(

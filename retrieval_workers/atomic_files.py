@@ -90,6 +90,6 @@ def staged_directory(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)

@@ -75,7 +75,8 @@ class IndexShard:
         index = faiss.read_index(str(index_file))
         _check_shape(index_file, "an index", (index.ntotal, index.d), expected)
         if self.search_params:
-            faiss.ParameterSpace().set_index_parameters(index, self.search_params)
+            # faiss' stub types the value an int; the call takes a whole "name=value,..." string
+            faiss.ParameterSpace().set_index_parameters(index, self.search_params)  # type: ignore[arg-type]
         embeddings_file = verify_file(self.kb_dir, manifest, manifest.embeddings_file(self.shard, version))
         embeddings = np.load(embeddings_file, mmap_mode="r")
         _check_shape(embeddings_file, "embeddings", embeddings.shape, expected)

@@ -51,7 +51,11 @@ class IndexRefresh(L.Callback):
                 if self.blocking:
                     finished.append(self._collect(wait=True))
         self.blocked_s += time.perf_counter() - started
-        metrics = {"refresh/completed": self.completed, "refresh/skipped": self.skipped, "refresh/failed": self.failed}
+        metrics: dict[str, float] = {
+            "refresh/completed": self.completed,
+            "refresh/skipped": self.skipped,
+            "refresh/failed": self.failed,
+        }
         for report in filter(None, finished):
             metrics.update(report_metrics(report))
         pl_module.log_dict({k: float(v) for k, v in metrics.items()}, batch_size=1, rank_zero_only=True)

@@ -15,6 +15,7 @@ file size are the same: bytes per vector times the shard's vectors, plus fixed p
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import faiss
 
@@ -64,7 +65,8 @@ def index_model(factory: str, dim: int, key: str = "index.factory") -> IndexMode
 
 
 def _model(owner: faiss.Index, key: str, factory: str) -> IndexModel:
-    index = faiss.downcast_index(owner)  # a view: `owner` keeps the C++ object alive
+    # a view (`owner` keeps the C++ object alive); Any: faiss' stubs lack the SWIG classes' own members
+    index: Any = faiss.downcast_index(owner)
     d = index.d
     if isinstance(index, faiss.IndexPreTransform):
         inner = _model(index.index, key, factory)

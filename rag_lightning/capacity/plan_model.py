@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from rag_lightning.capacity import measured
 from rag_lightning.capacity.index_model import FLOAT_BYTES, IndexModel, index_model
@@ -97,6 +98,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
         return fallback
 
     encoder = encoder_shape(cfg.kb.context_encoder, "kb.context_encoder")
+    assert p.passages is not None  # PlanSettings.check requires it
     n, shards, replicas = int(p.passages), index_cfg.shards, index_cfg.replicas
     nodes, ranks = cfg.trainer.num_nodes, _ranks_per_node(cfg.trainer.devices)
     dim = given_or(p.dim, encoder.dim, "embedding dimension (plan.dim)", "the context encoder's output")
@@ -215,7 +217,9 @@ def _ranks_per_node(devices) -> int:
 
 
 def _node_layout(shards: int, replicas: int, nodes: int, ranks: int, encoders: int) -> list[dict]:
-    rows = [{"node": i, "actors": [], "trainer_ranks": ranks, "encoder_actors": 0} for i in range(nodes)]
+    rows: list[dict[str, Any]] = [
+        {"node": i, "actors": [], "trainer_ranks": ranks, "encoder_actors": 0} for i in range(nodes)
+    ]
     for shard in range(shards):
         for replica in range(replicas):
             rows[(shard * replicas + replica) % nodes]["actors"].append(f"s{shard}r{replica}")

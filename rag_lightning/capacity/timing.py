@@ -44,6 +44,7 @@ def search_params(text: str, key: str = "service.search_params") -> dict[str, fl
 def search_seconds(model: IndexModel, vectors: float, params: dict[str, float]) -> float:
     """One query's search time over a shard of `vectors`, on one thread."""
     if model.nlist:
+        assert model.quantizer is not None  # an inverted-file index has one
         nprobe = min(params.get("nprobe", DEFAULT_NPROBE), model.nlist)
         return search_seconds(model.quantizer, model.nlist, params) + _scan_seconds(
             model, nprobe * vectors / model.nlist

@@ -40,7 +40,7 @@ def retrieval_scores(answer_rank: int | None, gold_rank: int | None, has_gold: b
     for k in ks:
         found = answer_rank is not None and answer_rank <= k
         scores[f"recall@{k}"] = float(found)
-        scores[f"mrr@{k}"] = 1.0 / answer_rank if found else 0.0
+        scores[f"mrr@{k}"] = 1.0 / answer_rank if answer_rank is not None and found else 0.0
         if has_gold:
             scores[f"gold_recall@{k}"] = float(gold_rank is not None and gold_rank <= k)
     if has_gold:

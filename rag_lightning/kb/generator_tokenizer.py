@@ -27,7 +27,9 @@ def train_tokenizer(cfg: GeneratorTokenizerConfig, texts: Iterable[str]) -> PreT
         tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
         tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
         tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-        trainer = trainers.WordLevelTrainer(vocab_size=cfg.vocab_size, special_tokens=list(SPECIAL_TOKENS.values()))
+        trainer: trainers.WordLevelTrainer | trainers.BpeTrainer = trainers.WordLevelTrainer(
+            vocab_size=cfg.vocab_size, special_tokens=list(SPECIAL_TOKENS.values())
+        )
     elif cfg.kind == "bpe":
         tokenizer = Tokenizer(models.BPE())
         tokenizer.normalizer = normalizers.NFKC()

@@ -41,6 +41,7 @@ def read_documents(path: str | Path) -> Iterator[tuple[str, str]]:
     if not path.is_file():
         raise UserError(f"kb.source: file not found: {path}")
     lines = utf8_lines(path)
+    rows: Iterator[tuple[int, str, str]]
     if path.suffix == ".jsonl":
         rows = ((number, *_title_and_text(row)) for number, row in jsonl_rows(path, lines))
     elif path.suffix in (".tsv", ".csv"):

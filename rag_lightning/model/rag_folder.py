@@ -82,6 +82,7 @@ def load_rag_folder(
 ) -> tuple[RagSequenceForGeneration, PreTrainedTokenizerBase]:
     """The RAG model of model_cfg.init_from as model_cfg.kind (RAG-Sequence or RAG-Token) with model_cfg's values
     on top, and its question tokenizer; generator_tokenizer is the folder's own."""
+    assert model_cfg.init_from is not None  # called for a model made from a RAG folder
     folder = read_rag_folder(model_cfg.init_from, "model.init_from")
     rag = RAG_CLASSES[model_cfg.kind].from_pretrained(str(folder.path))
     rag.generator = ready_for_rag(rag.generator, generator_tokenizer)

@@ -18,6 +18,7 @@ versions in checkpoints, the background refresh, the saved context encoder, metr
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import cast
 
 import lightning as L
 import numpy as np
@@ -67,7 +68,11 @@ class RagModule(L.LightningModule):
         self.retriever_cfg: RetrieverConfig = fill_score_scale(
             _structured(RetrieverConfig, retriever), self.model_cfg, kb_encoder_config(manifest)
         )
-        self.hparams.retriever = {**retriever, "score_scale": self.retriever_cfg.score_scale}  # checkpoints keep it
+        # what fill_model_settings and fill_score_scale set where the config left null
+        self.n_docs = cast(int, self.model_cfg.n_docs)
+        self.max_context_tokens = cast(int, self.model_cfg.max_context_tokens)
+        self.score_scale = cast(float, self.retriever_cfg.score_scale)
+        self.hparams.retriever = {**retriever, "score_scale": self.score_scale}  # checkpoints keep it
         self.passages_file = manifest.passages_file
         self.generator_tokenizer = self._generator_tokenizer(
             f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}"
@@ -102,11 +107,12 @@ class RagModule(L.LightningModule):
                 encoder.model.get_input_embeddings().requires_grad_(False)
         if self.model_cfg.gradient_checkpointing:
             encoders = [e for e in (self.question_encoder, self.context_encoder) if e is not None]
-            for model in (self.rag.generator, *(transformer_body(e.model) for e in encoders)):
+            for part in (self.rag.generator, *(transformer_body(e.model) for e in encoders)):
                 # non-reentrant: correct when a checkpointed block's inputs need no gradient (frozen embeddings)
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.retrieval_client: RetrievalClient | None = None
-        self.passages: PassageTable | None = None
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # made by setup(), once the process is attached to the service's Ray cluster
+        self.retrieval_client: RetrievalClient
+        self.passages: PassageTable
         self.train()  # from_pretrained leaves a model in eval mode, and Lightning keeps the modes it finds
 
     def train(self, mode: bool = True) -> RagModule:
@@ -141,7 +147,7 @@ class RagModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Attach to the service's shard actors and open the passage table."""
-        if self.retrieval_client is None:
+        if not hasattr(self, "retrieval_client"):
             self.retrieval_client = RetrievalClient(self.service_spec, replica_offset=self.global_rank)
             self.passages = PassageTable(f"{self.service_spec.kb_dir}/{self.passages_file}")
 
@@ -150,12 +156,12 @@ class RagModule(L.LightningModule):
     @property
     def candidates(self) -> int:
         """Passages asked of the service per question and scored by the current encoders (at least n_docs)."""
-        return max(self.retriever_cfg.candidates or self.model_cfg.n_docs, self.model_cfg.n_docs)
+        return max(self.retriever_cfg.candidates or self.n_docs, self.n_docs)
 
     @property
     def eval_k(self) -> list[int]:
         """The ranks at which validation and test score retrieval: retriever.eval_k and n_docs."""
-        return sorted({*self.retriever_cfg.eval_k, self.model_cfg.n_docs})
+        return sorted({*self.retriever_cfg.eval_k, self.n_docs})
 
     def retrieve(self, batch: dict, depth: int = 0) -> Retrieved:
         """The batch's passages, best first: the top `candidates` scored by the current encoders (differentiable in
@@ -170,10 +176,10 @@ class RagModule(L.LightningModule):
             embeddings = self.embed_passages(ids[:, :k]).to(questions)
         else:
             embeddings = torch.from_numpy(result.embeddings[:, :k]).to(questions)
-        scores = self.retriever_cfg.score_scale * torch.einsum("bd,bkd->bk", questions, embeddings)
+        scores = self.score_scale * torch.einsum("bd,bkd->bk", questions, embeddings)
         if self.context_encoder is not None:  # the index holds older embeddings than today's: re-rank
             order = torch.argsort(scores.detach(), dim=1, descending=True, stable=True)
-            n = self.model_cfg.n_docs
+            n = self.n_docs
             reranked = float(
                 (order[:, :n].sort(1).values != torch.arange(n, device=order.device)).any(1).float().mean()
             )
@@ -185,18 +191,19 @@ class RagModule(L.LightningModule):
 
     def reader_inputs(self, batch: dict, retrieved: Retrieved) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The reader's n_docs best passages: doc_scores [B, n_docs], contexts [B * n_docs, L] and their mask."""
-        n = self.model_cfg.n_docs
+        n = self.n_docs
         context_ids, context_mask = join_contexts(
             retrieved.token_ids[:, :n],
             retrieved.lengths[:, :n],
             batch["question_generator_ids"],
             self.context_layout,
-            self.model_cfg.max_context_tokens,
+            self.max_context_tokens,
         )
         return retrieved.scores[:, :n], context_ids.to(self.device), context_mask.to(self.device)
 
     def embed_passages(self, ids: np.ndarray) -> torch.Tensor:
         """Embed the passages with these ids [B, k] by the current context encoder: [B, k, D], with gradients."""
+        assert self.context_encoder is not None  # called when retriever.train_context_encoder made one
         token_ids = self.passages.padded_token_ids("encoder_ids", ids, self.context_encoder.pad_token_id)
         return self.context_encoder(torch.from_numpy(token_ids).to(self.device)).view(*ids.shape, -1)
 
@@ -211,7 +218,7 @@ class RagModule(L.LightningModule):
             context_attention_mask=context_mask,
             doc_scores=doc_scores if marginal else doc_scores.detach(),  # the objective trains it
             labels=batch["labels"],
-            n_docs=self.model_cfg.n_docs,
+            n_docs=self.n_docs,
             reduce_loss=False,
         )
         loss = out.loss.mean()
@@ -225,7 +232,7 @@ class RagModule(L.LightningModule):
             self.log("retrieval/reranked", retrieved.reranked, batch_size=batch_size)
         return {
             "loss": loss,
-            "retrieved_ids": retrieved.ids[:, : self.model_cfg.n_docs],
+            "retrieved_ids": retrieved.ids[:, : self.n_docs],
             "index_version": retrieved.result.version,
             "search_ms": self.retrieval_client.last_search_ms,
         }
@@ -243,14 +250,12 @@ class RagModule(L.LightningModule):
                 retrieved.embeddings,
                 torch.from_numpy(ids).to(self.device),
                 positive,
-                cfg.score_scale,
+                self.score_scale,
                 cfg.temperature,
             )
             self.log("retrieval/without_positive", without_positive / len(ids), batch_size=len(ids))
             return loss
-        answer_ll = answer_log_likelihoods(
-            logits, batch["labels"], self.model_cfg.n_docs, self.generator_tokenizer.pad_token_id
-        )
+        answer_ll = answer_log_likelihoods(logits, batch["labels"], self.n_docs, self.generator_tokenizer.pad_token_id)
         if cfg.objective == "pdist":
             return pdist_loss(doc_scores, answer_ll, cfg.temperature)
         return emdr2_loss(doc_scores, answer_ll)
@@ -311,14 +316,14 @@ class RagModule(L.LightningModule):
             # transformers 5's RAG-Sequence generate gives its generator no attention mask, so the generator reads
             # the contexts' padding: padded as transformers' RagRetriever pads them (to max_context_tokens), the
             # answers are those of the exported model, and the same whatever else is in the batch
-            extra = max(self.model_cfg.max_context_tokens - context_ids.shape[1], 0)
+            extra = max(self.max_context_tokens - context_ids.shape[1], 0)
             context_ids = F.pad(context_ids, (0, extra), value=self.context_layout.pad)
             context_mask = F.pad(context_mask, (0, extra), value=0)
         generated = self.rag.generate(
             context_input_ids=context_ids,
             context_attention_mask=context_mask,
             doc_scores=doc_scores,
-            n_docs=self.model_cfg.n_docs,
+            n_docs=self.n_docs,
             num_beams=self.model_cfg.num_beams,
             max_new_tokens=self.model_cfg.max_answer_tokens,
         )
@@ -329,7 +334,7 @@ class RagModule(L.LightningModule):
         """A record of each example (rag_lightning/evaluation/scores.py): its ranked passages scored at every k
         of ks, and with `answers` its generated answer's EM, F1 and the gold answer's NLL."""
         retrieved = self.retrieve(batch, depth=max(ks))
-        n = self.model_cfg.n_docs
+        n = self.n_docs
         records = ranked_records(batch, retrieved.ids, retrieved.scores[:, :n].float().cpu().numpy(), self.passages, ks)
         if answers:
             doc_scores, context_ids, context_mask = self.reader_inputs(batch, retrieved)

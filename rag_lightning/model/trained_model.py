@@ -142,6 +142,7 @@ def encode_new_version(spec: ServiceSpec, module: RagModule, global_step: int) -
     )
     kept = len(read_manifest(spec.kb_dir).kept_versions())
     coordinator = launch_refresher(spec, RefreshSpec(keep_versions=kept + 1))
+    assert module.context_encoder is not None  # called for a checkpoint that trained its context encoder
     report = ray.get(coordinator.refresh.remote([ray.put(module.context_encoder.snapshot(global_step))], global_step))
     if report.error is not None:
         raise RuntimeError(f"re-encoding {spec.kb_dir} with the checkpoint's context encoder failed: {report.error}")

@@ -41,6 +41,8 @@ def build_logger(cfg: LoggerConfig, run_dir: Path, config: dict) -> Logger | boo
 class AppendingCSVLogger(CSVLogger):
     """Lightning's CSVLogger, writing through an AppendingWriter."""
 
+    _experiment: ExperimentWriter | None
+
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:

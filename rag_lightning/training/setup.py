@@ -118,7 +118,9 @@ def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
     manifest = build_knowledge_base(kb_config(cfg), cfg.index) if first else read_manifest(cfg.kb.dir)
     if first and cfg.retriever.objective == "distant":
         check_distant_supervision(cfg, manifest, splits["train"])
-    if cfg.model.n_docs > manifest.num_passages:
+    n_docs = cfg.model.n_docs
+    assert n_docs is not None  # filled in by preflight
+    if n_docs > manifest.num_passages:
         raise UserError(
             f"model.n_docs={cfg.model.n_docs} is larger than the knowledge base "
             f"({manifest.num_passages} passages in {cfg.kb.dir})"
