@@ -221,8 +221,7 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig, stages: BuildStages |
 def _source_passages(kb: KBConfig, imported: HFPassages | None) -> Iterator[Passage]:
     if imported is not None:
         return (Passage(title, text) for title, text in zip(imported.titles, imported.texts))
-    if kb.source is None:
-        raise UserError("kb.source: give the documents to build the knowledge base from (kb.source=PATH)")
+    assert kb.source is not None  # build_knowledge_base refused a missing one
     return split_into_passages(read_documents(kb.source), kb.words_per_passage)
 
 
