@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger("bench")
 Result = TypeVar("Result")
@@ -93,3 +93,22 @@ def summarise(rounds: dict[str, list[float]], targets: dict[str, Target], digits
         name for name, target in targets.items() if len({target.met(value) for value in rounds[name]}) > 1
     ]
     return summary
+
+
+def bare_trainer(steps: int, callbacks: list) -> Any:
+    """A Lightning Trainer of `steps` steps on the CPU with nothing else: no logger, checkpoints, progress bar,
+    model summary or validation, so that what a bench times is training."""
+    import lightning as L  # here: not every bench trains
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )

@@ -46,7 +46,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Target, interleaved, measure_and_print, parse_with_quick, per_round, summarise  # noqa: E402
+from common import Target, bare_trainer, interleaved, measure_and_print, parse_with_quick, per_round, summarise  # noqa: E402
 from train_throughput import (  # noqa: E402
     DIM,
     HEADS,
@@ -134,18 +134,7 @@ def train(tok_dir: Path, data_dir: Path, spec: ServiceSpec, steps: int, every: i
     module = new_module(tok_dir, spec)
     refresh = IndexRefresh(spec, every, blocking=blocking)
     clock = StepClock(refresh)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[clock, refresh],
-    )
+    trainer = bare_trainer(steps, [clock, refresh])
     started = time.perf_counter()
     trainer.fit(module, datamodule=new_datamodule(module, data_dir))
     wall_s = time.perf_counter() - started

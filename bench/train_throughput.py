@@ -50,7 +50,7 @@ from pathlib import Path
 import lightning as L
 import ray
 import torch
-from common import Target, interleaved, measure_and_print, parse_with_quick, per_round, summarise
+from common import Target, bare_trainer, interleaved, measure_and_print, parse_with_quick, per_round, summarise
 from lightning.pytorch.callbacks import Callback
 from synthetic import passages_and_qa, word_tokenizer
 from transformers import AutoTokenizer, BertModel
@@ -246,18 +246,7 @@ def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:
 def timed_fit(module: RagModule, datamodule: QADataModule, steps: int, callbacks: list[Callback]) -> float:
     """Train for `steps` steps from the fixed seed (hence the same batch order every time); returns steps/s."""
     timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[*callbacks, timer],
-    )
+    trainer = bare_trainer(steps, [*callbacks, timer])
     L.seed_everything(SEED, verbose=False)
     trainer.fit(module, datamodule=datamodule)
     return timer.steps_per_s
