@@ -24,6 +24,7 @@ from rag_lightning.config import (
     ServiceConfig,
     TrainConfig,
 )
+from rag_lightning.data.prepare import check_nq_open_source
 from rag_lightning.encoders.folders import resolve_encoder
 from rag_lightning.errors import UserError
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
@@ -68,6 +69,8 @@ def check_service(service: ServiceConfig, key: str) -> None:
 
 
 def check_data(data: DataConfig, key: str) -> None:
+    if data.prepare == "nq_open":
+        check_nq_open_source(data.source)
     if data.prepare is None and not Path(data.dir).is_dir():
         raise UserError(
             f"{key}.dir: no folder at {data.dir}; data=files needs {key}.dir=DIR, the folder of your "

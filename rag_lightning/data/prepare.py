@@ -36,6 +36,15 @@ def prepare_data(cfg: DataConfig) -> None:
     log.info("prepared %s data in %s", cfg.prepare, cfg.dir)
 
 
+def check_nq_open_source(source: str | None) -> str:
+    """source, refused in one line naming data.source unless it is a file (preflight checks it before any work)."""
+    if source is None:
+        raise UserError(f"data.source: data=nq_open needs data.source=PATH, {NQ_OPEN_FILE}")
+    if not Path(source).is_file():
+        raise UserError(f"data.source: {source} is not a file; it should be {NQ_OPEN_FILE}")
+    return source
+
+
 def write_nq_open(
     source: str | None, out_dir: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
 ) -> None:
@@ -45,10 +54,7 @@ def write_nq_open(
     [{"title": str, "text": str, "isgold": bool}, ...]}; the gold contexts (isgold true, or the first context
     where none is) are the passages.
     """
-    if source is None:
-        raise UserError(f"data.source: data=nq_open needs data.source=PATH, {NQ_OPEN_FILE}")
-    if not Path(source).is_file():
-        raise UserError(f"data.source: {source} is not a file; it should be {NQ_OPEN_FILE}")
+    source = check_nq_open_source(source)
     passages: dict[tuple[str, str], None] = {}
     questions = []
     try:
