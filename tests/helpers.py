@@ -22,30 +22,30 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from omegaconf import OmegaConf
 
-from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, KBConfig
+from rag_lightning.config import EncoderConfig, GeneratorConfig, GeneratorTokenizerConfig, KBConfig
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV
 from retrieval_workers.types import ServiceSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_NAMESPACE = "rag_lightning_tests"
-TINY_DIM = 32
+# The tiny sizes, defined once: conf/experiment/tiny.yaml (the smoke run the command-line tests train). The random
+# encoders and the from-scratch generator of every test are made of them, as overrides or as configs.
+TINY = OmegaConf.load(REPO_ROOT / "conf" / "experiment" / "tiny.yaml")
+TINY_DIM = TINY.kb.context_encoder.hidden_size
+
+
+def _overrides(prefix: str, node) -> list[str]:
+    """Command-line overrides that set each key of a config node: `prefix.key=value` (None as null)."""
+    return [f"{prefix}.{key}={'null' if value is None else value}" for key, value in node.items()]
+
+
 # the same tiny random encoders and generator as command-line overrides
-TINY_KB_ENCODER = [
-    "kb.context_encoder.pretrained=null",
-    f"kb.context_encoder.hidden_size={TINY_DIM}",
-    "kb.context_encoder.num_layers=1",
-    "kb.context_encoder.num_heads=2",
-]
+TINY_KB_ENCODER = _overrides("kb.context_encoder", TINY.kb.context_encoder)
 TINY_MODEL = [
-    "model.question_encoder.pretrained=null",
-    f"model.question_encoder.hidden_size={TINY_DIM}",
-    "model.question_encoder.num_layers=1",
-    "model.question_encoder.num_heads=2",
-    "model.generator.d_model=32",
-    "model.generator.layers=1",
-    "model.generator.heads=2",
-    "model.generator.ffn_dim=64",
+    *_overrides("model.question_encoder", TINY.model.question_encoder),
+    *_overrides("model.generator", TINY.model.generator),
 ]
 _WORDS = [
     f"{a}{b}"
@@ -56,9 +56,15 @@ _WORDS = [
 _prefixes = itertools.count()
 
 
-def tiny_encoder_config() -> EncoderConfig:
-    """A random BERT encoder (MiniLM's tokenizer, loaded offline) small enough to run in milliseconds."""
-    return EncoderConfig(pretrained=None, hidden_size=TINY_DIM, num_layers=1, num_heads=2, max_length=48)
+def tiny_encoder_config(**settings) -> EncoderConfig:
+    """The tiny random BERT encoder of tiny.yaml (MiniLM's tokenizer, loaded offline), small enough to run in
+    milliseconds; `settings` adds others (max_length, pooling, ...)."""
+    return EncoderConfig(**{**TINY.kb.context_encoder, **settings})
+
+
+def tiny_generator_config(**settings) -> GeneratorConfig:
+    """The tiny from-scratch generator of tiny.yaml; `settings` adds others (dropout, ...)."""
+    return GeneratorConfig(**{**TINY.model.generator, **settings})
 
 
 ENCODER_FOLDER_KINDS = ("bert_style", "dpr_question", "dpr_context", "sentence_transformers")

@@ -30,7 +30,7 @@ import pytest
 from retrieval_workers.kb_lock import LOCK_NAME
 from retrieval_workers.kb_store import MANIFEST, PassageTable, read_manifest, sha256_file, verify_file
 
-from helpers import REPO_ROOT, TINY_KB_ENCODER, TINY_MODEL, call_main, cli_env, run_cli
+from helpers import REPO_ROOT, TINY, TINY_DIM, TINY_KB_ENCODER, TINY_MODEL, call_main, cli_env, run_cli
 
 QA_ROWS = [
     {"question": "where does ana live ?", "answers": ["paris"]},
@@ -43,6 +43,7 @@ KB_ROWS = [
     {"title": "cy", "text": "cy lives in oslo ."},
 ]
 UNREACHABLE_RAY = "127.0.0.1:1"  # port 1: nothing listens there
+OTHER_SIZE = TINY_DIM + 16  # a dimension (or width) that is not the tiny models'
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -436,11 +437,11 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cl
             "index.shards=1",
             *TINY_KB_ENCODER,
             *TINY_MODEL,
-            "model.question_encoder.hidden_size=48",
+            f"model.question_encoder.hidden_size={OTHER_SIZE}",
         ],
         tmp_path,
     )
-    _assert_user_error(proc, "model.question_encoder", "48", "32")
+    _assert_user_error(proc, "model.question_encoder", str(OTHER_SIZE), str(TINY_DIM))
 
 
 @pytest.mark.parametrize(
@@ -592,15 +593,15 @@ def test_index_of_another_dimension_than_the_manifest(tmp_path, cli, built_kb):
     the shard actor, and training reports it in one line, without Ray's traceback. A subprocess: Ray starts."""
 
     def other_dimension(kb: Path) -> None:
-        index = faiss.IndexFlatIP(48)
-        index.add(np.zeros((3, 48), np.float32))
+        index = faiss.IndexFlatIP(OTHER_SIZE)
+        index.add(np.zeros((3, OTHER_SIZE), np.float32))
         faiss.write_index(index, str(kb / "v0" / "shard_000.faiss"))
         manifest = json.loads((kb / MANIFEST).read_text())
         manifest["files"]["v0/shard_000.faiss"] = sha256_file(kb / "v0" / "shard_000.faiss")
         (kb / MANIFEST).write_text(json.dumps(manifest))
 
     kb, proc = _train_on_a_copy_of(built_kb, tmp_path, cli, other_dimension)
-    _assert_user_error(proc, str(kb / "v0" / "shard_000.faiss"), "dimension 48", "dimension 32")
+    _assert_user_error(proc, str(kb / "v0" / "shard_000.faiss"), f"dimension {OTHER_SIZE}", f"dimension {TINY_DIM}")
 
 
 def test_truncated_index_file(tmp_path, cli, built_kb):
@@ -655,8 +656,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def test_resuming_a_checkpoint_of_another_model_config(tmp_path, cli, tiny_checkpoint):
     """Found once the model is built, after Ray has started: a subprocess."""
     saved = tiny_checkpoint.read_bytes()
-    proc = _train(cli, ["experiment=tiny", f"ckpt_path={tiny_checkpoint}", "model.generator.d_model=48"], tmp_path)
-    _assert_user_error(proc, f"ckpt_path: {tiny_checkpoint}", "model.generator.d_model (32 there, 48 here)")
+    proc = _train(
+        cli, ["experiment=tiny", f"ckpt_path={tiny_checkpoint}", f"model.generator.d_model={OTHER_SIZE}"], tmp_path
+    )
+    mismatch = f"model.generator.d_model ({TINY.model.generator.d_model} there, {OTHER_SIZE} here)"
+    _assert_user_error(proc, f"ckpt_path: {tiny_checkpoint}", mismatch)
     assert tiny_checkpoint.read_bytes() == saved
 
 
