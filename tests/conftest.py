@@ -1,11 +1,13 @@
-"""Shared fixtures: one real Ray for the whole session, a tiny knowledge base built with the real code.
+"""Shared fixtures: one real Ray for the whole session, a tiny knowledge base built with the real code, and a
+command run in this process (`run`) or as a real command line (`cli`).
 
-Plain helpers (tiny configs, made-up documents, actor names) are in helpers.py.
+Plain helpers (tiny configs, made-up documents, actor names, running a command) are in helpers.py.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from rag_lightning.config import IndexConfig
 from rag_lightning.kb.build import build_knowledge_base
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
 
-from helpers import TEST_NAMESPACE, cli_env, tiny_kb_config, write_documents
+from helpers import TEST_NAMESPACE, call_main, cli_env, run_cli, tiny_kb_config, write_documents
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +43,23 @@ def ray_cluster():
 @pytest.fixture
 def subprocess_env():
     return cli_env()
+
+
+@pytest.fixture
+def run(capfd):
+    """run(module, overrides, cwd, run_dir=None): the command's main() in this process (helpers.call_main: for
+    what does not start Ray), as a CompletedProcess with its exit code and what it wrote to stdout and stderr."""
+
+    def run(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        code = call_main(module, overrides, cwd, run_dir)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([module, *overrides], code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def cli():
+    """cli(module, overrides, cwd, run_dir=None): the real command line, in a subprocess (helpers.run_cli)."""
+    return run_cli

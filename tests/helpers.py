@@ -7,41 +7,45 @@ dozen passages.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
+import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
+from omegaconf import OmegaConf
 
-from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, KBConfig
+from rag_lightning.config import EncoderConfig, GeneratorConfig, GeneratorTokenizerConfig, KBConfig
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV
 from retrieval_workers.types import ServiceSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_NAMESPACE = "rag_lightning_tests"
-TINY_DIM = 32
+# The tiny sizes, defined once: conf/experiment/tiny.yaml (the smoke run the command-line tests train). The random
+# encoders and the from-scratch generator of every test are made of them, as overrides or as configs.
+TINY = OmegaConf.load(REPO_ROOT / "conf" / "experiment" / "tiny.yaml")
+TINY_DIM = TINY.kb.context_encoder.hidden_size
+
+
+def _overrides(prefix: str, node) -> list[str]:
+    """Command-line overrides that set each key of a config node: `prefix.key=value` (None as null)."""
+    return [f"{prefix}.{key}={'null' if value is None else value}" for key, value in node.items()]
+
+
 # the same tiny random encoders and generator as command-line overrides
-TINY_KB_ENCODER = [
-    "kb.context_encoder.pretrained=null",
-    f"kb.context_encoder.hidden_size={TINY_DIM}",
-    "kb.context_encoder.num_layers=1",
-    "kb.context_encoder.num_heads=2",
-]
+TINY_KB_ENCODER = _overrides("kb.context_encoder", TINY.kb.context_encoder)
 TINY_MODEL = [
-    "model.question_encoder.pretrained=null",
-    f"model.question_encoder.hidden_size={TINY_DIM}",
-    "model.question_encoder.num_layers=1",
-    "model.question_encoder.num_heads=2",
-    "model.generator.d_model=32",
-    "model.generator.layers=1",
-    "model.generator.heads=2",
-    "model.generator.ffn_dim=64",
+    *_overrides("model.question_encoder", TINY.model.question_encoder),
+    *_overrides("model.generator", TINY.model.generator),
 ]
 _WORDS = [
     f"{a}{b}"
@@ -52,9 +56,15 @@ _WORDS = [
 _prefixes = itertools.count()
 
 
-def tiny_encoder_config() -> EncoderConfig:
-    """A random BERT encoder (MiniLM's tokenizer, loaded offline) small enough to run in milliseconds."""
-    return EncoderConfig(pretrained=None, hidden_size=TINY_DIM, num_layers=1, num_heads=2, max_length=48)
+def tiny_encoder_config(**settings) -> EncoderConfig:
+    """The tiny random BERT encoder of tiny.yaml (MiniLM's tokenizer, loaded offline), small enough to run in
+    milliseconds; `settings` adds others (max_length, pooling, ...)."""
+    return EncoderConfig(**{**TINY.kb.context_encoder, **settings})
+
+
+def tiny_generator_config(**settings) -> GeneratorConfig:
+    """The tiny from-scratch generator of tiny.yaml; `settings` adds others (dropout, ...)."""
+    return GeneratorConfig(**{**TINY.model.generator, **settings})
 
 
 ENCODER_FOLDER_KINDS = ("bert_style", "dpr_question", "dpr_context", "sentence_transformers")
@@ -345,6 +355,84 @@ def cli_env() -> dict[str, str]:
         }
     )
     return env
+
+
+# --- running a command: in this process, or as a real command line -------------------------------------------
+
+# The commands' entry modules, imported now, not first inside a test: a logging handler that a library creates
+# when imported (Lightning's) writes to the sys.stderr of that moment, which in a test is that test's capture,
+# closed after it.
+COMMANDS = {
+    module: importlib.import_module(module)
+    for module in (
+        "rag_lightning.train",
+        "rag_lightning.build_kb",
+        "rag_lightning.evaluate",
+        "rag_lightning.generate",
+        "rag_lightning.export",
+    )
+}
+
+
+def command_argv(overrides: list[str], cwd: Path, run_dir: Path | None = None) -> list[str]:
+    """The command's arguments: the overrides and its run dir (cwd/run unless given)."""
+    return [*overrides, f"hydra.run.dir={run_dir or cwd / 'run'}"]
+
+
+def run_cli(
+    module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python -m module overrides...` in a subprocess, in cwd, with the command-line environment (cli_env).
+    The timeout only guards against a hang; nothing is asserted about time."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *command_argv(overrides, cwd, run_dir)],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def call_main(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None) -> int:
+    """Run the command's Hydra main() in this process as `python -m module ...` would; returns its exit code.
+
+    It composes the config, runs Hydra's callbacks and reports exactly as the command line does, without starting
+    an interpreter and importing torch, Lightning and transformers again. For commands that do not start Ray
+    (build_kb, export) and for the checks every command makes before it does: Ray and Lightning state would outlive
+    the call in this process (and a command that owns its Ray shuts it down, with the tests' own), so a command
+    that gets as far as Ray runs in a subprocess (run_cli).
+
+    The environment is the command line's (cli_env). What a run sets up that would outlive it here is undone:
+    the environment (the command sets variables too, e.g. Lightning's seed), Hydra's global state (cleared by
+    Hydra itself after a run, and here before one) and the root logger's handlers (Hydra's logging config
+    replaces them with its console and run-dir log file). An exception that is not a SystemExit propagates:
+    the command line would have shown its traceback.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    entry = COMMANDS[module]
+    environment, command_line = dict(os.environ), cli_env()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    GlobalHydra.instance().clear()
+    os.environ.clear()
+    os.environ.update(command_line)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [entry.__file__, *command_argv(overrides, cwd, run_dir)])
+        patch.chdir(cwd)
+        try:
+            entry.main()
+            return 0
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            os.environ.clear()
+            os.environ.update(environment)
+            for handler in set(root.handlers) - set(handlers):
+                handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
 
 
 def last_json_object(output: str) -> dict:

@@ -2,22 +2,19 @@
 no traceback, and nothing written before changed; and a stop signal: one line, exit code 128 + its number, no
 file left behind.
 
-Most cases call the command's entry point in this process (its Hydra `main()`, with sys.argv patched), which
-composes the config, runs Hydra's callbacks and reports exactly as the command line does, without starting an
-interpreter and importing torch, Lightning and transformers again for each case. The process boundary is still
-tested: each command (train, build_kb, evaluate, generate, export) has at least one case that runs the real
-command line in a subprocess, and so do the cases that get past the checks and start Ray or build a model beside
-it (a damaged index found by the shard actors, a checkpoint of another model config, a question encoder of
-another dimension), whose Ray and Lightning state would outlive the call in this process, and the signal tests,
-which signal a real process.
+Most cases call the command's entry point in this process (the `run` fixture of conftest.py: its Hydra `main()`,
+with sys.argv patched), which composes the config, runs Hydra's callbacks and reports exactly as the command line
+does, without starting an interpreter and importing torch, Lightning and transformers again for each case. The
+process boundary is still tested: each command (train, build_kb, evaluate, generate, export) has at least one case
+that runs the real command line in a subprocess (the `cli` fixture), and so do the cases that get past the checks
+and start Ray or build a model beside it (a damaged index found by the shard actors, a checkpoint of another model
+config, a question encoder of another dimension), whose Ray and Lightning state would outlive the call in this
+process, and the signal tests, which signal a real process.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
-import os
 import shutil
 import signal
 import socket
@@ -29,12 +26,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
 from retrieval_workers.kb_lock import LOCK_NAME
 from retrieval_workers.kb_store import MANIFEST, PassageTable, read_manifest, sha256_file, verify_file
 
-from helpers import REPO_ROOT, TINY_KB_ENCODER, TINY_MODEL, cli_env
+from helpers import REPO_ROOT, TINY, TINY_DIM, TINY_KB_ENCODER, TINY_MODEL, call_main, cli_env, run_cli
 
 QA_ROWS = [
     {"question": "where does ana live ?", "answers": ["paris"]},
@@ -47,18 +43,7 @@ KB_ROWS = [
     {"title": "cy", "text": "cy lives in oslo ."},
 ]
 UNREACHABLE_RAY = "127.0.0.1:1"  # port 1: nothing listens there
-# Imported now, not first inside a case: a logging handler that a library creates when imported (Lightning's)
-# writes to the sys.stderr of that moment, which in a case is that case's capture, closed after it.
-COMMANDS = {
-    module: importlib.import_module(module)
-    for module in (
-        "rag_lightning.train",
-        "rag_lightning.build_kb",
-        "rag_lightning.evaluate",
-        "rag_lightning.generate",
-        "rag_lightning.export",
-    )
-}
+OTHER_SIZE = TINY_DIM + 16  # a dimension (or width) that is not the tiny models'
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -74,80 +59,6 @@ def _qa_dir(root: Path) -> Path:
         _write_jsonl(data / f"{split}.jsonl", QA_ROWS)
     _write_jsonl(data / "kb.jsonl", KB_ROWS)
     return data
-
-
-# --- running a command: in this process, or as a real command line -------------------------------------------
-
-
-def _argv(overrides: list[str], cwd: Path, run_dir: Path | None) -> list[str]:
-    return [*overrides, f"hydra.run.dir={run_dir or cwd / 'run'}"]
-
-
-def _subprocess(
-    module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None
-) -> subprocess.CompletedProcess:
-    # the timeout only guards against a hang; nothing is asserted about time
-    return subprocess.run(
-        [sys.executable, "-m", module, *_argv(overrides, cwd, run_dir)],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def _call_main(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None) -> int:
-    """Run the command's Hydra main() in this process as `python -m module ...` would; returns its exit code.
-
-    The environment is the command line's (cli_env). What a run sets up that would outlive it here is undone:
-    the environment (the command sets variables too, e.g. Lightning's seed), Hydra's global state (cleared by
-    Hydra itself after a run, and here before one) and the root logger's handlers (Hydra's logging config
-    replaces them with its console and run-dir log file). An exception that is not a SystemExit propagates:
-    the command line would have shown its traceback.
-    """
-    entry = COMMANDS[module]
-    environment, command_line = dict(os.environ), cli_env()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    GlobalHydra.instance().clear()
-    os.environ.clear()
-    os.environ.update(command_line)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", [entry.__file__, *_argv(overrides, cwd, run_dir)])
-        patch.chdir(cwd)
-        try:
-            entry.main()
-            return 0
-        except SystemExit as e:
-            return e.code if isinstance(e.code, int) else int(e.code is not None)
-        finally:
-            os.environ.clear()
-            os.environ.update(environment)
-            for handler in set(root.handlers) - set(handlers):
-                handler.close()
-            root.handlers[:] = handlers
-            root.setLevel(level)
-
-
-@pytest.fixture
-def run(capfd):
-    """run(module, overrides, cwd, run_dir=None): the command in this process, as a CompletedProcess with its
-    exit code and what it wrote to stdout and stderr."""
-
-    def run(module: str, overrides: list[str], cwd: Path, run_dir: Path | None = None) -> subprocess.CompletedProcess:
-        capfd.readouterr()
-        code = _call_main(module, overrides, cwd, run_dir)
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess([module, *overrides], code, out, err)
-
-    return run
-
-
-@pytest.fixture
-def cli():
-    """cli(module, overrides, cwd, run_dir=None): the real command line, in a subprocess."""
-    return _subprocess
 
 
 def _train(run, overrides, cwd, run_dir=None):
@@ -189,7 +100,7 @@ def built_kb(tmp_path_factory) -> tuple[Path, Path]:
     build_kb command with the settings `_train_on_a_copy_of` trains with, so training reuses it."""
     root = tmp_path_factory.mktemp("built")
     data = _qa_dir(root)
-    code = _call_main(
+    code = call_main(
         "rag_lightning.build_kb",
         [*TINY_KB_ENCODER, f"kb.source={data / 'kb.jsonl'}", f"kb.dir={root / 'kb'}", "index.shards=1"],
         root,
@@ -526,11 +437,11 @@ def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cl
             "index.shards=1",
             *TINY_KB_ENCODER,
             *TINY_MODEL,
-            "model.question_encoder.hidden_size=48",
+            f"model.question_encoder.hidden_size={OTHER_SIZE}",
         ],
         tmp_path,
     )
-    _assert_user_error(proc, "model.question_encoder", "48", "32")
+    _assert_user_error(proc, "model.question_encoder", str(OTHER_SIZE), str(TINY_DIM))
 
 
 @pytest.mark.parametrize(
@@ -682,15 +593,15 @@ def test_index_of_another_dimension_than_the_manifest(tmp_path, cli, built_kb):
     the shard actor, and training reports it in one line, without Ray's traceback. A subprocess: Ray starts."""
 
     def other_dimension(kb: Path) -> None:
-        index = faiss.IndexFlatIP(48)
-        index.add(np.zeros((3, 48), np.float32))
+        index = faiss.IndexFlatIP(OTHER_SIZE)
+        index.add(np.zeros((3, OTHER_SIZE), np.float32))
         faiss.write_index(index, str(kb / "v0" / "shard_000.faiss"))
         manifest = json.loads((kb / MANIFEST).read_text())
         manifest["files"]["v0/shard_000.faiss"] = sha256_file(kb / "v0" / "shard_000.faiss")
         (kb / MANIFEST).write_text(json.dumps(manifest))
 
     kb, proc = _train_on_a_copy_of(built_kb, tmp_path, cli, other_dimension)
-    _assert_user_error(proc, str(kb / "v0" / "shard_000.faiss"), "dimension 48", "dimension 32")
+    _assert_user_error(proc, str(kb / "v0" / "shard_000.faiss"), f"dimension {OTHER_SIZE}", f"dimension {TINY_DIM}")
 
 
 def test_truncated_index_file(tmp_path, cli, built_kb):
@@ -735,7 +646,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """last.ckpt of a tiny training run (mean-pooled question encoder, like the default); a subprocess, as the
     run starts Ray and a Trainer."""
     root = tmp_path_factory.mktemp("trained")
-    proc = _subprocess(
+    proc = run_cli(
         "rag_lightning.train", ["experiment=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2"], root
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -745,8 +656,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def test_resuming_a_checkpoint_of_another_model_config(tmp_path, cli, tiny_checkpoint):
     """Found once the model is built, after Ray has started: a subprocess."""
     saved = tiny_checkpoint.read_bytes()
-    proc = _train(cli, ["experiment=tiny", f"ckpt_path={tiny_checkpoint}", "model.generator.d_model=48"], tmp_path)
-    _assert_user_error(proc, f"ckpt_path: {tiny_checkpoint}", "model.generator.d_model (32 there, 48 here)")
+    proc = _train(
+        cli, ["experiment=tiny", f"ckpt_path={tiny_checkpoint}", f"model.generator.d_model={OTHER_SIZE}"], tmp_path
+    )
+    mismatch = f"model.generator.d_model ({TINY.model.generator.d_model} there, {OTHER_SIZE} here)"
+    _assert_user_error(proc, f"ckpt_path: {tiny_checkpoint}", mismatch)
     assert tiny_checkpoint.read_bytes() == saved
 
 

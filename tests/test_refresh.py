@@ -22,7 +22,6 @@ from rag_lightning.callbacks.index_version import IndexVersionCheckpointing
 from rag_lightning.config import (
     DataConfig,
     EncoderConfig,
-    GeneratorConfig,
     GeneratorTokenizerConfig,
     IndexConfig,
     KBConfig,
@@ -41,7 +40,7 @@ from retrieval_workers.refresh import encoder_name, launch_refresher, shutdown_r
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.types import RefreshSpec
 
-from helpers import tiny_encoder_config, unique_spec, write_encoder_folder
+from helpers import tiny_encoder_config, tiny_generator_config, unique_spec, write_encoder_folder
 
 
 def _knowledge_base(
@@ -235,7 +234,7 @@ def _tiny_module(kb_dir: str, spec, **retriever) -> RagModule:
         kind="rag_sequence",
         n_docs=2,
         question_encoder=tiny_encoder_config(),
-        generator=GeneratorConfig(d_model=32, layers=1, heads=2, ffn_dim=64, dropout=0.0),
+        generator=tiny_generator_config(dropout=0.0),
         max_context_tokens=64,
         max_answer_tokens=8,
         num_beams=1,

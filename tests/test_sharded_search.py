@@ -15,7 +15,7 @@ from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manif
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.types import PAD_TOKEN
 
-from helpers import tiny_kb_config, unique_spec, write_documents
+from helpers import TINY_DIM, tiny_kb_config, unique_spec, write_documents
 
 NUM_DOCS = 15  # 24 words each, 8 words a passage -> 45 passages
 NUM_PASSAGES = 45
@@ -90,7 +90,7 @@ def _assert_matches_flat(result, queries, k, manifest, embeddings, values, offse
 def test_sharded_search_equals_single_flat_index(ray_cluster, kb_with_shards, shards, replicas):
     kb_dir = kb_with_shards(shards)
     manifest, embeddings, values, offsets = _stored(kb_dir)
-    assert embeddings.shape == (NUM_PASSAGES, 32)
+    assert embeddings.shape == (NUM_PASSAGES, TINY_DIM)
     assert len(offsets) == NUM_PASSAGES + 1 and np.all(np.diff(offsets) > 0)
     queries = _queries(embeddings)
     spec = unique_spec(kb_dir, shards, replicas)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from helpers import REPO_ROOT, missing_slurm, skip_unless_required
+from helpers import REPO_ROOT, TINY, missing_slurm, skip_unless_required
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -79,8 +78,7 @@ def test_sbatch_trains_and_writes_results(slurm_cluster, tmp_path, subprocess_en
     assert _job_field(job, "JobState") == "COMPLETED", log.read_text()[-3000:]
 
     results = json.loads((run_dir / "results.json").read_text())
-    tiny = OmegaConf.load(REPO_ROOT / "conf" / "experiment" / "tiny.yaml")
-    assert results["train/steps"] == tiny.trainer.max_steps and results["train/resumed_from"] is None
+    assert results["train/steps"] == TINY.trainer.max_steps and results["train/resumed_from"] is None
     assert results["best_checkpoint"].startswith(str(run_dir / "checkpoints" / "best-step"))
     assert results["test/examples"] == results["initial/examples"] > 0
     output = log.read_text()
@@ -189,6 +187,6 @@ def test_hydra_submitit_sweep_runs_one_slurm_job_per_run(slurm_cluster, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     for run in ("0", "1"):
         results = json.loads((sweep_dir / run / "results.json").read_text())
-        assert results["train/steps"] == 6
+        assert results["train/steps"] == TINY.trainer.max_steps
     job_logs = list((sweep_dir / ".submitit").glob("*/*_log.out"))
     assert len(job_logs) == 2, "one SLURM job per run"

@@ -16,13 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from rag_lightning.training.setup import is_first_process
 
-from helpers import REPO_ROOT, assert_trained_alike
-
-TINY = OmegaConf.load(REPO_ROOT / "conf" / "experiment" / "tiny.yaml")
+from helpers import REPO_ROOT, TINY, assert_trained_alike
 
 
 def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -140,7 +137,7 @@ def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_p
     manifest = json.loads((kb_dir / "manifest.json").read_text())
     kept = sorted({name.split("/")[0] for name in manifest["files"] if name.startswith("v")})
     assert len(kept) == 2 and "v3" in kept
-    assert json.loads((kb_dir / "v3" / "version.json").read_text())["global_step"] == 6
+    assert json.loads((kb_dir / "v3" / "version.json").read_text())["global_step"] == TINY.trainer.max_steps
     # the test ran on the best checkpoint's index: the version its last training step searched (steps 1-2
     # searched v0, 3-4 v1, 5-6 v2), or, that one being pruned, v4 re-made from the checkpoint's own context encoder
     best_step = int(re.search(r"step(\d+)", results["best_checkpoint"]).group(1))

@@ -14,7 +14,6 @@ import torch
 from rag_lightning.callbacks.evaluation_metrics import EvaluationMetrics
 from rag_lightning.config import (
     EncoderConfig,
-    GeneratorConfig,
     ModelConfig,
     OptimConfig,
     RetrieverConfig,
@@ -31,6 +30,7 @@ from helpers import (
     qa_data_and_first_batch,
     running_service,
     tiny_encoder_config,
+    tiny_generator_config,
     train_on_one_batch,
     transformers_context,
     write_encoder_folder,
@@ -55,7 +55,7 @@ def _model_config(kind: str, question_encoder: EncoderConfig | None = None, **ov
         kind=kind,
         n_docs=N_DOCS,
         question_encoder=question_encoder or tiny_encoder_config(),
-        generator=GeneratorConfig(d_model=32, layers=1, heads=2, ffn_dim=64, dropout=0.0),
+        generator=tiny_generator_config(dropout=0.0),
         max_context_tokens=64,
         max_answer_tokens=8,
         num_beams=2,

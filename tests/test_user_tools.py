@@ -29,6 +29,7 @@ from retrieval_workers.kb_store import PassageTable, load_embeddings, read_manif
 
 from helpers import (
     REPO_ROOT,
+    TINY_DIM,
     TINY_KB_ENCODER,
     cli_env,
     demo_generator_folder,
@@ -446,7 +447,7 @@ def _transformers_knowledge_base(folder: Path, dim: int, index_dim: int | None =
 
 @pytest.mark.slow
 def test_build_kb_imports_a_knowledge_base_of_transformers_rag_example(tmp_path):
-    passages, index_file, embeddings = _transformers_knowledge_base(tmp_path, dim=32)
+    passages, index_file, embeddings = _transformers_knowledge_base(tmp_path, dim=TINY_DIM)
     kb_dir = tmp_path / "kb"
     _cli(
         "rag_lightning.build_kb",
@@ -459,7 +460,7 @@ def test_build_kb_imports_a_knowledge_base_of_transformers_rag_example(tmp_path)
     )
 
     manifest = read_manifest(kb_dir)
-    assert manifest.num_passages == 30 and manifest.dim == 32
+    assert manifest.num_passages == 30 and manifest.dim == TINY_DIM
     np.testing.assert_array_equal(load_embeddings(kb_dir, manifest), embeddings)
     queries = embeddings[:5] + 0.01
     brute_force = np.argmax(queries @ embeddings.T, axis=1)
@@ -470,7 +471,7 @@ def test_build_kb_imports_a_knowledge_base_of_transformers_rag_example(tmp_path)
 
 @pytest.mark.slow
 def test_an_index_of_another_dimension_is_refused_and_the_existing_kb_kept(tmp_path):
-    passages, index_file, _ = _transformers_knowledge_base(tmp_path, dim=32, index_dim=16)
+    passages, index_file, _ = _transformers_knowledge_base(tmp_path, dim=TINY_DIM, index_dim=TINY_DIM // 2)
     kb_dir = tmp_path / "kb"
     write_documents(tmp_path / "earlier.jsonl", 6)
     _cli(
@@ -501,5 +502,6 @@ def test_an_index_of_another_dimension_is_refused_and_the_existing_kb_kept(tmp_p
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [error] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert f"kb.source_index: {index_file}" in error and "dimension 16" in error and "dimension 32" in error
+    assert f"kb.source_index: {index_file}" in error
+    assert f"dimension {TINY_DIM // 2}" in error and f"dimension {TINY_DIM}" in error
     assert {p.relative_to(kb_dir): p.read_bytes() for p in kb_dir.rglob("*") if p.is_file()} == before
