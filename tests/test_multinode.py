@@ -150,11 +150,31 @@ nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]
 where = {}
 for name in sys.argv[3:]:
     actor = ray.get_actor(name)
-    node_id, host = ray.get(actor.__ray_call__.remote(
-        lambda shard: (ray.get_runtime_context().get_node_id(), socket.gethostname())), timeout=60)
-    where[name] = [nodes[node_id], host]
+    try:
+        node_id, host = ray.get(actor.__ray_call__.remote(
+            lambda shard: (ray.get_runtime_context().get_node_id(), socket.gethostname())), timeout=30)
+        where[name] = [nodes[node_id], host]
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        where[name] = None  # still restarting
 print(json.dumps(where))
 """
+
+
+def _where_actors_run(host: Host, address: str, namespace: str, names: list[str], env: dict) -> dict:
+    """Each named actor's [node address, hostname], or None for one that does not answer yet."""
+    found = host.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, namespace, *names, env=env, timeout=180)
+    assert found.returncode == 0, found.stderr[-3000:]
+    return last_json_object(found.stdout)
+
+
+def _when_all_answer(host: Host, address: str, namespace: str, names: list[str], env: dict, timeout_s: float = 300):
+    """Where the named actors run, once every one answers (Ray restarts lost ones only after it declares their
+    node dead, later under load)."""
+    deadline = time.monotonic() + timeout_s
+    while None in (where := _where_actors_run(host, address, namespace, names, env)).values():
+        assert time.monotonic() < deadline, f"actors still not answering: {where}"
+        time.sleep(2)
+    return where
 
 
 def test_the_replicas_of_each_shard_run_on_different_nodes(ray_on_two_hosts, two_shard_kb):
@@ -176,9 +196,7 @@ def test_the_replicas_of_each_shard_run_on_different_nodes(ray_on_two_hosts, two
     )
     assert launch.returncode == 0, launch.stderr[-3000:]
     names = [spec.actor_name(shard, replica) for shard in range(2) for replica in range(2)]
-    found = a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "multinode", *names, env=env, timeout=120)
-    assert found.returncode == 0, found.stderr[-3000:]
-    where = last_json_object(found.stdout)
+    where = _when_all_answer(a, address, "multinode", names, env)
     for shard in range(2):
         replicas = [where[spec.actor_name(shard, replica)] for replica in range(2)]
         assert sorted(replicas) == sorted([[a.address, a.name], [b.address, b.name]]), (shard, where)
@@ -340,9 +358,7 @@ def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ra
     _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
     spec = ServiceSpec(kb_dir=str(run_dir / "kb"), num_shards=2, num_replicas=2, namespace="node_loss")
     names = [spec.actor_name(shard, replica) for shard in range(2) for replica in range(2)]
-    before = last_json_object(
-        a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names, env=env, timeout=120).stdout
-    )
+    before = _when_all_answer(a, address, "node_loss", names, env)
     assert sorted(host for _, host in before.values()) == [a.name, a.name, b.name, b.name]
 
     stop = tmp_path / "stop"
@@ -372,9 +388,7 @@ def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ra
     assert searched["searches"] > 0 and searched["failovers"] >= 2, searched  # each lost replica was preferred
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == steps and "test/em" in results, output[-2000:]
-    after = last_json_object(
-        a.run(sys.executable, "-c", WHERE_ACTORS_RUN, address, "node_loss", *names, env=env, timeout=180).stdout
-    )
+    after = _when_all_answer(a, address, "node_loss", names, env)
     assert [host for _, host in after.values()] == [a.name] * 4, after  # restarted on the surviving node
     ray_on_two_hosts.start_node(b)
 
