@@ -30,7 +30,7 @@ import pytest
 from retrieval_workers.kb_lock import LOCK_NAME
 from retrieval_workers.kb_store import MANIFEST, PassageTable, read_manifest, sha256_file, verify_file
 
-from helpers import REPO_ROOT, TINY, TINY_DIM, TINY_KB_ENCODER, TINY_MODEL, call_main, cli_env, run_cli
+from helpers import REPO_ROOT, TINY, TINY_DIM, TINY_KB_ENCODER, TINY_MODEL, call_main, cli_env
 
 QA_ROWS = [
     {"question": "where does ana live ?", "answers": ["paris"]},
@@ -641,16 +641,11 @@ def test_run_dir_that_cannot_be_created(tmp_path, run):
 # --- checkpoints and the evaluate / generate / export commands -----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """last.ckpt of a tiny training run (mean-pooled question encoder, like the default); a subprocess, as the
-    run starts Ray and a Trainer."""
-    root = tmp_path_factory.mktemp("trained")
-    proc = run_cli(
-        "rag_lightning.train", ["experiment=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2"], root
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run" / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def tiny_checkpoint(tiny_run) -> Path:
+    """last.ckpt of the session's tiny training run (conftest.py; mean-pooled question encoder, like the default),
+    which the tests only read."""
+    return tiny_run / "checkpoints" / "last.ckpt"
 
 
 def test_resuming_a_checkpoint_of_another_model_config(tmp_path, cli, tiny_checkpoint):

@@ -24,6 +24,7 @@ import pytest
 from retrieval_workers.types import ServiceSpec
 
 from helpers import (
+    DDP_COMPARISON,
     REPO_ROOT,
     TINY,
     assert_trained_alike,
@@ -207,46 +208,21 @@ def _finished(process: subprocess.Popen, timeout_s: float = 600) -> str:
 
 
 @pytest.mark.slow
-def test_a_two_node_ddp_run_matches_the_one_node_run(ray_on_two_hosts, tmp_path):
+def test_a_two_node_ddp_run_matches_the_one_node_run(ray_on_two_hosts, tmp_path, one_process_reference):
     """One training process on each host (trainer.num_nodes=2, gloo over the veth, the shard service's replicas
-    on both nodes) with batch 4 each trains to the metrics of one process on one node with batch 8, within the
-    tolerance of tests/test_train_cli.py's two-process DDP test (whose docstring says why these are equal).
+    on both nodes) with batch 4 each trains to the metrics of one process on one node with batch 8 (the session's
+    one_process_reference, conftest.py), within the tolerance of tests/test_train_cli.py's two-process DDP test
+    (whose docstring says why these are equal).
 
     As slurm/train.sbatch runs it: `stage=prepare` on the first node (data, knowledge base, shard actors), then
     `stage=train` on every node, each told its rank as a launcher would (RANK, NODE_RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR on host a).
     """
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
-    common = [
-        "experiment=tiny",
-        "model.generator.dropout=0",
-        "data.demo_entities=100",
-        "data.max_eval_examples=9",
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=5",
-        "optim.lr=3e-3",
-        "trainer.strategy=ddp",
-    ]
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rag_lightning.train",
-            *common,
-            "data.batch_size=8",
-            f"hydra.run.dir={tmp_path / 'single'}",
-        ],
-        cwd=REPO_ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-
     run_dir = tmp_path / "two_nodes"
     cluster = [
-        *common,
+        *DDP_COMPARISON,
+        "trainer.strategy=ddp",
         "data.batch_size=4",
         f"service.ray_address={address}",
         "service.namespace=two_nodes",
@@ -275,10 +251,7 @@ def test_a_two_node_ddp_run_matches_the_one_node_run(ray_on_two_hosts, tmp_path)
     outputs = [_finished(rank) for rank in ranks]
     assert "GLOBAL_RANK: 1" in outputs[1] and "MEMBER: 2/2" in outputs[0] + outputs[1]
 
-    assert_trained_alike(
-        json.loads((tmp_path / "single" / "results.json").read_text()),
-        json.loads((run_dir / "results.json").read_text()),
-    )
+    assert_trained_alike(one_process_reference, json.loads((run_dir / "results.json").read_text()))
 
 
 SEARCHER = """

@@ -2,7 +2,7 @@
 
 The export test loads the exported folder with plain transformers (RagRetriever with a custom
 index, RagSequence/RagTokenForGeneration) and checks it retrieves and answers exactly like
-our generate command.
+our generate command. The tests of the tiny run read the session's (conftest.py's tiny_run).
 """
 
 from __future__ import annotations
@@ -70,14 +70,6 @@ def _cli(module: str, *args: str, cwd: Path = REPO_ROOT) -> subprocess.Completed
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A run directory of the tiny config (6 steps; 4 test questions with their gold titles)."""
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    _cli("rag_lightning.train", "experiment=tiny", f"hydra.run.dir={run_dir}")
-    return run_dir
 
 
 @pytest.mark.slow
