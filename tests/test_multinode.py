@@ -300,14 +300,14 @@ def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ra
     fails and every answer stays exact (the replicas on a answer for the lost ones, then Ray restarts the lost
     ones on a), and the trainer finishes all its steps."""
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
-    run_dir, steps = tmp_path / "run", 200
+    run_dir, steps = tmp_path / "run", 80  # host b is lost after the checkpoint of step 20
     overrides = [
         "experiment=tiny",
         f"service.ray_address={address}",
         "service.namespace=node_loss",
         "index.replicas=2",
         f"trainer.max_steps={steps}",
-        "trainer.val_check_interval=100",
+        "trainer.val_check_interval=40",
         "checkpoint_every_n_steps=20",
     ]
     _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
@@ -360,14 +360,14 @@ def test_a_two_node_ddp_job_that_lost_a_node_resumes_from_its_last_checkpoint_wh
     ends it); the job submitted again, on two nodes, resumes from its newest checkpoint and the global step goes
     on from there to the end."""
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
-    run_dir, steps = tmp_path / "run", 200
+    run_dir, steps = tmp_path / "run", 80  # host b is lost after the checkpoint of step 20
     overrides = [
         "experiment=tiny",
         f"service.ray_address={address}",
         "service.namespace=ddp_loss",
         "index.replicas=2",
         f"trainer.max_steps={steps}",
-        "trainer.val_check_interval=100",
+        "trainer.val_check_interval=40",
         "checkpoint_every_n_steps=20",
         "trainer.strategy=ddp",
         "trainer.num_nodes=2",

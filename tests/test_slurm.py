@@ -126,13 +126,13 @@ def test_a_ray_head_that_does_not_come_up_fails_the_job_with_the_reason_in_its_o
 def test_usr1_saves_requeues_and_the_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path, subprocess_env):
     """USR1 (what --signal=USR1@... sends before the time limit) to the job's steps: the trainer saves an HPC
     checkpoint and requeues the job; the requeued job resumes from its newest checkpoint in the same run dir and
-    finishes."""
-    run_dir, steps = tmp_path / "run", 200
+    finishes. USR1 is sent once the first periodic checkpoint (step 20) is written, 80 steps before the end."""
+    run_dir, steps = tmp_path / "run", 100
     job = _submit(
         run_dir,
         subprocess_env,
         f"trainer.max_steps={steps}",
-        "trainer.val_check_interval=100",
+        "trainer.val_check_interval=50",
         "checkpoint_every_n_steps=20",
         "trainer.log_every_n_steps=5",
     )

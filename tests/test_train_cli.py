@@ -212,14 +212,15 @@ def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_en
 
 @pytest.mark.slow
 def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, subprocess_env):
-    run_dir, steps = tmp_path / "run", 400
+    """Killed as soon as its first periodic checkpoint (step 20 of 60) is written."""
+    run_dir, steps = tmp_path / "run", 60
     command = [
         sys.executable,
         "-m",
         "rag_lightning.train",
         "experiment=tiny",
         f"trainer.max_steps={steps}",
-        "trainer.val_check_interval=200",
+        "trainer.val_check_interval=30",
         "checkpoint_every_n_steps=20",
         f"hydra.run.dir={run_dir}",
     ]
@@ -268,7 +269,8 @@ def test_a_stop_signal_ends_every_rank_of_a_ddp_run_together(tmp_path, subproces
     """SIGTERM to rank 0, or Ctrl+C to the job's process group (what scancel and a terminal send), during a 2-process
     DDP run: every rank stops at the same step boundary and ends with one line and exit code 128 + the signal's
     number; the checkpoints written stay whole. (Lightning's own SIGTERM handler ran a broadcast wherever the
-    signal landed, and both ranks hung in their collectives.)"""
+    signal landed, and both ranks hung in their collectives.) No evaluation before training: the signal comes
+    during training."""
     run_dir, name = tmp_path / "run", signal.Signals(signum).name
     command = [
         sys.executable,
@@ -281,6 +283,7 @@ def test_a_stop_signal_ends_every_rank_of_a_ddp_run_together(tmp_path, subproces
         "trainer.max_steps=5000",
         "trainer.val_check_interval=100",
         "checkpoint_every_n_steps=2",
+        "evaluate_before_training=false",
         f"hydra.run.dir={run_dir}",
     ]
     with open(tmp_path / "stderr", "w+") as err:
