@@ -416,7 +416,11 @@ def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
     """slurmctld and a slurmd on host a, a slurmd on host b (each in its namespace; slurm/local_cluster.sh writes
     the config: a spool dir per node, the nodes' addresses on the veth): `sbatch -N 2 slurm/train.sbatch
     experiment=tiny` starts a Ray head on a and a worker on b, one training process on each node, and writes
-    results.json."""
+    results.json.
+
+    The job is also the test of a fresh sbatch job (tests/test_slurm.py's jobs are requeued or fail): it runs the
+    python of the environment it was submitted from, Lightning takes it for a SLURM job (auto-requeueing), it
+    evaluates before training, trains the tiny run's steps from none, tests its best checkpoint and completes."""
     skip_unless_required(missing_slurm(), "RAG_LIGHTNING_REQUIRE_SLURM")
     # (slurmstepd's socket paths in the spool dirs must stay within 108 bytes)
     with tempfile.TemporaryDirectory(prefix="slurm", dir="/tmp") as state, two_hosts("rlslurm") as (a, b):
@@ -467,7 +471,14 @@ def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
             time.sleep(2)
         output = Path(f"{run_dir}.out").read_text()
         assert (run_dir / "results.json").is_file(), output[-3000:]
-        assert f"nodes {a.name} {b.name}, Ray head {a.address}:" in output and "Ray is up on 2 node(s)" in output
+        ended = a.run("scontrol", "show", "job", job, env=env).stdout
+        assert "JobState=COMPLETED" in ended.split(), (ended, output[-3000:])
+        assert f"job {job} (restart 0): nodes {a.name} {b.name}, Ray head {a.address}:" in output
+        assert "Ray is up on 2 node(s)" in output
+        assert f"python {Path(sys.executable).parent / 'python'}" in output  # the submitting environment's python
+        assert "SLURM auto-requeueing enabled" in output  # Lightning saw the srun tasks as SLURM ranks
         assert "MEMBER: 2/2" in output and "GLOBAL_RANK: 1" in output
         results = json.loads((run_dir / "results.json").read_text())
-        assert results["train/steps"] == TINY.trainer.max_steps and "test/em" in results
+        assert results["train/steps"] == TINY.trainer.max_steps and results["train/resumed_from"] is None
+        assert results["best_checkpoint"].startswith(str(run_dir / "checkpoints" / "best-step"))
+        assert results["test/examples"] == results["initial/examples"] > 0 and "test/em" in results
