@@ -1,6 +1,6 @@
 """Shared fixtures: one real Ray for the whole session, a tiny knowledge base built with the real code, a command
 run in this process (`run`) or as a real command line (`cli`), and training runs shared by the whole session
-(`trained_run`).
+(`trained_run`); and the order the test files run in.
 
 Plain helpers (tiny configs, made-up documents, actor names, running a command) are in helpers.py.
 """
@@ -23,6 +23,35 @@ from rag_lightning.kb.build import build_knowledge_base
 from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
 
 from helpers import DDP_COMPARISON, TEST_NAMESPACE, call_main, cli_env, run_cli, tiny_kb_config, write_documents
+
+# The test files that take longest, longest first (about 6 to 1 minutes each on 2 cores; the others take less).
+# With `-n 2 --dist loadfile` (CI) each file runs whole on one worker and the workers take the files in this order,
+# the others after them: a long file taken last would run alone at the end while the other worker idles.
+LONGEST_FIRST = [
+    "test_user_tools.py",
+    "test_multinode.py",
+    "test_train_cli.py",
+    "test_slurm.py",
+    "test_bad_input.py",
+    "test_refresh.py",
+    "test_wheel.py",
+    "test_training.py",
+    "test_wandb.py",
+]
+
+
+def pytest_configure(config):
+    # pytest-xdist orders the files by their number of tests unless told not to, which puts the end-to-end files
+    # (few tests, each long) last: keep the order pytest_collection_modifyitems makes
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        return LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
 
 
 @pytest.fixture(scope="module")
