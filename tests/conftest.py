@@ -100,13 +100,13 @@ def cli():
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, worker_id) -> Callable[[str, list[str]], Path]:
+def trained_run(tmp_path_factory, request) -> Callable[[str, list[str]], Path]:
     """trained_run(name, overrides) -> the run dir of `python -m rag_lightning.train overrides...` (a subprocess),
     trained once for the whole session: by the first test to ask, in whichever module and xdist worker; every other
     test asking for the same name reuses it (waiting while it trains). For runs whose files tests only read."""
     shared = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
-        shared = shared.parent  # the session's folder, above each worker's
+    if hasattr(request.config, "workerinput"):  # an xdist worker: the session's folder is above each worker's
+        shared = shared.parent
     shared = shared / "trained_runs"
 
     def trained(name: str, overrides: list[str]) -> Path:
