@@ -462,6 +462,20 @@ def missing_slurm() -> str | None:
     return f"no SLURM here: missing {missing}" if missing else "SLURM tests need root" if os.getuid() else None
 
 
+# The training that DDP runs of 2 processes (or nodes) with batch 4 each compare with one process with batch 8
+# (tests/test_train_cli.py's two-process test says why they must agree): 10 steps, one epoch of the 80 training
+# questions, 9 test questions
+DDP_COMPARISON = [
+    "experiment=tiny",
+    "model.generator.dropout=0",
+    "data.demo_entities=100",
+    "data.max_eval_examples=9",
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=5",
+    "optim.lr=3e-3",
+]
+
+
 def assert_trained_alike(one_process: dict, ddp: dict) -> None:
     """results.json of a DDP run against one process on the same global batches (tests/test_train_cli.py's two-process
     test says why they must agree): the same examples and steps, it trained, the test NLL within 1e-4 relative

@@ -30,7 +30,7 @@ import pytest
 from retrieval_workers.kb_lock import LOCK_NAME
 from retrieval_workers.kb_store import MANIFEST, PassageTable, read_manifest, sha256_file, verify_file
 
-from helpers import REPO_ROOT, TINY, TINY_DIM, TINY_KB_ENCODER, TINY_MODEL, call_main, cli_env, run_cli
+from helpers import REPO_ROOT, TINY, TINY_DIM, TINY_KB_ENCODER, TINY_MODEL, call_main, cli_env
 
 QA_ROWS = [
     {"question": "where does ana live ?", "answers": ["paris"]},
@@ -158,7 +158,7 @@ def _assert_config_error(proc: subprocess.CompletedProcess, *fragments: str) -> 
 # --- files and rows -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("runner", ["run", "cli"])
+@pytest.mark.parametrize("runner", ["run", pytest.param("cli", marks=pytest.mark.slow)])
 def test_missing_kb_source_file(tmp_path, request, runner):
     """Also on the real command line: build_kb's process boundary."""
     missing = tmp_path / "nowhere" / "passages.tsv"
@@ -167,6 +167,7 @@ def test_missing_kb_source_file(tmp_path, request, runner):
     assert not (tmp_path / "kb" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_the_console_script_finds_its_config(tmp_path):
     """`rag-build-kb` (pyproject's console script, run from another folder) reads conf/ like `python -m`."""
     missing = tmp_path / "passages.tsv"
@@ -425,6 +426,7 @@ def test_unknown_key_or_wrong_type(tmp_path, run, override, fragments):
     assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
 
 
+@pytest.mark.slow
 def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cli):
     """Found once the model is built, with Ray and the shard actors running: a subprocess."""
     data = _qa_dir(tmp_path)
@@ -538,6 +540,7 @@ def test_ray_address_auto_with_no_cluster(tmp_path, run, monkeypatch):
     assert not (tmp_path / "run" / "kb").exists()
 
 
+@pytest.mark.slow
 def test_a_hydra_composition_error_on_the_command_line_is_one_line(tmp_path, cli):
     """The process boundary of Hydra's errors: the real command line, exit code 2, one line."""
     proc = cli("rag_lightning.build_kb", ["kb.source=x.jsonl", "index.shard=3"], tmp_path)
@@ -588,6 +591,7 @@ def test_a_second_job_on_a_knowledge_base_in_use_is_refused_and_a_killed_holder_
     assert _files(kb) == before, "the same build is reused, and the lock file is gone with its holder"
 
 
+@pytest.mark.slow
 def test_index_of_another_dimension_than_the_manifest(tmp_path, cli, built_kb):
     """A shard index of another dimension (its checksum updated, so only the dimension is wrong) is refused by
     the shard actor, and training reports it in one line, without Ray's traceback. A subprocess: Ray starts."""
@@ -604,6 +608,7 @@ def test_index_of_another_dimension_than_the_manifest(tmp_path, cli, built_kb):
     _assert_user_error(proc, str(kb / "v0" / "shard_000.faiss"), f"dimension {OTHER_SIZE}", f"dimension {TINY_DIM}")
 
 
+@pytest.mark.slow
 def test_truncated_index_file(tmp_path, cli, built_kb):
     """Found by the shard actor, after Ray has started: a subprocess."""
 
@@ -641,18 +646,14 @@ def test_run_dir_that_cannot_be_created(tmp_path, run):
 # --- checkpoints and the evaluate / generate / export commands -----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """last.ckpt of a tiny training run (mean-pooled question encoder, like the default); a subprocess, as the
-    run starts Ray and a Trainer."""
-    root = tmp_path_factory.mktemp("trained")
-    proc = run_cli(
-        "rag_lightning.train", ["experiment=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2"], root
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run" / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def tiny_checkpoint(tiny_run) -> Path:
+    """last.ckpt of the session's tiny training run (conftest.py; mean-pooled question encoder, like the default),
+    which the tests only read."""
+    return tiny_run / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_resuming_a_checkpoint_of_another_model_config(tmp_path, cli, tiny_checkpoint):
     """Found once the model is built, after Ray has started: a subprocess."""
     saved = tiny_checkpoint.read_bytes()
@@ -672,12 +673,14 @@ def test_truncated_checkpoint(tmp_path, run, tiny_checkpoint):
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_a_missing_checkpoint(tmp_path, cli):
     """On the real command line: evaluate's process boundary."""
     proc = cli("rag_lightning.evaluate", [f"ckpt_path={tmp_path / 'none.ckpt'}"], tmp_path)
     _assert_user_error(proc, "ckpt_path: no checkpoint file at", "none.ckpt")
 
 
+@pytest.mark.slow
 def test_generate_without_a_question(tmp_path, cli, tiny_checkpoint):
     """On the real command line: generate's process boundary."""
     proc = cli("rag_lightning.generate", [f"ckpt_path={tiny_checkpoint}"], tmp_path)
@@ -705,6 +708,7 @@ def test_export_of_a_mean_pooled_question_encoder(tmp_path, run, tiny_checkpoint
     assert not (tmp_path / "exported").exists() and not list(tmp_path.glob(".exported*"))
 
 
+@pytest.mark.slow
 def test_export_into_a_folder_that_is_not_empty(tmp_path, cli, tiny_checkpoint):
     """On the real command line: export's process boundary."""
     out = tmp_path / "exported"

@@ -12,7 +12,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from helpers import TINY_KB_ENCODER, cli_env, skip_unless_required, write_documents
+
+pytestmark = pytest.mark.slow  # a real command (or Python) in a namespace of its own
 
 CAN_MOUNT = os.getuid() == 0 and shutil.which("unshare") is not None
 

@@ -101,6 +101,7 @@ print(json.dumps({"address": address, "session_dir": ray._private.worker.global_
 """
 
 
+@pytest.mark.slow
 def test_a_second_job_on_the_node_gets_its_own_ray(ray_cluster, two_shard_kb, subprocess_env):
     """A job beside a running one starts its own Ray (own ports and temp dir); equal actor names do not clash."""
     spec = unique_spec(two_shard_kb, shards=2, replicas=1)

@@ -24,6 +24,7 @@ import pytest
 from retrieval_workers.types import ServiceSpec
 
 from helpers import (
+    DDP_COMPARISON,
     REPO_ROOT,
     TINY,
     assert_trained_alike,
@@ -225,46 +226,21 @@ def _finished(process: subprocess.Popen, timeout_s: float = 600) -> str:
 
 
 @pytest.mark.slow
-def test_a_two_node_ddp_run_matches_the_one_node_run(ray_on_two_hosts, tmp_path):
+def test_a_two_node_ddp_run_matches_the_one_node_run(ray_on_two_hosts, tmp_path, one_process_reference):
     """One training process on each host (trainer.num_nodes=2, gloo over the veth, the shard service's replicas
-    on both nodes) with batch 4 each trains to the metrics of one process on one node with batch 8, within the
-    tolerance of tests/test_train_cli.py's two-process DDP test (whose docstring says why these are equal).
+    on both nodes) with batch 4 each trains to the metrics of one process on one node with batch 8 (the session's
+    one_process_reference, conftest.py), within the tolerance of tests/test_train_cli.py's two-process DDP test
+    (whose docstring says why these are equal).
 
     As slurm/train.sbatch runs it: `stage=prepare` on the first node (data, knowledge base, shard actors), then
     `stage=train` on every node, each told its rank as a launcher would (RANK, NODE_RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR on host a).
     """
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
-    common = [
-        "experiment=tiny",
-        "model.generator.dropout=0",
-        "data.demo_entities=100",
-        "data.max_eval_examples=9",
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=5",
-        "optim.lr=3e-3",
-        "trainer.strategy=ddp",
-    ]
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rag_lightning.train",
-            *common,
-            "data.batch_size=8",
-            f"hydra.run.dir={tmp_path / 'single'}",
-        ],
-        cwd=REPO_ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-
     run_dir = tmp_path / "two_nodes"
     cluster = [
-        *common,
+        *DDP_COMPARISON,
+        "trainer.strategy=ddp",
         "data.batch_size=4",
         f"service.ray_address={address}",
         "service.namespace=two_nodes",
@@ -293,10 +269,7 @@ def test_a_two_node_ddp_run_matches_the_one_node_run(ray_on_two_hosts, tmp_path)
     outputs = [_finished(rank) for rank in ranks]
     assert "GLOBAL_RANK: 1" in outputs[1] and "MEMBER: 2/2" in outputs[0] + outputs[1]
 
-    assert_trained_alike(
-        json.loads((tmp_path / "single" / "results.json").read_text()),
-        json.loads((run_dir / "results.json").read_text()),
-    )
+    assert_trained_alike(one_process_reference, json.loads((run_dir / "results.json").read_text()))
 
 
 SEARCHER = """
@@ -345,14 +318,14 @@ def test_a_node_lost_mid_training_its_replicas_fail_over_and_training_goes_on(ra
     fails and every answer stays exact (the replicas on a answer for the lost ones, then Ray restarts the lost
     ones on a), and the trainer finishes all its steps."""
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
-    run_dir, steps = tmp_path / "run", 200
+    run_dir, steps = tmp_path / "run", 80  # host b is lost after the checkpoint of step 20
     overrides = [
         "experiment=tiny",
         f"service.ray_address={address}",
         "service.namespace=node_loss",
         "index.replicas=2",
         f"trainer.max_steps={steps}",
-        "trainer.val_check_interval=100",
+        "trainer.val_check_interval=40",
         "checkpoint_every_n_steps=20",
     ]
     _finished(_train(a, run_dir, env, *overrides, "stage=prepare"))
@@ -401,14 +374,14 @@ def test_a_two_node_ddp_job_that_lost_a_node_resumes_from_its_last_checkpoint_wh
     ends it); the job submitted again, on two nodes, resumes from its newest checkpoint and the global step goes
     on from there to the end."""
     a, b, address, env = ray_on_two_hosts.a, ray_on_two_hosts.b, ray_on_two_hosts.address, ray_on_two_hosts.env
-    run_dir, steps = tmp_path / "run", 200
+    run_dir, steps = tmp_path / "run", 80  # host b is lost after the checkpoint of step 20
     overrides = [
         "experiment=tiny",
         f"service.ray_address={address}",
         "service.namespace=ddp_loss",
         "index.replicas=2",
         f"trainer.max_steps={steps}",
-        "trainer.val_check_interval=100",
+        "trainer.val_check_interval=40",
         "checkpoint_every_n_steps=20",
         "trainer.strategy=ddp",
         "trainer.num_nodes=2",
@@ -457,7 +430,11 @@ def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
     """slurmctld and a slurmd on host a, a slurmd on host b (each in its namespace; slurm/local_cluster.sh writes
     the config: a spool dir per node, the nodes' addresses on the veth): `sbatch -N 2 slurm/train.sbatch
     experiment=tiny` starts a Ray head on a and a worker on b, one training process on each node, and writes
-    results.json."""
+    results.json.
+
+    The job is also the test of a fresh sbatch job (tests/test_slurm.py's jobs are requeued or fail): it runs the
+    python of the environment it was submitted from, Lightning takes it for a SLURM job (auto-requeueing), it
+    evaluates before training, trains the tiny run's steps from none, tests its best checkpoint and completes."""
     skip_unless_required(missing_slurm(), "RAG_LIGHTNING_REQUIRE_SLURM")
     # (slurmstepd's socket paths in the spool dirs must stay within 108 bytes)
     with tempfile.TemporaryDirectory(prefix="slurm", dir="/tmp") as state, two_hosts("rlslurm") as (a, b):
@@ -508,7 +485,14 @@ def test_sbatch_on_two_slurm_nodes_trains_across_both(tmp_path):
             time.sleep(2)
         output = Path(f"{run_dir}.out").read_text()
         assert (run_dir / "results.json").is_file(), output[-3000:]
-        assert f"nodes {a.name} {b.name}, Ray head {a.address}:" in output and "Ray is up on 2 node(s)" in output
+        ended = a.run("scontrol", "show", "job", job, env=env).stdout
+        assert "JobState=COMPLETED" in ended.split(), (ended, output[-3000:])
+        assert f"job {job} (restart 0): nodes {a.name} {b.name}, Ray head {a.address}:" in output
+        assert "Ray is up on 2 node(s)" in output
+        assert f"python {Path(sys.executable).parent / 'python'}" in output  # the submitting environment's python
+        assert "SLURM auto-requeueing enabled" in output  # Lightning saw the srun tasks as SLURM ranks
         assert "MEMBER: 2/2" in output and "GLOBAL_RANK: 1" in output
         results = json.loads((run_dir / "results.json").read_text())
-        assert results["train/steps"] == TINY.trainer.max_steps and "test/em" in results
+        assert results["train/steps"] == TINY.trainer.max_steps and results["train/resumed_from"] is None
+        assert results["best_checkpoint"].startswith(str(run_dir / "checkpoints" / "best-step"))
+        assert results["test/examples"] == results["initial/examples"] > 0 and "test/em" in results

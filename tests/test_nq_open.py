@@ -95,6 +95,7 @@ def test_a_source_of_another_format_names_the_file_and_line(tmp_path, content, f
     assert fragment in str(raised.value)
 
 
+@pytest.mark.slow
 def test_training_on_nq_open_without_a_source_stops_with_one_error_line(tmp_path):
     """The real command line: exit code 2, one `error:` line naming data.source, before any knowledge base."""
     proc = subprocess.run(

@@ -29,6 +29,7 @@ from helpers import (
 N_DOCS, MAX_COMBINED_LENGTH, BATCH = 2, 96, 4  # long enough that no context is cut (transformers cuts elsewhere)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, family", [("rag_sequence", "bart"), ("rag_sequence", "t5"), ("rag_token", "t5")])
 def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cluster, tmp_path_factory, kind, family):
     """DPR question encoder + BART (RAG-Sequence) and + T5 with a task prefix in its config (both kinds), tiny and

@@ -132,6 +132,7 @@ def test_refresh_writes_a_version_equal_to_a_direct_encoding_and_prunes_old_ones
     assert sorted(p.name for p in kb_dir.glob("v*")) == ["v2", "v3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "running_service",
     [
@@ -155,6 +156,7 @@ def test_a_refresh_of_a_dpr_or_sentence_transformers_encoder_equals_a_direct_enc
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("running_service", [(60, 3, 2, RefreshSpec(batch_size=8, keep_versions=10))], indirect=True)
 def test_switch_is_atomic_for_queries_in_flight(running_service):
     """Queries run without pause from two clients while the service switches version four times: every
@@ -198,6 +200,7 @@ def test_switch_is_atomic_for_queries_in_flight(running_service):
             np.testing.assert_allclose(r.scores, np.take_along_axis(exact, r.ids, axis=1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("running_service", [(4000, 4, 1, RefreshSpec(batch_size=1, keep_versions=2))], indirect=True)
 def test_encoder_actor_killed_mid_refresh_leaves_the_active_version_serving(running_service):
     _, spec, coordinator = running_service
@@ -272,6 +275,7 @@ def _trainer(tmp_path: Path, max_steps: int, callbacks: list) -> L.Trainer:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("running_service", [(4000, 2, 1, RefreshSpec(batch_size=1, keep_versions=2))], indirect=True)
 def test_refresh_due_while_one_is_in_flight_is_skipped_not_queued(running_service, tmp_path):
     data_dir, spec, _ = running_service

@@ -19,7 +19,7 @@ import torch
 
 from rag_lightning.training.setup import is_first_process
 
-from helpers import REPO_ROOT, TINY, assert_trained_alike
+from helpers import DDP_COMPARISON, REPO_ROOT, TINY, assert_trained_alike
 
 
 def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -30,20 +30,25 @@ def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
-    [["model=rag_sequence"], ["model=rag_token", "index=hnsw", "index.shards=3"]],
+    [[], ["model=rag_token", "index=hnsw", "index.shards=3"]],
     ids=["sequence-flat", "token-hnsw"],
 )
-def test_tiny_training_run_writes_its_run_dir(tmp_path, subprocess_env, overrides):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=REPO_ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_tiny_training_run_writes_its_run_dir(tmp_path, request, subprocess_env, overrides):
+    """experiment=tiny as it is (rag_sequence on a Flat index of 2 shards: the session's tiny_run, conftest.py), and
+    with RAG-Token on an HNSW index of 3 shards."""
+    if overrides:
+        run_dir = tmp_path / "run"
+        proc = subprocess.run(
+            [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=REPO_ROOT,
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        run_dir = request.getfixturevalue("tiny_run")
 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == TINY.trainer.max_steps
@@ -173,8 +178,9 @@ def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_p
 
 
 @pytest.mark.slow
-def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_env):
-    """2 CPU processes (gloo) with batch 4 each train on the same global batches as 1 process with batch 8.
+def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_env, one_process_reference):
+    """2 CPU processes (gloo) with batch 4 each train on the same global batches as 1 process with batch 8 (the
+    session's one_process_reference, conftest.py; tests/test_multinode.py compares two nodes with it too).
 
     Tolerance: the test loss (answer NLL over the whole split, after 10 steps at a high learning rate)
     within 1e-4 relative, so only float summation order may differ; EM, F1 and recall exactly equal.
@@ -185,49 +191,36 @@ def test_two_process_ddp_run_matches_the_one_process_run(tmp_path, subprocess_en
     The 9 test examples split 5 + 4 over the ranks: the metrics must be over all 9, not rank 0's 5.
     The DDP run logs to W&B (offline), from rank 0 only.
     """
-    common = [
-        "experiment=tiny",
-        "model.generator.dropout=0",
-        "data.demo_entities=100",
-        "data.max_eval_examples=9",
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=5",
-        "optim.lr=3e-3",
-    ]
-    results = {}
-    for name, overrides in (
-        ("single", ["trainer.strategy=ddp", "data.batch_size=8"]),
-        ("ddp", ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=4", "logger=wandb"]),
-    ):
-        run_dir = tmp_path / name
-        proc = subprocess.run(
-            [sys.executable, "-m", "rag_lightning.train", *common, *overrides, f"hydra.run.dir={run_dir}"],
-            cwd=REPO_ROOT,
-            env=subprocess_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = json.loads((run_dir / "results.json").read_text())
+    run_dir = tmp_path / "ddp"
+    overrides = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=4", "logger=wandb"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rag_lightning.train", *DDP_COMPARISON, *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=REPO_ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in proc.stderr + proc.stdout
     # the tiny run will not export (mean-pooled, normalised): said once at start-up, by the first process alone
     assert (proc.stderr + proc.stdout).count("rag_lightning.export will refuse this run's checkpoints") == 1
-    assert len(list((tmp_path / "ddp" / "wandb").glob("offline-run-*"))) == 1, "only rank 0 logs to W&B"
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1, "only rank 0 logs to W&B"
 
-    assert_trained_alike(results["single"], results["ddp"])
+    assert_trained_alike(one_process_reference, json.loads((run_dir / "results.json").read_text()))
 
 
 @pytest.mark.slow
 def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, subprocess_env):
-    run_dir, steps = tmp_path / "run", 400
+    """Killed as soon as its first periodic checkpoint (step 20 of 60) is written."""
+    run_dir, steps = tmp_path / "run", 60
     command = [
         sys.executable,
         "-m",
         "rag_lightning.train",
         "experiment=tiny",
         f"trainer.max_steps={steps}",
-        "trainer.val_check_interval=200",
+        "trainer.val_check_interval=30",
         "checkpoint_every_n_steps=20",
         f"hydra.run.dir={run_dir}",
     ]
@@ -276,7 +269,8 @@ def test_a_stop_signal_ends_every_rank_of_a_ddp_run_together(tmp_path, subproces
     """SIGTERM to rank 0, or Ctrl+C to the job's process group (what scancel and a terminal send), during a 2-process
     DDP run: every rank stops at the same step boundary and ends with one line and exit code 128 + the signal's
     number; the checkpoints written stay whole. (Lightning's own SIGTERM handler ran a broadcast wherever the
-    signal landed, and both ranks hung in their collectives.)"""
+    signal landed, and both ranks hung in their collectives.) No evaluation before training: the signal comes
+    during training."""
     run_dir, name = tmp_path / "run", signal.Signals(signum).name
     command = [
         sys.executable,
@@ -289,6 +283,7 @@ def test_a_stop_signal_ends_every_rank_of_a_ddp_run_together(tmp_path, subproces
         "trainer.max_steps=5000",
         "trainer.val_check_interval=100",
         "checkpoint_every_n_steps=2",
+        "evaluate_before_training=false",
         f"hydra.run.dir={run_dir}",
     ]
     with open(tmp_path / "stderr", "w+") as err:

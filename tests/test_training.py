@@ -174,6 +174,7 @@ def test_context_encoder_gets_gradients_only_when_trained(service):
     assert not module.context_encoder.model.get_input_embeddings().weight.requires_grad  # frozen by default
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "folders", [("dpr_question", "dpr_context"), ("sentence_transformers", "sentence_transformers")], ids=["dpr", "st"]
 )
@@ -254,6 +255,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(service):
         torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family, kind, prefix",
     [

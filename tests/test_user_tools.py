@@ -2,7 +2,10 @@
 
 The export test loads the exported folder with plain transformers (RagRetriever with a custom
 index, RagSequence/RagTokenForGeneration) and checks it retrieves and answers exactly like
-our generate command.
+our generate command. The tests of the tiny run read the session's (conftest.py's tiny_run).
+
+train, evaluate and generate run as command lines (they start Ray); build_kb and export, which do not, run in
+this process (conftest.py's `run`): test_bad_input.py tests their process boundary.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ from helpers import (
     write_encoder_folder,
 )
 
-# a short training; its scores are unscaled by default (retriever.score_scale: 1 for vectors that are not
-# normalised), as transformers' RAG scores by the raw output of its DPR question encoder
+# a short training (what the export test compares needs no more: the weights move from the first step, and the
+# answers are compared whatever they are); its scores are unscaled by default (retriever.score_scale: 1 for
+# vectors that are not normalised), as transformers' RAG scores by the raw output of its DPR question encoder
 EXPORTABLE_TRAINING = [
     "model.num_beams=2",
-    "trainer.max_steps=40",
-    "trainer.val_check_interval=20",
+    "trainer.max_steps=8",
+    "trainer.val_check_interval=8",
     "optim.lr=3e-3",
     "evaluate_before_training=false",
 ]
@@ -65,6 +69,7 @@ EXPORTABLE = [
 
 
 def _cli(module: str, *args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """The command line in a subprocess (train, evaluate and generate start Ray); it must succeed."""
     proc = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600
     )
@@ -72,12 +77,11 @@ def _cli(module: str, *args: str, cwd: Path = REPO_ROOT) -> subprocess.Completed
     return proc
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A run directory of the tiny config (6 steps; 4 test questions with their gold titles)."""
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    _cli("rag_lightning.train", "experiment=tiny", f"hydra.run.dir={run_dir}")
-    return run_dir
+def _in_process(run, module: str, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """build_kb or export (no Ray) in this process (conftest.py's `run`); it must succeed."""
+    proc = run(module, list(args), run_dir.parent, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
@@ -341,7 +345,7 @@ def _exportable_models(models: str, tmp_path: Path) -> tuple[list[str], list[str
     "kind, models",
     [("rag_sequence", "minilm_bart"), ("rag_token", "dpr_bart"), ("rag_sequence", "dpr_t5"), ("rag_token", "dpr_t5")],
 )
-def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, models, tmp_path):
+def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, models, tmp_path, run):
     from transformers import RagRetriever, RagTokenizer
 
     from rag_lightning.model.generator import RAG_CLASSES
@@ -355,7 +359,7 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, mode
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     # retriever.score_scale left null: the checkpoint keeps the scale it resolved to (1: raw inner products)
     assert read_checkpoint(str(checkpoint))["hyper_parameters"]["retriever"]["score_scale"] == 1.0
-    _cli("rag_lightning.export", f"ckpt_path={checkpoint}", f"out={out}")
+    _in_process(run, "rag_lightning.export", tmp_path / "export", f"ckpt_path={checkpoint}", f"out={out}")
     questions_file = data_dir / "test.jsonl"
     _cli(
         "rag_lightning.generate",
@@ -409,13 +413,14 @@ def test_export_loads_in_plain_transformers_and_answers_like_generate(kind, mode
 
     # and the exported passages and index import as a knowledge base with the same embeddings
     kb_dir = tmp_path / "imported"
-    _cli(
+    _in_process(
+        run,
         "rag_lightning.build_kb",
+        tmp_path / "import",
         f"kb.source={out / 'passages'}",
         f"kb.source_index={out / 'index.faiss'}",
         f"kb.dir={kb_dir}",
         *context_overrides,
-        f"hydra.run.dir={tmp_path / 'import'}",
     )
     original = run_dir / "kb"
     np.testing.assert_array_equal(
@@ -446,17 +451,18 @@ def _transformers_knowledge_base(folder: Path, dim: int, index_dim: int | None =
 
 
 @pytest.mark.slow
-def test_build_kb_imports_a_knowledge_base_of_transformers_rag_example(tmp_path):
+def test_build_kb_imports_a_knowledge_base_of_transformers_rag_example(tmp_path, run):
     passages, index_file, embeddings = _transformers_knowledge_base(tmp_path, dim=TINY_DIM)
     kb_dir = tmp_path / "kb"
-    _cli(
+    _in_process(
+        run,
         "rag_lightning.build_kb",
+        tmp_path / "build",
         f"kb.source={passages}",
         f"kb.source_index={index_file}",
         f"kb.dir={kb_dir}",
         *TINY_KB_ENCODER,
         "index.shards=2",
-        f"hydra.run.dir={tmp_path / 'build'}",
     )
 
     manifest = read_manifest(kb_dir)
@@ -470,37 +476,27 @@ def test_build_kb_imports_a_knowledge_base_of_transformers_rag_example(tmp_path)
 
 
 @pytest.mark.slow
-def test_an_index_of_another_dimension_is_refused_and_the_existing_kb_kept(tmp_path):
+def test_an_index_of_another_dimension_is_refused_and_the_existing_kb_kept(tmp_path, run):
     passages, index_file, _ = _transformers_knowledge_base(tmp_path, dim=TINY_DIM, index_dim=TINY_DIM // 2)
     kb_dir = tmp_path / "kb"
     write_documents(tmp_path / "earlier.jsonl", 6)
-    _cli(
+    _in_process(
+        run,
         "rag_lightning.build_kb",
+        tmp_path / "earlier",
         f"kb.source={tmp_path / 'earlier.jsonl'}",
         f"kb.dir={kb_dir}",
         *TINY_KB_ENCODER,
-        f"hydra.run.dir={tmp_path / 'earlier'}",
     )
     before = {p.relative_to(kb_dir): p.read_bytes() for p in kb_dir.rglob("*") if p.is_file()}
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rag_lightning.build_kb",
-            f"kb.source={passages}",
-            f"kb.source_index={index_file}",
-            f"kb.dir={kb_dir}",
-            *TINY_KB_ENCODER,
-            f"hydra.run.dir={tmp_path / 'build'}",
-        ],
-        cwd=REPO_ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run(
+        "rag_lightning.build_kb",
+        [f"kb.source={passages}", f"kb.source_index={index_file}", f"kb.dir={kb_dir}", *TINY_KB_ENCODER],
+        tmp_path,
+        tmp_path / "build",
     )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     [error] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert f"kb.source_index: {index_file}" in error
     assert f"dimension {TINY_DIM // 2}" in error and f"dimension {TINY_DIM}" in error

@@ -57,12 +57,16 @@ def test_the_wheel_holds_every_module_and_config(wheel):
 def test_an_installed_wheel_trains_from_any_folder(wheel, tmp_path):
     """A fresh virtual environment with the wheel installed (without -e; the dependencies are this environment's,
     seen through a path entry) runs `rag-train experiment=tiny` from an empty folder to results.json, and every
-    other command finds its config there."""
+    other command finds its config there. Its commands run without PYTHONPATH, which may name a checkout (one
+    whose rag_lightning would be imported instead of the wheel's)."""
     venv = tmp_path / "venv"
+    env = {name: value for name, value in cli_env().items() if name != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = Path(
         subprocess.check_output(
-            [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+            [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            env=env,
+            text=True,
         ).strip()
     )
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -87,6 +91,7 @@ def test_an_installed_wheel_trains_from_any_folder(wheel, tmp_path):
     where = subprocess.check_output(
         [venv / "bin" / "python", "-c", "import rag_lightning.config as c; print(c.__file__, c.conf_dir())"],
         cwd=elsewhere,
+        env=env,
         text=True,
     ).split()
     assert all(path.startswith(str(site)) for path in where), where
@@ -94,7 +99,7 @@ def test_an_installed_wheel_trains_from_any_folder(wheel, tmp_path):
     run = subprocess.run(
         [venv / "bin" / "rag-train", "experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=elsewhere,
-        env=cli_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=900,
@@ -106,7 +111,7 @@ def test_an_installed_wheel_trains_from_any_folder(wheel, tmp_path):
         shown = subprocess.run(
             [venv / "bin" / command, "--cfg", "job"],
             cwd=elsewhere,
-            env=cli_env(),
+            env=env,
             capture_output=True,
             text=True,
             timeout=300,
