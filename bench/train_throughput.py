@@ -239,7 +239,7 @@ def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:
         module.model_cfg,
         module.question_tokenizer,
         module.generator_tokenizer,
-        module.decoder_prefix,
+        module.answer_format,
     )
 
 

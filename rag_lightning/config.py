@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import string
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib.resources import files
 from typing import Any
@@ -83,14 +84,30 @@ class EncoderConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on a causal-LM generator: only the adapters train, the model they sit on stays as it
+    was loaded, and checkpoints hold the adapters alone."""
+
+    rank: int = at_least(0, 0, help="the adapters' rank; 0: no adapters, the whole generator trains")
+    alpha: int = at_least(16, 1, help="the adapters' scale is alpha / rank")
+    dropout: float = at_least(0.05, 0.0, help="dropout on the adapters' input")
+    target_modules: list[str] = setting(
+        ["q_proj", "v_proj"],
+        "the names of the linear layers that get adapters (Llama's q_proj, v_proj; GPT-2's c_attn)",
+    )
+
+
+@dataclass
 class GeneratorConfig:
-    """The generator: a pretrained sequence-to-sequence model with its own tokenizer, or a BART built from these
-    sizes and trained from scratch (with the knowledge base's generator tokenizer)."""
+    """The generator (the reader): a pretrained sequence-to-sequence model or causal language model with its own
+    tokenizer, or a BART built from these sizes and trained from scratch (with the knowledge base's generator
+    tokenizer)."""
 
     pretrained: str | None = setting(
         None,
-        'a folder (BART, mBART, T5/mT5, an EncoderDecoderModel) or "minilm" '
-        "(MiniLM on both sides); null: from scratch, of the sizes below",
+        "a folder of a sequence-to-sequence model (BART, mBART, T5/mT5, an EncoderDecoderModel) or of a causal "
+        'language model (Llama, SmolLM, Qwen, GPT-2, ...), "minilm" (MiniLM on both sides) or "smollm2" (the '
+        "bundled SmolLM2-135M-Instruct); null: a BART from scratch, of the sizes below",
     )
     prefix: str | None = setting(
         None,
@@ -108,6 +125,7 @@ class GeneratorConfig:
         "false: the generator stays as it is (no gradients, no optimizer state), for "
         "training the retriever against a fixed reader",
     )
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 # The ranks k at which retrieval is scored (recall@k, mrr@k, gold_recall@k), in validation, test and evaluate
@@ -159,11 +177,20 @@ class ModelConfig:
         f"{MODEL_DEFAULTS['max_context_tokens']}",
     )
     num_beams: int = at_least(2, 1, help="beam search at validation and test")
+    prompt: str = setting(
+        "Title: {title}\n{text}\n\nQuestion: {question}\nAnswer:",
+        "a causal-LM generator's input for each passage: {title}, {text} and {question} are filled in and the "
+        "answer follows; sequence-to-sequence generators read `title / text // question` (transformers' RAG)",
+    )
+    chat_template: bool = setting(
+        True, "a causal-LM generator whose tokenizer has a chat template reads the prompt as the user's turn of it"
+    )
     gradient_checkpointing: bool = setting(
         False, "recompute the generator's and encoders' activations in the backward pass: less memory for more compute"
     )
 
     def check(self, key: str) -> None:
+        check_prompt(self.prompt, f"{key}.prompt")
         if self.init_from is not None:
             if self.generator.pretrained is not None:
                 raise UserError(
@@ -175,6 +202,22 @@ class ModelConfig:
                     f"{key}.question_encoder: {key}.init_from={self.init_from} brings its question "
                     f"encoder (DPR); leave {key}.question_encoder unset"
                 )
+
+
+PROMPT_FIELDS = ("title", "text", "question")
+
+
+def check_prompt(prompt: str, key: str) -> None:
+    """A prompt names {text} and {question}, may name {title}, and nothing else between braces."""
+    try:
+        named = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
+    except ValueError as e:  # an unmatched brace
+        raise UserError(f"{key}: {e} in the prompt {prompt!r}") from None
+    unknown = sorted(set(named) - set(PROMPT_FIELDS))
+    missing = [name for name in ("text", "question") if name not in named]
+    if unknown or missing:
+        what = f"names {{{unknown[0]}}}" if unknown else f"has no {{{missing[0]}}}"
+        raise UserError(f"{key}: the prompt {what}; it takes {{title}}, {{text}} and {{question}} ({prompt!r})")
 
 
 @dataclass

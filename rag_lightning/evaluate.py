@@ -82,7 +82,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
         examples,
         module.question_tokenizer,
         module.generator_tokenizer,
-        module.decoder_prefix,
+        module.answer_format,
         module.model_cfg.max_question_tokens,
         module.model_cfg.max_answer_tokens,
     )

@@ -21,6 +21,11 @@ same weights (whose output is the [CLS] vector), so it exports exactly only when
 run's checkpoints will not export exactly (export_mismatch).
 The passages carry the embeddings of the index version the checkpoint trained against.
 The folder is written beside DIR and renamed into place when complete.
+
+A model whose generator is a causal LM, which transformers' RAG classes cannot hold, exports as folders that
+load one by one (rag_lightning/model/causal_folder.py): `generator/` (AutoModelForCausalLM, LoRA adapters merged
+in), `question_encoder/` (sentence-transformers), the passages and index, and `rag_lightning.json` (kind, n_docs,
+prompt, chat template, score scale, lengths); the README shows plain transformers and faiss answering from it.
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ from transformers import DPRConfig, DPRQuestionEncoder, RagConfig, RagTokenizer
 
 from rag_lightning.command import command
 from rag_lightning.config import ExportConfig
+from rag_lightning.encoders.folders import save_encoder_folder
 from rag_lightning.errors import UserError
 from rag_lightning.kb.hf_format import HFPassages, write_hf_passages
 from rag_lightning.kb.passage_text import DOC_SEP, TITLE_SEP
+from rag_lightning.model.causal_folder import GENERATOR_DIR, QUESTION_ENCODER_DIR, CausalExport, write_causal_settings
 from rag_lightning.model.generator import RAG_CLASSES
+from rag_lightning.model.lora import merged
 from rag_lightning.model.rag_folder import export_mismatch
 from rag_lightning.model.rag_module import RagModule
 from rag_lightning.model.trained_model import TrainedModel, index_version_to_serve, load_trained_model
@@ -56,7 +64,7 @@ def export(cfg: ExportConfig) -> Path:
     module = trained.module
     encoder = module.question_encoder
     mismatch = export_mismatch(encoder.pooling, encoder.normalize, module.score_scale)
-    if mismatch is not None:
+    if mismatch is not None and not module.causal:
         raise UserError(f"ckpt_path: {cfg.ckpt_path} was trained with {mismatch}")
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     try:
@@ -65,14 +73,10 @@ def export(cfg: ExportConfig) -> Path:
         raise UserError(f"out: cannot write beside {out} ({e.strerror})") from None
     try:
         passages, factory = _knowledge_base(trained)
-        rag = _transformers_model(module, passages_path=out / PASSAGES, index_path=out / INDEX)
-        rag.save_pretrained(str(staging))
-        # transformers 5 hands from_pretrained's `retriever=` on to GenerationConfig.from_pretrained, which
-        # fails on it when the folder has a generation_config.json (RagToken writes one), so leave it out
-        (staging / "generation_config.json").unlink(missing_ok=True)
-        RagTokenizer(question_encoder=module.question_tokenizer, generator=module.generator_tokenizer).save_pretrained(
-            str(staging)
-        )
+        if module.causal:
+            _write_causal_model(module, staging)
+        else:
+            _write_rag_model(module, staging, out)
         write_hf_passages(staging / PASSAGES, staging / INDEX, passages, factory)
         if out.exists():
             out.rmdir()  # the empty folder checked above
@@ -89,6 +93,43 @@ def export(cfg: ExportConfig) -> Path:
         module.model_cfg.max_answer_tokens,
     )
     return out
+
+
+def _write_rag_model(module: RagModule, staging: Path, out: Path) -> None:
+    """transformers' RAG folder of the module, its passages and index to be at out."""
+    rag = _transformers_model(module, passages_path=out / PASSAGES, index_path=out / INDEX)
+    rag.save_pretrained(str(staging))
+    # transformers 5 hands from_pretrained's `retriever=` on to GenerationConfig.from_pretrained, which
+    # fails on it when the folder has a generation_config.json (RagToken writes one), so leave it out
+    (staging / "generation_config.json").unlink(missing_ok=True)
+    RagTokenizer(question_encoder=module.question_tokenizer, generator=module.generator_tokenizer).save_pretrained(
+        str(staging)
+    )
+
+
+def _write_causal_model(module: RagModule, staging: Path) -> None:
+    """The generator (adapters merged) and question encoder folders of a causal-LM model, and its settings."""
+    generator = merged(module.rag.generator) if module.uses_lora else module.rag.generator
+    generator.save_pretrained(str(staging / GENERATOR_DIR))
+    module.generator_tokenizer.save_pretrained(str(staging / GENERATOR_DIR))
+    cfg = module.model_cfg
+    save_encoder_folder(
+        module.question_encoder, module.question_tokenizer, staging / QUESTION_ENCODER_DIR, cfg.max_question_tokens
+    )
+    write_causal_settings(
+        staging,
+        CausalExport(
+            kind=cfg.kind,
+            n_docs=module.n_docs,
+            prompt=cfg.prompt,
+            chat_template=cfg.chat_template,
+            score_scale=module.score_scale,
+            max_context_tokens=module.max_context_tokens,
+            max_question_tokens=cfg.max_question_tokens,
+            max_answer_tokens=cfg.max_answer_tokens,
+            num_beams=cfg.num_beams,
+        ),
+    )
 
 
 def _knowledge_base(trained: TrainedModel) -> tuple[HFPassages, str]:

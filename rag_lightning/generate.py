@@ -49,6 +49,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         for start in range(0, len(questions), cfg.batch_size):
             chunk = questions[start : start + cfg.batch_size]
             batch = question_batch(
+                chunk,
                 *tokenize_questions(
                     chunk, module.question_tokenizer, module.generator_tokenizer, module.model_cfg.max_question_tokens
                 ),

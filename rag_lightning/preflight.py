@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rag_lightning.config import (
     DataConfig,
@@ -29,7 +29,16 @@ from rag_lightning.encoders.folders import resolve_encoder
 from rag_lightning.errors import UserError
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 from rag_lightning.model.folder_settings import fill_model_settings, fill_score_scale, own_generator_tokenizer
-from rag_lightning.model.generator import check_generator_folder
+from rag_lightning.model.generator import (
+    CAUSAL,
+    causal_lm_skeleton,
+    check_generator_folder,
+    generator_family,
+    generator_folder,
+    max_positions,
+)
+from rag_lightning.model.lora import check_lora_targets
+from rag_lightning.model.smollm2 import check_smollm2_available
 from retrieval_workers import RayUnreachable, check_reachable
 
 
@@ -56,8 +65,38 @@ def check_encoder(encoder: EncoderConfig, key: str) -> None:
 
 
 def check_generator(generator: GeneratorConfig, key: str) -> None:
-    if generator.pretrained is not None:
-        check_generator_folder(generator.pretrained, f"{key}.pretrained")
+    """The folder is a generator; for a causal LM, the bundled one is installed and the LoRA adapters' layers
+    exist (on a skeleton of the model, no weights read)."""
+    if generator.pretrained is None:
+        return
+    if generator.pretrained == "smollm2":
+        check_smollm2_available()
+    check_generator_folder(generator.pretrained, f"{key}.pretrained")
+    if generator_family(generator.pretrained) == CAUSAL and generator.lora.rank > 0:
+        skeleton = causal_lm_skeleton(generator_folder(generator.pretrained))
+        check_lora_targets(skeleton, list(generator.lora.target_modules), f"{key}.lora.target_modules")
+
+
+def check_model(model: ModelConfig, key: str) -> None:
+    """Fill in what the config leaves to its folders; a causal LM's prompt and answer must fit its positions,
+    and it is trained without label smoothing."""
+    fill_model_settings(model, key)
+    if generator_family(model.generator.pretrained) != CAUSAL:
+        return
+    assert model.max_context_tokens is not None  # filled in above
+    positions = max_positions(generator_folder(cast(str, model.generator.pretrained)))
+    longest = model.max_context_tokens + model.max_answer_tokens
+    if positions is not None and longest > positions:
+        raise UserError(
+            f"{key}.max_context_tokens: a prompt of {model.max_context_tokens} tokens and an answer of "
+            f"{model.max_answer_tokens} ({key}.max_answer_tokens) make {longest}, more than the "
+            f"{positions} positions of {model.generator.pretrained}"
+        )
+    if model.label_smoothing:
+        raise UserError(
+            f"{key}.label_smoothing: {model.label_smoothing} is for sequence-to-sequence generators; "
+            "a causal LM generator trains without it (0)"
+        )
 
 
 def check_service(service: ServiceConfig, key: str) -> None:
@@ -122,7 +161,7 @@ def check_file_writable(path: str, key: str) -> None:
 CHECKS: tuple[tuple[type, Callable[[Any, str], object]], ...] = (
     (EncoderConfig, check_encoder),
     (GeneratorConfig, check_generator),
-    (ModelConfig, fill_model_settings),
+    (ModelConfig, check_model),
     (ServiceConfig, check_service),
     (DataConfig, check_data),
     (TrainConfig, check_training_run),

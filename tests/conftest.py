@@ -32,11 +32,13 @@ LONGEST_FIRST = [
     "test_multinode.py",
     "test_train_cli.py",
     "test_slurm.py",
+    "test_causal_generator.py",
     "test_bad_input.py",
     "test_refresh.py",
     "test_wheel.py",
     "test_training.py",
     "test_wandb.py",
+    "test_smollm2.py",
 ]
 
 
@@ -62,6 +64,19 @@ def two_shard_kb(tmp_path_factory) -> Path:
     kb_dir = tmp_path_factory.mktemp("kb")
     build_knowledge_base(tiny_kb_config(source, kb_dir), IndexConfig(factory="Flat", shards=2))
     return kb_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory, request) -> Path:
+    """The cache of converted models (the bundled SmolLM2's plain folder) for the whole session, shared by the
+    xdist workers (the conversion locks it), so that no test writes to ~/.cache and the conversion runs once."""
+    from rag_lightning.model.smollm2 import CACHE_ENV
+
+    shared = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # an xdist worker: the session's folder is above each worker's
+        shared = shared.parent
+    os.environ[CACHE_ENV] = str(shared / "model_cache")  # the commands the tests run see it too (cli_env)
+    return shared / "model_cache"
 
 
 @pytest.fixture(scope="session")

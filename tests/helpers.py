@@ -217,14 +217,68 @@ def write_generator_folder(folder: Path, family: str, texts: list[str]) -> Path:
     return folder
 
 
+CAUSAL_FAMILIES = ("llama", "gpt2")  # the llama folder's tokenizer has a chat template
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def tiny_causal_lm_config(family: str, vocab_size: int, **settings):
+    """The config of a tiny random causal LM of the family (2 layers of width 32): a Llama-style one (4 heads, 2
+    key-value heads) or a GPT-2; settings adds others (token ids, initializer_range, ...)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **settings,
+        )
+    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512, **settings)
+
+
+def write_causal_lm_folder(folder: Path, family: str, texts: list[str]) -> Path:
+    """A tiny random causal LM with a byte-level BPE tokenizer learnt from `texts`, written with save_pretrained as
+    a user's folder is: a Llama-style model whose tokenizer has a chat template, or a GPT-2 whose tokenizer, as
+    GPT-2's, has no pad token."""
+    from tokenizers import pre_tokenizers, processors
+    from transformers import AutoModelForCausalLM
+
+    from rag_lightning.config import GeneratorTokenizerConfig
+    from rag_lightning.kb.generator_tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(GeneratorTokenizerConfig(kind="bpe", vocab_size=2000, extra_texts=[]), texts)
+    # as GPT-2's and Llama 3's byte-level BPEs: no space added before a text, no special tokens around it
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if family == "llama":
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+        ids["pad_token_id"] = tokenizer.pad_token_id
+    else:
+        tokenizer.pad_token = None
+    AutoModelForCausalLM.from_config(tiny_causal_lm_config(family, len(tokenizer), **ids)).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def demo_generator_folder(folder: Path, family: str, data_dir: Path) -> Path:
-    """write_generator_folder with a tokenizer that learns the words of the demo data in data_dir (its passages
-    and training answers)."""
+    """write_generator_folder (or write_causal_lm_folder, for a causal family) with a tokenizer that learns the
+    words of the demo data in data_dir (its passages and training answers)."""
     from rag_lightning.kb.generator_tokenizer import extra_texts
     from rag_lightning.kb.passage_text import passage_text
 
     texts = [passage_text(row["title"], row["text"]) for row in map(json.loads, open(data_dir / "kb.jsonl"))]
-    return write_generator_folder(folder, family, texts + list(extra_texts([str(data_dir / "train.jsonl")])))
+    texts += list(extra_texts([str(data_dir / "train.jsonl")]))
+    write = write_causal_lm_folder if family in CAUSAL_FAMILIES else write_generator_folder
+    return write(folder, family, texts)
 
 
 def demo_data(tmp_path_factory) -> Path:
@@ -276,7 +330,7 @@ def qa_data_and_first_batch(module, data_dir: Path, model_cfg, batch_size: int):
         model_cfg,
         module.question_tokenizer,
         module.generator_tokenizer,
-        module.decoder_prefix,
+        module.answer_format,
     )
     datamodule.setup("fit")
     return datamodule, next(iter(datamodule.train_dataloader()))

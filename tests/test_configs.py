@@ -289,12 +289,14 @@ def test_checked_accepts_every_valid_choice(tmp_path):
 
 
 def test_a_generator_folder_is_checked_with_its_tokenizer_against_the_knowledge_base_one(tmp_path):
-    """model.generator.pretrained: a folder that is no sequence-to-sequence model is refused, and so is a
-    kb.generator_tokenizer.path that is not the generator's own tokenizer; both before anything is built."""
+    """model.generator.pretrained: a folder that is neither a sequence-to-sequence model nor a causal LM is refused,
+    and so is a kb.generator_tokenizer.path that is not the generator's own tokenizer; both before anything is
+    built."""
     encoder = write_encoder_folder(tmp_path / "bert", "bert_style")
     raw = compose_raw("train", [f"model.generator.pretrained={encoder}"], tmp_path)
     with pytest.raises(
-        UserError, match=f"^model.generator.pretrained: {encoder} is a bert model, not a sequence-to-sequence model"
+        UserError,
+        match=f"^model.generator.pretrained: {encoder} is a bert model \\(BertModel\\), neither a sequence-to-sequence",
     ):
         preflight(checked(raw))
     generator = write_generator_folder(tmp_path / "t5", "t5", ["some words"])

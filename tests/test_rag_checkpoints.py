@@ -73,15 +73,8 @@ def test_a_rag_folder_scores_and_answers_as_plain_transformers_and_trains(ray_cl
         with torch.no_grad():
             retrieved = module.retrieve(batch)
             doc_scores, context_ids, context_mask = module.reader_inputs(batch, retrieved)
-            loss = module.rag(
-                context_input_ids=context_ids,
-                context_attention_mask=context_mask,
-                doc_scores=doc_scores,
-                labels=batch["labels"],
-                n_docs=N_DOCS,
-                reduce_loss=False,
-            ).loss
-            answers = module.generate_answers(doc_scores, context_ids, context_mask)
+            loss, _ = module.reader_nll(batch, retrieved, doc_scores)
+            answers = module.generate_answers(batch, retrieved)
 
         # plain transformers: the same folder, retrieving over our passages and index as our export writes them
         manifest = read_manifest(spec.kb_dir)

@@ -256,7 +256,7 @@ def _datamodule(data_dir: Path, module: RagModule) -> QADataModule:
         module.model_cfg,
         module.question_tokenizer,
         module.generator_tokenizer,
-        module.decoder_prefix,
+        module.answer_format,
     )
 
 

@@ -277,7 +277,7 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
         model_cfg.generator.pretrained = str(folder)
         model_cfg.generator.prefix = "answer the question :" if family == "t5" else None  # T5's task prefix
         module, _, batch = _module_and_batch(service, kind, model_cfg=model_cfg)
-        assert module.generator_tokenizer.convert_ids_to_tokens(module.decoder_prefix) == prefix
+        assert module.generator_tokenizer.convert_ids_to_tokens(module.answer_format.prefix) == prefix
         retrieved = module.retrieve(batch)
         _, context_ids, context_mask = module.reader_inputs(batch, retrieved)
         title, text = module.passages.titles_and_texts(retrieved.ids[:1, :1].reshape(-1))[0]
@@ -285,7 +285,7 @@ def test_pretrained_generators_of_every_family_train_and_generate(ray_cluster, t
             module.generator_tokenizer, title, text, batch["questions"][0], prefix=model_cfg.generator.prefix or ""
         )
         assert context_ids[0, : int(context_mask[0].sum())].tolist() == want
-        assert batch["labels"][0, : len(prefix)].tolist() == module.decoder_prefix
+        assert batch["labels"][0, : len(prefix)].tolist() == module.answer_format.prefix
         generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
         losses = train_on_one_batch(module, batch, steps=30)
         assert losses[-1] < 0.85 * losses[0], losses

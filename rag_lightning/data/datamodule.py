@@ -17,19 +17,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rag_lightning.config import DataConfig, ModelConfig
 from rag_lightning.data.qa_files import QAExample, read_split
-from rag_lightning.model.contexts import question_ids
+from rag_lightning.model.contexts import AnswerFormat, question_ids
 
 
 class TokenizedQA(Dataset):
-    """Examples with their question ids for both tokenizers and the target ids of the first answer (after the
-    generator's decoder prefix)."""
+    """Examples with their question ids for both tokenizers and the target ids of the first answer, written as
+    answer_format says."""
 
     def __init__(
         self,
         examples: list[QAExample],
         encoder_tokenizer,
         generator_tokenizer,
-        decoder_prefix: list[int],
+        answer_format: AnswerFormat,
         max_question_tokens: int,
         max_answer_tokens: int,
     ):
@@ -37,9 +37,9 @@ class TokenizedQA(Dataset):
         self.encoder_ids, self.generator_ids = tokenize_questions(
             [e.question for e in examples], encoder_tokenizer, generator_tokenizer, max_question_tokens
         )
-        prefix, eos = decoder_prefix, generator_tokenizer.eos_token_id
+        prefix, eos = answer_format.prefix, generator_tokenizer.eos_token_id
         answers = generator_tokenizer(
-            [e.answers[0] for e in examples],
+            [answer_format.lead + e.answers[0] for e in examples],
             add_special_tokens=False,
             truncation=True,
             max_length=max_answer_tokens - len(prefix) - 1,
@@ -62,21 +62,32 @@ def tokenize_questions(
     return encoder_ids, question_ids(generator_tokenizer, questions, max_tokens)
 
 
-def question_batch(encoder_ids: list[list[int]], generator_ids: list[list[int]], encoder_pad_id: int) -> dict:
-    """What retrieval and generation need of a batch of questions: padded encoder ids, generator ids."""
-    return {"question_ids": pad(encoder_ids, encoder_pad_id), "question_generator_ids": generator_ids}
+def question_batch(
+    questions: list[str], encoder_ids: list[list[int]], generator_ids: list[list[int]], encoder_pad_id: int
+) -> dict:
+    """What retrieval and generation need of a batch of questions: padded encoder ids, generator ids, and the
+    texts (a causal generator's prompts tokenize them)."""
+    return {
+        "question_ids": pad(encoder_ids, encoder_pad_id),
+        "question_generator_ids": generator_ids,
+        "questions": questions,
+    }
 
 
 def collate(dataset: TokenizedQA, rows: list[int], encoder_pad_id: int, generator_pad_id: int) -> dict:
-    """A batch of examples: the question batch, the padded target ids, and the examples' texts."""
+    """A batch of examples: the question batch, the padded target ids with their lengths, and the examples'
+    texts."""
     examples = [dataset.examples[i] for i in rows]
     return {
         **question_batch(
-            [dataset.encoder_ids[i] for i in rows], [dataset.generator_ids[i] for i in rows], encoder_pad_id
+            [e.question for e in examples],
+            [dataset.encoder_ids[i] for i in rows],
+            [dataset.generator_ids[i] for i in rows],
+            encoder_pad_id,
         ),
         "labels": pad([dataset.target_ids[i] for i in rows], generator_pad_id),
+        "label_lengths": [len(dataset.target_ids[i]) for i in rows],
         "answers": [e.answers for e in examples],
-        "questions": [e.question for e in examples],
         "gold_titles": [e.gold_titles for e in examples],
     }
 
@@ -133,17 +144,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 class QADataModule(L.LightningDataModule):
     """The train/val/test files of `data.dir`, batched as `data` says, tokenized within `model`'s lengths, each
-    answer after the generator's decoder prefix (RagModule.decoder_prefix)."""
+    answer written as the generator reads it (RagModule.answer_format)."""
 
     def __init__(
-        self, data: DataConfig, model: ModelConfig, encoder_tokenizer, generator_tokenizer, decoder_prefix: list[int]
+        self, data: DataConfig, model: ModelConfig, encoder_tokenizer, generator_tokenizer, answer_format: AnswerFormat
     ):
         super().__init__()
         self.data_cfg = data
         self.model_cfg = model
         self.encoder_tokenizer = encoder_tokenizer
         self.generator_tokenizer = generator_tokenizer
-        self.decoder_prefix = decoder_prefix
+        self.answer_format = answer_format
         self.splits: dict[str, TokenizedQA] = {}
 
     def prepare_data(self) -> None:
@@ -163,7 +174,7 @@ class QADataModule(L.LightningDataModule):
                 examples,
                 self.encoder_tokenizer,
                 self.generator_tokenizer,
-                self.decoder_prefix,
+                self.answer_format,
                 self.model_cfg.max_question_tokens,
                 self.model_cfg.max_answer_tokens,
             )

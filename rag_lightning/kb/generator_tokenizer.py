@@ -63,10 +63,13 @@ def extra_texts(paths: list[str]) -> Iterable[str]:
 
 
 def load_generator_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """A saved generator tokenizer; a BERT-style one ends its texts with [SEP], which becomes its eos."""
+    """A saved generator tokenizer; a BERT-style one ends its texts with [SEP], which becomes its eos, and one
+    without a pad token (a causal LM's, as GPT-2's) pads with its eos (padding is masked wherever it is read)."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None:
         tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise UserError(f"kb.generator_tokenizer.path: {path} needs a pad and an eos token")
     return tokenizer

@@ -22,6 +22,16 @@ from rag_lightning.kb.passage_text import DOC_SEP
 
 
 @dataclass(frozen=True)
+class AnswerFormat:
+    """How the generator's target answers are written: these ids first (a sequence-to-sequence decoder's start,
+    BART's "</s> <s>"), then the answer's text after `lead` (" " after a causal prompt that ends in a word),
+    then the generator tokenizer's eos."""
+
+    prefix: list[int]
+    lead: str = ""
+
+
+@dataclass(frozen=True)
 class ContextLayout:
     """The ids a generator's contexts are made of, besides the passage and the question."""
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rag_lightning.config import MODEL_DEFAULTS, EncoderConfig, ModelConfig, RetrieverConfig
 from rag_lightning.encoders.folders import default_score_scale, resolve_encoder
+from rag_lightning.model.causal_folder import fill_from_causal_export, is_causal_export
 from rag_lightning.model.generator import generator_folder
 from rag_lightning.model.rag_folder import GENERATOR_TOKENIZER, read_rag_folder
 from retrieval_workers import POOLER
@@ -15,7 +16,10 @@ from retrieval_workers import POOLER
 
 def fill_model_settings(model: ModelConfig, key: str = "model") -> ModelConfig:
     """Set n_docs, label_smoothing and max_context_tokens where null: from init_from's RAG folder, else
-    MODEL_DEFAULTS. Returns model."""
+    MODEL_DEFAULTS. An init_from that is our export of a causal-LM model becomes the settings that build it
+    (fill_from_causal_export). Returns model."""
+    if model.init_from is not None and is_causal_export(model.init_from):
+        fill_from_causal_export(model, key)
     values = MODEL_DEFAULTS
     if model.init_from is not None:
         folder = read_rag_folder(model.init_from, f"{key}.init_from")

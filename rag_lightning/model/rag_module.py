@@ -1,11 +1,14 @@
-"""RagModule: Hugging Face RAG-Sequence / RAG-Token trained with Lightning over our retrieval service.
+"""RagModule: RAG-Sequence / RAG-Token trained with Lightning over our retrieval service.
 
 One training step: encode the questions (gradients flow), ONE search call per shard for
 the top K candidates (retriever.candidates, at least n_docs) with their embeddings and
-token ids, scores = q . candidate embeddings, and the best n_docs go to the reader:
-contexts = stored passage ids + question ids (laid out as transformers' RagRetriever does),
-then the RAG marginal NLL. With retriever.train_context_encoder the candidates are re-embedded by
-the current context encoder, so gradients reach it too, and re-ranked by those fresh scores.
+token ids, scores = q . candidate embeddings, and the best n_docs go to the reader, then the
+RAG marginal NLL. A sequence-to-sequence reader sits in transformers' RAG model and reads
+contexts = stored passage ids + question ids (laid out as transformers' RagRetriever does);
+a causal LM reads model.prompt filled in with each passage and the question
+(rag_lightning/model/prompts.py), its losses and generation rag_lightning/model/causal_reader.py's.
+With retriever.train_context_encoder the candidates are re-embedded by the current context
+encoder, so gradients reach it too, and re-ranked by those fresh scores.
 retriever.objective says what the retriever learns from: the RAG loss (marginal) or an
 objective of its own (rag_lightning/model/retriever_objectives.py), the RAG loss then
 training the generator alone. Validation and test steps generate answers and return each
@@ -32,9 +35,12 @@ from rag_lightning.errors import UserError
 from rag_lightning.evaluation.metrics import contains_answer
 from rag_lightning.evaluation.scores import answer_scores, ranked_records
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
-from rag_lightning.model.contexts import ContextLayout, join_contexts
+from rag_lightning.model import causal_reader
+from rag_lightning.model.contexts import AnswerFormat, ContextLayout, join_contexts
 from rag_lightning.model.folder_settings import fill_model_settings, fill_score_scale, own_generator_tokenizer
-from rag_lightning.model.generator import build_rag, decoder_prefix
+from rag_lightning.model.generator import CAUSAL, build_causal_rag, build_rag, decoder_prefix, generator_family
+from rag_lightning.model.lora import with_frozen, without_frozen
+from rag_lightning.model.prompts import PromptLayout
 from rag_lightning.model.rag_folder import load_rag_folder
 from rag_lightning.model.retriever_objectives import answer_log_likelihoods, distant_loss, emdr2_loss, pdist_loss
 from retrieval_workers import (
@@ -77,12 +83,14 @@ class RagModule(L.LightningModule):
         self.generator_tokenizer = self._generator_tokenizer(
             f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}"
         )
+        self.causal = generator_family(self.model_cfg.generator.pretrained) == CAUSAL
         if self.model_cfg.init_from is None:
             self.question_tokenizer = load_encoder_tokenizer(self.model_cfg.question_encoder, "model.question_encoder")
             self.question_encoder = build_encoder(
                 self.model_cfg.question_encoder, self.question_tokenizer, "model.question_encoder"
             )
-            self.rag = build_rag(self.model_cfg, self.question_encoder, self.generator_tokenizer)
+            build = build_causal_rag if self.causal else build_rag
+            self.rag = build(self.model_cfg, self.question_encoder, self.generator_tokenizer)
         else:  # a whole RAG folder: its DPR question encoder scores passages by its pooler output
             self.rag, self.question_tokenizer = load_rag_folder(self.model_cfg, self.generator_tokenizer)
             self.question_encoder = TextEncoder(
@@ -91,12 +99,20 @@ class RagModule(L.LightningModule):
                 self.question_tokenizer.pad_token_id,
                 self.question_tokenizer.sep_token_id,
             )
-        self.decoder_prefix = decoder_prefix(self.generator_tokenizer, self.rag.generator.config.decoder_start_token_id)
-        self.context_layout = ContextLayout.of(
-            self.generator_tokenizer, getattr(self.rag.generator.config, "prefix", None)
-        )
+        if self.causal:
+            self.prompt_layout = PromptLayout.of(
+                self.generator_tokenizer, self.model_cfg.prompt, self.model_cfg.chat_template
+            )
+            self.answer_format = AnswerFormat([], self.prompt_layout.answer_lead)
+        else:
+            start = self.rag.generator.config.decoder_start_token_id
+            self.answer_format = AnswerFormat(decoder_prefix(self.generator_tokenizer, start))
+            self.context_layout = ContextLayout.of(
+                self.generator_tokenizer, getattr(self.rag.generator.config, "prefix", None)
+            )
         self.question_encoder.requires_grad_(self.retriever_cfg.train_question_encoder)
-        self.rag.generator.requires_grad_(self.model_cfg.generator.train)
+        if not (self.uses_lora and self.model_cfg.generator.train):  # with_lora froze all but the adapters
+            self.rag.generator.requires_grad_(self.model_cfg.generator.train)
         self.context_encoder: TextEncoder | None = None
         if self.retriever_cfg.train_context_encoder:  # the knowledge base's encoder, from the weights that built it
             self.context_encoder_cfg = kb_encoder_config(manifest)
@@ -114,6 +130,20 @@ class RagModule(L.LightningModule):
         self.retrieval_client: RetrievalClient
         self.passages: PassageTable
         self.train()  # from_pretrained leaves a model in eval mode, and Lightning keeps the modes it finds
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.causal and self.model_cfg.generator.lora.rank > 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """With LoRA, a checkpoint holds the adapters, not the frozen base model its folder holds."""
+        if self.uses_lora:
+            checkpoint["state_dict"] = without_frozen(checkpoint["state_dict"], self.rag.generator, "rag.generator")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """With LoRA, the base model's weights are those this module was built with, from the folder."""
+        if self.uses_lora:
+            checkpoint["state_dict"] = with_frozen(checkpoint["state_dict"], self.rag.generator, "rag.generator")
 
     def train(self, mode: bool = True) -> RagModule:
         """Training mode (dropout on) for the parts that train; a frozen part stays in eval mode, so a fixed
@@ -190,7 +220,8 @@ class RagModule(L.LightningModule):
         return Retrieved(questions, ids, scores, embeddings, token_ids, lengths, reranked, result)
 
     def reader_inputs(self, batch: dict, retrieved: Retrieved) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The reader's n_docs best passages: doc_scores [B, n_docs], contexts [B * n_docs, L] and their mask."""
+        """A sequence-to-sequence reader's n_docs best passages: doc_scores [B, n_docs], contexts [B * n_docs, L]
+        and their mask."""
         n = self.n_docs
         context_ids, context_mask = join_contexts(
             retrieved.token_ids[:, :n],
@@ -200,6 +231,54 @@ class RagModule(L.LightningModule):
             self.max_context_tokens,
         )
         return retrieved.scores[:, :n], context_ids.to(self.device), context_mask.to(self.device)
+
+    def prompts(self, batch: dict, retrieved: Retrieved, k: int) -> list[list[int]]:
+        """A causal reader's prompts for the batch's k best passages [B * k], question by question."""
+        return self.prompt_layout.prompts(
+            self.generator_tokenizer,
+            batch["questions"],
+            self.passages.titles_and_texts(retrieved.ids[:, :k]),
+            self.max_context_tokens,
+            self.model_cfg.max_question_tokens,
+        )
+
+    def causal_log_probs(self, batch: dict, retrieved: Retrieved, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A causal reader's log-probabilities of each answer token after each of the k best passages' prompts:
+        [B, k, T], and which of the T positions hold answer tokens [B, T]."""
+        answers = [row[:length].tolist() for row, length in zip(batch["labels"], batch["label_lengths"])]
+        return causal_reader.answer_token_log_probs(
+            self.rag.generator, self.prompts(batch, retrieved, k), answers, k, self.generator_tokenizer.pad_token_id
+        )
+
+    def reader_nll(
+        self, batch: dict, retrieved: Retrieved, doc_scores: torch.Tensor, with_answer_ll: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The RAG loss of each example [B]: the answer's NLL marginalised over the n_docs best passages as
+        model.kind says, with the prior doc_scores [B, n_docs]; and with with_answer_ll each passage's answer
+        log-likelihood [B, n_docs], without gradient (what pdist and emdr2 learn from)."""
+        n = self.n_docs
+        if self.causal:
+            token_log_probs, answer_mask = self.causal_log_probs(batch, retrieved, n)
+            marginalised = (
+                causal_reader.rag_sequence_nll
+                if self.model_cfg.kind == "rag_sequence"
+                else (causal_reader.rag_token_nll)
+            )
+            nll = marginalised(doc_scores, token_log_probs, answer_mask)
+            answer_ll = causal_reader.answer_log_likelihoods(token_log_probs.detach(), answer_mask)
+            return nll, answer_ll if with_answer_ll else None
+        _, context_ids, context_mask = self.reader_inputs(batch, retrieved)
+        out = self.rag(
+            context_input_ids=context_ids,
+            context_attention_mask=context_mask,
+            doc_scores=doc_scores,
+            labels=batch["labels"],
+            n_docs=n,
+            reduce_loss=False,
+        )
+        if not with_answer_ll:
+            return out.loss, None
+        return out.loss, answer_log_likelihoods(out.logits, batch["labels"], n, self.generator_tokenizer.pad_token_id)
 
     def embed_passages(self, ids: np.ndarray) -> torch.Tensor:
         """Embed the passages with these ids [B, k] by the current context encoder: [B, k, D], with gradients."""
@@ -211,21 +290,17 @@ class RagModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         retrieved = self.retrieve(batch)
-        doc_scores, context_ids, context_mask = self.reader_inputs(batch, retrieved)
+        doc_scores = retrieved.scores[:, : self.n_docs]
         marginal = self.retriever_cfg.objective == "marginal"
-        out = self.rag(
-            context_input_ids=context_ids,
-            context_attention_mask=context_mask,
-            doc_scores=doc_scores if marginal else doc_scores.detach(),  # the objective trains it
-            labels=batch["labels"],
-            n_docs=self.n_docs,
-            reduce_loss=False,
+        # under another objective the RAG loss trains the reader alone: the objective trains the retriever
+        nll, answer_ll = self.reader_nll(
+            batch, retrieved, doc_scores if marginal else doc_scores.detach(), with_answer_ll=not marginal
         )
-        loss = out.loss.mean()
+        loss = nll.mean()
         batch_size = len(batch["answers"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if not marginal:
-            objective = self.retriever_objective(batch, retrieved, doc_scores, out.logits)
+            objective = self.retriever_objective(batch, retrieved, cast(torch.Tensor, answer_ll))
             self.log("train/retriever_loss", objective, batch_size=batch_size, sync_dist=True)
             loss = loss + self.retriever_cfg.objective_weight * objective
         if self.context_encoder is not None:
@@ -237,10 +312,9 @@ class RagModule(L.LightningModule):
             "search_ms": self.retrieval_client.last_search_ms,
         }
 
-    def retriever_objective(
-        self, batch: dict, retrieved: Retrieved, doc_scores: torch.Tensor, logits: torch.Tensor
-    ) -> torch.Tensor:
-        """The loss the retriever learns from under a retriever.objective other than marginal."""
+    def retriever_objective(self, batch: dict, retrieved: Retrieved, answer_ll: torch.Tensor) -> torch.Tensor:
+        """The loss the retriever learns from under a retriever.objective other than marginal; answer_ll [B, n_docs]
+        is the reader's answer log-likelihood after each passage it read."""
         cfg = self.retriever_cfg
         if cfg.objective == "distant":
             ids = retrieved.ids[:, : retrieved.scores.shape[1]]
@@ -255,7 +329,13 @@ class RagModule(L.LightningModule):
             )
             self.log("retrieval/without_positive", without_positive / len(ids), batch_size=len(ids))
             return loss
-        answer_ll = answer_log_likelihoods(logits, batch["labels"], self.n_docs, self.generator_tokenizer.pad_token_id)
+        doc_scores = retrieved.scores[:, : self.n_docs]
+        if self.causal and retrieved.scores.shape[1] > self.n_docs:  # a causal reader scores every candidate
+            doc_scores = retrieved.scores
+            with torch.no_grad():
+                answer_ll = causal_reader.answer_log_likelihoods(
+                    *self.causal_log_probs(batch, retrieved, doc_scores.shape[1])
+                )
         if cfg.objective == "pdist":
             return pdist_loss(doc_scores, answer_ll, cfg.temperature)
         return emdr2_loss(doc_scores, answer_ll)
@@ -307,11 +387,30 @@ class RagModule(L.LightningModule):
     @torch.no_grad()
     def predict_answers(self, batch: dict) -> tuple[list[str], Retrieved]:
         retrieved = self.retrieve(batch)
-        return self.generate_answers(*self.reader_inputs(batch, retrieved)), retrieved
+        return self.generate_answers(batch, retrieved), retrieved
 
-    def generate_answers(
-        self, doc_scores: torch.Tensor, context_ids: torch.Tensor, context_mask: torch.Tensor
-    ) -> list[str]:
+    def generate_answers(self, batch: dict, retrieved: Retrieved) -> list[str]:
+        """The answer generated for each question from its n_docs best passages (model.num_beams beams)."""
+        if self.causal:
+            generate = (
+                causal_reader.generate_rag_sequence
+                if self.model_cfg.kind == "rag_sequence"
+                else causal_reader.generate_rag_token
+            )
+            generated = generate(
+                self.rag.generator,
+                self.prompts(batch, retrieved, self.n_docs),
+                retrieved.scores[:, : self.n_docs],
+                self.n_docs,
+                self.generator_tokenizer.pad_token_id,
+                self.generator_tokenizer.eos_token_id,
+                self.model_cfg.num_beams,
+                self.model_cfg.max_answer_tokens,
+            )
+            return [
+                answer.strip() for answer in self.generator_tokenizer.batch_decode(generated, skip_special_tokens=True)
+            ]
+        doc_scores, context_ids, context_mask = self.reader_inputs(batch, retrieved)
         if self.model_cfg.kind == "rag_sequence":
             # transformers 5's RAG-Sequence generate gives its generator no attention mask, so the generator reads
             # the contexts' padding: padded as transformers' RagRetriever pads them (to max_context_tokens), the
@@ -337,16 +436,8 @@ class RagModule(L.LightningModule):
         n = self.n_docs
         records = ranked_records(batch, retrieved.ids, retrieved.scores[:, :n].float().cpu().numpy(), self.passages, ks)
         if answers:
-            doc_scores, context_ids, context_mask = self.reader_inputs(batch, retrieved)
-            predictions = self.generate_answers(doc_scores, context_ids, context_mask)
-            nll = self.rag(
-                context_input_ids=context_ids,
-                context_attention_mask=context_mask,
-                doc_scores=doc_scores,
-                labels=batch["labels"],
-                n_docs=n,
-                reduce_loss=False,
-            ).loss
+            predictions = self.generate_answers(batch, retrieved)
+            nll, _ = self.reader_nll(batch, retrieved, retrieved.scores[:, :n])
             for record, prediction, loss in zip(records, predictions, nll.tolist()):
                 record["prediction"] = prediction
                 record["scores"].update(answer_scores(prediction, record["answers"], loss))

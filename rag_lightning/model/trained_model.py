@@ -58,6 +58,7 @@ def load_trained_model(ckpt_path: str) -> TrainedModel:
     if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise UserError(f"ckpt_path: {ckpt_path} is not a checkpoint of rag_lightning.train")
     module = RagModule(**checkpoint["hyper_parameters"])
+    module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return TrainedModel(module.eval(), checkpoint.get(INDEX_VERSION_KEY), int(checkpoint.get("global_step", 0)))
 
