@@ -66,15 +66,20 @@ def check_encoder(encoder: EncoderConfig, key: str) -> None:
 
 def check_generator(generator: GeneratorConfig, key: str) -> None:
     """The folder is a generator; for a causal LM, the bundled one is installed and the LoRA adapters' layers
-    exist (on a skeleton of the model, no weights read)."""
-    if generator.pretrained is None:
-        return
+    exist (on a skeleton of the model, no weights read); LoRA is for a causal LM alone."""
     if generator.pretrained == "smollm2":
         check_smollm2_available()
-    check_generator_folder(generator.pretrained, f"{key}.pretrained")
-    if generator_family(generator.pretrained) == CAUSAL and generator.lora.rank > 0:
-        skeleton = causal_lm_skeleton(generator_folder(generator.pretrained))
-        check_lora_targets(skeleton, list(generator.lora.target_modules), f"{key}.lora.target_modules")
+    if generator.pretrained is not None:
+        check_generator_folder(generator.pretrained, f"{key}.pretrained")
+    if generator.lora.rank == 0:
+        return
+    if generator_family(generator.pretrained) != CAUSAL:
+        raise UserError(
+            f"{key}.lora.rank: LoRA adapters are for a causal-LM generator; {key}.pretrained is "
+            f"{generator.pretrained or 'null (a BART from scratch)'}"
+        )
+    skeleton = causal_lm_skeleton(generator_folder(cast(str, generator.pretrained)))
+    check_lora_targets(skeleton, list(generator.lora.target_modules), f"{key}.lora.target_modules")
 
 
 def check_model(model: ModelConfig, key: str) -> None:

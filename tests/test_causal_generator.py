@@ -253,6 +253,8 @@ def test_a_causal_config_that_cannot_work_is_refused_in_one_line(tmp_path, data_
     encoder = write_encoder_folder(tmp_path / "encoder", "bert_style")
     with pytest.raises(UserError, match=r"model\.generator\.pretrained: .* neither a sequence-to-sequence"):
         check_generator(GeneratorConfig(pretrained=str(encoder)), "model.generator")
+    with pytest.raises(UserError, match=r"model\.generator\.lora\.rank: LoRA adapters are for a causal-LM generator"):
+        check_generator(GeneratorConfig(lora=LoraConfig(rank=4)), "model.generator")
     lora = LoraConfig(rank=4, target_modules=["q_proj"])
     with pytest.raises(UserError, match=r"model\.generator\.lora\.target_modules: .*q_proj"):
         check_generator(GeneratorConfig(pretrained=str(folder), lora=lora), "model.generator")
