@@ -25,8 +25,8 @@ from retrieval_workers.ray_runtime import RAY_ADDRESS_ENV, connect
 from helpers import DDP_COMPARISON, TEST_NAMESPACE, call_main, cli_env, run_cli, tiny_kb_config, write_documents
 
 # The test files that take longest, longest first (about 6 to 1 minutes each on 2 cores; the others take less).
-# With `-n 2 --dist loadfile` (CI) each file runs whole on one worker and the workers take the files in this order,
-# the others after them: a long file taken last would run alone at the end while the other worker idles.
+# With `-n 3 --dist loadfile` (CI) each file runs whole on one worker and the workers take the files in this order,
+# the others after them: a long file taken last would run alone at the end while the other workers idle.
 LONGEST_FIRST = [
     "test_user_tools.py",
     "test_multinode.py",
