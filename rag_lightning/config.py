@@ -398,6 +398,7 @@ class TrainerConfig:
     precision: str = setting("32-true", "32-true, bf16-mixed, ...")
     max_steps: int = at_least(2000, 1, help="optimizer steps of training")
     max_epochs: int = at_least(-1, -1, help="-1: as many as max_steps takes")
+    max_time: str | None = setting(None, 'also stop training after this wall time, "DD:HH:MM:SS"; null: no limit')
     val_check_interval: int | None = at_least(500, 1, help="training batches between validations")
     check_val_every_n_epoch: int | None = at_least(None, 1, help="null: validate by val_check_interval alone")
     log_every_n_steps: int = at_least(50, 1, help="steps between logged training metrics")
@@ -449,6 +450,11 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = setting(0, "the seed of every random choice")
     evaluate_before_training: bool = setting(True, "score the untrained model on val and test (initial/*)")
+    evaluate_answers: bool = setting(
+        True,
+        "validation and test generate answers (em, f1) and pick the best checkpoint by val/em; false: they rank "
+        "passages only and pick it by val/mrr at the largest k, for runs that train the retriever alone",
+    )
     ckpt_path: str | None = setting(None, "resume from it; null: from the run dir's newest checkpoint, if any")
     checkpoint_every_n_steps: int | None = at_least(
         500, 1, help="also checkpoint every N steps (the resume point of a stopped job); null: at validation only"

@@ -113,6 +113,7 @@ def fit_and_test(
         optim=asdict(cfg.optim),
         service=asdict(spec),
         data_dir=str(Path(cfg.data.dir).resolve()),
+        evaluate_answers=cfg.evaluate_answers,
     )
     if module.question_encoder.dim != manifest.dim:
         key = "model.init_from" if cfg.model.init_from is not None else "model.question_encoder"
@@ -131,9 +132,10 @@ def fit_and_test(
         if cfg.index_refresh.every_n_steps is not None
         else None
     )
-    metrics = EvaluationMetrics(module.eval_k)
+    metrics = EvaluationMetrics(module.eval_k, cfg.evaluate_answers)
+    best_by = "val/em" if cfg.evaluate_answers else f"val/mrr@{max(module.eval_k)}"
     callbacks: list[L.Callback] = [
-        *checkpoint_callbacks(run_dir, cfg.checkpoint_every_n_steps),
+        *checkpoint_callbacks(run_dir, cfg.checkpoint_every_n_steps, best_by),
         StopOnNonFiniteLoss(),
         StopTogether(),
         metrics,
@@ -145,7 +147,7 @@ def fit_and_test(
     if module.context_encoder is not None:
         callbacks.append(SaveContextEncoder(run_dir / "checkpoints" / "context_encoder"))
     logger = build_logger(cfg.logger, run_dir, asdict(cfg))
-    if isinstance(logger, WandbLogger):
+    if isinstance(logger, WandbLogger) and cfg.evaluate_answers:
         callbacks.append(SampleTable(metrics))
     trainer = L.Trainer(
         **cfg.trainer.lightning_arguments(),

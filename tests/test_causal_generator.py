@@ -21,7 +21,7 @@ from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer
 from rag_lightning.model.checkpoint_file import read_checkpoint
 from rag_lightning.model.prompts import PromptLayout
 from rag_lightning.model.rag_module import RagModule
-from rag_lightning.model.retriever_objectives import pdist_loss
+from rag_lightning.model.retriever_objectives import emdr2_loss, pdist_loss
 from rag_lightning.preflight import check_generator, check_model
 from retrieval_workers.service import shutdown_service
 
@@ -122,7 +122,7 @@ def test_the_loss_marginalises_each_passages_answer_likelihood_and_training_lowe
     doc_scores = retrieved.scores[:, :N_DOCS]
     with torch.no_grad():
         nll, _ = module.reader_nll(batch, retrieved, doc_scores)
-        prompts = module.prompts(batch, retrieved.ids, N_DOCS)
+        prompts = module.prompts(batch, retrieved.ids[:, :N_DOCS])
         eos = module.generator_tokenizer.eos_token_id
         for b, answers in enumerate(batch["answers"]):
             answer = module.generator_tokenizer(module.answer_format.lead + answers[0], add_special_tokens=False)
@@ -210,18 +210,19 @@ def test_lora_with_gradient_checkpointing_or_bf16_autocast(causal_service):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in adapters)
 
 
-def test_a_frozen_reader_teaches_the_retriever_over_every_candidate(causal_service):
-    """pdist against a frozen causal reader (REPLUG's LM-supervised retrieval): the objective is KL from the
-    reader's answer likelihoods over all retriever.candidates (more than n_docs) to the retriever's scores, and
-    the reader gets no gradient."""
+@pytest.mark.parametrize("objective", ["pdist", "emdr2"])
+def test_a_frozen_reader_teaches_the_retriever_over_every_candidate(causal_service, objective):
+    """pdist and emdr2 against a frozen causal reader (REPLUG's LM-supervised retrieval): the objective learns
+    from the reader's answer likelihoods over all retriever.candidates (more than n_docs), and the reader gets no
+    gradient."""
     _, folder, _, _ = causal_service
     module, batch = _module_and_batch(
-        causal_service, _model_config(folder, train=False), objective="pdist", candidates=CANDIDATES, temperature=1.0
+        causal_service, _model_config(folder, train=False), objective=objective, candidates=CANDIDATES, temperature=1.0
     )
     retrieved = module.retrieve(batch)
     assert retrieved.scores.shape[1] == CANDIDATES
     with torch.no_grad():
-        prompts = module.prompts(batch, retrieved.ids, CANDIDATES)
+        prompts = module.prompts(batch, retrieved.ids[:, :CANDIDATES])
         eos = module.generator_tokenizer.eos_token_id
         answer_ll = torch.tensor(
             [
@@ -239,8 +240,16 @@ def test_a_frozen_reader_teaches_the_retriever_over_every_candidate(causal_servi
                 for b, answers in enumerate(batch["answers"])
             ]
         )
-    objective = module.retriever_objective(batch, retrieved, answer_ll[:, :N_DOCS])
-    torch.testing.assert_close(objective, pdist_loss(retrieved.scores, answer_ll, 1.0), rtol=1e-4, atol=1e-4)
+    _, read_and_unread = module.reader_nll(batch, retrieved, retrieved.scores[:, :N_DOCS], with_answer_ll=True)
+    torch.testing.assert_close(read_and_unread, answer_ll, rtol=1e-4, atol=1e-4)
+    by_hand = (
+        pdist_loss(retrieved.scores, answer_ll, 1.0)
+        if objective == "pdist"
+        else emdr2_loss(retrieved.scores, answer_ll)
+    )
+    torch.testing.assert_close(
+        module.retriever_objective(batch, retrieved, read_and_unread), by_hand, rtol=1e-4, atol=1e-4
+    )
 
     out = module.training_step(batch, 0)
     out["loss"].backward()

@@ -47,7 +47,7 @@ def _fit(run_dir: Path, max_steps: int, ckpt_path: str | None = None) -> L.Train
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=run_dir,
-        callbacks=checkpoint_callbacks(run_dir, every_n_steps=3),
+        callbacks=checkpoint_callbacks(run_dir, every_n_steps=3, best_by="val/em"),
     )
     trainer.fit(FallingEM(), ckpt_path=ckpt_path, weights_only=True)
     return trainer
@@ -92,7 +92,7 @@ def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights_or_a_che
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[*checkpoint_callbacks(tmp_path, every_n_steps=3), StopOnNonFiniteLoss()],
+        callbacks=[*checkpoint_callbacks(tmp_path, every_n_steps=3, best_by="val/em"), StopOnNonFiniteLoss()],
     )
     with pytest.raises(UserError, match="the training loss is nan at step 4: stopped"):
         trainer.fit(module, weights_only=True)

@@ -79,6 +79,33 @@ def test_tiny_training_run_writes_its_run_dir(tmp_path, request, subprocess_env,
 
 
 @pytest.mark.slow
+def test_a_retriever_only_run_ranks_passages_and_stops_at_its_max_time(tmp_path, subprocess_env):
+    """evaluate_answers=false: validation and test score retrieval alone and the best checkpoint is the best
+    validation MRR; trainer.max_time ends training long before max_steps."""
+    run_dir, max_steps = tmp_path / "run", 100_000
+    overrides = ["evaluate_answers=false", f"trainer.max_steps={max_steps}", "trainer.max_time=00:00:00:10"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=REPO_ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0 < results["train/steps"] < max_steps
+    assert {"test/recall@1", "test/mrr@100", "initial/recall@1"} <= set(results)
+    assert not {"test/em", "test/f1", "test/loss", "initial/em"} & set(results)
+    rows = _metrics_rows(run_dir)
+    assert "val/em" not in rows[0]
+    validations = [(int(row["step"]) + 1, float(row["val/mrr@100"])) for row in rows if row["val/mrr@100"]]
+    assert validations, "no validation ran within max_time"
+    best_step = max(validations, key=lambda v: v[1])[0]
+    assert results["best_checkpoint"] == str(run_dir / "checkpoints" / f"best-step{best_step}.ckpt")
+
+
+@pytest.mark.slow
 def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_path, subprocess_env):
     """model.generator.pretrained=minilm: the real pretrained MiniLM on both sides of the generator; the knowledge
     base tokenizes its passages with MiniLM's tokenizer without being told, and the job evaluates, trains and

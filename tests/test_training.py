@@ -330,7 +330,7 @@ def test_lightning_fit_and_test(service, tmp_path):
     """A real Trainer: configure_optimizers, a few optimizer steps, then test metrics over every test example."""
     module, datamodule, _ = _module_and_batch(service, "rag_token")
     before = [p.detach().clone() for p in module.question_encoder.parameters()]
-    metrics_callback = EvaluationMetrics(module.eval_k)
+    metrics_callback = EvaluationMetrics(module.eval_k, answers=True)
     trainer = _trainer(tmp_path, max_steps=3, callbacks=[metrics_callback])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3

@@ -1,6 +1,6 @@
 """Where a job's checkpoints go and which one a restarted job resumes from.
 
-A run directory holds `checkpoints/best-stepN.ckpt` (best validation EM),
+A run directory holds `checkpoints/best-stepN.ckpt` (best validation EM, or MRR where answers are not scored),
 `checkpoints/last.ckpt` (the newest state: after every validation and when training ends),
 `checkpoints/stepN.ckpt` (every checkpoint_every_n_steps steps, the newest kept)
 and, after a SLURM pre-emption signal, Lightning's `hpc_ckpt_K.ckpt`. A job started again
@@ -38,14 +38,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(path, buffer.getbuffer())
 
 
-def checkpoint_callbacks(run_dir: Path, every_n_steps: int | None) -> list[Checkpoint]:
-    """The best-by-validation checkpoint (first, the trainer's `checkpoint_callback`), the last one, and the
-    periodic one."""
+def checkpoint_callbacks(run_dir: Path, every_n_steps: int | None, best_by: str) -> list[Checkpoint]:
+    """The best checkpoint by the validation metric best_by (first, the trainer's `checkpoint_callback`), the last
+    one, and the periodic one."""
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="best-step{step}",
-            monitor="val/em",
+            monitor=best_by,
             mode="max",
             auto_insert_metric_name=False,
         ),

@@ -2,7 +2,7 @@
 
 Each process adds up the scores of its share of the split; at the end of the epoch the
 sums of every process are added together before dividing, so the logged figures are the
-whole split's (val/em, val/f1, val/loss, val/examples, and val/recall@k, val/mrr@k and
+whole split's (val/em, val/f1, val/loss unless the answers are not scored, val/examples, and val/recall@k, val/mrr@k and
 val/gold_recall@k at every k of retriever.eval_k and n_docs).
 """
 
@@ -15,12 +15,12 @@ from rag_lightning.evaluation.scores import SplitScores
 
 
 class EvaluationMetrics(L.Callback):
-    def __init__(self, ks: list[int]):
-        self.ks = ks
-        self.scores = SplitScores(ks)  # the split being evaluated, or the last one evaluated
+    def __init__(self, ks: list[int], answers: bool):
+        self.ks, self.answers = ks, answers
+        self.scores = SplitScores(ks, answers)  # the split being evaluated, or the last one evaluated
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.scores = SplitScores(self.ks)
+        self.scores = SplitScores(self.ks, self.answers)
 
     on_test_epoch_start = on_validation_epoch_start
 

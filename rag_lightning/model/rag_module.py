@@ -59,12 +59,21 @@ class RagModule(L.LightningModule):
     """model, retriever, optim and service are plain dicts (of ModelConfig, RetrieverConfig, OptimConfig,
     ServiceSpec) so checkpoints hold no custom classes; the generator tokenizer is the one saved in the
     knowledge base. data_dir, the QA files it trains on, is what the evaluate command reads by default.
+    evaluate_answers=False makes validation and test rank passages only (the train config's evaluate_answers).
 
     The process must be attached to the Ray cluster of the service (retrieval_workers.ray_runtime.connect)
     before the module is set up.
     """
 
-    def __init__(self, model: dict, retriever: dict, optim: dict, service: dict, data_dir: str | None = None):
+    def __init__(
+        self,
+        model: dict,
+        retriever: dict,
+        optim: dict,
+        service: dict,
+        data_dir: str | None = None,
+        evaluate_answers: bool = True,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg: ModelConfig = fill_model_settings(_structured(ModelConfig, model))
@@ -232,23 +241,23 @@ class RagModule(L.LightningModule):
         )
         return retrieved.scores[:, :n], context_ids.to(self.device), context_mask.to(self.device)
 
-    def prompts(self, batch: dict, passage_ids: np.ndarray, k: int) -> list[list[int]]:
-        """A causal reader's prompts for the batch's first k passages of passage_ids [B, >= k]: B * k, question by
-        question."""
+    def prompts(self, batch: dict, passage_ids: np.ndarray) -> list[list[int]]:
+        """A causal reader's prompts for the passages passage_ids [B, k]: B * k, question by question."""
         return self.prompt_layout.prompts(
             self.generator_tokenizer,
             batch["questions"],
-            self.passages.titles_and_texts(passage_ids[:, :k]),
+            self.passages.titles_and_texts(passage_ids),
             self.max_context_tokens,
             self.model_cfg.max_question_tokens,
         )
 
-    def causal_log_probs(self, batch: dict, retrieved: Retrieved, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A causal reader's log-probabilities of each answer token after each of the k best passages' prompts:
-        [B, k, T], and which of the T positions hold answer tokens [B, T]."""
+    def causal_log_probs(self, batch: dict, passage_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """A causal reader's log-probabilities of each answer token after each prompt of the passages passage_ids
+        [B, k]: [B, k, T], and which of the T positions hold answer tokens [B, T]."""
         answers = [row[:length].tolist() for row, length in zip(batch["labels"], batch["label_lengths"])]
+        k = passage_ids.shape[1]
         return causal_reader.answer_token_log_probs(
-            self.rag.generator, self.prompts(batch, retrieved.ids, k), answers, k, self.generator_tokenizer.pad_token_id
+            self.rag.generator, self.prompts(batch, passage_ids), answers, k, self.generator_tokenizer.pad_token_id
         )
 
     def reader_nll(
@@ -256,18 +265,24 @@ class RagModule(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The RAG loss of each example [B]: the answer's NLL marginalised over the n_docs best passages as
         model.kind says, with the prior doc_scores [B, n_docs]; and with with_answer_ll each passage's answer
-        log-likelihood [B, n_docs], without gradient (what pdist and emdr2 learn from)."""
+        log-likelihood, without gradient (what pdist and emdr2 learn from): [B, n_docs], or from a causal reader
+        [B, K] over every candidate."""
         n = self.n_docs
         if self.causal:
-            token_log_probs, answer_mask = self.causal_log_probs(batch, retrieved, n)
+            token_log_probs, answer_mask = self.causal_log_probs(batch, retrieved.ids[:, :n])
             marginalised = (
-                causal_reader.rag_sequence_nll
-                if self.model_cfg.kind == "rag_sequence"
-                else (causal_reader.rag_token_nll)
+                causal_reader.rag_sequence_nll if self.model_cfg.kind == "rag_sequence" else causal_reader.rag_token_nll
             )
             nll = marginalised(doc_scores, token_log_probs, answer_mask)
+            if not with_answer_ll:
+                return nll, None
             answer_ll = causal_reader.answer_log_likelihoods(token_log_probs.detach(), answer_mask)
-            return nll, answer_ll if with_answer_ll else None
+            k = retrieved.scores.shape[1]
+            if k > n:  # the candidates it does not read: scored once more, without gradient
+                with torch.no_grad():
+                    unread = causal_reader.answer_log_likelihoods(*self.causal_log_probs(batch, retrieved.ids[:, n:k]))
+                answer_ll = torch.cat([answer_ll, unread], dim=1)
+            return nll, answer_ll
         _, context_ids, context_mask = self.reader_inputs(batch, retrieved)
         out = self.rag(
             context_input_ids=context_ids,
@@ -315,7 +330,7 @@ class RagModule(L.LightningModule):
 
     def retriever_objective(self, batch: dict, retrieved: Retrieved, answer_ll: torch.Tensor) -> torch.Tensor:
         """The loss the retriever learns from under a retriever.objective other than marginal; answer_ll [B, n_docs]
-        is the reader's answer log-likelihood after each passage it read."""
+        (a causal reader's: [B, K]) is the reader's answer log-likelihood after each passage (reader_nll's)."""
         cfg = self.retriever_cfg
         if cfg.objective == "distant":
             ids = retrieved.ids[:, : retrieved.scores.shape[1]]
@@ -330,13 +345,7 @@ class RagModule(L.LightningModule):
             )
             self.log("retrieval/without_positive", without_positive / len(ids), batch_size=len(ids))
             return loss
-        doc_scores = retrieved.scores[:, : self.n_docs]
-        if self.causal and retrieved.scores.shape[1] > self.n_docs:  # a causal reader scores every candidate
-            doc_scores = retrieved.scores
-            with torch.no_grad():
-                answer_ll = causal_reader.answer_log_likelihoods(
-                    *self.causal_log_probs(batch, retrieved, doc_scores.shape[1])
-                )
+        doc_scores = retrieved.scores[:, : answer_ll.shape[1]]  # a causal reader's answer_ll covers every candidate
         if cfg.objective == "pdist":
             return pdist_loss(doc_scores, answer_ll, cfg.temperature)
         return emdr2_loss(doc_scores, answer_ll)
@@ -400,7 +409,7 @@ class RagModule(L.LightningModule):
             )
             generated = generate(
                 self.rag.generator,
-                self.prompts(batch, retrieved.ids, self.n_docs),
+                self.prompts(batch, retrieved.ids[:, : self.n_docs]),
                 retrieved.scores[:, : self.n_docs],
                 self.n_docs,
                 self.generator_tokenizer.pad_token_id,
@@ -445,10 +454,10 @@ class RagModule(L.LightningModule):
         return records
 
     def validation_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        return self.evaluate_batch(batch, self.eval_k)
+        return self.evaluate_batch(batch, self.eval_k, answers=self.hparams.evaluate_answers)
 
     def test_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        return self.evaluate_batch(batch, self.eval_k)
+        return self.evaluate_batch(batch, self.eval_k, answers=self.hparams.evaluate_answers)
 
 
 @dataclass
