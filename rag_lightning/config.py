@@ -449,7 +449,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = setting(0, "the seed of every random choice")
-    evaluate_before_training: bool = setting(True, "score the untrained model on val and test (initial/*)")
+    evaluate_before_training: bool = setting(True, "score the untrained model on the test split (initial/*)")
     evaluate_answers: bool = setting(
         True,
         "validation and test generate answers (em, f1) and pick the best checkpoint by val/em; false: they rank "

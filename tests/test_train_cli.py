@@ -19,7 +19,14 @@ import torch
 
 from rag_lightning.training.setup import is_first_process
 
-from helpers import DDP_COMPARISON, REPO_ROOT, TINY, assert_trained_alike
+from helpers import DDP_COMPARISON, REPO_ROOT, TINY, assert_trained_alike, run_cli
+
+
+def _train_tiny(run_dir: Path, *overrides: str) -> dict:
+    """`python -m rag_lightning.train experiment=tiny overrides...` into run_dir; its results.json."""
+    proc = run_cli("rag_lightning.train", ["experiment=tiny", *overrides], REPO_ROOT, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((run_dir / "results.json").read_text())
 
 
 def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -33,24 +40,16 @@ def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
     [[], ["model=rag_token", "index=hnsw", "index.shards=3"]],
     ids=["sequence-flat", "token-hnsw"],
 )
-def test_tiny_training_run_writes_its_run_dir(tmp_path, request, subprocess_env, overrides):
+def test_tiny_training_run_writes_its_run_dir(tmp_path, request, overrides):
     """experiment=tiny as it is (rag_sequence on a Flat index of 2 shards: the session's tiny_run, conftest.py), and
     with RAG-Token on an HNSW index of 3 shards."""
     if overrides:
         run_dir = tmp_path / "run"
-        proc = subprocess.run(
-            [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", *overrides, f"hydra.run.dir={run_dir}"],
-            cwd=REPO_ROOT,
-            env=subprocess_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = _train_tiny(run_dir, *overrides)
     else:
         run_dir = request.getfixturevalue("tiny_run")
+        results = json.loads((run_dir / "results.json").read_text())
 
-    results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == TINY.trainer.max_steps
     assert results["kb/num_passages"] == TINY.data.demo_entities  # one passage per made-up person
     test_questions = len((run_dir / "data" / "test.jsonl").read_text().splitlines())
@@ -79,21 +78,12 @@ def test_tiny_training_run_writes_its_run_dir(tmp_path, request, subprocess_env,
 
 
 @pytest.mark.slow
-def test_a_retriever_only_run_ranks_passages_and_stops_at_its_max_time(tmp_path, subprocess_env):
+def test_a_retriever_only_run_ranks_passages_and_stops_at_its_max_time(tmp_path):
     """evaluate_answers=false: validation and test score retrieval alone and the best checkpoint is the best
     validation MRR; trainer.max_time ends training long before max_steps."""
     run_dir, max_steps = tmp_path / "run", 100_000
     overrides = ["evaluate_answers=false", f"trainer.max_steps={max_steps}", "trainer.max_time=00:00:00:10"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "rag_lightning.train", "experiment=tiny", *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=REPO_ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
+    results = _train_tiny(run_dir, *overrides)
     assert 0 < results["train/steps"] < max_steps
     assert {"test/recall@1", "test/mrr@100", "initial/recall@1"} <= set(results)
     assert not {"test/em", "test/f1", "test/loss", "initial/em"} & set(results)
@@ -106,7 +96,7 @@ def test_a_retriever_only_run_ranks_passages_and_stops_at_its_max_time(tmp_path,
 
 
 @pytest.mark.slow
-def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_path, subprocess_env):
+def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_path):
     """model.generator.pretrained=minilm: the real pretrained MiniLM on both sides of the generator; the knowledge
     base tokenizes its passages with MiniLM's tokenizer without being told, and the job evaluates, trains and
     tests through it."""
@@ -114,26 +104,13 @@ def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_p
     from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, tokenizer_fingerprint
 
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rag_lightning.train",
-            "experiment=tiny",
-            "model.generator.pretrained=minilm",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "data.max_eval_examples=4",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=REPO_ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    results = _train_tiny(
+        run_dir,
+        "model.generator.pretrained=minilm",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.max_eval_examples=4",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == 2 and results["test/examples"] == 4 and 0 <= results["test/em"] <= 1
     manifest = json.loads((run_dir / "kb" / "manifest.json").read_text())
     kb_tokenizer = load_generator_tokenizer(run_dir / "kb" / manifest["encoder"]["generator_tokenizer"])
@@ -141,30 +118,17 @@ def test_the_minilm_encoder_decoder_generator_trains_from_the_command_line(tmp_p
 
 
 @pytest.mark.slow
-def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_path, subprocess_env):
+def test_tiny_end_to_end_run_refreshes_the_index_and_logs_retrieval_health(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rag_lightning.train",
-            "experiment=tiny",
-            "retriever.train_context_encoder=true",
-            "index_refresh=background",
-            "index_refresh.every_n_steps=2",
-            "index_refresh.blocking=true",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=REPO_ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    results = _train_tiny(
+        run_dir,
+        "retriever.train_context_encoder=true",
+        "index_refresh=background",
+        "index_refresh.every_n_steps=2",
+        "index_refresh.blocking=true",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
     # refreshes after steps 2, 4 and 6 (blocking here, so none is skipped) made versions 1, 2 and 3
-    results = json.loads((run_dir / "results.json").read_text())
     kb_dir = run_dir / "kb"
     manifest = json.loads((kb_dir / "manifest.json").read_text())
     kept = sorted({name.split("/")[0] for name in manifest["files"] if name.startswith("v")})
