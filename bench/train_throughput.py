@@ -358,7 +358,7 @@ def run_causal_floor(row: CausalRow, steps: int, data_dir: Path, tok_dir: Path) 
     inputs = []
     for batch, result in zip(replay.batches, replay.results):
         answers = [row_ids[:length].tolist() for row_ids, length in zip(batch["labels"], batch["label_lengths"])]
-        inputs.append((module.prompts(batch, result.ids, row.n_docs), answers))
+        inputs.append((module.prompts(batch, result.ids[:, : row.n_docs]), answers))
     lm, pad = module.rag.generator.train(), module.generator_tokenizer.pad_token_id
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=LR, fused=True)
     doc_scores = torch.zeros(row.batch, row.n_docs)
