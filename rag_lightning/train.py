@@ -133,9 +133,8 @@ def fit_and_test(
         else None
     )
     metrics = EvaluationMetrics(module.eval_k, cfg.evaluate_answers)
-    best_by = "val/em" if cfg.evaluate_answers else f"val/mrr@{max(module.eval_k)}"
     callbacks: list[L.Callback] = [
-        *checkpoint_callbacks(run_dir, cfg.checkpoint_every_n_steps, best_by),
+        *checkpoint_callbacks(run_dir, cfg.checkpoint_every_n_steps, metrics.best_by),
         StopOnNonFiniteLoss(),
         StopTogether(),
         metrics,

@@ -19,6 +19,11 @@ class EvaluationMetrics(L.Callback):
         self.ks, self.answers = ks, answers
         self.scores = SplitScores(ks, answers)  # the split being evaluated, or the last one evaluated
 
+    @property
+    def best_by(self) -> str:
+        """The validation metric that picks the best checkpoint: EM, or without answers MRR at the largest k."""
+        return "val/em" if self.answers else f"val/mrr@{max(self.ks)}"
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.scores = SplitScores(self.ks, self.answers)
 
