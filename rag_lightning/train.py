@@ -124,7 +124,12 @@ def fit_and_test(
     if resume_from is not None:
         check_checkpoint_fits(resume_from, module, asdict(cfg.model))
     datamodule = QADataModule(
-        cfg.data, cfg.model, module.question_tokenizer, module.generator_tokenizer, module.answer_format
+        cfg.data,
+        cfg.model,
+        module.question_tokenizer,
+        module.generator_tokenizer,
+        module.answer_format,
+        module.retrieval_ahead,
     )
 
     refresh = (

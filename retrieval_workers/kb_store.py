@@ -200,7 +200,7 @@ class PassageTable:
         return self._table.num_rows
 
     def titles_and_texts(self, ids) -> list[tuple[str, str]]:
-        rows = self._table.take(pa.array(np.asarray(ids, dtype=np.int64).ravel()))
+        rows = self._table.select(["title", "text"]).take(pa.array(np.asarray(ids, dtype=np.int64).ravel()))
         return list(zip(rows.column("title").to_pylist(), rows.column("text").to_pylist()))
 
     def padded_token_ids(self, column: str, ids, pad_id: int) -> np.ndarray:

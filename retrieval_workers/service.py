@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 
 import numpy as np
@@ -127,7 +128,8 @@ class RetrievalClient:
     When that replica's actor dies, the same query goes to the shard's other replicas in turn,
     within the same search, while Ray restarts the dead one from disk. With one replica the
     search waits for that restart. A shard that no replica answers within the spec's
-    `failover_timeout_s` raises ShardUnavailable, naming the shard and its replicas.
+    `failover_timeout_s` raises ShardUnavailable, naming the shard and its replicas. Threads may share a client
+    (a training loader's background retrieval and the validation loop's): it runs one search at a time.
     """
 
     def __init__(self, spec: ServiceSpec, replica_offset: int = 0, attach_timeout_s: float = 60.0):
@@ -145,6 +147,7 @@ class RetrievalClient:
         self.switch_retry_s = 0.0
         self.failovers = 0  # searches answered by another replica after an actor died
         self.last_search_ms = 0.0  # wall time of the last search
+        self._searching = threading.Lock()
 
     @property
     def shards(self) -> list:
@@ -153,6 +156,10 @@ class RetrievalClient:
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Exact global top-k over all shards for float32 queries [B, D], all from one index version."""
+        with self._searching:
+            return self._search(queries, k)
+
+    def _search(self, queries: np.ndarray, k: int) -> SearchResult:
         started = time.perf_counter()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         parts = self._search_shards(queries, k, self.version)

@@ -9,13 +9,16 @@ import json
 import math
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from rag_lightning.config import GeneratorConfig, LoraConfig, ModelConfig, OptimConfig, RetrieverConfig
+from rag_lightning.config import DataConfig, GeneratorConfig, LoraConfig, ModelConfig, OptimConfig, RetrieverConfig
+from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.errors import UserError
 from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer
 from rag_lightning.model.checkpoint_file import read_checkpoint
@@ -255,6 +258,56 @@ def test_a_frozen_reader_teaches_the_retriever_over_every_candidate(causal_servi
     out["loss"].backward()
     assert all(p.grad is None for p in module.rag.generator.parameters())
     assert any(p.grad is not None for p in module.question_encoder.parameters())
+
+
+def test_a_frozen_retriever_retrieves_ahead_and_the_reader_trains_as_it_would_without(causal_service, tmp_path):
+    """With no encoder training, each training batch is retrieved (and its prompts built) in the loader's
+    background thread before its step (RagModule.retrieval_ahead): the steps get what they would retrieve
+    themselves, so the reader trains to the same weights as with retriever.retrieve_ahead=false, bit for bit."""
+    _, folder, data_dir, _ = causal_service
+    weights, threads = {}, {}
+    for ahead in (True, False):
+        module, _ = _module_and_batch(
+            causal_service, _model_config(folder), train_question_encoder=False, retrieve_ahead=ahead
+        )
+        assert (module.retrieval_ahead is not None) == ahead
+        datamodule = QADataModule(
+            DataConfig(dir=str(data_dir), batch_size=BATCH),
+            module.model_cfg,
+            module.question_tokenizer,
+            module.generator_tokenizer,
+            module.answer_format,
+            module.retrieval_ahead,
+        )
+        threads[ahead] = calls = []
+        retrieve = module.retrieve
+
+        def recorded(batch: dict, depth: int = 0, retrieve=retrieve, calls=calls):
+            calls.append(threading.current_thread().name)
+            return retrieve(batch, depth)
+
+        module.retrieve = recorded  # type: ignore[method-assign]
+        before = {name: p.detach().clone() for name, p in module.rag.generator.named_parameters()}
+        torch.manual_seed(0)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=4,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, datamodule=datamodule)
+        weights[ahead] = dict(module.rag.generator.named_parameters())
+        assert any(not torch.equal(before[name], p) for name, p in weights[ahead].items()), "the reader trained"
+    assert len(threads[True]) >= 4 and all(name.startswith("retrieval-ahead") for name in threads[True])
+    assert threads[False] == ["MainThread"] * 4
+    assert all(torch.equal(p, weights[False][name]) for name, p in weights[True].items())
+
+    trains_an_encoder, _ = _module_and_batch(causal_service, _model_config(folder))
+    assert trains_an_encoder.retrieval_ahead is None  # its retrieval depends on the step before
 
 
 def test_a_causal_config_that_cannot_work_is_refused_in_one_line(tmp_path, data_dir, monkeypatch):

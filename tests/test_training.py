@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict
 
 import lightning as L
@@ -18,6 +19,7 @@ from rag_lightning.config import (
     OptimConfig,
     RetrieverConfig,
 )
+from rag_lightning.data.retrieval_ahead import RetrievalAhead
 from rag_lightning.errors import UserError
 from rag_lightning.evaluation.metrics import contains_answer
 from rag_lightning.model.rag_module import RagModule
@@ -469,3 +471,27 @@ def test_the_retriever_learns_against_a_fixed_reader(service):
         not torch.equal(a, b)
         for a, b in zip(encoder, [p for p in module.question_encoder.parameters() if p.requires_grad])
     )
+
+
+def test_retrieval_ahead_starts_each_batchs_retrieval_before_handing_on_the_batch_before():
+    """RetrievalAhead hands on batch i once batch i+1 is made and its retrieval submitted to the background thread;
+    every batch comes once, in order, with the Future of its own retrieval."""
+    made: list[int] = []
+
+    class Loader:
+        def __len__(self) -> int:
+            return 3
+
+        def __iter__(self):
+            for i in range(3):
+                made.append(i)
+                yield {"i": i}
+
+    def retrieve(batch: dict) -> tuple[int, str]:
+        return batch["i"], threading.current_thread().name
+
+    ahead = RetrievalAhead(Loader(), retrieve)
+    handed = [(batch["i"], len(made), batch["retrieved"].result()) for batch in ahead]
+    assert len(ahead) == 3
+    assert [(i, count) for i, count, _ in handed] == [(0, 2), (1, 3), (2, 3)]
+    assert all(result[0] == i and result[1].startswith("retrieval-ahead") for i, _, result in handed)

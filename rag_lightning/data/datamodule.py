@@ -9,7 +9,8 @@ processes are those of the whole split.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rag_lightning.config import DataConfig, ModelConfig
 from rag_lightning.data.qa_files import QAExample, read_split
+from rag_lightning.data.retrieval_ahead import RetrievalAhead
 from rag_lightning.model.contexts import AnswerFormat, question_ids
 
 
@@ -144,10 +146,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 class QADataModule(L.LightningDataModule):
     """The train/val/test files of `data.dir`, batched as `data` says, tokenized within `model`'s lengths, each
-    answer written as the generator reads it (RagModule.answer_format)."""
+    answer written as the generator reads it (RagModule.answer_format). With retrieval_ahead
+    (RagModule.retrieval_ahead), each training batch's retrieval runs in the background before its step."""
 
     def __init__(
-        self, data: DataConfig, model: ModelConfig, encoder_tokenizer, generator_tokenizer, answer_format: AnswerFormat
+        self,
+        data: DataConfig,
+        model: ModelConfig,
+        encoder_tokenizer,
+        generator_tokenizer,
+        answer_format: AnswerFormat,
+        retrieval_ahead: Callable[[dict], Any] | None = None,
     ):
         super().__init__()
         self.data_cfg = data
@@ -155,6 +164,7 @@ class QADataModule(L.LightningDataModule):
         self.encoder_tokenizer = encoder_tokenizer
         self.generator_tokenizer = generator_tokenizer
         self.answer_format = answer_format
+        self.retrieval_ahead = retrieval_ahead
         self.splits: dict[str, TokenizedQA] = {}
 
     def prepare_data(self) -> None:
@@ -180,7 +190,7 @@ class QADataModule(L.LightningDataModule):
             )
         return self.splits[split]
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | RetrievalAhead:
         dataset = self._load("train")
         sampler = GlobalBatchSampler(len(dataset), self.data_cfg.batch_size, *self._rank_and_world_size())
         collate_fn = functools.partial(
@@ -189,7 +199,8 @@ class QADataModule(L.LightningDataModule):
             encoder_pad_id=self.encoder_tokenizer.pad_token_id,
             generator_pad_id=self.generator_tokenizer.pad_token_id,
         )
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
+        return loader if self.retrieval_ahead is None else RetrievalAhead(loader, self.retrieval_ahead)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

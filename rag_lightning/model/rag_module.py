@@ -20,6 +20,7 @@ versions in checkpoints, the background refresh, the saved context encoder, metr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import cast
 
@@ -226,7 +227,22 @@ class RagModule(L.LightningModule):
             ids = np.concatenate([ids[:, :k][rows, cpu_order], ids[:, k:]], axis=1)
             scores, embeddings = scores.gather(1, order), embeddings[torch.from_numpy(rows).to(order.device), order]
             token_ids, lengths = token_ids[rows, cpu_order], lengths[rows, cpu_order]
-        return Retrieved(questions, ids, scores, embeddings, token_ids, lengths, reranked, result)
+        prompts = self.prompts(batch, ids[:, :k]) if self.causal else None
+        return Retrieved(questions, ids, scores, embeddings, token_ids, lengths, prompts, reranked, result)
+
+    @property
+    def retrieval_ahead(self) -> Callable[[dict], Retrieved] | None:
+        """What the training loader runs on each batch ahead of its step, in the background
+        (rag_lightning/data/retrieval_ahead.py): retrieval, when retriever.retrieve_ahead and no encoder trains (a
+        batch's retrieval then depends on nothing the steps change, so it is what the step would get). Else None."""
+        cfg = self.retriever_cfg
+        ahead = cfg.retrieve_ahead and not (cfg.train_question_encoder or cfg.train_context_encoder)
+        return self._retrieve_ahead if ahead else None
+
+    def _retrieve_ahead(self, batch: dict) -> Retrieved:
+        """retrieve() for a batch as the loader made it (on the CPU), without gradients."""
+        with torch.no_grad():
+            return self.retrieve({**batch, "question_ids": batch["question_ids"].to(self.device)})
 
     def reader_inputs(self, batch: dict, retrieved: Retrieved) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A sequence-to-sequence reader's n_docs best passages: doc_scores [B, n_docs], contexts [B * n_docs, L]
@@ -251,13 +267,13 @@ class RagModule(L.LightningModule):
             self.model_cfg.max_question_tokens,
         )
 
-    def causal_log_probs(self, batch: dict, passage_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """A causal reader's log-probabilities of each answer token after each prompt of the passages passage_ids
-        [B, k]: [B, k, T], and which of the T positions hold answer tokens [B, T]."""
+    def causal_log_probs(self, batch: dict, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A causal reader's log-probabilities of each answer token after each of the prompts, k per question
+        (Retrieved.prompts_of): [B, k, T], and which of the T positions hold answer tokens [B, T]."""
         answers = [row[:length].tolist() for row, length in zip(batch["labels"], batch["label_lengths"])]
-        k = passage_ids.shape[1]
+        k = len(prompts) // len(answers)
         return causal_reader.answer_token_log_probs(
-            self.rag.generator, self.prompts(batch, passage_ids), answers, k, self.generator_tokenizer.pad_token_id
+            self.rag.generator, prompts, answers, k, self.generator_tokenizer.pad_token_id
         )
 
     def reader_nll(
@@ -269,7 +285,7 @@ class RagModule(L.LightningModule):
         [B, K] over every candidate."""
         n = self.n_docs
         if self.causal:
-            token_log_probs, answer_mask = self.causal_log_probs(batch, retrieved.ids[:, :n])
+            token_log_probs, answer_mask = self.causal_log_probs(batch, retrieved.prompts_of(0, n))
             marginalised = (
                 causal_reader.rag_sequence_nll if self.model_cfg.kind == "rag_sequence" else causal_reader.rag_token_nll
             )
@@ -280,7 +296,9 @@ class RagModule(L.LightningModule):
             k = retrieved.scores.shape[1]
             if k > n:  # the candidates it does not read: scored once more, without gradient
                 with torch.no_grad():
-                    unread = causal_reader.answer_log_likelihoods(*self.causal_log_probs(batch, retrieved.ids[:, n:k]))
+                    unread = causal_reader.answer_log_likelihoods(
+                        *self.causal_log_probs(batch, retrieved.prompts_of(n, k))
+                    )
                 answer_ll = torch.cat([answer_ll, unread], dim=1)
             return nll, answer_ll
         _, context_ids, context_mask = self.reader_inputs(batch, retrieved)
@@ -305,7 +323,7 @@ class RagModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
-        retrieved = self.retrieve(batch)
+        retrieved = batch["retrieved"].result() if "retrieved" in batch else self.retrieve(batch)
         doc_scores = retrieved.scores[:, : self.n_docs]
         marginal = self.retriever_cfg.objective == "marginal"
         # under another objective the RAG loss trains the reader alone: the objective trains the retriever
@@ -409,7 +427,7 @@ class RagModule(L.LightningModule):
             )
             generated = generate(
                 self.rag.generator,
-                self.prompts(batch, retrieved.ids[:, : self.n_docs]),
+                retrieved.prompts_of(0, self.n_docs),
                 retrieved.scores[:, : self.n_docs],
                 self.n_docs,
                 self.generator_tokenizer.pad_token_id,
@@ -472,8 +490,15 @@ class Retrieved:
     embeddings: torch.Tensor  # [B, K, D] the candidates' vectors (today's when the context encoder trains)
     token_ids: np.ndarray  # [B, K, L] the candidates' generator ids, PAD_TOKEN-padded
     lengths: np.ndarray  # [B, K]
+    prompts: list[list[int]] | None  # a causal reader's prompt of each candidate, question by question [B * K]
     reranked: float  # share of questions whose n_docs best passages the re-ranking changed
     result: SearchResult  # the service's answer, as it came
+
+    def prompts_of(self, start: int, end: int) -> list[list[int]]:
+        """The prompts of each question's candidates start..end-1, question by question."""
+        assert self.prompts is not None  # made by retrieve() for a causal reader
+        k = self.scores.shape[1]
+        return [self.prompts[row * k + z] for row in range(len(self.ids)) for z in range(start, end)]
 
 
 def kb_encoder_config(manifest: Manifest) -> EncoderConfig:
