@@ -6,7 +6,9 @@ token ids, scores = q . candidate embeddings, and the best n_docs go to the read
 RAG marginal NLL. A sequence-to-sequence reader sits in transformers' RAG model and reads
 contexts = stored passage ids + question ids (laid out as transformers' RagRetriever does);
 a causal LM reads model.prompt filled in with each passage and the question
-(rag_lightning/model/prompts.py), its losses and generation rag_lightning/model/causal_reader.py's.
+(rag_lightning/model/prompts.py, built with the retrieval), its losses and generation
+rag_lightning/model/causal_reader.py's. With neither encoder training, that retrieval is made one
+batch ahead, in the training loader's background thread (rag_lightning/data/retrieval_ahead.py).
 With retriever.train_context_encoder the candidates are re-embedded by the current context
 encoder, so gradients reach it too, and re-ranked by those fresh scores.
 retriever.objective says what the retriever learns from: the RAG loss (marginal) or an
