@@ -336,6 +336,25 @@ def qa_data_and_first_batch(module, data_dir: Path, model_cfg, batch_size: int):
     return datamodule, next(iter(datamodule.train_dataloader()))
 
 
+def quiet_trainer(root: Path, **arguments):
+    """A one-process CPU Lightning Trainer without validation, checkpoints, logger or progress bar; `arguments`
+    add to or override those."""
+    import lightning as L
+
+    quiet = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+    )
+    return L.Trainer(**{**quiet, **arguments})
+
+
 def train_on_one_batch(module, batch: dict, steps: int) -> list[float]:
     """AdamW (lr 1e-3) over the trainable parameters, `steps` times on the same batch; the losses."""
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)

@@ -13,7 +13,6 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -38,6 +37,7 @@ from helpers import (
     demo_data,
     demo_generator_folder,
     qa_data_and_first_batch,
+    quiet_trainer,
     run_cli,
     running_service,
     tiny_encoder_config,
@@ -289,16 +289,7 @@ def test_a_frozen_retriever_retrieves_ahead_and_the_reader_trains_as_it_would_wi
         module.retrieve = recorded  # type: ignore[method-assign]
         before = {name: p.detach().clone() for name, p in module.rag.generator.named_parameters()}
         torch.manual_seed(0)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=4,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            default_root_dir=tmp_path,
-        )
+        trainer = quiet_trainer(tmp_path, max_steps=4)
         trainer.fit(module, datamodule=datamodule)
         weights[ahead] = dict(module.rag.generator.named_parameters())
         assert any(not torch.equal(before[name], p) for name, p in weights[ahead].items()), "the reader trained"

@@ -9,7 +9,6 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import ray
@@ -40,7 +39,7 @@ from retrieval_workers.refresh import encoder_name, launch_refresher, shutdown_r
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.types import RefreshSpec
 
-from helpers import tiny_encoder_config, tiny_generator_config, unique_spec, write_encoder_folder
+from helpers import quiet_trainer, tiny_encoder_config, tiny_generator_config, unique_spec, write_encoder_folder
 
 
 def _knowledge_base(
@@ -260,28 +259,13 @@ def _datamodule(data_dir: Path, module: RagModule) -> QADataModule:
     )
 
 
-def _trainer(tmp_path: Path, max_steps: int, callbacks: list) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("running_service", [(4000, 2, 1, RefreshSpec(batch_size=1, keep_versions=2))], indirect=True)
 def test_refresh_due_while_one_is_in_flight_is_skipped_not_queued(running_service, tmp_path):
     data_dir, spec, _ = running_service
     module = _tiny_module(spec.kb_dir, spec)
     refresh = IndexRefresh(spec, every_n_steps=2)
-    trainer = _trainer(tmp_path, max_steps=6, callbacks=[refresh])
+    trainer = quiet_trainer(tmp_path, max_steps=6, callbacks=[refresh])
     trainer.fit(module, datamodule=_datamodule(data_dir, module))
 
     # due at steps 2, 4 and 6: the first one runs (encoding 4,000 passages one by one outlasts the steps),
@@ -302,8 +286,11 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
     )
     refresh = IndexRefresh(spec, every_n_steps=2, blocking=True)
     saver = SaveContextEncoder(tmp_path / "checkpoints" / "context_encoder")
-    trainer = _trainer(
-        tmp_path, max_steps=4, callbacks=[refresh, IndexVersionCheckpointing(spec, refresh), saver, checkpoints]
+    trainer = quiet_trainer(
+        tmp_path,
+        max_steps=4,
+        callbacks=[refresh, IndexVersionCheckpointing(spec, refresh), saver, checkpoints],
+        enable_checkpointing=True,
     )
     trainer.fit(module, datamodule=_datamodule(data_dir, module))
     # refreshes after steps 2 and 4 made versions 1 and 2; steps 3-4 searched version 1
@@ -324,14 +311,14 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
     # resuming from step 4 serves version 1 again, and the next step searches it
     resumed = _tiny_module(spec.kb_dir, spec)
     versions = IndexVersionCheckpointing(spec)
-    trainer = _trainer(tmp_path, max_steps=5, callbacks=[versions])
+    trainer = quiet_trainer(tmp_path, max_steps=5, callbacks=[versions])
     trainer.fit(resumed, datamodule=_datamodule(data_dir, resumed), ckpt_path=tmp_path / "checkpoints" / "step=4.ckpt")
     assert trainer.global_step == 5
     assert read_manifest(spec.kb_dir).active_version == 1 and versions.version == 1
 
     # a checkpoint whose version was pruned (keep 2: versions 1 and 2) goes on with the active one, saying so
     with caplog.at_level(logging.WARNING):
-        trainer = _trainer(tmp_path, max_steps=3, callbacks=[IndexVersionCheckpointing(spec)])
+        trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[IndexVersionCheckpointing(spec)])
         trainer.fit(
             _tiny_module(spec.kb_dir, spec),
             datamodule=_datamodule(data_dir, resumed),
@@ -343,7 +330,7 @@ def test_checkpoint_records_its_index_version_and_resuming_activates_it(running_
     # ... unless the job refreshes: then that version is made again from the checkpoint's context encoder
     refresh = IndexRefresh(spec, every_n_steps=100)
     versions = IndexVersionCheckpointing(spec, refresh)
-    trainer = _trainer(tmp_path, max_steps=3, callbacks=[refresh, versions])
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[refresh, versions])
     module = _tiny_module(spec.kb_dir, spec)
     trainer.fit(module, datamodule=_datamodule(data_dir, module), ckpt_path=tmp_path / "checkpoints" / "step=2.ckpt")
     manifest = read_manifest(spec.kb_dir)

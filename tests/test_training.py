@@ -30,6 +30,7 @@ from helpers import (
     demo_data,
     demo_generator_folder,
     qa_data_and_first_batch,
+    quiet_trainer,
     running_service,
     tiny_encoder_config,
     tiny_generator_config,
@@ -62,22 +63,6 @@ def _model_config(kind: str, question_encoder: EncoderConfig | None = None, **ov
         max_answer_tokens=8,
         num_beams=2,
         **overrides,
-    )
-
-
-def _trainer(root, **arguments) -> L.Trainer:
-    """A quiet one-process CPU Trainer without validation, checkpoints or logger."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        **arguments,
     )
 
 
@@ -212,7 +197,7 @@ def test_encoders_of_every_folder_kind_train_end_to_end(ray_cluster, tmp_path_fa
             assert not embeddings.requires_grad and not any("word_embeddings" in n for n in moved)
 
         # and in bf16 mixed precision on the CPU, through a real Trainer
-        trainer = _trainer(tmp_path_factory.mktemp("bf16"), max_steps=2, precision="bf16-mixed")
+        trainer = quiet_trainer(tmp_path_factory.mktemp("bf16"), max_steps=2, precision="bf16-mixed")
         trainer.fit(module, datamodule=datamodule)
         assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
     finally:
@@ -226,7 +211,7 @@ def test_a_frozen_generator_does_not_move_and_holds_no_optimizer_state(service, 
     module, datamodule, _ = _module_and_batch(service, "rag_sequence", model_cfg=model_cfg)
     generator = {n: p.detach().clone() for n, p in module.rag.generator.named_parameters()}
     question_encoder = [p.detach().clone() for p in module.question_encoder.parameters()]
-    trainer = _trainer(tmp_path, max_steps=3)
+    trainer = quiet_trainer(tmp_path, max_steps=3)
     trainer.fit(module, datamodule=datamodule)
     assert all(torch.equal(p, generator[n]) for n, p in module.rag.generator.named_parameters())
     assert any(not torch.equal(a, b) for a, b in zip(question_encoder, module.question_encoder.parameters()))
@@ -333,7 +318,7 @@ def test_lightning_fit_and_test(service, tmp_path):
     module, datamodule, _ = _module_and_batch(service, "rag_token")
     before = [p.detach().clone() for p in module.question_encoder.parameters()]
     metrics_callback = EvaluationMetrics(module.eval_k, answers=True)
-    trainer = _trainer(tmp_path, max_steps=3, callbacks=[metrics_callback])
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[metrics_callback])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
     assert "train/loss" in trainer.callback_metrics
@@ -378,7 +363,7 @@ class KillShardActor(L.Callback):
 def test_training_goes_on_when_a_shard_actor_dies_mid_training(service, tmp_path):
     """One replica per shard: the next step's search waits for Ray's restart, and no step fails."""
     module, datamodule, _ = _module_and_batch(service, "rag_sequence")
-    trainer = _trainer(tmp_path, max_steps=4, callbacks=[killer := KillShardActor(2)])
+    trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[killer := KillShardActor(2)])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 4
     assert killer.killed_pid is not None and actor_pid(module.retrieval_client.replicas[0][0]) != killer.killed_pid
