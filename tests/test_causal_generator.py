@@ -282,9 +282,9 @@ def test_a_frozen_retriever_retrieves_ahead_and_the_reader_trains_as_it_would_wi
         threads[ahead] = calls = []
         retrieve = module.retrieve
 
-        def recorded(batch: dict, depth: int = 0, retrieve=retrieve, calls=calls):
+        def recorded(batch: dict, *args, retrieve=retrieve, calls=calls, **kwargs):
             calls.append(threading.current_thread().name)
-            return retrieve(batch, depth)
+            return retrieve(batch, *args, **kwargs)
 
         module.retrieve = recorded  # type: ignore[method-assign]
         before = {name: p.detach().clone() for name, p in module.rag.generator.named_parameters()}

@@ -205,9 +205,10 @@ class RagModule(L.LightningModule):
         """The ranks at which validation and test score retrieval: retriever.eval_k and n_docs."""
         return sorted({*self.retriever_cfg.eval_k, self.n_docs})
 
-    def retrieve(self, batch: dict, depth: int = 0) -> Retrieved:
+    def retrieve(self, batch: dict, depth: int = 0, with_prompts: bool = True) -> Retrieved:
         """The batch's passages, best first: the top `candidates` scored by the current encoders (differentiable in
-        them), then the service's ranks below down to `depth` (for evaluation at larger k)."""
+        them), then the service's ranks below down to `depth` (for evaluation at larger k). A causal reader's
+        prompts of the candidates come with them unless with_prompts is false (nothing is to be read)."""
         questions = self.question_encoder(batch["question_ids"])
         k = min(self.candidates, len(self.passages))
         result = self.retrieval_client.search(
@@ -229,7 +230,7 @@ class RagModule(L.LightningModule):
             ids = np.concatenate([ids[:, :k][rows, cpu_order], ids[:, k:]], axis=1)
             scores, embeddings = scores.gather(1, order), embeddings[torch.from_numpy(rows).to(order.device), order]
             token_ids, lengths = token_ids[rows, cpu_order], lengths[rows, cpu_order]
-        prompts = self.prompts(batch, ids[:, :k]) if self.causal else None
+        prompts = self.prompts(batch, ids[:, :k]) if self.causal and with_prompts else None
         return Retrieved(questions, ids, scores, embeddings, token_ids, lengths, prompts, reranked, result)
 
     @property
@@ -462,7 +463,7 @@ class RagModule(L.LightningModule):
     def evaluate_batch(self, batch: dict, ks: list[int], answers: bool = True) -> list[dict]:
         """A record of each example (rag_lightning/evaluation/scores.py): its ranked passages scored at every k
         of ks, and with `answers` its generated answer's EM, F1 and the gold answer's NLL."""
-        retrieved = self.retrieve(batch, depth=max(ks))
+        retrieved = self.retrieve(batch, depth=max(ks), with_prompts=answers)
         n = self.n_docs
         records = ranked_records(batch, retrieved.ids, retrieved.scores[:, :n].float().cpu().numpy(), self.passages, ks)
         if answers:
@@ -498,7 +499,7 @@ class Retrieved:
 
     def prompts_of(self, start: int, end: int) -> list[list[int]]:
         """The prompts of each question's candidates start..end-1, question by question."""
-        assert self.prompts is not None  # made by retrieve() for a causal reader
+        assert self.prompts is not None  # made by retrieve() for a causal reader, unless asked not to
         k = self.scores.shape[1]
         return [self.prompts[row * k + z] for row in range(len(self.ids)) for z in range(start, end)]
 
