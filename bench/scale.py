@@ -7,17 +7,23 @@ MiniLM's tokenizer, 128 tokens), a word-level generator tokenizer trained on the
 4 shards of --ivf (default IVF256,PQ16x4). Then:
 
   build        the build's wall time and passages/s of each stage (BuildStages: split, tokenizer
-               training, tokenize, encode, index train, index add, write);
+               training, tokenize, BM25 index (index.sparse=bm25), encode, index train, index add, write);
   --hnsw       the same index train/add/write stages for a second factory (default HNSW32) over the
                embeddings the build stored, through the same shard_build.write_shard (the passages
                are not tokenized and encoded twice);
-  disk         bytes per passage of the passage table, the index files, the embeddings, the whole KB;
+  disk         bytes per passage of the passage table, the index files, the embeddings, the BM25 files, the
+               whole KB;
   search       the real Ray shard service (4 shards x 1 replica, local Ray) searched by one client with
                batches of 8 random queries for the top 5: p50/p99 latency, over a separate build of the
                first --small-passages documents of the same source (default 100,000) and over the
-               whole KB; the shard actors' RSS (psutil on each actor's pid) and this client's RSS;
+               whole KB; dense searches, and searches with the questions' texts (8 words of the vocabulary),
+               which return the union of the dense and BM25 top 5 (what retriever.fusion=sparse and hybrid
+               ask), then ranked by the hybrid fusion in the client (its ms reported apart); the shard actors'
+               RSS (psutil on each actor's pid) and this client's RSS;
   refresh      one full refresh (retrieval_workers/refresh.py: 2 encoder actors re-encode every shard
-               into version 1, commit, switch the service): wall time and passages/s;
+               into version 1, commit, switch the service): wall time and passages/s; and the refresh of the
+               small knowledge base against the same one without its BM25 index (a copy whose manifest drops
+               it), --refresh-rounds rounds interleaved: the ratio of their median wall times;
   memory       the machine's used memory (psutil.virtual_memory), sampled in a thread from the first
                build to the end of the refresh: its peak (other processes on the machine included)
                and its value before the first build.
@@ -36,6 +42,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -49,12 +56,13 @@ from synthetic import made_up_words
 from rag_lightning.config import EncoderConfig, GeneratorTokenizerConfig, IndexConfig, KBConfig
 from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
 from rag_lightning.kb.build import BuildStages, build_knowledge_base
-from retrieval_workers.kb_store import Manifest, read_manifest
+from rag_lightning.model.fusion import rank_union
+from retrieval_workers.kb_store import Manifest, read_manifest, write_manifest
 from retrieval_workers.ray_runtime import connect
 from retrieval_workers.refresh import launch_refresher, shutdown_refresher
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.shard_build import ShardTimes, write_shard
-from retrieval_workers.types import RefreshSpec, ServiceSpec
+from retrieval_workers.types import RefreshReport, RefreshSpec, ServiceSpec
 
 log = logging.getLogger("scale_bench")
 
@@ -88,6 +96,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-params", default="nprobe=16", help="faiss.ParameterSpace string of the service")
     p.add_argument("--calls", type=int, default=200, help="timed searches of each latency measurement")
     p.add_argument("--warmup", type=int, default=20, help="untimed searches before them")
+    p.add_argument("--refresh-rounds", type=int, default=3, help="refreshes of the small KB with and without BM25")
     p.add_argument("--work-dir", type=Path, help="where sources and knowledge bases go, kept (default: a temp dir)")
     return p.parse_args()
 
@@ -123,7 +132,7 @@ def kb_config(source: Path, kb_dir: Path) -> KBConfig:
 def build(source: Path, kb_dir: Path, factory: str) -> BuildStages:
     log.info("building %s from %s (%s, %d shards)", kb_dir, source, factory, SHARDS)
     stages = BuildStages()
-    build_knowledge_base(kb_config(source, kb_dir), IndexConfig(factory=factory, shards=SHARDS), stages)
+    build_knowledge_base(kb_config(source, kb_dir), IndexConfig(factory=factory, shards=SHARDS, sparse="bm25"), stages)
     return stages
 
 
@@ -159,11 +168,14 @@ def disk_figures(kb_dir: Path, manifest: Manifest) -> tuple[dict, int]:
     size = {relative: (kb_dir / relative).stat().st_size for relative in manifest.files}
     index_bytes = sum(n for relative, n in size.items() if relative.endswith(".faiss"))
     embeddings = sum(n for relative, n in size.items() if relative.endswith(".embeddings.npy"))
+    assert manifest.sparse is not None
+    sparse = sum(n for relative, n in size.items() if relative.startswith(manifest.sparse["dir"]))
     total = sum(p.stat().st_size for p in kb_dir.rglob("*") if p.is_file())
     per = {
         "passage_table": size[manifest.passages_file],
         "index": index_bytes,
         "embeddings": embeddings,
+        "bm25": sparse,
         "total": total,
     }
     return {name: round(n / manifest.num_passages, 1) for name, n in per.items()}, index_bytes
@@ -197,18 +209,35 @@ def rss_mb(pid: int) -> float:
 # --- service and refresh --------------------------------------------------------------------------------------
 
 
-def search_latency(spec: ServiceSpec, dim: int, args: argparse.Namespace) -> dict:
-    """p50/p99 ms of one client's searches: --calls batches of BATCH random queries for the top K."""
+def search_latency(spec: ServiceSpec, dim: int, args: argparse.Namespace, with_texts: bool) -> dict:
+    """p50/p99 ms of one client's searches: --calls batches of BATCH random queries for the top K; with_texts, each
+    with a question of 8 words of the vocabulary (the union of dense and BM25 candidates), and the p50 ms of
+    ranking that union by the hybrid fusion in the client."""
     client = RetrievalClient(spec)
-    queries = np.random.default_rng(SEED).standard_normal((args.warmup + args.calls, BATCH, dim), dtype=np.float32)
-    latencies = []
+    rng = np.random.default_rng(SEED)
+    queries = rng.standard_normal((args.warmup + args.calls, BATCH, dim), dtype=np.float32)
+    words = made_up_words(VOCABULARY_WORDS, np.random.default_rng(SEED))
+    latencies, ranking = [], []
     for i, batch in enumerate(queries):
+        texts = [" ".join(rng.choice(words, 8)) for _ in range(BATCH)] if with_texts else None
         started = time.perf_counter()
-        client.search(batch, K)
+        result = client.search(batch, K, texts)
+        searched = time.perf_counter()
+        if texts is not None:
+            rank_union(result, 20.0, "hybrid", 1.0)
         if i >= args.warmup:
-            latencies.append(time.perf_counter() - started)
+            latencies.append(searched - started)
+            ranking.append(time.perf_counter() - searched)
     p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
-    return {"p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2)}
+    figures = {"p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2)}
+    if with_texts:
+        figures["hybrid_ranking_p50_ms"] = round(float(np.percentile(ranking, 50)) * 1e3, 3)
+    return figures
+
+
+def searches(spec: ServiceSpec, dim: int, args: argparse.Namespace) -> dict:
+    """Dense and union search latencies of a running service."""
+    return {"dense": search_latency(spec, dim, args, False), "union": search_latency(spec, dim, args, True)}
 
 
 def actor_pids(spec: ServiceSpec) -> list[int]:
@@ -232,22 +261,57 @@ def service_spec(kb_dir: Path, name: str, args: argparse.Namespace) -> ServiceSp
     )
 
 
-def full_refresh(spec: ServiceSpec) -> dict:
+def refresh_once(spec: ServiceSpec) -> RefreshReport:
     """One refresh of the whole knowledge base by the refresh coordinator and its encoder actors, with an encoder
     of the build's config (new random weights: a new version all the same)."""
     coordinator = launch_refresher(
         spec, RefreshSpec(num_workers=REFRESH_WORKERS, worker_cpus=1, batch_size=ENCODE_BATCH)
     )
     encoder = build_encoder(CONTEXT_ENCODER, load_encoder_tokenizer(CONTEXT_ENCODER))
-    log.info("refreshing every shard")
+    log.info("refreshing every shard of %s", spec.kb_dir)
     report = ray.get(coordinator.refresh.remote([ray.put(encoder.snapshot(1))], 1))
+    shutdown_refresher(spec)
     if report.error is not None:
         raise RuntimeError(f"the refresh failed: {report.error}")
+    return report
+
+
+def full_refresh(spec: ServiceSpec) -> dict:
+    report = refresh_once(spec)
     return {
         "refresh_wall_s": round(report.wall_s, 1),
         "refresh_passages_per_s": round(report.passages_per_s, 1),
         "refresh_encode_s": round(report.encode_s, 1),
         "refresh_version": report.version,
+    }
+
+
+def without_bm25(kb_dir: Path, copy: Path) -> Path:
+    """A copy of the knowledge base whose manifest has no BM25 index (its files left out)."""
+    shutil.copytree(kb_dir, copy)
+    manifest = read_manifest(copy)
+    assert manifest.sparse is not None
+    shutil.rmtree(copy / manifest.sparse["dir"])
+    manifest.files = {
+        name: digest for name, digest in manifest.files.items() if not name.startswith(manifest.sparse["dir"])
+    }
+    manifest.sparse = None
+    write_manifest(copy, manifest)
+    return copy
+
+
+def refresh_with_and_without_bm25(with_bm25: ServiceSpec, without: ServiceSpec, rounds: int) -> dict:
+    """Refresh wall times of the same knowledge base served with and without its BM25 index, interleaved."""
+    walls: dict[str, list[float]] = {"with_bm25": [], "without_bm25": []}
+    for _ in range(rounds):
+        for name, spec in (("with_bm25", with_bm25), ("without_bm25", without)):
+            launch_service(spec)
+            walls[name].append(refresh_once(spec).wall_s)
+            shutdown_service(spec)
+    medians = {name: float(np.median(values)) for name, values in walls.items()}
+    return {
+        "small_refresh_wall_s": {name: [round(v, 1) for v in values] for name, values in walls.items()},
+        "small_refresh_ratio_with_over_without_bm25": round(medians["with_bm25"] / medians["without_bm25"], 3),
     }
 
 
@@ -277,14 +341,21 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         try:
             log.info("searching %s", small.kb_dir)
             launch_service(small)
-            search_small = {"passages": small_passages, **search_latency(small, manifest.dim, args)}
+            search_small = {"passages": small_passages, **searches(small, manifest.dim, args)}
             shutdown_service(small)
             log.info("searching %s", full.kb_dir)
             launch_service(full)
-            search_full = {"passages": args.passages, **search_latency(full, manifest.dim, args)}
+            search_full = {"passages": args.passages, **searches(full, manifest.dim, args)}
             actor_rss = [rss_mb(pid) for pid in actor_pids(full)]
             client_rss = rss_mb(os.getpid())
             refresh = full_refresh(full)
+            shutdown_service(full)
+            dense_small = without_bm25(kb_dirs["small"], work / "kb-small-without-bm25")
+            refresh.update(
+                refresh_with_and_without_bm25(
+                    small, service_spec(dense_small, "small-without-bm25", args), args.refresh_rounds
+                )
+            )
         finally:
             shutdown_refresher(full)
             shutdown_service(small)
@@ -301,6 +372,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         "build_s_small": round(small_stages.total_s, 1),
         "stage_s": {name: round(s, 1) for name, s in stages.seconds().items()},
         "stage_passages_per_s": {name: per_second(stages.passages, s) for name, s in stages.seconds().items()},
+        "bm25": {
+            "build_s": round(stages.sparse_s, 1),
+            "build_passages_per_s": per_second(stages.passages, stages.sparse_s),
+            "bytes_per_passage": disk["bm25"],
+            "vocabulary": manifest.sparse["vocabulary"] if manifest.sparse else None,
+        },
         "index": indexes,
         "disk_bytes_per_passage": disk,
         "actor_rss_mb": actor_rss,

@@ -269,6 +269,18 @@ class RetrieverConfig:
         "current encoders; the best model.n_docs go to the reader. "
         "null: model.n_docs",
     )
+    fusion: str = choice(
+        "dense",
+        "sparse",
+        "hybrid",
+        help="how the candidates are ranked and doc_scores formed. dense: score_scale x (q . d); sparse: "
+        "sparse_weight x the BM25 score standardised over the question's candidates; hybrid: their sum. sparse and "
+        "hybrid need a knowledge base built with index.sparse=bm25, whose candidates are then the union of the "
+        "dense and the BM25 top candidates",
+    )
+    sparse_weight: float = at_least(
+        1.0, 0.0, help="sparse and hybrid: the weight of the standardised BM25 score (a fixed bias, no gradient)"
+    )
     retrieve_ahead: bool = setting(
         True,
         "when no encoder trains: retrieve each training batch (and build a causal reader's prompts) in a background "
@@ -347,6 +359,12 @@ class IndexConfig:
     factory: str = setting("Flat", "a faiss.index_factory string, inner product (Flat, HNSW32, IVF64,PQ16, ...)")
     shards: int = at_least(2, 1, help="index shards, each served by its own Ray actors")
     replicas: int = at_least(1, 1, help="actors serving each shard (a search fails over between them)")
+    sparse: str | None = choice(
+        None,
+        "bm25",
+        help="bm25: also build a BM25 index of each shard's passages (title and text; corpus-wide statistics), "
+        "for retriever.fusion=sparse or hybrid and BM25 candidates in distant supervision; null: dense only",
+    )
 
 
 @dataclass
@@ -496,6 +514,20 @@ class TrainConfig:
                 f"retriever.objective={retriever.objective} trains the retriever, but neither encoder "
                 "trains: set retriever.train_question_encoder=true (or train_context_encoder)"
             )
+        if retriever.fusion != "dense" and self.index.sparse is None:
+            raise UserError(
+                f"retriever.fusion={retriever.fusion} reads BM25 scores, but index.sparse is null: add "
+                "index.sparse=bm25 to build a BM25 index beside the dense one (the knowledge base is rebuilt with it)"
+            )
+        if (
+            retriever.fusion == "sparse"
+            and retriever.objective != "distant"
+            and (retriever.train_question_encoder or retriever.train_context_encoder)
+        ):
+            raise UserError(
+                f"retriever.fusion=sparse makes doc_scores BM25's alone, so retriever.objective="
+                f"{retriever.objective} reaches no encoder: use retriever.objective=distant, or retriever.fusion=hybrid"
+            )
         if self.index_refresh.every_n_steps is not None and not self.retriever.train_context_encoder:
             raise UserError(
                 "index_refresh.every_n_steps is set but retriever.train_context_encoder=false: the "
@@ -522,6 +554,9 @@ class PlanSettings:
     )
     text_bytes: float | None = at_least(
         None, 1, help="UTF-8 bytes of a passage's title and text; null: 6 bytes a word x kb.words_per_passage"
+    )
+    bm25_terms: float | None = at_least(
+        None, 1, help="index.sparse=bm25: distinct terms of the BM25 vocabulary; null: bench/scale.py's at 1M"
     )
     node_memory_gib: float = at_least(512.0, 0.001, help="host memory of one node")
     gpus_per_node: int | None = at_least(None, 0, help="null: trainer.devices (the trainer ranks use them all)")
@@ -564,6 +599,23 @@ class BuildKBConfig:
 
 
 @dataclass
+class FusionOverride:
+    """How `evaluate` ranks passages where it differs from the checkpoint's retriever."""
+
+    fusion: str | None = choice(
+        None,
+        "dense",
+        "sparse",
+        "hybrid",
+        help="retriever.fusion to rank by (sparse and hybrid need a knowledge base with a BM25 index); null: the "
+        "checkpoint's, dense for a knowledge base alone",
+    )
+    sparse_weight: float | None = at_least(
+        None, 0.0, help="retriever.sparse_weight; null: the checkpoint's, RetrieverConfig's for a knowledge base alone"
+    )
+
+
+@dataclass
 class KnowledgeBaseRef:
     """A knowledge base already built."""
 
@@ -579,6 +631,7 @@ class EvaluateConfig:
     mode: str = choice("answers", "retrieval", help="retrieval: rank passages only (no generation), at every k")
     eval_k: list[int] = setting(RECALL_AT, "ranks at which retrieval is scored")
     kb: KnowledgeBaseRef = field(default_factory=KnowledgeBaseRef)
+    retriever: FusionOverride = field(default_factory=FusionOverride)
     data: DataConfig | None = setting(None, "null: the QA files the checkpoint trained on; or e.g. data=nq_open")
     split: str = setting("test", "the split scored: train, val or test")
     eval_batch_size: int = at_least(32, 1, help="questions a batch")

@@ -19,18 +19,21 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm import tqdm
 
 from rag_lightning.command import command
-from rag_lightning.config import EvaluateConfig, ModelConfig
+from rag_lightning.config import EvaluateConfig, ModelConfig, RetrieverConfig
 from rag_lightning.data.datamodule import TokenizedQA, eval_loader, pad
 from rag_lightning.data.prepare import prepare_data
 from rag_lightning.data.qa_files import QAExample, read_split
 from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
 from rag_lightning.errors import UserError
 from rag_lightning.evaluation.scores import SplitScores, ranked_records
+from rag_lightning.model.folder_settings import fill_score_scale
+from rag_lightning.model.fusion import check_fusion_index, fused, rank_union
 from rag_lightning.model.rag_module import kb_encoder_config
 from rag_lightning.model.trained_model import load_trained_model, serving, serving_knowledge_base
 from retrieval_workers import (
@@ -70,6 +73,12 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     assert cfg.ckpt_path is not None  # evaluate() chose this for a checkpoint
     trained = load_trained_model(cfg.ckpt_path)
     module = trained.module
+    retriever = module.retriever_cfg
+    retriever.fusion = cfg.retriever.fusion or retriever.fusion
+    retriever.sparse_weight = (
+        cfg.retriever.sparse_weight if cfg.retriever.sparse_weight is not None else retriever.sparse_weight
+    )
+    check_fusion_index(retriever.fusion, read_manifest(module.service_spec.kb_dir), module.service_spec.kb_dir)
     if cfg.data is not None:
         prepare_data(cfg.data)
         data_dir = cfg.data.dir
@@ -98,6 +107,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
         "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
         "data_dir": str(Path(data_dir).resolve()),
         "kb/index_version": index_version,
+        "retriever/fusion": retriever.fusion,
     }
 
 
@@ -111,6 +121,12 @@ def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     except KnowledgeBaseError as e:
         raise UserError(f"kb.dir: {e}") from None
     encoder_cfg = kb_encoder_config(manifest)
+    fusion = cfg.retriever.fusion or "dense"
+    check_fusion_index(fusion, manifest, kb_dir)
+    retriever = fill_score_scale(RetrieverConfig(fusion=fusion), ModelConfig(question_encoder=encoder_cfg), encoder_cfg)
+    if cfg.retriever.sparse_weight is not None:
+        retriever.sparse_weight = cfg.retriever.sparse_weight
+    score_scale = cast(float, retriever.score_scale)  # filled in above
     tokenizer = load_encoder_tokenizer(encoder_cfg, "kb.context_encoder")
     encoder = build_encoder(encoder_cfg, tokenizer, "kb.context_encoder").eval()
     prepare_data(cfg.data)
@@ -126,18 +142,25 @@ def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
             range(0, len(examples), cfg.eval_batch_size), desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0
         ):
             chunk = examples[start : start + cfg.eval_batch_size]
-            ids = tokenizer([e.question for e in chunk], truncation=True, max_length=max_tokens)["input_ids"]
-            result = client.search(encoder(pad(ids, tokenizer.pad_token_id)).float().numpy(), depth)
+            questions = [e.question for e in chunk]
+            ids = tokenizer(questions, truncation=True, max_length=max_tokens)["input_ids"]
+            texts = questions if fusion != "dense" else None
+            result = client.search(encoder(pad(ids, tokenizer.pad_token_id)).float().numpy(), depth, texts)
+            ranked_scores = result.scores
+            if texts is not None:  # the union of dense and BM25 candidates, ranked by the fusion
+                result, sparse_logits = rank_union(result, score_scale, fusion, retriever.sparse_weight)
+                ranked_scores = fused(score_scale * result.scores, sparse_logits, fusion)
             batch = {
-                "questions": [e.question for e in chunk],
+                "questions": questions,
                 "answers": [e.answers for e in chunk],
                 "gold_titles": [e.gold_titles for e in chunk],
             }
-            scores.add(ranked_records(batch, result.ids, result.scores[:, :LISTED_PASSAGES], passages, ks))
+            scores.add(ranked_records(batch, result.ids, ranked_scores[:, :LISTED_PASSAGES], passages, ks))
     return scores, {
         "kb_dir": kb_dir,
         "data_dir": str(Path(cfg.data.dir).resolve()),
         "kb/index_version": manifest.active_version,
+        "retriever/fusion": fusion,
     }
 
 

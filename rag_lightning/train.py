@@ -191,6 +191,7 @@ def fit_and_test(
             "best_checkpoint": best,
             "kb/num_passages": manifest.num_passages,
             "kb/index_version": read_manifest(spec.kb_dir).active_version,
+            "retriever/fusion": cfg.retriever.fusion,
             "wall_time_s": round(time.time() - started, 1),
         }
     )

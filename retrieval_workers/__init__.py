@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         switch_version,
     )
     from retrieval_workers.shard_build import ShardTimes, build_index, build_shard, write_shard
+    from retrieval_workers.sparse_index import build_sparse_index, check_sparse_files
     from retrieval_workers.types import RefreshReport, RefreshSpec, RetrievalWorkersError, SearchResult, ServiceSpec
 
 _MODULES = {
@@ -69,6 +70,7 @@ _MODULES = {
     "refresh": ("coordinator_name", "launch_refresher", "shutdown_refresher"),
     "service": ("RetrievalClient", "ShardUnavailable", "launch_service", "shutdown_service", "switch_version"),
     "shard_build": ("ShardTimes", "build_index", "build_shard", "write_shard"),
+    "sparse_index": ("build_sparse_index", "check_sparse_files"),
     "types": ("RefreshReport", "RefreshSpec", "RetrievalWorkersError", "SearchResult", "ServiceSpec"),
 }
 _MODULE_OF = {name: module for module, names in _MODULES.items() for name in names}

@@ -1,4 +1,5 @@
-"""IndexShard: one contiguous range of passages with its FAISS index, served as a Ray actor.
+"""IndexShard: one contiguous range of passages with its FAISS index (and BM25 index, when the knowledge base has
+one), served as a Ray actor.
 
 The class is plain Python (tests and benchmarks can use it in-process); `service.py`
 wraps it with `ray.remote`: searches one at a time, and version loads and switches on
@@ -54,6 +55,11 @@ class IndexShard:
         self.start, self.end = manifest.shards[shard]
         passages = PassageTable(verify_file(kb_dir, manifest, manifest.passages_file))
         self.token_values, self.token_offsets = passages.token_ids("generator_ids", self.start, self.end)
+        self.sparse = None
+        if manifest.sparse is not None:  # imported here: bm25s brings scipy, which a dense shard does without
+            from retrieval_workers.sparse_index import SparseShard
+
+            self.sparse = SparseShard(kb_dir, manifest, shard)
         self._lock = threading.Lock()
         self._versions: dict[int, ShardVersion] = {}
         self.active = self.load_version(manifest.active_version)
@@ -93,8 +99,14 @@ class IndexShard:
             self._versions = {version: self._versions[version]}
         return version
 
-    def search(self, queries: np.ndarray, k: int, version: int | None = None) -> SearchResult:
+    def search(
+        self, queries: np.ndarray, k: int, version: int | None = None, texts: list[str] | None = None
+    ) -> SearchResult:
         """Top-k of this shard for float32 queries [B, D]; ids are global, missing hits have id -1.
+
+        With the questions' texts (a knowledge base with a sparse index): the dense top-2k and the BM25 top-k
+        of the shard, side by side, each candidate with both its scores (q . d, exactly, for a BM25 candidate);
+        the service's merge makes the global union of them (service.merge_union).
 
         Answers from `version` if this shard holds it, else from the active version; the
         result says which, and which version is active.
@@ -102,7 +114,32 @@ class IndexShard:
         with self._lock:
             answered = version if version in self._versions else self.active
             data, active = self._versions[answered], self.active
-        scores, local = data.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if texts is None:
+            scores, local = data.index.search(queries, k)
+            return self._result(data, local, scores, None, answered, active)
+        if self.sparse is None:
+            raise KnowledgeBaseError(f"{self.kb_dir}: a search with texts, but the knowledge base has no sparse index")
+        dense_scores, dense_local = data.index.search(queries, 2 * k)
+        bm25 = self.sparse.scores(texts)
+        sparse_local = self.sparse.top_k(bm25, k)
+        local = np.concatenate([dense_local, sparse_local], axis=1)
+        result = self._result(data, local, dense_scores, bm25, answered, active)
+        exact = np.einsum("bd,bkd->bk", queries, result.embeddings[:, 2 * k :])
+        result.scores[:, 2 * k :] = np.where(local[:, 2 * k :] >= 0, exact, -np.inf)
+        return result
+
+    def _result(
+        self,
+        data: ShardVersion,
+        local: np.ndarray,
+        dense_scores: np.ndarray,
+        bm25: np.ndarray | None,
+        answered: int,
+        active: int,
+    ) -> SearchResult:
+        """The passages at shard positions local [B, k] (-1: none) with their vectors, generator ids and scores;
+        dense_scores [B, <= k] fill the first columns, bm25 [B, shard size] gives every column's BM25 score."""
         found = local >= 0
         safe = np.where(found, local, 0)
         embeddings = np.where(found[..., None], data.embeddings[safe.ravel()].reshape(*safe.shape, -1), 0.0)
@@ -111,12 +148,15 @@ class IndexShard:
         token_ids = np.full((*safe.shape, max(int(lengths.max(initial=0)), 1)), PAD_TOKEN, dtype=np.int32)
         for (b, j), n in np.ndenumerate(lengths):
             token_ids[b, j, :n] = self.token_values[starts[b, j] : starts[b, j] + n]
+        scores = np.full(local.shape, -np.inf, dtype=np.float32)
+        scores[:, : dense_scores.shape[1]] = np.where(found[:, : dense_scores.shape[1]], dense_scores, -np.inf)
         return SearchResult(
             ids=np.where(found, local + self.start, -1).astype(np.int64),
-            scores=np.where(found, scores, -np.inf).astype(np.float32),
+            scores=scores,
             embeddings=embeddings.astype(np.float32),
             token_ids=token_ids,
             lengths=lengths,
             version=answered,
             active_version=active,
+            bm25=None if bm25 is None else np.where(found, np.take_along_axis(bm25, safe, 1), -np.inf),
         )

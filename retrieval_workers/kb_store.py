@@ -8,6 +8,8 @@ Layout of a KB directory:
     v<N>/shard_<s>.faiss          one FAISS index per shard over its contiguous id range
     v<N>/shard_<s>.embeddings.npy float32 [shard size, dim], the shard's passage embeddings
     v<N>/version.json             the global training step of the encoder weights that made v<N>
+    bm25-<hash>/                  with index.sparse=bm25: the BM25 index, one file per shard (sparse_index.py),
+                                  shared by every version
 
 <hash> is the start of the build's fingerprint. A build or a refresh writes a new version
 folder beside the old ones (atomic_files.py) and then replaces manifest.json in one rename,
@@ -54,6 +56,7 @@ class Manifest:
     fingerprint: str  # hash of the build inputs, to reuse an identical build
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
+    sparse: dict | None = None  # the BM25 index's folder ("dir") and settings (sparse_index.py); None: none built
 
     def version_dir(self, version: int | None = None) -> str:
         return f"v{self.active_version if version is None else version}"
@@ -63,6 +66,10 @@ class Manifest:
 
     def embeddings_file(self, shard: int, version: int | None = None) -> str:
         return f"{self.version_dir(version)}/{shard_embeddings_name(shard)}"
+
+    def sparse_file(self, shard: int) -> str:
+        assert self.sparse is not None
+        return f"{self.sparse['dir']}/{shard_sparse_name(shard)}"
 
     def version_info_file(self, version: int | None = None) -> str:
         return f"{self.version_dir(version)}/{VERSION_INFO}"
@@ -84,6 +91,10 @@ def shard_index_name(shard: int) -> str:
 
 def shard_embeddings_name(shard: int) -> str:
     return f"shard_{shard:03d}.embeddings.npy"
+
+
+def shard_sparse_name(shard: int) -> str:
+    return f"shard_{shard:03d}.bm25.npz"
 
 
 VERSION_INFO = "version.json"
@@ -202,6 +213,11 @@ class PassageTable:
     def titles_and_texts(self, ids) -> list[tuple[str, str]]:
         rows = self._table.select(["title", "text"]).take(pa.array(np.asarray(ids, dtype=np.int64).ravel()))
         return list(zip(rows.column("title").to_pylist(), rows.column("text").to_pylist()))
+
+    def joined_texts(self, rows: int) -> Iterator[list[str]]:
+        """Each passage's title and text joined by a space, in id order, `rows` passages at a time."""
+        for batch in self._table.select(["title", "text"]).to_batches(max_chunksize=rows):
+            yield [f"{title} {text}" for title, text in zip(*(column.to_pylist() for column in batch.columns))]
 
     def padded_token_ids(self, column: str, ids, pad_id: int) -> np.ndarray:
         """Token ids of the given rows, right-padded with pad_id to the longest: int64 [len(ids), L]."""

@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 import time
+from typing import cast
 
 import numpy as np
 import ray
@@ -154,30 +155,43 @@ class RetrievalClient:
         """The preferred replica of each shard."""
         return [replicas[0] for replicas in self.replicas]
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """Exact global top-k over all shards for float32 queries [B, D], all from one index version."""
-        with self._searching:
-            return self._search(queries, k)
+    def search(self, queries: np.ndarray, k: int, texts: list[str] | None = None) -> SearchResult:
+        """Exact global top-k over all shards for float32 queries [B, D], all from one index version.
 
-    def _search(self, queries: np.ndarray, k: int) -> SearchResult:
+        With the questions' texts (a knowledge base built with a sparse index), the union of the global dense
+        top-k and BM25 top-k instead, each candidate with both scores (merge_union)."""
+        with self._searching:
+            return self._search(queries, k, texts)
+
+    def _search(self, queries: np.ndarray, k: int, texts: list[str] | None) -> SearchResult:
         started = time.perf_counter()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        parts = self._search_shards(queries, k, self.version)
+        parts = self._search_shards(queries, k, self.version, texts)
         if len({p.version for p in parts}) > 1:  # a switch landed between the shards' answers
             started = time.perf_counter()
-            parts = self._search_shards(queries, k, max(p.version for p in parts))
+            parts = self._search_shards(queries, k, max(p.version for p in parts), texts)
             self.switch_retries += 1
             self.switch_retry_s += time.perf_counter() - started
-        result = merge_top_k(parts, k)
+        result = merge_top_k(parts, k) if texts is None else merge_union(parts, k)
         self.version = result.active_version
         self.last_search_ms = 1000 * (time.perf_counter() - started)
         return result
 
-    def _search_shards(self, queries: np.ndarray, k: int, version: int | None) -> list[SearchResult]:
-        pending = [replicas[0].search.remote(queries, k, version) for replicas in self.replicas]
-        return [self._answer(shard, ref, queries, k, version) for shard, ref in enumerate(pending)]
+    def _search_shards(
+        self, queries: np.ndarray, k: int, version: int | None, texts: list[str] | None
+    ) -> list[SearchResult]:
+        pending = [replicas[0].search.remote(queries, k, version, texts) for replicas in self.replicas]
+        return [self._answer(shard, ref, queries, k, version, texts) for shard, ref in enumerate(pending)]
 
-    def _answer(self, shard: int, ref: ray.ObjectRef, queries: np.ndarray, k: int, version: int | None) -> SearchResult:
+    def _answer(
+        self,
+        shard: int,
+        ref: ray.ObjectRef,
+        queries: np.ndarray,
+        k: int,
+        version: int | None,
+        texts: list[str] | None,
+    ) -> SearchResult:
         """The shard's answer from its preferred replica, else from the next replica that answers."""
         try:
             return ray.get(ref)
@@ -191,7 +205,7 @@ class RetrievalClient:
                 break
             try:
                 result = ray.get(
-                    replicas[attempt % len(replicas)].search.remote(queries, k, version), timeout=remaining
+                    replicas[attempt % len(replicas)].search.remote(queries, k, version, texts), timeout=remaining
                 )
                 self.failovers += 1
                 return result
@@ -216,12 +230,45 @@ def merge_top_k(parts: list[SearchResult], k: int) -> SearchResult:
     """Merge per-shard top-k results into the global top-k by descending score."""
     if len(parts) == 1:
         return parts[0]
+    scores = np.concatenate([p.scores for p in parts], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return _gather(parts, order)
+
+
+def merge_union(parts: list[SearchResult], k: int) -> SearchResult:
+    """The global union of the shards' dense and BM25 candidates (IndexShard.search with texts): per question its
+    dense top-k, then those of its BM25 top-k not among them, then its next dense candidates, to 2k passages
+    (fewer where the knowledge base holds fewer), so that every question has as many. Each candidate keeps both
+    its scores; ties are broken by passage id."""
+    ids = np.concatenate([p.ids for p in parts], axis=1)
+    dense = np.concatenate([p.scores for p in parts], axis=1)
+    bm25 = np.concatenate([cast(np.ndarray, p.bm25) for p in parts], axis=1)
+    chosen = []
+    for row_ids, row_dense, row_bm25 in zip(ids, dense, bm25):
+        unique, first = np.unique(row_ids, return_index=True)  # a passage in both of its shard's lists: the first
+        first = first[unique >= 0]
+        by_dense = first[np.lexsort((row_ids[first], -row_dense[first]))]
+        matching = first[row_bm25[first] > 0]
+        by_bm25 = matching[np.lexsort((row_ids[matching], -row_bm25[matching]))][:k]
+        columns = list(by_dense[:k])
+        taken = set(row_ids[columns].tolist())
+        for column in itertools.chain(by_bm25, by_dense[k:]):
+            if len(columns) == 2 * k:
+                break
+            if row_ids[column] not in taken:
+                columns.append(column)
+                taken.add(row_ids[column])
+        chosen.append(columns)
+    width = min(map(len, chosen))
+    return _gather(parts, np.array([columns[:width] for columns in chosen], dtype=np.int64).reshape(len(ids), width))
+
+
+def _gather(parts: list[SearchResult], order: np.ndarray) -> SearchResult:
+    """The candidates at columns order [B, k] of the shards' results laid side by side."""
     versions = {p.version for p in parts}
     if len(versions) != 1:
         raise RuntimeError(f"shards answered from different index versions {sorted(versions)}")
-    scores = np.concatenate([p.scores for p in parts], axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    rows = np.arange(scores.shape[0])[:, None]
+    rows = np.arange(order.shape[0])[:, None]
     width = max(p.token_ids.shape[2] for p in parts)
     token_ids = np.concatenate(
         [
@@ -233,12 +280,13 @@ def merge_top_k(parts: list[SearchResult], k: int) -> SearchResult:
     lengths = np.concatenate([p.lengths for p in parts], axis=1)[rows, order]
     return SearchResult(
         ids=np.concatenate([p.ids for p in parts], axis=1)[rows, order],
-        scores=scores[rows, order],
+        scores=np.concatenate([p.scores for p in parts], axis=1)[rows, order],
         embeddings=np.concatenate([p.embeddings for p in parts], axis=1)[rows, order],
         token_ids=token_ids[..., : max(int(lengths.max(initial=0)), 1)],
         lengths=lengths,
         version=versions.pop(),
         active_version=max(p.active_version for p in parts),
+        bm25=None if parts[0].bm25 is None else np.concatenate([p.bm25 for p in parts], axis=1)[rows, order],
     )
 
 

@@ -39,16 +39,18 @@ class SearchResult:
     """Top-k passages for a batch of B queries.
 
     token_ids holds each passage's generator token ids, right-padded with -1 to the longest
-    of the batch; lengths gives each passage's true length.
+    of the batch; lengths gives each passage's true length. A search with the questions' texts
+    (RetrievalClient.search) returns the union of the dense and the BM25 candidates, with both scores.
     """
 
     ids: np.ndarray  # int64 [B, k], global passage ids
-    scores: np.ndarray  # float32 [B, k], inner products, best first
+    scores: np.ndarray  # float32 [B, k], inner products q . d, best first (of a union: the dense ones first)
     embeddings: np.ndarray  # float32 [B, k, D], the stored passage embeddings
     token_ids: np.ndarray  # int32 [B, k, L]
     lengths: np.ndarray  # int32 [B, k]
     version: int  # the index version that answered
     active_version: int  # the version the shards serve by default now (newer during a switch)
+    bm25: np.ndarray | None = None  # float32 [B, k], each candidate's BM25 score; None: a dense search
 
 
 PAD_TOKEN = -1

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -295,9 +296,10 @@ def running_service(
     context_encoder: EncoderConfig,
     data_dir: Path | None = None,
     generator_tokenizer: str | None = None,
+    sparse: str | None = None,
 ) -> tuple[Path, ServiceSpec]:
-    """A KB of the demo data in 2 shards (its generator tokenizer trained on it unless a folder is given), and its
-    running service: the data folder and the service's spec."""
+    """A KB of the demo data in 2 shards (its generator tokenizer trained on it unless a folder is given; a BM25
+    index beside it with sparse="bm25"), and its running service: the data folder and the service's spec."""
     from rag_lightning.config import IndexConfig
     from rag_lightning.kb.build import build_knowledge_base
     from retrieval_workers.service import launch_service
@@ -313,11 +315,26 @@ def running_service(
             path=generator_tokenizer, vocab_size=2000, extra_texts=[str(data_dir / "train.jsonl")]
         ),
     )
-    manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=2))
+    manifest = build_knowledge_base(kb, IndexConfig(factory="Flat", shards=2, sparse=sparse))
     assert manifest.num_passages == 40
     spec = unique_spec(kb.dir, shards=2, replicas=1)
     launch_service(spec)
     return data_dir, spec
+
+
+def perturbed_kb_encoder(kb_dir: Path, seed: int):
+    """The knowledge base's context encoder with its weights moved, as training would move them."""
+    from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
+    from retrieval_workers.kb_store import read_manifest
+
+    recorded = read_manifest(kb_dir).encoder
+    cfg = EncoderConfig(**{f.name: recorded[f.name] for f in fields(EncoderConfig)})
+    encoder = build_encoder(cfg, load_encoder_tokenizer(cfg)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return encoder
 
 
 def qa_data_and_first_batch(module, data_dir: Path, model_cfg, batch_size: int):

@@ -426,6 +426,60 @@ def test_unknown_key_or_wrong_type(tmp_path, run, override, fragments):
     assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
 
 
+# --- the BM25 index -----------------------------------------------------------------------------------------
+
+
+def test_a_fusion_that_reads_bm25_on_a_knowledge_base_without_it(tmp_path, run, built_kb):
+    """Refused before anything is built (train) or served (evaluate), with the setting that adds the index."""
+    data = _qa_dir(tmp_path)
+    proc = _train(run, ["data=files", f"data.dir={data}", "retriever.fusion=hybrid"], tmp_path)
+    _assert_user_error(proc, "retriever.fusion=hybrid", "index.sparse=bm25")
+    assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
+    data, kb = built_kb
+    proc = run(
+        "rag_lightning.evaluate",
+        [f"kb.dir={kb}", "mode=retrieval", "data=files", f"data.dir={data}", "retriever.fusion=sparse"],
+        tmp_path,
+    )
+    _assert_user_error(proc, "retriever.fusion=sparse", str(kb), "built without a sparse index", "index.sparse=bm25")
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("retriever.fusion=rrf", ["retriever.fusion", "'rrf'"]),
+        ("retriever.sparse_weight=-0.5", ["retriever.sparse_weight", "-0.5"]),
+        ("index.sparse=tfidf", ["index.sparse", "'tfidf'"]),
+    ],
+)
+def test_unknown_fusion_or_sparse_index_and_a_negative_sparse_weight(tmp_path, run, override, fragments):
+    data = _qa_dir(tmp_path)
+    proc = _train(run, ["data=files", f"data.dir={data}", "index.sparse=bm25", override], tmp_path)
+    _assert_user_error(proc, *fragments)
+    assert not (tmp_path / "run" / "kb").exists(), "nothing may be built for a refused config"
+
+
+def test_a_bm25_index_whose_passage_count_disagrees_with_the_manifest(tmp_path, run):
+    """The 3 passages in 2 shards of 2 and 1; the two shards' BM25 files swapped. Refused, naming the file, before
+    Ray starts."""
+    source = _write_jsonl(tmp_path / "kb.jsonl", KB_ROWS)
+    kb = tmp_path / "kb"
+    proc = _build_kb(run, [f"kb.source={source}", f"kb.dir={kb}", "index.shards=2", "index.sparse=bm25"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_manifest(kb)
+    first, second = (kb / manifest.sparse_file(shard) for shard in (0, 1))
+    swapped = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(swapped)
+    data = _qa_dir(tmp_path)
+    proc = run(
+        "rag_lightning.evaluate",
+        [f"kb.dir={kb}", "mode=retrieval", "data=files", f"data.dir={data}", "retriever.fusion=hybrid"],
+        tmp_path,
+    )
+    _assert_user_error(proc, str(first), "a BM25 index of 1 passages", "shard 0 2", "index.sparse=bm25")
+
+
 @pytest.mark.slow
 def test_question_encoder_dimension_differs_from_the_knowledge_base(tmp_path, cli):
     """Found once the model is built, with Ray and the shard actors running: a subprocess."""

@@ -12,6 +12,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from rag_lightning.capacity import measured
 from rag_lightning.capacity.plan_model import GIB, MIB, make_plan
 from rag_lightning.config import PlanConfig, checked
 from rag_lightning.errors import UserError
@@ -83,6 +84,26 @@ def test_a_flat_plan_by_hand(tmp_path):
     assert plan.refresh["interval_s"] == pytest.approx(1000 / 3)
     assert plan.search["demand_qps"] == pytest.approx(1 * 2 * 3 * 4 * 2)
     assert plan.warnings == []
+
+
+def test_a_bm25_index_adds_its_files_vocabulary_and_scores_by_hand(tmp_path):
+    """index.sparse=bm25: each actor holds its shard's BM25 file, the vocabulary as a dict and a search's scores;
+    the disk holds the shard files and the vocabulary once, outside the versions a refresh writes."""
+    settings = ["plan.passages=1000", "index.shards=2", "data.batch_size=4", "kb.words_per_passage=50"]
+    dense, sparse = (
+        plan_of(tmp_path, *settings),
+        plan_of(tmp_path, *settings, "index.sparse=bm25", "plan.bm25_terms=5000"),
+    )
+    shard_file = 500 * measured.BM25_BYTES_PER_PASSAGE / 2 + 5000 * measured.BM25_OFFSET_BYTES_PER_TERM
+    in_actor = shard_file + 5000 * measured.BM25_VOCABULARY_DICT_BYTES_PER_TERM + 4 * 500 * 4
+    assert dense.actor["bm25_gib"] == 0
+    assert sparse.actor["bm25_gib"] * GIB == pytest.approx(in_actor)
+    assert (sparse.actor["resident_gib"] - dense.actor["resident_gib"]) * GIB == pytest.approx(in_actor)
+    on_disk = 2 * shard_file + 5000 * measured.BM25_VOCABULARY_FILE_BYTES_PER_TERM
+    assert sparse.disk["bm25_gib"] * GIB == pytest.approx(on_disk)
+    assert sparse.disk["version_gib"] == dense.disk["version_gib"]
+    assert (sparse.disk["total_gib"] - dense.disk["total_gib"]) * GIB == pytest.approx(on_disk)
+    assert any("plan.bm25_terms" in a for a in plan_of(tmp_path, *settings, "index.sparse=bm25").assumptions)
 
 
 def test_an_ivfpq_plan_by_hand(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,14 @@ from retrieval_workers.refresh import encoder_name, launch_refresher, shutdown_r
 from retrieval_workers.service import RetrievalClient, launch_service, shutdown_service
 from retrieval_workers.types import RefreshSpec
 
-from helpers import quiet_trainer, tiny_encoder_config, tiny_generator_config, unique_spec, write_encoder_folder
+from helpers import (
+    perturbed_kb_encoder,
+    quiet_trainer,
+    tiny_encoder_config,
+    tiny_generator_config,
+    unique_spec,
+    write_encoder_folder,
+)
 
 
 def _knowledge_base(
@@ -79,18 +86,6 @@ def running_service(ray_cluster, tmp_path, request):
     shutdown_service(spec)
 
 
-def _perturbed_encoder(kb_dir: Path, seed: int):
-    """The KB's context encoder with its weights moved, as training would move them."""
-    recorded = read_manifest(kb_dir).encoder
-    cfg = EncoderConfig(**{f.name: recorded[f.name] for f in fields(EncoderConfig)})
-    encoder = build_encoder(cfg, load_encoder_tokenizer(cfg)).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return encoder
-
-
 def _refresh(coordinator, encoder, step: int):
     return ray.get(coordinator.refresh.remote([ray.put(encoder.snapshot(step))], step))
 
@@ -100,7 +95,7 @@ def test_refresh_writes_a_version_equal_to_a_direct_encoding_and_prunes_old_ones
     _, spec, coordinator = running_service
     kb_dir = Path(spec.kb_dir)
     before = load_embeddings(kb_dir, read_manifest(kb_dir))
-    encoder = _perturbed_encoder(kb_dir, seed=1)
+    encoder = perturbed_kb_encoder(kb_dir, seed=1)
 
     report = _refresh(coordinator, encoder, step=7)
     assert report.error is None and report.version == 1 and report.global_step == 7
@@ -125,7 +120,7 @@ def test_refresh_writes_a_version_equal_to_a_direct_encoding_and_prunes_old_ones
 
     # two more refreshes: only the newest two versions stay on disk and in the manifest
     for step, seed in ((9, 2), (11, 3)):
-        assert _refresh(coordinator, _perturbed_encoder(kb_dir, seed), step).error is None
+        assert _refresh(coordinator, perturbed_kb_encoder(kb_dir, seed), step).error is None
     manifest = read_manifest(kb_dir)
     assert manifest.active_version == 3 and manifest.kept_versions() == [2, 3]
     assert sorted(p.name for p in kb_dir.glob("v*")) == ["v2", "v3"]
@@ -145,7 +140,7 @@ def test_a_refresh_of_a_dpr_or_sentence_transformers_encoder_equals_a_direct_enc
     """The snapshot carries the architecture (DPRContextEncoder, a BERT with [CLS] pooling and normalisation)."""
     _, spec, coordinator = running_service
     kb_dir = Path(spec.kb_dir)
-    encoder = _perturbed_encoder(kb_dir, seed=1)
+    encoder = perturbed_kb_encoder(kb_dir, seed=1)
     report = _refresh(coordinator, encoder, step=5)
     assert report.error is None and report.version == 1
     manifest = read_manifest(kb_dir)
@@ -181,7 +176,7 @@ def test_switch_is_atomic_for_queries_in_flight(running_service):
     stored = {0: load_embeddings(kb_dir, read_manifest(kb_dir))}
     for version in (1, 2, 3, 4):
         time.sleep(0.3)
-        assert _refresh(coordinator, _perturbed_encoder(kb_dir, seed=version), step=version).error is None
+        assert _refresh(coordinator, perturbed_kb_encoder(kb_dir, seed=version), step=version).error is None
         stored[version] = load_embeddings(kb_dir, read_manifest(kb_dir), version)
     time.sleep(0.3)
     stop.set()
@@ -206,7 +201,7 @@ def test_encoder_actor_killed_mid_refresh_leaves_the_active_version_serving(runn
     kb_dir = Path(spec.kb_dir)
     manifest_before = (kb_dir / MANIFEST).read_bytes()
     v0 = load_embeddings(kb_dir, read_manifest(kb_dir))
-    encoder = _perturbed_encoder(kb_dir, seed=1)
+    encoder = perturbed_kb_encoder(kb_dir, seed=1)
     pending = coordinator.refresh.remote([ray.put(encoder.snapshot(5))], 5)
 
     first_shard = kb_dir / ".v1.staging" / "shard_000.embeddings.npy"

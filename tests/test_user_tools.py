@@ -195,7 +195,15 @@ def test_retrieval_only_evaluate_equals_a_brute_force_ranking(tiny_run, tmp_path
     )["input_ids"]
     with torch.no_grad():
         expected = _brute_force_scores(module.question_encoder(question_ids), tiny_run / "kb", examples, ks)
-    assert set(results) == {*expected, "test/examples", "ckpt_path", "data_dir", "kb/index_version", "wall_time_s"}
+    assert set(results) == {
+        *expected,
+        "test/examples",
+        "ckpt_path",
+        "data_dir",
+        "kb/index_version",
+        "retriever/fusion",
+        "wall_time_s",
+    }
     for name, value in expected.items():
         assert results[name] == pytest.approx(value, abs=1e-9), name
     assert results["test/recall@2"] == trained["test/recall@2"]  # what the training's test measured

@@ -85,3 +85,16 @@ ACTOR_BASE_SOURCE = (
     "measured: an IndexShard Ray actor's RSS over a tiny knowledge base, less its data "
     "(bench/plan_figures.py, actor_base_mib)"
 )
+
+# The BM25 index (index.sparse=bm25), measured on bench/scale.py's knowledge bases of synthetic 100-word passages (words
+# drawn from 20,000 made-up ones; titles "document <n>", a term of their own each). A shard file holds a float32
+# weight and an int32 passage id for each distinct term of each passage (about a term a word here; stop words and
+# repeats make fewer in English), and 8 bytes of offset a term of the vocabulary; the vocabulary is one JSON file
+# for the whole knowledge base, which every shard actor holds as a dict.
+BM25_WORDS_PER_PASSAGE = 100
+BM25_BYTES_PER_PASSAGE = 814.0  # at 100 words, the offsets aside
+BM25_OFFSET_BYTES_PER_TERM = 8
+BM25_VOCABULARY_FILE_BYTES_PER_TERM = 16.1
+BM25_VOCABULARY_DICT_BYTES_PER_TERM = 114.0  # resident in an actor (tracemalloc of the loaded dict)
+BM25_VOCABULARY_TERMS = 1_019_968  # at 1,000,000 passages
+BM25_SOURCE = "bench/scale.py's synthetic 100-word passages (1,000,000 of them for the vocabulary)"

@@ -20,7 +20,11 @@ n passages (plan.passages), S shards, R replicas, N nodes (trainer.num_nodes), G
                       page cache
   disk                an index version: S indexes + n x d x 4 of embeddings; the passage table: n x (24 + text
                       bytes + 4 x generator tokens + 4 x encoder tokens); in all: the table +
-                      index_refresh.keep_versions versions (one more while a refresh writes its own)
+                      index_refresh.keep_versions versions (one more while a refresh writes its own) + the BM25
+                      index (index.sparse=bm25), which no refresh rewrites
+  BM25                with index.sparse=bm25, a shard actor also holds its BM25 file (bytes a passage measured
+                      at 100 words, scaled by kb.words_per_passage), the vocabulary as a dict (plan.bm25_terms
+                      terms) and a search's scores (B x n_s x 4)
   refresh             encoder actors take the shards in turn: ceil(S / workers) x (n_s / rate + build(n_s) / threads);
                       rate: plan.encode_rate, or the table's row of the device (measured.py) scaled by the encoder's
                       FLOPs a passage, and on a CPU by its threads (index_refresh.worker_cpus)
@@ -135,7 +139,8 @@ def make_plan(cfg: PlanConfig) -> Plan:
 
     index_bytes = model.shard_bytes(shard_n)
     tokens_bytes = shard_n * (gen_tokens + 1) * TOKEN_BYTES
-    steady = base + index_bytes + tokens_bytes
+    bm25 = _bm25(cfg, n, shard_n, assumptions)
+    steady = base + index_bytes + tokens_bytes + bm25["actor_bytes"]
     peak = steady + index_bytes if refreshing else steady
     embeddings_bytes = shard_n * dim * FLOAT_BYTES
     actor = {
@@ -143,6 +148,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
         "base_gib": base / GIB,
         "index_gib": index_bytes / GIB,
         "token_ids_gib": tokens_bytes / GIB,
+        "bm25_gib": bm25["actor_bytes"] / GIB,
         "resident_gib": steady / GIB,
         "peak_gib": peak / GIB,
         "embeddings_gib": embeddings_bytes / GIB,
@@ -169,13 +175,15 @@ def make_plan(cfg: PlanConfig) -> Plan:
     )
     table_bytes = n * (TABLE_ROW_BYTES + text_bytes + TOKEN_BYTES * (gen_tokens + enc_tokens))
     versions = refresh_cfg.keep_versions if refreshing else 1
+    once = table_bytes + bm25["disk_bytes"]  # written by the build, never by a refresh
     disk = {
         "version_gib": version_bytes / GIB,
         "passage_table_gib": table_bytes / GIB,
+        "bm25_gib": bm25["disk_bytes"] / GIB,
         "versions_kept": versions,
-        "total_gib": (table_bytes + versions * version_bytes) / GIB,
-        "peak_gib": (table_bytes + (versions + refreshing) * version_bytes) / GIB,
-        "bytes_per_passage": (table_bytes + version_bytes) / n,
+        "total_gib": (once + versions * version_bytes) / GIB,
+        "peak_gib": (once + (versions + refreshing) * version_bytes) / GIB,
+        "bytes_per_passage": (once + version_bytes) / n,
     }
 
     refresh = _refresh(cfg, model, encoder, shard_n, enc_tokens, assumptions)
@@ -210,6 +218,32 @@ def make_plan(cfg: PlanConfig) -> Plan:
     )
     plan.warnings = _warnings(cfg, plan, model, shard_n)
     return plan
+
+
+def _bm25(cfg: PlanConfig, n: int, shard_n: int, assumptions: list[str]) -> dict:
+    """Bytes of the BM25 index (index.sparse=bm25) in a shard actor and on disk; zeros without one."""
+    if cfg.index.sparse is None:
+        return {"actor_bytes": 0.0, "disk_bytes": 0.0}
+    terms = cfg.plan.bm25_terms
+    if terms is None:
+        terms = measured.BM25_VOCABULARY_TERMS
+        assumptions.append(
+            f"BM25 vocabulary: {terms:,} terms (plan.bm25_terms), as {measured.BM25_SOURCE} had; a real corpus's "
+            "grows with its size: give the distinct stemmed words of yours"
+        )
+    per_passage = measured.BM25_BYTES_PER_PASSAGE * cfg.kb.words_per_passage / measured.BM25_WORDS_PER_PASSAGE
+    assumptions.append(
+        f"BM25 shard files: {per_passage:.0f} bytes a passage ({measured.BM25_BYTES_PER_PASSAGE:g} at "
+        f"{measured.BM25_WORDS_PER_PASSAGE} words, scaled by kb.words_per_passage) and "
+        f"{measured.BM25_OFFSET_BYTES_PER_TERM} a vocabulary term; the vocabulary "
+        f"{measured.BM25_VOCABULARY_DICT_BYTES_PER_TERM:g} bytes a term in each actor's dict ({measured.BM25_SOURCE})"
+    )
+    shard_file = shard_n * per_passage + terms * measured.BM25_OFFSET_BYTES_PER_TERM
+    scores = cfg.data.batch_size * shard_n * FLOAT_BYTES  # a search's scores of every passage of the shard
+    return {
+        "actor_bytes": shard_file + terms * measured.BM25_VOCABULARY_DICT_BYTES_PER_TERM + scores,
+        "disk_bytes": cfg.index.shards * shard_file + terms * measured.BM25_VOCABULARY_FILE_BYTES_PER_TERM,
+    }
 
 
 def _ranks_per_node(devices) -> int:

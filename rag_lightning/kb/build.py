@@ -53,6 +53,7 @@ from retrieval_workers import (
     ShardTimes,
     TextEncoder,
     build_shard,
+    build_sparse_index,
     commit_version,
     passage_table_writer,
     read_manifest,
@@ -80,6 +81,7 @@ class BuildStages(ShardTimes):
     tokenizer_train_s: float = 0.0  # training the generator tokenizer, reading excluded
     tokenize_s: float = 0.0  # both tokenizers over every passage
     table_write_s: float = 0.0  # appending the tokenized chunks to the passage table
+    sparse_s: float = 0.0  # the BM25 index (index.sparse=bm25): tokenizing, weighing, writing its files
     commit_s: float = 0.0  # checksums of the files and the manifest
     total_s: float = 0.0  # the whole build
 
@@ -90,6 +92,7 @@ class BuildStages(ShardTimes):
             "tokenizer_train": self.tokenizer_train_s,
             "tokenize": self.tokenize_s,
             "table_write": self.table_write_s,
+            "sparse": self.sparse_s,
             "encode": self.encode_s,
             "index_train": self.index_train_s,
             "index_add": self.index_add_s,
@@ -175,6 +178,7 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig, stages: BuildStages |
     tag = fingerprint[:12]
     version = previous.next_version() if previous is not None else 0
     tokenizer_dir, passages_file = f"generator_tokenizer-{tag}", f"passages-{tag}.arrow"
+    sparse_dir = f"bm25-{tag}" if index.sparse else None
     try:
         with staged_directory(kb_dir / tokenizer_dir) as staging:
             generator_tokenizer.save_pretrained(str(staging))
@@ -192,12 +196,15 @@ def build_knowledge_base(kb: KBConfig, index: IndexConfig, stages: BuildStages |
             version,
             tokenizer_dir,
             passages_file,
+            sparse_dir,
             stages,
         )
     except BaseException:
         # interrupted (a signal arrives as an exception) or failed: what the committed manifest does not reference
         # is this build's and goes; an earlier knowledge base in kb_dir stays whole
-        _remove_uncommitted(kb_dir, [tokenizer_dir, passages_file, f"v{version}"])
+        _remove_uncommitted(
+            kb_dir, [tokenizer_dir, passages_file, f"v{version}", *([sparse_dir] if sparse_dir else [])]
+        )
         raise
     if previous is not None:
         try:
@@ -319,10 +326,11 @@ def _index_and_commit(
     version: int,
     tokenizer_dir: str,
     passages_file: str,
+    sparse_dir: str | None,
     stages: BuildStages,
 ) -> Manifest:
     """Write index version `version` (every shard encoded from the passage table, or the imported embeddings
-    indexed), then commit the manifest."""
+    indexed) and, with a sparse_dir, the BM25 index there; then commit the manifest."""
     manifest = Manifest(
         num_passages=num_passages,
         dim=encoder.dim,
@@ -334,6 +342,13 @@ def _index_and_commit(
         fingerprint=fingerprint,
     )
     table = PassageTable(kb_dir / passages_file)
+    if sparse_dir is not None:
+        started = time.perf_counter()
+        with staged_directory(kb_dir / sparse_dir) as staging:
+            manifest.sparse = {**build_sparse_index(table, manifest.shards, staging), "dir": sparse_dir}
+        for path in sorted((kb_dir / sparse_dir).iterdir()):
+            manifest.files[f"{sparse_dir}/{path.name}"] = sha256_file(path)
+        stages.sparse_s = time.perf_counter() - started
     with staged_directory(kb_dir / manifest.version_dir(version)) as staging:
         for shard, (start, end) in enumerate(manifest.shards):
             if imported is not None:
@@ -370,7 +385,7 @@ def _remove_uncommitted(kb_dir: Path, names: list[str]) -> None:
 
 def _fingerprint(kb: KBConfig, index: IndexConfig) -> str:
     settings = {k: v for k, v in asdict(kb).items() if k not in ("dir", "rebuild", "encode_batch_size")}
-    settings["index"] = {"factory": index.factory, "shards": index.shards}
+    settings["index"] = {"factory": index.factory, "shards": index.shards, "sparse": index.sparse}
     settings["passage_format"] = PASSAGE_FORMAT
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for path in [kb.source, kb.source_index, *kb.generator_tokenizer.extra_texts]:
@@ -402,7 +417,7 @@ def _check_writable(kb_dir: Path) -> None:
                 re.fullmatch(r"shard_\d+\.(faiss|embeddings\.npy)|version\.json", file.name) for file in entry.iterdir()
             )
         return not re.fullmatch(
-            r"manifest\.json|passages-\w+\.arrow|generator_tokenizer-\w+|\..+\.(staging|tmp)"
+            r"manifest\.json|passages-\w+\.arrow|generator_tokenizer-\w+|bm25-\w+|\..+\.(staging|tmp)"
             rf"|{re.escape(LOCK_NAME)}",
             entry.name,
         )

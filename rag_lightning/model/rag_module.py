@@ -3,7 +3,9 @@
 One training step: encode the questions (gradients flow), ONE search call per shard for
 the top K candidates (retriever.candidates, at least n_docs) with their embeddings and
 token ids, scores = q . candidate embeddings, and the best n_docs go to the reader, then the
-RAG marginal NLL. A sequence-to-sequence reader sits in transformers' RAG model and reads
+RAG marginal NLL. With a BM25 index the candidates are the union of the dense and BM25 top K,
+scored and ranked as retriever.fusion says (rag_lightning/model/fusion.py). A sequence-to-sequence
+reader sits in transformers' RAG model and reads
 contexts = stored passage ids + question ids (laid out as transformers' RagRetriever does);
 a causal LM reads model.prompt filled in with each passage and the question
 (rag_lightning/model/prompts.py, built with the retrieval), its losses and generation
@@ -22,6 +24,7 @@ versions in checkpoints, the background refresh, the saved context encoder, metr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import cast
@@ -41,6 +44,7 @@ from rag_lightning.kb.generator_tokenizer import load_generator_tokenizer, token
 from rag_lightning.model import causal_reader
 from rag_lightning.model.contexts import AnswerFormat, ContextLayout, join_contexts
 from rag_lightning.model.folder_settings import fill_model_settings, fill_score_scale, own_generator_tokenizer
+from rag_lightning.model.fusion import check_fusion_index, fused, rank_union
 from rag_lightning.model.generator import CAUSAL, build_causal_rag, build_rag, decoder_prefix, generator_family
 from rag_lightning.model.lora import with_frozen, without_frozen
 from rag_lightning.model.prompts import PromptLayout
@@ -56,6 +60,8 @@ from retrieval_workers import (
     TextEncoder,
     read_manifest,
 )
+
+log = logging.getLogger(__name__)
 
 
 class RagModule(L.LightningModule):
@@ -92,6 +98,8 @@ class RagModule(L.LightningModule):
         self.score_scale = cast(float, self.retriever_cfg.score_scale)
         self.hparams.retriever = {**retriever, "score_scale": self.score_scale}  # checkpoints keep it
         self.passages_file = manifest.passages_file
+        check_fusion_index(self.retriever_cfg.fusion, manifest, self.service_spec.kb_dir)
+        self.kb_has_sparse = manifest.sparse is not None
         self.generator_tokenizer = self._generator_tokenizer(
             f"{self.service_spec.kb_dir}/{manifest.encoder['generator_tokenizer']}"
         )
@@ -201,25 +209,42 @@ class RagModule(L.LightningModule):
         return max(self.retriever_cfg.candidates or self.n_docs, self.n_docs)
 
     @property
+    def searches_bm25(self) -> bool:
+        """Whether the service is asked for BM25 candidates beside the dense ones: a knowledge base with a sparse
+        index, and a fusion that reads their scores or distant supervision (which finds positives among them)."""
+        cfg = self.retriever_cfg
+        return self.kb_has_sparse and (cfg.fusion != "dense" or cfg.objective == "distant")
+
+    @property
     def eval_k(self) -> list[int]:
         """The ranks at which validation and test score retrieval: retriever.eval_k and n_docs."""
         return sorted({*self.retriever_cfg.eval_k, self.n_docs})
 
     def retrieve(self, batch: dict, depth: int = 0, with_prompts: bool = True) -> Retrieved:
         """The batch's passages, best first: the top `candidates` scored by the current encoders (differentiable in
-        them), then the service's ranks below down to `depth` (for evaluation at larger k). A causal reader's
-        prompts of the candidates come with them unless with_prompts is false (nothing is to be read)."""
+        them), then the service's ranks below down to `depth` (for evaluation at larger k). Where searches_bm25,
+        the candidates are the union of the dense and the BM25 top `candidates` (twice as many), ranked and scored
+        as retriever.fusion says. A causal reader's prompts of the candidates come with them unless with_prompts is
+        false (nothing is to be read)."""
+        cfg = self.retriever_cfg
         questions = self.question_encoder(batch["question_ids"])
         k = min(self.candidates, len(self.passages))
+        texts = batch["questions"] if self.searches_bm25 else None
         result = self.retrieval_client.search(
-            questions.detach().float().cpu().numpy(), min(max(depth, k), len(self.passages))
+            questions.detach().float().cpu().numpy(), min(max(depth, k), len(self.passages)), texts
         )
+        sparse_logits = None
+        if texts is not None:  # the union of the dense and BM25 candidates, ranked by the fusion: twice as many
+            result, sparse_logits = rank_union(result, self.score_scale, cfg.fusion, cfg.sparse_weight)
+            k = min(2 * k, result.ids.shape[1])
         ids, token_ids, lengths, reranked = result.ids, result.token_ids[:, :k], result.lengths[:, :k], 0.0
         if self.context_encoder is not None:
             embeddings = self.embed_passages(ids[:, :k]).to(questions)
         else:
             embeddings = torch.from_numpy(result.embeddings[:, :k]).to(questions)
         scores = self.score_scale * torch.einsum("bd,bkd->bk", questions, embeddings)
+        if sparse_logits is not None:
+            scores = fused(scores, torch.from_numpy(sparse_logits[:, :k]).to(scores), cfg.fusion)
         if self.context_encoder is not None:  # the index holds older embeddings than today's: re-rank
             order = torch.argsort(scores.detach(), dim=1, descending=True, stable=True)
             n = self.n_docs
@@ -474,6 +499,13 @@ class RagModule(L.LightningModule):
                 record["scores"].update(answer_scores(prediction, record["answers"], loss))
         return records
 
+    def on_validation_epoch_start(self) -> None:
+        """Say in the log how the passages are ranked (dense, BM25 or both)."""
+        cfg = self.retriever_cfg
+        if self.global_rank == 0:
+            weight = f" (retriever.sparse_weight={cfg.sparse_weight})" if cfg.fusion != "dense" else ""
+            log.info("validation: passages ranked by retriever.fusion=%s%s", cfg.fusion, weight)
+
     def validation_step(self, batch: dict, batch_idx: int) -> list[dict]:
         return self.evaluate_batch(batch, self.eval_k, answers=self.hparams.evaluate_answers)
 
@@ -489,7 +521,7 @@ class Retrieved:
 
     questions: torch.Tensor  # [B, D] question vectors
     ids: np.ndarray  # [B, depth] passage ids
-    scores: torch.Tensor  # [B, K] score_scale x (q . d): the logits of the prior over passages
+    scores: torch.Tensor  # [B, K] the logits of the prior over passages: score_scale x (q . d), or fused with BM25
     embeddings: torch.Tensor  # [B, K, D] the candidates' vectors (today's when the context encoder trains)
     token_ids: np.ndarray  # [B, K, L] the candidates' generator ids, PAD_TOKEN-padded
     lengths: np.ndarray  # [B, K]

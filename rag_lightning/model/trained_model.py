@@ -29,6 +29,7 @@ from retrieval_workers import (
     Manifest,
     RefreshSpec,
     ServiceSpec,
+    check_sparse_files,
     connect,
     launch_refresher,
     launch_service,
@@ -114,6 +115,9 @@ def serving_knowledge_base(spec: ServiceSpec, service: ServiceConfig) -> Iterato
         search_params=service.search_params or spec.search_params,
         failover_timeout_s=service.failover_timeout_s,
     )
+    manifest = read_manifest(spec.kb_dir)
+    if manifest.sparse is not None:  # refused now, not by each shard actor as it starts
+        check_sparse_files(spec.kb_dir, manifest)
     owns_ray = not (service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
     connect(
         service.ray_address,
@@ -130,8 +134,9 @@ def serving_knowledge_base(spec: ServiceSpec, service: ServiceConfig) -> Iterato
         if local_ray_answers():  # a signal to the whole process group may have ended a local Ray
             shutdown_refresher(spec)
             shutdown_service(spec)
-        if owns_ray:
+        if owns_ray:  # and its address, recorded by connect(), names no cluster now (a multirun's next job starts one)
             ray.shutdown()
+            os.environ.pop(RAY_ADDRESS_ENV, None)
 
 
 def encode_new_version(spec: ServiceSpec, module: RagModule, global_step: int) -> int:
