@@ -117,29 +117,23 @@ class IndexShard:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if texts is None:
             scores, local = data.index.search(queries, k)
-            return self._result(data, local, scores, None, answered, active)
+            return self._result(data, local, scores, answered, active)
         if self.sparse is None:
             raise KnowledgeBaseError(f"{self.kb_dir}: a search with texts, but the knowledge base has no sparse index")
         dense_scores, dense_local = data.index.search(queries, 2 * k)
-        bm25 = self.sparse.scores(texts)
-        sparse_local = self.sparse.top_k(bm25, k)
-        local = np.concatenate([dense_local, sparse_local], axis=1)
-        result = self._result(data, local, dense_scores, bm25, answered, active)
+        matches = self.sparse.matches(texts)
+        local = np.concatenate([dense_local, self.sparse.top_k(matches, k)], axis=1)
+        result = self._result(data, local, dense_scores, answered, active)
         exact = np.einsum("bd,bkd->bk", queries, result.embeddings[:, 2 * k :])
         result.scores[:, 2 * k :] = np.where(local[:, 2 * k :] >= 0, exact, -np.inf)
+        result.bm25 = self.sparse.scores_of(matches, local)
         return result
 
     def _result(
-        self,
-        data: ShardVersion,
-        local: np.ndarray,
-        dense_scores: np.ndarray,
-        bm25: np.ndarray | None,
-        answered: int,
-        active: int,
+        self, data: ShardVersion, local: np.ndarray, dense_scores: np.ndarray, answered: int, active: int
     ) -> SearchResult:
-        """The passages at shard positions local [B, k] (-1: none) with their vectors, generator ids and scores;
-        dense_scores [B, <= k] fill the first columns, bm25 [B, shard size] gives every column's BM25 score."""
+        """The passages at shard positions local [B, k] (-1: none) with their vectors and generator ids;
+        dense_scores [B, <= k] are the first columns' scores, the others' are -inf."""
         found = local >= 0
         safe = np.where(found, local, 0)
         embeddings = np.where(found[..., None], data.embeddings[safe.ravel()].reshape(*safe.shape, -1), 0.0)
@@ -158,5 +152,4 @@ class IndexShard:
             lengths=lengths,
             version=answered,
             active_version=active,
-            bm25=None if bm25 is None else np.where(found, np.take_along_axis(bm25, safe, 1), -np.inf),
         )

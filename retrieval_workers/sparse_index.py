@@ -106,7 +106,8 @@ def check_sparse_file(kb_dir: str | Path, manifest: Manifest, shard: int) -> Pat
 
 
 class SparseShard:
-    """The BM25 scores of one shard's passages for a batch of questions."""
+    """The BM25 scores of one shard's passages for a batch of questions: a term's passages and weights are a slice
+    of the shard's file (term_starts gives where), and a question reads only its terms' slices."""
 
     def __init__(self, kb_dir: str | Path, manifest: Manifest, shard: int):
         assert manifest.sparse is not None
@@ -118,28 +119,40 @@ class SparseShard:
             self.data, self.passages, self.term_starts = arrays["data"], arrays["passages"], arrays["term_starts"]
             self.num_passages = int(arrays["num_passages"])
 
-    def scores(self, texts: list[str]) -> np.ndarray:
-        """BM25 score of every passage of the shard for each text: float32 [B, shard size]."""
-        out = np.zeros((len(texts), self.num_passages), dtype=np.float32)
-        terms = self.tokenizer.tokenize(
+    def matches(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each text, the positions in the shard of the passages holding any of its terms, ascending, and their
+        BM25 scores (float32): only the postings of the text's terms are read, whatever the shard's size."""
+        found = []
+        for terms in self.tokenizer.tokenize(
             texts, update_vocab=False, return_as="ids", show_progress=False, allow_empty=False
-        )
-        for row, question_terms in zip(out, terms):
-            for term in question_terms:  # each term's passages are distinct: one vectorised add per term
-                start, end = self.term_starts[term], self.term_starts[term + 1]
-                row[self.passages[start:end]] += self.data[start:end]
-        return out
+        ):
+            spans = [slice(self.term_starts[term], self.term_starts[term + 1]) for term in terms]
+            positions = np.concatenate([self.passages[span] for span in spans] or [np.zeros(0, np.int32)])
+            weights = np.concatenate([self.data[span] for span in spans] or [np.zeros(0, np.float32)])
+            passages, slot = np.unique(positions, return_inverse=True)
+            scores = np.zeros(len(passages), dtype=np.float32)
+            np.add.at(scores, slot, weights)  # in order, so each passage's weights add up in the text's term order
+            found.append((passages.astype(np.int64), scores))
+        return found
 
-    def top_k(self, scores: np.ndarray, k: int) -> np.ndarray:
-        """The positions of the k best passages of each row of scores [B, shard size] that match at all, best first
-        and ties by position: int64 [B, k], -1 where fewer match."""
-        k_found = min(k, self.num_passages)
-        positions = np.full((len(scores), k), -1, dtype=np.int64)
-        for b, row in enumerate(scores):
-            if k_found == 0:
-                break
-            kth_best = np.partition(row, len(row) - k_found)[len(row) - k_found]
-            candidates = np.flatnonzero(row >= kth_best) if kth_best > 0 else np.flatnonzero(row > 0)
-            chosen = candidates[np.lexsort((candidates, -row[candidates]))][:k_found]
-            positions[b, : len(chosen)] = chosen
-        return positions
+    @staticmethod
+    def top_k(matches: list[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+        """The positions of each text's k best passages (matches' order), best first and ties by position:
+        int64 [B, k], -1 where fewer match."""
+        best = np.full((len(matches), k), -1, dtype=np.int64)
+        for row, (passages, scores) in zip(best, matches):
+            chosen = passages[np.lexsort((passages, -scores))[:k]]
+            row[: len(chosen)] = chosen
+        return best
+
+    @staticmethod
+    def scores_of(matches: list[tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> np.ndarray:
+        """The BM25 score of the passages at positions [B, k] for each text (0 where it holds none of the text's
+        terms, -inf at position -1): float32 [B, k]."""
+        out = np.zeros(positions.shape, dtype=np.float32)
+        for row, wanted, (passages, scores) in zip(out, positions, matches):
+            at = np.searchsorted(passages, wanted)
+            held = at < len(passages)
+            held[held] = passages[at[held]] == wanted[held]
+            row[held] = scores[at[held]]
+        return np.where(positions >= 0, out, -np.inf).astype(np.float32)
