@@ -34,6 +34,7 @@ build_s < 1800 and peak_memory_gb < 16 (reported, not asserted).
 
     python bench/scale.py                          # the measurement: 1,000,000 passages
     python bench/scale.py --passages 20000         # a quick check that it runs
+    python bench/scale.py --work-dir W --searches-only   # search an earlier run's knowledge bases again
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=200, help="timed searches of each latency measurement")
     p.add_argument("--warmup", type=int, default=20, help="untimed searches before them")
     p.add_argument("--refresh-rounds", type=int, default=3, help="refreshes of the small KB with and without BM25")
+    p.add_argument(
+        "--searches-only",
+        action="store_true",
+        help="with the --work-dir of an earlier run: search its two knowledge bases again, nothing else",
+    )
     p.add_argument("--work-dir", type=Path, help="where sources and knowledge bases go, kept (default: a temp dir)")
     return p.parse_args()
 
@@ -396,8 +402,28 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     return figures
 
 
+def searches_again(args: argparse.Namespace, work: Path) -> dict:
+    """The search figures alone, over the knowledge bases an earlier run left in `work`."""
+    connect(num_cpus=os.cpu_count() + 1)
+    figures = {}
+    try:
+        for name in ("small", "full"):
+            kb_dir = work / f"kb-{name}"
+            spec = service_spec(kb_dir, name, args)
+            launch_service(spec)
+            manifest = read_manifest(kb_dir)
+            figures[f"search_{name}"] = {"passages": manifest.num_passages, **searches(spec, manifest.dim, args)}
+            shutdown_service(spec)
+    finally:
+        ray.shutdown()
+    return figures
+
+
 def main() -> None:
-    measure_and_print(measure, parse_args())
+    args = parse_args()
+    if args.searches_only and args.work_dir is None:
+        raise SystemExit("--searches-only needs the --work-dir of an earlier run")
+    measure_and_print(searches_again if args.searches_only else measure, args)
 
 
 if __name__ == "__main__":
