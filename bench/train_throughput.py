@@ -237,7 +237,7 @@ class ReplayRetriever(Callback):
             raise RuntimeError(f"floor: batch {batch_idx} is not the one whose results were fetched")
         self.step = batch_idx
 
-    def search(self, queries, k: int) -> SearchResult:
+    def search(self, queries, k: int, texts: list[str] | None = None) -> SearchResult:
         return self.results[self.step]
 
 
