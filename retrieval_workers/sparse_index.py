@@ -83,7 +83,9 @@ def build_sparse_index(passages: PassageTable, shards: list[tuple[int, int]], fo
 
 def check_sparse_files(kb_dir: str | Path, manifest: Manifest) -> None:
     """Refuse a sparse index whose shard files do not hold the passages the manifest gives their shards (reads only
-    each file's passage count, not its weights)."""
+    each file's passage count, not its weights); a knowledge base without one passes."""
+    if manifest.sparse is None:
+        return
     for shard in range(len(manifest.shards)):
         check_sparse_file(kb_dir, manifest, shard)
 

@@ -34,9 +34,9 @@ def standardised(bm25: np.ndarray) -> np.ndarray:
     return np.divide(centred, spread, out=np.zeros_like(centred), where=spread > 0).astype(np.float32)
 
 
-def fused(dense_logits: Scores, sparse_logits: Scores | None, fusion: str) -> Scores:
-    """The prior's logits from score_scale x (q . d) and sparse_weight x s(bm25) (None: a dense search)."""
-    if fusion == "dense" or sparse_logits is None:
+def fused(dense_logits: Scores, sparse_logits: Scores, fusion: str) -> Scores:
+    """The prior's logits from score_scale x (q . d) and sparse_weight x s(bm25)."""
+    if fusion == "dense":
         return dense_logits
     if fusion == "sparse":
         return sparse_logits

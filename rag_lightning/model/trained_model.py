@@ -115,9 +115,7 @@ def serving_knowledge_base(spec: ServiceSpec, service: ServiceConfig) -> Iterato
         search_params=service.search_params or spec.search_params,
         failover_timeout_s=service.failover_timeout_s,
     )
-    manifest = read_manifest(spec.kb_dir)
-    if manifest.sparse is not None:  # refused now, not by each shard actor as it starts
-        check_sparse_files(spec.kb_dir, manifest)
+    check_sparse_files(spec.kb_dir, read_manifest(spec.kb_dir))  # refused now, not by each shard actor as it starts
     owns_ray = not (service.ray_address or os.environ.get(RAY_ADDRESS_ENV))
     connect(
         service.ray_address,

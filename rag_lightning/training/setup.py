@@ -117,8 +117,7 @@ def prepare(cfg: TrainConfig, spec: ServiceSpec) -> Manifest:
     # every QA file checked before the expensive work
     splits = {split: read_split(cfg.data.dir, split) for split in ("train", "val", "test")}
     manifest = build_knowledge_base(kb_config(cfg), cfg.index) if first else read_manifest(cfg.kb.dir)
-    if manifest.sparse is not None:
-        check_sparse_files(cfg.kb.dir, manifest)
+    check_sparse_files(cfg.kb.dir, manifest)
     if first and cfg.retriever.objective == "distant":
         check_distant_supervision(cfg, manifest, splits["train"])
     n_docs = cfg.model.n_docs
