@@ -230,7 +230,7 @@ def search_latency(spec: ServiceSpec, dim: int, args: argparse.Namespace, with_t
         result = client.search(batch, K, texts)
         searched = time.perf_counter()
         if texts is not None:
-            rank_union(result, 20.0, "hybrid", 1.0)
+            rank_union(result, 20.0, "hybrid", 1.0, K)
         if i >= args.warmup:
             latencies.append(searched - started)
             ranking.append(time.perf_counter() - searched)

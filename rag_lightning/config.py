@@ -294,6 +294,10 @@ class RetrieverConfig:
     def check(self, key: str) -> None:
         check_ranks(self.eval_k, f"{key}.eval_k")
 
+    def candidates_of(self, n_docs: int) -> int:
+        """Passages asked of the service per question for a reader of n_docs: candidates, at least n_docs."""
+        return max(self.candidates or n_docs, n_docs)
+
 
 @dataclass
 class IndexRefreshConfig:

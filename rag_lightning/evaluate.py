@@ -32,7 +32,7 @@ from rag_lightning.data.qa_files import QAExample, read_split
 from rag_lightning.encoders.build import build_encoder, load_encoder_tokenizer
 from rag_lightning.errors import UserError
 from rag_lightning.evaluation.scores import SplitScores, ranked_records
-from rag_lightning.model.folder_settings import fill_score_scale
+from rag_lightning.model.folder_settings import fill_model_settings, fill_score_scale
 from rag_lightning.model.fusion import check_fusion_index, fused, rank_union
 from rag_lightning.model.rag_module import kb_encoder_config
 from rag_lightning.model.trained_model import load_trained_model, serving, serving_knowledge_base
@@ -123,7 +123,8 @@ def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     encoder_cfg = kb_encoder_config(manifest)
     fusion = cfg.retriever.fusion or "dense"
     check_fusion_index(fusion, manifest, kb_dir)
-    retriever = fill_score_scale(RetrieverConfig(fusion=fusion), ModelConfig(question_encoder=encoder_cfg), encoder_cfg)
+    model = fill_model_settings(ModelConfig(question_encoder=encoder_cfg))
+    retriever = fill_score_scale(RetrieverConfig(fusion=fusion), model, encoder_cfg)
     if cfg.retriever.sparse_weight is not None:
         retriever.sparse_weight = cfg.retriever.sparse_weight
     score_scale = cast(float, retriever.score_scale)  # filled in above
@@ -138,6 +139,7 @@ def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     with serving_knowledge_base(spec, cfg.service) as spec:
         client, passages = RetrievalClient(spec), PassageTable(f"{kb_dir}/{manifest.passages_file}")
         depth = min(max(cfg.eval_k), len(passages))
+        width = min(retriever.candidates_of(cast(int, model.n_docs)), depth)  # the prior's candidates, as trained
         for start in tqdm(
             range(0, len(examples), cfg.eval_batch_size), desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0
         ):
@@ -148,7 +150,7 @@ def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
             result = client.search(encoder(pad(ids, tokenizer.pad_token_id)).float().numpy(), depth, texts)
             ranked_scores = result.scores
             if texts is not None:  # the union of dense and BM25 candidates, ranked by the fusion
-                result, sparse_logits = rank_union(result, score_scale, fusion, retriever.sparse_weight)
+                result, sparse_logits = rank_union(result, score_scale, fusion, retriever.sparse_weight, width)
                 ranked_scores = fused(score_scale * result.scores, sparse_logits, fusion)
             batch = {
                 "questions": questions,

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         launch_service,
         shutdown_service,
         switch_version,
+        union_columns,
     )
     from retrieval_workers.shard_build import ShardTimes, build_index, build_shard, write_shard
     from retrieval_workers.sparse_index import build_sparse_index, check_sparse_files
@@ -68,7 +69,14 @@ _MODULES = {
     ),
     "ray_runtime": ("RAY_ADDRESS_ENV", "RayUnreachable", "check_reachable", "connect", "local_ray_answers"),
     "refresh": ("coordinator_name", "launch_refresher", "shutdown_refresher"),
-    "service": ("RetrievalClient", "ShardUnavailable", "launch_service", "shutdown_service", "switch_version"),
+    "service": (
+        "RetrievalClient",
+        "ShardUnavailable",
+        "launch_service",
+        "shutdown_service",
+        "switch_version",
+        "union_columns",
+    ),
     "shard_build": ("ShardTimes", "build_index", "build_shard", "write_shard"),
     "sparse_index": ("build_sparse_index", "check_sparse_files"),
     "types": ("RefreshReport", "RefreshSpec", "RetrievalWorkersError", "SearchResult", "ServiceSpec"),

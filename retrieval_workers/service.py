@@ -236,13 +236,22 @@ def merge_top_k(parts: list[SearchResult], k: int) -> SearchResult:
 
 
 def merge_union(parts: list[SearchResult], k: int) -> SearchResult:
-    """The global union of the shards' dense and BM25 candidates (IndexShard.search with texts): per question its
-    dense top-k, then those of its BM25 top-k not among them, then its next dense candidates, to 2k passages
-    (fewer where the knowledge base holds fewer), so that every question has as many. Each candidate keeps both
-    its scores; ties are broken by passage id."""
+    """The global union of the shards' dense and BM25 candidates (IndexShard.search with texts), by union_columns'
+    rule over the shards' results laid side by side."""
     ids = np.concatenate([p.ids for p in parts], axis=1)
     dense = np.concatenate([p.scores for p in parts], axis=1)
     bm25 = np.concatenate([cast(np.ndarray, p.bm25) for p in parts], axis=1)
+    chosen = union_columns(ids, dense, bm25, k)
+    width = min(map(len, chosen))
+    return _gather(parts, np.array([columns[:width] for columns in chosen], dtype=np.int64).reshape(len(ids), width))
+
+
+def union_columns(ids: np.ndarray, dense: np.ndarray, bm25: np.ndarray, k: int) -> list[list[int]]:
+    """Which columns of candidates ids [B, W] (passage ids, -1 for none) with their dense and BM25 scores make
+    each question's union at width k: its dense top-k, then those of its BM25 top-k not among them, then its next
+    dense candidates, to 2k passages (fewer where there are fewer), so that every question has as many. A passage
+    listed twice counts once; ties are broken by passage id. The merge of the shards' candidates, and, over a
+    deeper union, the candidates a search of depth k would have returned."""
     chosen = []
     for row_ids, row_dense, row_bm25 in zip(ids, dense, bm25):
         unique, first = np.unique(row_ids, return_index=True)  # a passage in both of its shard's lists: the first
@@ -259,8 +268,7 @@ def merge_union(parts: list[SearchResult], k: int) -> SearchResult:
                 columns.append(column)
                 taken.add(row_ids[column])
         chosen.append(columns)
-    width = min(map(len, chosen))
-    return _gather(parts, np.array([columns[:width] for columns in chosen], dtype=np.int64).reshape(len(ids), width))
+    return chosen
 
 
 def _gather(parts: list[SearchResult], order: np.ndarray) -> SearchResult:

@@ -92,6 +92,26 @@ def test_doc_scores_follow_the_fusion_and_only_the_dense_term_has_a_gradient(spa
     assert any(g.abs().sum() > 0 for g in through_fused)
 
 
+@pytest.mark.parametrize("fusion", ["hybrid", "sparse"])
+def test_a_candidates_doc_score_does_not_depend_on_how_deep_its_question_was_searched(sparse_service, fusion):
+    """Validation and evaluate search deeper than a training step (for recall at larger k), and get a wider
+    union; its BM25 term is standardised over the prior's candidates all the same, so a passage found by both
+    searches has one doc score."""
+    module, batch = _module_and_batch(sparse_service, fusion=fusion, sparse_weight=0.7)
+    module.eval()  # no dropout: both searches embed the questions alike
+    with torch.no_grad():
+        shallow, deep = module.retrieve(batch), module.retrieve(batch, depth=20)
+    assert deep.result.ids.shape[1] == 40 > shallow.result.ids.shape[1] == 2 * N_DOCS
+    found_by_both = 0
+    for row in range(len(batch["questions"])):
+        deep_scores = dict(zip(deep.ids[row].tolist(), deep.scores[row].tolist()))
+        for passage, score in zip(shallow.ids[row].tolist(), shallow.scores[row].tolist()):
+            if passage in deep_scores:
+                assert deep_scores[passage] == pytest.approx(score, abs=1e-5), (row, passage)
+                found_by_both += 1
+    assert found_by_both >= 2 * len(batch["questions"])
+
+
 def test_a_dense_fusion_without_distant_supervision_asks_no_bm25(sparse_service):
     module, batch = _module_and_batch(sparse_service)
     assert not module.searches_bm25

@@ -206,7 +206,7 @@ class RagModule(L.LightningModule):
     @property
     def candidates(self) -> int:
         """Passages asked of the service per question and scored by the current encoders (at least n_docs)."""
-        return max(self.retriever_cfg.candidates or self.n_docs, self.n_docs)
+        return self.retriever_cfg.candidates_of(self.n_docs)
 
     @property
     def searches_bm25(self) -> bool:
@@ -235,7 +235,7 @@ class RagModule(L.LightningModule):
         )
         sparse_logits = None
         if texts is not None:  # the union of the dense and BM25 candidates, ranked by the fusion: twice as many
-            result, sparse_logits = rank_union(result, self.score_scale, cfg.fusion, cfg.sparse_weight)
+            result, sparse_logits = rank_union(result, self.score_scale, cfg.fusion, cfg.sparse_weight, k)
             k = min(2 * k, result.ids.shape[1])
         ids, token_ids, lengths, reranked = result.ids, result.token_ids[:, :k], result.lengths[:, :k], 0.0
         if self.context_encoder is not None:
