@@ -139,7 +139,7 @@ def evaluate_kb_encoder(cfg: EvaluateConfig) -> tuple[SplitScores, dict]:
     with serving_knowledge_base(spec, cfg.service) as spec:
         client, passages = RetrievalClient(spec), PassageTable(f"{kb_dir}/{manifest.passages_file}")
         depth = min(max(cfg.eval_k), len(passages))
-        width = min(retriever.candidates_of(cast(int, model.n_docs)), depth)  # the prior's candidates, as trained
+        width = retriever.candidates_of(cast(int, model.n_docs))  # the prior's candidates, as in training
         for start in tqdm(
             range(0, len(examples), cfg.eval_batch_size), desc=f"evaluating {cfg.split}", unit="batch", mininterval=2.0
         ):
