@@ -51,15 +51,19 @@ def root_with_namespaces():
     )
 
 
-SERVER = """
+# Below the kernel's ephemeral range (32768-60999): a client is never given it as its own port, so a connect to it
+# with nothing listening is refused, never (as once in some ten thousand tries on a port inside the range) a TCP
+# connection of the client to itself.
+PORT = 29871
+SERVER = f"""
 import socket, sys
-s = socket.socket(); s.bind((sys.argv[1], 45678)); s.listen(1)
+s = socket.socket(); s.bind((sys.argv[1], {PORT})); s.listen(1)
 print("listening", flush=True)
 conn, peer = s.accept(); print(socket.gethostname(), peer[0], conn.recv(16).decode(), flush=True)
 """
-CLIENT = """
+CLIENT = f"""
 import socket, sys
-s = socket.create_connection((sys.argv[1], 45678), timeout=10); s.sendall(socket.gethostname().encode())
+s = socket.create_connection((sys.argv[1], {PORT}), timeout=10); s.sendall(socket.gethostname().encode())
 """
 
 
@@ -72,9 +76,12 @@ def test_two_hosts_reach_each_other_under_their_own_names_and_are_removed_afterw
         assert out.split() == [b.name, a.address, a.name]
         # a host has a loopback of its own: a server on this machine's 127.0.0.1 is out of its reach
         with socket.socket() as outside:
-            outside.bind(("127.0.0.1", 45678))
+            outside.bind(("127.0.0.1", PORT))
             outside.listen(1)
+            outside.setblocking(False)
             assert a.run(sys.executable, "-c", CLIENT, "127.0.0.1").returncode != 0
+            with pytest.raises(BlockingIOError):
+                outside.accept()  # nothing reached it
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert a.name not in namespaces and b.name not in namespaces
 
