@@ -14,8 +14,10 @@ host=$(hostname -s)
 read -ra NODES <<< "${SLURM_LOCAL_NODES:-$host=}"
 
 # this cluster's daemons by their pid files: other SLURM daemons on the machine (the multi-node tests start some in
-# network namespaces of their own) are not this cluster's
-running() { [[ -s $STATE/$1.pid ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+# network namespaces of their own) are not this cluster's. A pid file outlives its daemon, and its pid may since name
+# another process or a thread (`kill -0` accepts a thread's id): it counts only if that is a process of the daemon's
+# name (slurmctld; slurmd for slurmd-HOST).
+running() { [[ -s $STATE/$1.pid ]] && pgrep -F "$STATE/$1.pid" -x "${1%%-*}" >/dev/null; }
 
 if [[ "${1:-start}" == stop ]]; then
     for daemon in "slurmd-$host" slurmctld; do
@@ -63,8 +65,9 @@ CONF
     echo "PartitionName=debug Nodes=$(IFS=,; echo "${names[*]}") Default=YES MaxTime=INFINITE State=UP"
 } > "$CONF"
 
-[[ -s /etc/munge/munge.key ]] || mungekey -c
-pgrep -x munged >/dev/null || munged --force
+# one caller at a time (tests on two pytest workers may both get here); -o: munged does not inherit the lock
+flock -o /run/munge/.local_cluster.lock sh -c '[ -s /etc/munge/munge.key ] || mungekey -c
+    pgrep -x munged >/dev/null || munged --force'
 if [[ "${1:-start}" == conf ]]; then exit 0; fi
 
 running slurmctld || slurmctld

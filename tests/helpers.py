@@ -422,6 +422,12 @@ def unique_spec(kb_dir: Path, shards: int, replicas: int, **kwargs) -> ServiceSp
     )
 
 
+def checkpoint_step(path: Path | str) -> int:
+    """The global step a checkpoint file was saved at (what it holds, whatever its name: a run resumes from the
+    newest of stepN.ckpt, last.ckpt, best-stepN.ckpt and hpc_ckpt_N.ckpt)."""
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
 def actor_pid(actor) -> int:
     """The actor's process id, once it answers (calls that meet a restart fail, so they are repeated)."""
     for _ in range(300):

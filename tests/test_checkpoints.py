@@ -14,6 +14,8 @@ from rag_lightning.callbacks.checkpoints import checkpoint_callbacks, resume_che
 from rag_lightning.callbacks.finite_loss import StopOnNonFiniteLoss
 from rag_lightning.errors import UserError
 
+from helpers import checkpoint_step
+
 
 class FallingEM(L.LightningModule):
     """One weight; validation logs val/em = 1 / step, worse at every validation."""
@@ -53,10 +55,6 @@ def _fit(run_dir: Path, max_steps: int, ckpt_path: str | None = None) -> L.Train
     return trainer
 
 
-def _step(path: Path | str) -> int:
-    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-
-
 def test_last_checkpoint_is_the_end_of_training_not_the_best_validation(tmp_path):
     """Validations at steps 2, 4, 6, the best at 2, training to step 7: best-step2.ckpt holds step 2, last.ckpt
     step 7 (Lightning's save_last alone would leave it at 2), step6.ckpt the newest periodic one; a restart resumes
@@ -65,12 +63,12 @@ def test_last_checkpoint_is_the_end_of_training_not_the_best_validation(tmp_path
     trainer = _fit(tmp_path, max_steps=7)
     assert trainer.checkpoint_callback.best_model_path == str(checkpoints / "best-step2.ckpt")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step2.ckpt", "last.ckpt", "step6.ckpt"]
-    assert [_step(checkpoints / name) for name in ("best-step2.ckpt", "last.ckpt", "step6.ckpt")] == [2, 7, 6]
+    assert [checkpoint_step(checkpoints / name) for name in ("best-step2.ckpt", "last.ckpt", "step6.ckpt")] == [2, 7, 6]
 
     resume_from = resume_checkpoint(tmp_path, None)
     assert resume_from == str(checkpoints / "last.ckpt")
     resumed = _fit(tmp_path, max_steps=9, ckpt_path=resume_from)
-    assert resumed.global_step == 9 and _step(checkpoints / "last.ckpt") == 9
+    assert resumed.global_step == 9 and checkpoint_step(checkpoints / "last.ckpt") == 9
     assert resumed.checkpoint_callback.best_model_path == str(checkpoints / "best-step2.ckpt")
 
 

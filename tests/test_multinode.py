@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +27,7 @@ from helpers import (
     REPO_ROOT,
     TINY,
     assert_trained_alike,
+    checkpoint_step,
     cli_env,
     last_json_object,
     missing_slurm,
@@ -311,11 +311,7 @@ def _wait_for_checkpoint(run_dir: Path, processes: list[subprocess.Popen], timeo
     while not (saved := list((run_dir / "checkpoints").glob("step*.ckpt"))):
         assert all(p.poll() is None for p in processes) and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
-    return _step(saved[0])
-
-
-def _step(checkpoint: Path | str) -> int:
-    return int(re.search(r"step(\d+)\.ckpt$", str(checkpoint)).group(1))
+    return checkpoint_step(saved[0])
 
 
 @pytest.mark.slow
@@ -421,13 +417,13 @@ def test_a_two_node_ddp_job_that_lost_a_node_resumes_from_its_last_checkpoint_wh
     kill_host_processes(b)
     survivor, _ = first[0].communicate(timeout=120)  # ends on its own: no hang on the lost peer
     assert first[0].returncode != 0 and not (run_dir / "results.json").exists(), survivor[-2000:]
-    saved = max(_step(p) for p in (run_dir / "checkpoints").glob("step*.ckpt"))
+    saved = max(checkpoint_step(p) for p in (run_dir / "checkpoints").glob("step*.ckpt"))
     assert saved < steps
 
     ray_on_two_hosts.start_node(b)
     outputs = [_finished(rank) for rank in submit()]
     results = json.loads((run_dir / "results.json").read_text())
-    assert _step(results["train/resumed_from"]) >= saved, outputs[0][-2000:]
+    assert checkpoint_step(results["train/resumed_from"]) >= saved, outputs[0][-2000:]
     assert results["train/steps"] == steps and "test/em" in results
 
 

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import REPO_ROOT, TINY, missing_slurm, skip_unless_required
+from helpers import REPO_ROOT, TINY, checkpoint_step, missing_slurm, skip_unless_required
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -130,14 +129,14 @@ def test_usr1_saves_requeues_and_the_job_resumes_from_its_checkpoint(slurm_clust
     _wait_until(lambda: _job_field(job, "JobState") == "COMPLETED", 400, "the requeued job to finish", log)
 
     hpc = next(run_dir.glob("hpc_ckpt_*.ckpt"))
-    saved_step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    saved_step = checkpoint_step(hpc)
     assert 0 < saved_step < steps
     results = json.loads((run_dir / "results.json").read_text())
     # the newest checkpoint: the HPC one, or one the job wrote in the moments it kept training while being requeued
     # (a periodic one, or last.ckpt after a validation)
     resumed = results["train/resumed_from"]
     assert Path(resumed).parent in (run_dir, run_dir / "checkpoints"), resumed
-    assert torch.load(resumed, map_location="cpu", weights_only=False)["global_step"] >= saved_step, resumed
+    assert checkpoint_step(resumed) >= saved_step, resumed
     assert results["train/steps"] == steps
     assert "initial/em" not in results, "a resumed job does not evaluate an untrained model again"
     output = log.read_text()
