@@ -231,7 +231,7 @@ def test_a_trainer_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path
         first.wait()
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the local Ray the killed trainer had started
-    saved = sorted(int(re.search(r"step(\d+)", p.name).group(1)) for p in (run_dir / "checkpoints").glob("step*.ckpt"))
+    saved = sorted(checkpoint_step(p) for p in (run_dir / "checkpoints").glob("step*.ckpt"))
     assert not (run_dir / "results.json").exists() and saved and saved[-1] < steps
     first_rows = _metrics_rows(run_dir)
     assert any(row["test/em"] for row in first_rows)  # the evaluation before training
